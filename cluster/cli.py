@@ -1,0 +1,129 @@
+"""The `moeray` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+EPILOG = """examples:
+  moeray make-tiny /tmp/tiny
+  moeray generate --model /tmp/tiny --prompt "The experts" --max-tokens 32
+  moeray generate --model /tmp/tiny --prompt "Hello" --chat --json
+"""
+
+
+def _progress(label: str):
+    """A one-line progress counter on stderr (only on a terminal), for long loads."""
+    if not sys.stderr.isatty():
+        return None
+
+    def report(done: int, total: int) -> None:
+        end = "\n" if done == total else ""
+        print(f"\r{label}: {done}/{total} ({100 * done // max(total, 1)}%)", end=end, file=sys.stderr, flush=True)
+
+    return report
+
+
+def cmd_make_tiny(a) -> int:
+    from kernels.tiny import make_tiny
+
+    path = make_tiny(a.dir, arch=a.arch, seed=a.seed)
+    print(f"wrote a tiny random {a.arch} checkpoint (HF format) to {path}")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from cluster.config import load_config
+    from kernels.engine import Engine, Request
+    from kernels.sampling import SamplingParams
+
+    engine_overrides = {k: v for k, v in {"dtype": a.dtype}.items() if v is not None}
+    cfg = load_config(a.config, {"model": a.model, "engine": engine_overrides})
+    if cfg.model is None:
+        raise SystemExit("moeray generate: give --model DIR (or `model:` in --config)")
+    engine = Engine.from_dir(cfg.model, cfg.engine, progress=_progress("loading weights"))
+    if engine.tokenizer is None:
+        raise SystemExit(f"moeray generate: {cfg.model} has no tokenizer.model")
+    tok = engine.tokenizer
+    prompt = tok.encode_chat([{"role": "user", "content": a.prompt}]) if a.chat else tok.encode(a.prompt, bos=True)
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                            seed=a.seed, stop=a.stop or [], logprobs=0 if a.json else None)
+    engine.add_request(Request("cli", prompt, params))
+    tokens, text, finish, t0 = [], "", None, time.perf_counter()
+    while engine.has_unfinished():
+        for ev in engine.step():
+            tokens.append(ev.token)
+            text += ev.text
+            finish = ev.finish_reason
+            if not a.json:
+                print(ev.text, end="", flush=True)
+    seconds = time.perf_counter() - t0
+    if a.json:
+        print(json.dumps({"prompt_ids": prompt, "token_ids": tokens, "text": text, "finish_reason": finish,
+                          "seconds": round(seconds, 4)}))
+    else:
+        print(f"\n[{len(tokens)} tokens, {len(tokens) / seconds:.1f} tok/s, finish_reason={finish}]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from cluster.bench import bench_engine
+
+    bench_engine(a.preset, a.batch, a.prompt_len, a.new_tokens, a.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moeray", description="Serve mixture-of-experts language models on Ray.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("make-tiny", help="write a tiny random-init checkpoint (HF format) for tests and demos")
+    t.add_argument("dir", help="output directory")
+    t.add_argument("--arch", choices=["mixtral", "mistral"], default="mixtral",
+                   help="mixtral: 8 experts, top-2; mistral: dense FFN, sliding window (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="weight init seed (default: %(default)s)")
+    t.set_defaults(func=cmd_make_tiny)
+
+    g = sub.add_parser("generate", help="generate text in this process (the single-process engine)")
+    g.add_argument("--model", help="checkpoint directory: HF (config.json) or Mistral (params.json) format")
+    g.add_argument("--config", help="deployment config YAML (engine section: batch, KV cache, dtype)")
+    g.add_argument("--prompt", required=True, help="prompt text; encoded with BOS and no template unless --chat")
+    g.add_argument("--chat", action="store_true", help="apply the Mixtral instruct template to the prompt")
+    g.add_argument("--max-tokens", type=int, default=64, help="new tokens at most (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely; 0 = off (default)")
+    g.add_argument("--seed", type=int, help="sampling seed: the same seed gives the same output")
+    g.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override the config's dtype")
+    g.add_argument("--json", action="store_true", help="print one JSON object: prompt_ids, token_ids, text, ...")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks that print ratios against a baseline run beside them")
+    bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    e = bsub.add_parser("engine", help="single-process engine vs transformers generate: tok/s and peak memory")
+    e.add_argument("--preset", choices=["small", "tiny"], default="small", help="model size (default: %(default)s)")
+    e.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (default: 1 16)")
+    e.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default: %(default)s)")
+    e.add_argument("--new-tokens", type=int, default=64, help="generated tokens (default: %(default)s)")
+    e.add_argument("--out", default="bench-results/engine.json", help="JSON results (default: %(default)s)")
+    e.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, not a traceback
+        print(f"moeray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

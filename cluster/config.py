@@ -1,0 +1,93 @@
+"""Typed deployment config, loaded from YAML. Unknown keys and ill-typed values are rejected with the
+key's dotted path in the message. Sections are dataclasses; kernels' EngineConfig is one of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from kernels.engine import EngineConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class MoerayConfig:
+    model: str | None = None  # checkpoint directory (HF or Mistral format); None: the built-in demo model
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def _convert(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(option, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp)
+        return {_convert(kt, k, where): _convert(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is typing.Any or (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls, data, where: str = ""):
+    """Builds dataclass `cls` from plain data, strictly. `where` is the dotted path for messages."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"unknown key '{where + '.' if where else ''}{key}' (known: {', '.join(sorted(fields))})")
+    kwargs = {k: _convert(hints[k], v, f"{where + '.' if where else ''}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> MoerayConfig:
+    """Reads a YAML file (or nothing: defaults), then applies `overrides` ({"engine": {...}, ...})."""
+    data = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for section, values in (overrides or {}).items():
+        if isinstance(values, dict):
+            data[section] = {**(data.get(section) or {}), **values}
+        elif values is not None:
+            data[section] = values
+    return from_dict(MoerayConfig, data)

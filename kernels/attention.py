@@ -1,0 +1,34 @@
+"""Attention over the paged KV cache for a step of many sequences (prefill and decode mixed).
+
+Shapes as in kernels/cache.py; H query heads, KV kv-heads (GQA: H is a multiple of KV).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from kernels.cache import AttentionMetadata
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_pool: torch.Tensor, v_pool: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """q [T, H, hd], k/v [T, KV, hd] of the new tokens -> [T, H, hd]; then stores k/v in the pools.
+
+    Keys are each sequence's cached ring followed by its new keys; the mask (built from positions)
+    does causality, the sliding window and padding. New k/v are written after attention so a
+    rolling buffer that wraps within the step cannot overwrite keys this step still needs.
+    """
+    B, N = meta.q_index.shape
+    keys, values = k[meta.q_index], v[meta.q_index]  # [B, N, KV, hd]
+    if meta.ctx_slots.shape[1]:
+        keys = torch.cat([k_pool[meta.ctx_slots], keys], dim=1)  # [B, C + N, KV, hd]
+        values = torch.cat([v_pool[meta.ctx_slots], values], dim=1)
+    out = F.scaled_dot_product_attention(
+        q[meta.q_index].transpose(1, 2),  # [B, H, N, hd]
+        keys.transpose(1, 2),  # [B, KV, C + N, hd]
+        values.transpose(1, 2),
+        attn_mask=meta.mask,  # [B, 1, N, C + N]
+        enable_gqa=True,
+    )  # [B, H, N, hd]
+    k_pool[meta.write_slots] = k[meta.write_index]
+    v_pool[meta.write_slots] = v[meta.write_index]
+    return out.transpose(1, 2).reshape(B * N, *q.shape[1:])[meta.unpad]  # [T, H, hd]

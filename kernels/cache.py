@@ -1,0 +1,154 @@
+"""Paged KV cache, with a rolling buffer for sliding-window attention.
+
+KV memory is one pool of fixed-size blocks per layer, allocated once from the config, so it is
+bounded; a sequence owns a block table and gives its blocks back when it ends. Its *ring* is
+`len(block_table) * block_size` slots, and position p lives at ring index `p % ring`:
+- no sliding window: the table covers the whole sequence (ring >= length), so nothing wraps;
+- sliding window W: the table covers W rounded up to whole blocks, and old positions are
+  overwritten in place (Mistral-7B's rolling buffer). Attention masks by position, never by slot.
+
+Who owns what: the scheduler owns block tables (BlockAllocator); whoever runs attention owns the
+pool (KVCache) and receives tables through AttentionMetadata. In the single-process engine both
+are local; in the pipeline the router schedules and the attention actors hold the pools.
+
+Shapes: B sequences in the step, N most new tokens of one sequence, C most cached slots of one
+sequence, T new tokens in all, S = num_blocks * block_size pool slots, KV kv-heads, hd head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class CacheFull(RuntimeError):
+    pass
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise CacheFull(f"need {n} KV blocks, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+def blocks_for(num_tokens: int, block_size: int, window: int | None) -> int:
+    """Blocks a sequence of `num_tokens` needs: all of it, or only its window (rolling buffer)."""
+    tokens = num_tokens if window is None else min(num_tokens, window)
+    return -(-tokens // block_size)
+
+
+def ring_positions(length: int, ring: int) -> torch.Tensor:
+    """The position held at each ring index after positions 0..length-1 were written; -1 if empty.
+
+    Position p is written at index p % ring, so index i holds the latest q < length with
+    q = i (mod ring), that is q = (length - 1) - ((length - 1 - i) mod ring).
+    Example, ring 8 (window 6 in blocks of 4 -> 2 blocks):
+        length 5   -> [0, 1, 2, 3, 4, -1, -1, -1]
+        length 11  -> [8, 9, 10, 3, 4, 5, 6, 7]     (positions 0..2 were overwritten by 8..10)
+    With ring >= length (no window) this is just [0, 1, ..., length-1, -1, ...].
+    """
+    i = torch.arange(ring)
+    q = (length - 1) - torch.remainder(length - 1 - i, ring)
+    return torch.where(q >= 0, q, -1)
+
+
+def _slots(block_table: list[int], block_size: int) -> torch.Tensor:
+    """Pool slot of every ring index: [ring]."""
+    table = torch.tensor(block_table, dtype=torch.long)
+    return (table[:, None] * block_size + torch.arange(block_size)).flatten()
+
+
+@dataclass
+class StepSeq:
+    """One sequence's part of a step: its block table, tokens already cached, tokens new this step."""
+
+    block_table: list[int]
+    start: int
+    n: int
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one step, built once and shared by all layers.
+
+    New tokens of all sequences are flat ([T, ...]); attention pads them to [B, N] and puts each
+    sequence's cached ring [C] in front of its new keys, with a mask built from positions.
+    """
+
+    positions: torch.Tensor  # [T] position of each new token
+    q_index: torch.Tensor  # [B, N] flat token index of each (sequence, new token); pads -> 0
+    unpad: torch.Tensor  # [T] index into the flattened [B * N] of each token
+    ctx_slots: torch.Tensor  # [B, C] pool slot of each cached ring index; pads -> 0
+    mask: torch.Tensor  # [B, 1, N, C + N] True = may attend
+    write_slots: torch.Tensor  # [W] pool slot to write ...
+    write_index: torch.Tensor  # [W] ... with this new token's k/v
+
+    @classmethod
+    def build(cls, seqs: list[StepSeq], block_size: int, window: int | None) -> AttentionMetadata:
+        B, N = len(seqs), max(s.n for s in seqs)
+        C = max((len(s.block_table) * block_size if s.start else 0) for s in seqs)
+        far = window if window is not None else 1 << 62  # a key this far back is out of the window
+        mask = torch.ones(B, N, C + N, dtype=torch.bool)  # padded query rows attend to all: no NaN
+        q_index = torch.zeros(B, N, dtype=torch.long)
+        ctx_slots = torch.zeros(B, C, dtype=torch.long)
+        positions, unpad, write_slots, write_index = [], [], [], []
+        t = 0
+        for b, s in enumerate(seqs):
+            ring = len(s.block_table) * block_size
+            assert s.start + s.n <= ring or window is not None, "block table too short"
+            slots = _slots(s.block_table, block_size)  # [ring]
+            qpos = torch.arange(s.start, s.start + s.n)  # [n]
+            mask[b, : s.n] = False
+            if s.start:
+                kpos = ring_positions(s.start, ring)  # [ring]
+                ctx_slots[b, :ring] = slots
+                mask[b, : s.n, :ring] = (kpos >= 0) & (qpos[:, None] - kpos < far)
+            mask[b, : s.n, C : C + s.n] = (qpos[None, :] <= qpos[:, None]) & (qpos[:, None] - qpos[None, :] < far)
+            q_index[b, : s.n] = torch.arange(t, t + s.n)
+            unpad.append(torch.arange(b * N, b * N + s.n))
+            positions.append(qpos)
+            first = max(0, s.n - ring)  # only the last `ring` new tokens survive the write
+            write_slots.append(slots[qpos[first:] % ring])
+            write_index.append(torch.arange(t + first, t + s.n))
+            t += s.n
+        return cls(
+            positions=torch.cat(positions),
+            q_index=q_index,
+            unpad=torch.cat(unpad),
+            ctx_slots=ctx_slots,
+            mask=mask[:, None],
+            write_slots=torch.cat(write_slots),
+            write_index=torch.cat(write_index),
+        )
+
+
+class KVCache:
+    """The K and V pools of a contiguous range of layers: [layers, S, KV, hd] each."""
+
+    def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, first_layer: int = 0):
+        shape = (n_layers, num_blocks * block_size, n_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.first_layer = first_layer
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pools of global layer i: ([S, KV, hd], [S, KV, hd])."""
+        return self.k[i - self.first_layer], self.v[i - self.first_layer]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()

@@ -1,0 +1,288 @@
+"""The single-process engine: continuous batching over one Transformer. The oracle for the pipeline.
+
+Every step runs one forward pass over a flat batch of new tokens from many sequences: decodes (one
+token each) first, then prompt chunks of sequences being prefilled, within a token budget.
+Sequences join when there is room and leave the moment they finish, freeing their KV blocks.
+
+KV memory is reserved when a sequence is admitted, for its whole worst case (prompt + max_tokens,
+or just the window for a sliding-window model), so a running sequence never runs out of cache and
+nothing is ever preempted; a request that does not fit waits in the queue (FIFO).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kernels.args import ModelArgs
+from kernels.cache import AttentionMetadata, BlockAllocator, KVCache, StepSeq, blocks_for
+from kernels.checkpoint import Checkpoint
+from kernels.model import Transformer
+from kernels.sampling import SamplingParams, make_generator, sample
+from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64  # sequences in one step at most
+    max_num_batched_tokens: int = 2048  # new tokens in one step at most; longer prompts prefill in chunks
+    kv_cache_tokens: int = 65536  # KV-cache capacity, all sequences together, in tokens
+    block_size: int = 16  # KV-cache block, in tokens
+    dtype: str = "float32"  # weights, activations and KV cache: float32 | bfloat16 | float16
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every running sequence decodes each step)")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_cache_tokens // self.block_size
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class TokenEvent:
+    """One sampled token of one request, as the engine streams it."""
+
+    request_id: str
+    token: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]] | None
+    text: str  # new text; may lag the tokens while it could still be the start of a stop string
+    finish_reason: str | None = None  # None while running; "stop" | "length"
+    stop_reason: int | str | None = None  # the EOS / stop token id or the stop string that ended it
+
+
+@dataclass
+class Completion:
+    """A finished request, gathered from its TokenEvents."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def add(self, ev: TokenEvent) -> None:
+        self.token_ids.append(ev.token)
+        self.logprobs.append(ev.logprob)
+        self.top_logprobs.append(ev.top_logprobs)
+        self.text += ev.text
+        self.finish_reason, self.stop_reason = ev.finish_reason, ev.stop_reason
+
+
+class Sequence:
+    def __init__(self, req: Request, eos_id: int, tokenizer: Tokenizer | None, max_len: int):
+        self.req, self.params = req, req.params
+        self.tokens = list(req.prompt_ids)  # prompt + generated
+        self.num_prompt = len(req.prompt_ids)
+        self.max_len = min(max_len, self.num_prompt + self.params.max_tokens)
+        self.num_cached = 0  # tokens whose K/V are in the cache
+        self.block_table: list[int] = []
+        self.generator = make_generator(self.params.seed)
+        self.detok = IncrementalDetokenizer(tokenizer, req.prompt_ids) if tokenizer else None
+        self.stops = set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else {eos_id})
+        self.text, self.emitted = "", 0
+
+    @property
+    def pending(self) -> int:
+        return len(self.tokens) - self.num_cached
+
+    def append(self, token: int, logprob: float, top) -> TokenEvent:
+        self.tokens.append(token)
+        finish, reason = None, None
+        if token in self.stops:
+            finish, reason = "stop", token
+        elif self.detok:
+            self.text += self.detok.push(token)
+            finish, reason = self._match_stop_string()
+        if finish is None and len(self.tokens) >= self.max_len:
+            finish = "length"
+        if finish and self.detok and reason is None:  # bytes of an unfinished character, if the stream ends mid-way
+            self.text += self.detok.flush()
+        end = len(self.text) if finish else len(self.text) - self._holdback()
+        delta, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
+        return TokenEvent(self.req.request_id, token, logprob, top, delta, finish, reason)
+
+    def _match_stop_string(self) -> tuple[str | None, str | None]:
+        for s in self.params.stop:
+            i = self.text.find(s, max(0, self.emitted - len(s)))
+            if i >= 0:
+                self.text = self.text[:i]
+                return "stop", s
+        return None, None
+
+    def _holdback(self) -> int:
+        """Length of the longest tail of the text that could still grow into a stop string."""
+        return max((n for s in self.params.stop for n in range(len(s) - 1, 0, -1) if self.text.endswith(s[:n])), default=0)
+
+
+class Scheduler:
+    """Which sequences run in the next step, and how many of their tokens. Owns the KV block tables."""
+
+    def __init__(self, config: EngineConfig, window: int | None):
+        self.config, self.window = config, window
+        self.allocator = BlockAllocator(config.num_blocks)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def blocks_needed(self, seq: Sequence) -> int:
+        return blocks_for(seq.max_len, self.config.block_size, self.window)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        budget, batch = self.config.max_num_batched_tokens, []
+        for seq in sorted(self.running, key=lambda s: s.pending > 1):  # decodes first, then prompt chunks
+            n = min(seq.pending, budget)
+            if n:
+                batch.append((seq, n))
+                budget -= n
+        while self.waiting and budget and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            need = self.blocks_needed(seq)
+            if need > self.allocator.num_free:
+                break  # FIFO: the head waits for memory rather than being overtaken
+            self.waiting.popleft()
+            seq.block_table = self.allocator.allocate(need)
+            self.running.append(seq)
+            n = min(seq.pending, budget)
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+            self.allocator.free(seq.block_table)
+            seq.block_table = []
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config or EngineConfig()
+        self.args: ModelArgs = model.args
+        a = self.args
+        self.cache = KVCache(a.n_layers, self.config.num_blocks, self.config.block_size, a.n_kv_heads, a.head_dim,
+                             dtype=model.dtype)
+        self.scheduler = Scheduler(self.config, a.sliding_window)
+        self.seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_dir(cls, path: str | Path, config: EngineConfig | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> Engine:
+        """Loads a checkpoint directory (HF or Mistral format); the tokenizer is optional."""
+        config = config or EngineConfig()
+        model = Transformer.from_checkpoint(Checkpoint.open(path), dtype=DTYPES[config.dtype], progress=progress)
+        try:
+            tokenizer = Tokenizer.from_dir(path)
+        except FileNotFoundError:
+            tokenizer = None
+        return cls(model, tokenizer, config)
+
+    # -- requests ------------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        """Queues a request; ValueError (naming the problem) if it can never run."""
+        if req.request_id in self.seqs:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        if not req.prompt_ids:
+            raise ValueError("prompt is empty")
+        if not all(isinstance(t, int) and 0 <= t < self.args.vocab_size for t in req.prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.args.vocab_size})")
+        total = len(req.prompt_ids) + req.params.max_tokens
+        if total > self.args.max_seq_len:
+            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) "
+                             f"= {total} exceeds the model's context of {self.args.max_seq_len} tokens")
+        if req.params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none")
+        seq = Sequence(req, self.args.eos_id, self.tokenizer, self.args.max_seq_len)
+        if self.scheduler.blocks_needed(seq) > self.config.num_blocks:
+            raise ValueError(f"request needs {total} tokens of KV cache; the cache holds {self.config.kv_cache_tokens}")
+        self.seqs[req.request_id] = seq
+        self.scheduler.waiting.append(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Drops a request (queued or running) and frees its KV blocks at once. Unknown ids are ignored."""
+        seq = self.seqs.pop(request_id, None)
+        if seq:
+            self.scheduler.finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        alloc = self.scheduler.allocator
+        return 1 - alloc.num_free / alloc.num_blocks
+
+    # -- the step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        tokens = torch.tensor([t for seq, n in batch for t in seq.tokens[seq.num_cached : seq.num_cached + n]])  # [T]
+        meta = AttentionMetadata.build([StepSeq(s.block_table, s.num_cached, n) for s, n in batch],
+                                       self.config.block_size, self.args.sliding_window)
+        ends = torch.tensor([n for _, n in batch]).cumsum(0) - 1  # [B] flat index of each sequence's last token
+        done = [seq.num_cached + n == len(seq.tokens) for seq, n in batch]  # prompt fully cached: sample
+        sampling = [seq for (seq, _), d in zip(batch, done) if d]
+        logits = self.model(tokens, meta, self.cache, ends[torch.tensor(done)])  # [S, V]
+        for seq, n in batch:
+            seq.num_cached += n
+        samples = sample(logits, [s.params for s in sampling], [s.generator for s in sampling],
+                         [torch.tensor(s.tokens) for s in sampling])
+        events = []
+        for seq, smp in zip(sampling, samples):
+            ev = seq.append(smp.token, smp.logprob, smp.top)
+            events.append(ev)
+            if ev.finish_reason:
+                self.seqs.pop(seq.req.request_id)
+                self.scheduler.finish(seq)
+        return events
+
+    # -- convenience -----------------------------------------------------------------------------
+    def generate(self, prompts: Iterable[list[int]], params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+        """Runs prompts to completion, all in one continuous batch; results in prompt order."""
+        prompts = list(prompts)
+        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        results = {}
+        for p, sp in zip(prompts, params):
+            rid = f"gen-{next(self._ids)}"
+            self.add_request(Request(rid, list(p), sp))
+            results[rid] = Completion(rid)
+        while self.has_unfinished():
+            for ev in self.step():
+                if ev.request_id in results:
+                    results[ev.request_id].add(ev)
+        return list(results.values())

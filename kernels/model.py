@@ -1,0 +1,125 @@
+"""Mixtral / Mistral transformer. Module names equal Mistral's checkpoint names, so a state dict from
+kernels/checkpoint.py loads as is.
+
+Block: h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)); feed_forward is a
+MoeLayer (Mixtral) or a dense SwiGLU FeedForward (Mistral-7B). No biases anywhere.
+Tokens of all sequences in a step are flat: [T, D]; attention un-flattens them through
+AttentionMetadata. Shapes: T tokens, D dim, H heads, KV kv-heads, hd head_dim, V vocab, S sampled rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from kernels.args import ModelArgs
+from kernels.attention import paged_attention
+from kernels.cache import AttentionMetadata, KVCache
+from kernels.checkpoint import Checkpoint, all_names
+from kernels.moe import combine, dispatch, expert_rows, route, swiglu
+from kernels.rope import apply_rope, rope_freqs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # statistics in fp32 whatever the weights' dtype
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        T, a = x.shape[0], self.args
+        q = apply_rope(self.wq(x).view(T, a.n_heads, a.head_dim), freqs)  # [T, H, hd]
+        k = apply_rope(self.wk(x).view(T, a.n_kv_heads, a.head_dim), freqs)  # [T, KV, hd]
+        v = self.wv(x).view(T, a.n_kv_heads, a.head_dim)  # [T, KV, hd]
+        o = paged_attention(q, k, v, *kv, meta)  # [T, H, hd]
+        return self.wo(o.reshape(T, -1))  # [T, D]
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: one Mixtral expert, or Mistral-7B's dense FFN."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x, self.w1.weight, self.w2.weight, self.w3.weight)
+
+
+class MoeLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.k = args.moe.num_experts_per_tok
+        self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(args.dim, args.hidden_dim) for _ in range(args.moe.num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, experts = route(x, self.gate.weight, self.k)  # [T, k] each
+        plan = dispatch(weights, experts, len(self.experts))
+        y = expert_rows(x[plan.token], plan.blocks(), self.experts)  # [T * k, D]
+        return combine(y, plan, x.shape[0])  # [T, D]
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = MoeLayer(args) if args.moe else FeedForward(args.dim, args.hidden_dim)
+
+    def forward(self, x, freqs, kv, meta) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs, kv, meta)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.output.weight.dtype
+
+    def forward(self, tokens: torch.Tensor, meta: AttentionMetadata, cache: KVCache,
+                logits_index: torch.Tensor) -> torch.Tensor:
+        """tokens [T] new tokens of the step -> fp32 logits [S, V] of the rows in logits_index [S]."""
+        freqs = rope_freqs(meta.positions, self.args.head_dim, self.args.rope_theta)  # [T, hd/2]
+        h = self.tok_embeddings(tokens)  # [T, D]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, freqs, cache.layer(i), meta)
+        return self.output(self.norm(h[logits_index])).float()  # [S, V]: the LM head only where we sample
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
+                        progress: Callable[[int, int], None] | None = None) -> Transformer:
+        """Builds on the meta device (no random init, no double memory), then assigns loaded tensors."""
+        with torch.device("meta"):
+            model = cls(checkpoint.args)
+        model.load_state_dict(checkpoint.load(all_names(checkpoint.args), dtype=dtype, progress=progress),
+                              strict=True, assign=True)
+        return model.eval()

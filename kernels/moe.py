@@ -1,0 +1,82 @@
+"""Mixture of experts as four stages: route -> dispatch -> experts -> combine.
+
+The single-process MoeLayer runs the four in a row. The pipeline runs route, dispatch and combine
+in the router and `expert_rows` in expert shards, with a transport in between: each shard receives,
+per expert it holds, one contiguous block of rows (the dispatch order is sorted by expert).
+
+Shapes: T tokens, D model dim, F expert hidden dim, E experts, k experts per token, R = T * k rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def route(x: torch.Tensor, gate_weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per token and their weights: softmax over the k chosen logits, in fp32.
+
+    Equal to softmax -> top-k -> renormalize (transformers) and to top-k -> softmax (Mistral).
+    x [T, D], gate_weight [E, D] -> weights [T, k] fp32, experts [T, k] long.
+    """
+    logits = F.linear(x, gate_weight)  # [T, E]
+    top, experts = torch.topk(logits.float(), k, dim=-1)  # [T, k]
+    return torch.softmax(top, dim=-1), experts
+
+
+@dataclass
+class Dispatch:
+    """Rows (token, choice) sorted by expert, so each expert's rows are one contiguous block."""
+
+    token: torch.Tensor  # [R] token index of each row
+    weight: torch.Tensor  # [R] routing weight of each row (fp32)
+    counts: list[int]  # [E] rows per expert, in expert order
+
+    def blocks(self) -> list[tuple[int, int, int]]:
+        """(expert, first row, row count) for each expert that has rows."""
+        out, start = [], 0
+        for e, n in enumerate(self.counts):
+            if n:
+                out.append((e, start, n))
+            start += n
+        return out
+
+
+def dispatch(weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> Dispatch:
+    """weights, experts [T, k] -> rows grouped by expert (stable: token order within an expert)."""
+    k = experts.shape[1]
+    flat = experts.flatten()  # [R]
+    order = torch.argsort(flat, stable=True)  # [R]
+    return Dispatch(
+        token=order // k,
+        weight=weights.flatten()[order],
+        counts=torch.bincount(flat, minlength=num_experts).tolist(),
+    )
+
+
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU expert (or Mistral-7B's dense FFN): w2(silu(w1 x) * w3 x). x [n, D] -> [n, D]."""
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+ExpertFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def expert_rows(rows: torch.Tensor, blocks: list[tuple[int, int, int]], experts: Mapping[int, ExpertFn] | Sequence[ExpertFn]) -> torch.Tensor:
+    """Apply each expert to its block of rows. rows [R', D] -> [R', D], same order.
+
+    `blocks` is (expert, first row, count) relative to `rows`; `experts[e]` is expert e's function.
+    """
+    out = torch.empty_like(rows)
+    for e, start, n in blocks:
+        out[start : start + n] = experts[e](rows[start : start + n])
+    return out
+
+
+def combine(y: torch.Tensor, plan: Dispatch, num_tokens: int) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs. y [R, D] in dispatch order -> [T, D]."""
+    weighted = (y.float() * plan.weight[:, None]).to(y.dtype)  # [R, D]
+    return torch.zeros(num_tokens, y.shape[1], dtype=y.dtype).index_add_(0, plan.token, weighted)

@@ -1,0 +1,107 @@
+"""Next-token choice: greedy, temperature, top-k, top-p, repetition penalty, seeds, logprobs.
+
+Each sequence has its own torch.Generator, so a seeded request draws the same tokens whatever else
+shares its batch. Logprobs are those of the model's raw distribution (before temperature and
+filters), as vLLM reports them by default. Shapes: B rows, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off; >1 discourages tokens already in prompt or output
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # stop strings; not included in the output text
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; n: the chosen token's logprob and the n most likely
+
+    def __post_init__(self):
+        checks = [
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", 0 <= self.temperature <= 100, "in [0, 100]"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
+            ("repetition_penalty", 0 < self.repetition_penalty <= 10, "in (0, 10]"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class Sample:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] | None = None  # (token, logprob), most likely first
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    return g
+
+
+def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty: divide positive logits of seen tokens, multiply negative."""
+    scores = logits[seen]
+    logits[seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask all but the top_k logits, then all but the smallest set whose probability reaches top_p."""
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(-1) - probs > top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+           seen: list[torch.Tensor]) -> list[Sample]:
+    """logits [B, V] fp32 -> one Sample per row. seen[i]: token ids of row i so far (for the penalty)."""
+    logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+    tokens = logits.argmax(dim=-1)  # [B]: the greedy answer, replaced below where we sample
+    for i, p in enumerate(params):
+        if p.greedy and p.repetition_penalty == 1:
+            continue
+        row = logits[i].clone()
+        if p.repetition_penalty != 1:
+            row = _penalize(row, seen[i], p.repetition_penalty)
+        if p.greedy:
+            tokens[i] = row.argmax()
+            continue
+        row = _filter(row / p.temperature, p.top_k, p.top_p)
+        tokens[i] = torch.multinomial(torch.softmax(row, dim=-1), 1, generator=generators[i])[0]
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()  # [B]
+    out = []
+    for i, p in enumerate(params):
+        top = None
+        if p.logprobs:
+            values, ids = torch.topk(logprobs[i], p.logprobs)
+            top = list(zip(ids.tolist(), values.tolist()))
+        out.append(Sample(int(tokens[i]), chosen[i], top))
+    return out

@@ -1,0 +1,149 @@
+"""The single-process engine against transformers' MixtralForCausalLM / MistralForCausalLM."""
+
+import pytest
+import torch
+
+from kernels.cache import AttentionMetadata, KVCache, StepSeq, blocks_for
+from kernels.checkpoint import Checkpoint
+from kernels.engine import Engine, EngineConfig, Request
+from kernels.model import Transformer
+from kernels.sampling import SamplingParams
+
+from conftest import mistral_copy
+
+NEW = 32
+GREEDY = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=0)
+
+
+def prompts(n_list=(3, 9, 17, 26), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 512, (n,), generator=g).tolist() for n in n_list]
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompt):
+    """transformers' generate: 32 new tokens, not stopping at EOS (as ignore_eos), and their raw logits."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    return out.sequences[0, len(prompt):].tolist(), torch.log_softmax(torch.cat(out.logits).float(), -1)
+
+
+def test_prefill_logits_close(hf_tiny):
+    """All positions of a batch of prompts of different lengths, in one flat step."""
+    model = Transformer.from_checkpoint(Checkpoint.open(hf_tiny))
+    ps = prompts()
+    cache = KVCache(model.args.n_layers, 64, 4, model.args.n_kv_heads, model.args.head_dim)
+    tables, first = [], 0
+    for p in ps:
+        n = blocks_for(len(p), 4, model.args.sliding_window)
+        tables.append(list(range(first, first + n)))
+        first += n
+    meta = AttentionMetadata.build([StepSeq(t, 0, len(p)) for t, p in zip(tables, ps)], 4, model.args.sliding_window)
+    tokens = torch.tensor([t for p in ps for t in p])
+    with torch.no_grad():
+        ours = model(tokens, meta, cache, torch.arange(len(tokens))).split([len(p) for p in ps])
+        ref = hf_model(hf_tiny)
+        for p, logits in zip(ps, ours):
+            expected = ref(torch.tensor([p])).logits[0]
+            torch.testing.assert_close(logits, expected, atol=5e-5, rtol=1e-4)
+
+
+def test_greedy_tokens_identical(hf_tiny):
+    engine = Engine.from_dir(hf_tiny)
+    ps = prompts()
+    results = engine.generate(ps, GREEDY)
+    ref = hf_model(hf_tiny)
+    for p, r in zip(ps, results):
+        tokens, logprobs = hf_greedy(ref, p)
+        assert r.token_ids == tokens
+        assert r.finish_reason == "length"
+        expected = logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(r.logprobs), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_mistral_format_copy_gives_same_tokens(hf_tiny, tmp_path):
+    native = mistral_copy(hf_tiny, tmp_path / "native")
+    assert Checkpoint.open(native).format == "mistral"
+    assert Checkpoint.open(native).args == Checkpoint.open(hf_tiny).args
+    ps = prompts((5, 14))
+    hf_out = [r.token_ids for r in Engine.from_dir(hf_tiny).generate(ps, GREEDY)]
+    native_out = [r.token_ids for r in Engine.from_dir(native).generate(ps, GREEDY)]
+    assert native_out == hf_out
+
+
+def test_output_does_not_depend_on_batch_or_join_time(hf_tiny):
+    """A sequence alone == the same sequence joining mid-run, beside others, with chunked prefill."""
+    ps = prompts((4, 21, 30, 7), seed=3)
+    alone = [Engine.from_dir(hf_tiny).generate([p], GREEDY)[0].token_ids for p in ps]
+
+    # 8 tokens per step at most: the long prompts prefill in chunks while the others decode
+    engine = Engine.from_dir(hf_tiny, EngineConfig(max_num_seqs=3, max_num_batched_tokens=8, kv_cache_tokens=512,
+                                                   block_size=4))
+    got = {i: [] for i in range(len(ps))}
+    join_at = {0: 0, 1: 2, 2: 5, 3: 11}  # step at which each request arrives
+    step = 0
+    while step <= max(join_at.values()) or engine.has_unfinished():
+        for i, s in join_at.items():
+            if s == step:
+                engine.add_request(Request(str(i), ps[i], GREEDY))
+        for ev in engine.step():
+            got[int(ev.request_id)].append(ev.token)
+        assert engine.num_running <= 3
+        step += 1
+    assert [got[i] for i in range(len(ps))] == alone
+    assert engine.kv_cache_usage == 0  # every block returned
+
+
+def test_kv_cache_is_bounded_and_queues(hf_mixtral):
+    """A cache with room for two sequences: the rest wait their turn, all finish, memory comes back."""
+    cfg = EngineConfig(kv_cache_tokens=2 * 48, block_size=16)
+    engine = Engine.from_dir(hf_mixtral, cfg)
+    ps = prompts((10, 12, 14, 16, 11))
+    for i, p in enumerate(ps):
+        engine.add_request(Request(str(i), p, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)))
+    peak = 0
+    while engine.has_unfinished():
+        engine.step()
+        peak = max(peak, engine.num_running)
+        assert engine.kv_cache_usage <= 1
+    assert peak == 2
+    assert engine.kv_cache_usage == 0
+    with pytest.raises(ValueError, match="KV cache"):
+        engine.add_request(Request("big", ps[0], SamplingParams(max_tokens=200)))
+
+
+def test_abort_frees_cache(hf_mixtral):
+    engine = Engine.from_dir(hf_mixtral)
+    engine.add_request(Request("a", prompts((9,))[0], SamplingParams(max_tokens=50, ignore_eos=True)))
+    engine.step()
+    assert engine.kv_cache_usage > 0
+    engine.abort("a")
+    assert engine.kv_cache_usage == 0 and not engine.has_unfinished()
+    assert engine.step() == []
+
+
+@pytest.mark.parametrize("bad, match", [
+    (Request("e", [], GREEDY), "empty"),
+    (Request("v", [1, 99999], GREEDY), r"\[0, 512\)"),
+    (Request("c", [1] * 1000, SamplingParams(max_tokens=100)), "context of 1024"),
+])
+def test_bad_requests_are_refused(hf_mixtral, bad, match):
+    with pytest.raises(ValueError, match=match):
+        Engine.from_dir(hf_mixtral).add_request(bad)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_close_to_fp32(hf_mixtral, dtype):
+    ps = prompts((6, 11))
+    fp32 = Engine.from_dir(hf_mixtral).generate(ps, SamplingParams(max_tokens=4, temperature=0, logprobs=5))
+    half = Engine.from_dir(hf_mixtral, EngineConfig(dtype=dtype)).generate(ps, SamplingParams(max_tokens=1, temperature=0, logprobs=5))
+    assert half[0].token_ids[0] == fp32[0].token_ids[0]
+    for a, b in zip(fp32, half):  # the first token's top-5 logprobs agree to half-precision accuracy
+        top_a, top_b = dict(a.top_logprobs[0]), dict(b.top_logprobs[0])
+        for t in set(top_a) & set(top_b):
+            assert abs(top_a[t] - top_b[t]) < 0.15
