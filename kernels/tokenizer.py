@@ -48,7 +48,8 @@ class Tokenizer:
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.sp.decode(list(ids))
+        """Ids the tokenizer does not have (a model may pad its vocabulary beyond it) decode to nothing."""
+        return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(i)
@@ -137,12 +138,14 @@ class IncrementalDetokenizer:
         self.sp = tokenizer.sp
         self.text = ""
         self._window: list[int] = []
-        self._anchored = any(not self.sp.is_control(i) for i in prompt_ids)
+        self._anchored = any(0 <= i < self.sp.vocab_size() and not self.sp.is_control(i) for i in prompt_ids)
         self._anchor = [tokenizer.unk_id]
         self._anchor_text = self.sp.decode(self._anchor)
 
     def push(self, token_id: int) -> str:
         """New text since the last push; "" while a multi-byte character is still incomplete."""
+        if not 0 <= token_id < self.sp.vocab_size():
+            return ""  # as Tokenizer.decode: ids beyond the tokenizer (padded model vocab) have no text
         self._window.append(token_id)
         if self._pending_utf8():
             return ""

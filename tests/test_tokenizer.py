@@ -226,3 +226,12 @@ def test_default_corpus():
     text = default_corpus()
     assert 40_000 <= len(text.encode()) <= 80_000
     assert text.count("\nUser: ") >= 50 and text.count("\nAssistant: ") >= 50
+
+
+def test_ids_beyond_the_tokenizer_have_no_text(tmp_path):
+    """A model's vocabulary may be padded past its tokenizer's: such ids must not break streaming."""
+    tok = Tokenizer(train_tokenizer(default_corpus(), tmp_path / "t.model", vocab_size=512))
+    ids = tok.encode("the experts", bos=False)
+    mixed = ids[:1] + [512, 4000] + ids[1:]
+    detok = IncrementalDetokenizer(tok, prompt_ids=tok.encode("Hi") + [9999])
+    assert "".join(detok.push(i) for i in mixed) + detok.flush() == " " + tok.decode(mixed) == " " + tok.decode(ids)
