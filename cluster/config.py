@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from cluster.placement import PipelineConfig
 from kernels.engine import EngineConfig
 
 
@@ -23,6 +24,7 @@ class ConfigError(ValueError):
 class MoerayConfig:
     model: str | None = None  # checkpoint directory (HF or Mistral format); None: the built-in demo model
     engine: EngineConfig = field(default_factory=EngineConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # where the roles run (the Ray pipeline)
 
 
 def _convert(tp, value, where: str):

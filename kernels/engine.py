@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -178,29 +179,50 @@ class Scheduler:
             self.waiting.remove(seq)
 
 
+class Executor(Protocol):
+    """Runs the model on a step's flat batch: here in one process, or spread over actors (the pipeline)."""
+
+    def forward(self, tokens: torch.Tensor, seqs: list[StepSeq], logits_index: torch.Tensor) -> torch.Tensor:
+        """tokens [T] (the new tokens of `seqs`, in order) -> fp32 logits [S, V] of the rows logits_index [S]."""
+        ...
+
+
+class LocalExecutor:
+    """The whole model and its KV cache in this process."""
+
+    def __init__(self, model: Transformer, config: EngineConfig):
+        a, self.model, self.config = model.args, model, config
+        self.cache = KVCache(a.n_layers, config.num_blocks, config.block_size, a.n_kv_heads, a.head_dim, dtype=model.dtype)
+
+    def forward(self, tokens, seqs, logits_index):
+        meta = AttentionMetadata.build(seqs, self.config.block_size, self.model.args.sliding_window)
+        return self.model(tokens, meta, self.cache, logits_index)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The checkpoint's tokenizer, or None: a model without one still runs on token ids."""
+    try:
+        return Tokenizer.from_dir(path)
+    except FileNotFoundError:
+        return None
+
+
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, executor: Executor, args: ModelArgs, tokenizer: Tokenizer | None = None,
+                 config: EngineConfig | None = None):
+        self.executor, self.args, self.tokenizer = executor, args, tokenizer
         self.config = config or EngineConfig()
-        self.args: ModelArgs = model.args
-        a = self.args
-        self.cache = KVCache(a.n_layers, self.config.num_blocks, self.config.block_size, a.n_kv_heads, a.head_dim,
-                             dtype=model.dtype)
-        self.scheduler = Scheduler(self.config, a.sliding_window)
+        self.scheduler = Scheduler(self.config, args.sliding_window)
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
 
     @classmethod
     def from_dir(cls, path: str | Path, config: EngineConfig | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Engine:
-        """Loads a checkpoint directory (HF or Mistral format); the tokenizer is optional."""
+        """The single-process engine on a checkpoint directory (HF or Mistral format)."""
         config = config or EngineConfig()
         model = Transformer.from_checkpoint(Checkpoint.open(path), dtype=DTYPES[config.dtype], progress=progress)
-        try:
-            tokenizer = Tokenizer.from_dir(path)
-        except FileNotFoundError:
-            tokenizer = None
-        return cls(model, tokenizer, config)
+        return cls(LocalExecutor(model, config), model.args, load_tokenizer(path), config)
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -252,12 +274,11 @@ class Engine:
         if not batch:
             return []
         tokens = torch.tensor([t for seq, n in batch for t in seq.tokens[seq.num_cached : seq.num_cached + n]])  # [T]
-        meta = AttentionMetadata.build([StepSeq(s.block_table, s.num_cached, n) for s, n in batch],
-                                       self.config.block_size, self.args.sliding_window)
+        seqs = [StepSeq(s.block_table, s.num_cached, n) for s, n in batch]
         ends = torch.tensor([n for _, n in batch]).cumsum(0) - 1  # [B] flat index of each sequence's last token
         done = [seq.num_cached + n == len(seq.tokens) for seq, n in batch]  # prompt fully cached: sample
         sampling = [seq for (seq, _), d in zip(batch, done) if d]
-        logits = self.model(tokens, meta, self.cache, ends[torch.tensor(done)])  # [S, V]
+        logits = self.executor.forward(tokens, seqs, ends[torch.tensor(done)])  # [S, V]
         for seq, n in batch:
             seq.num_cached += n
         samples = sample(logits, [s.params for s in sampling], [s.generator for s in sampling],

@@ -17,8 +17,8 @@ from torch import nn
 from kernels.args import ModelArgs
 from kernels.attention import paged_attention
 from kernels.cache import AttentionMetadata, KVCache
-from kernels.checkpoint import Checkpoint, all_names
-from kernels.moe import combine, dispatch, expert_rows, route, swiglu
+from kernels.checkpoint import Checkpoint
+from kernels.moe import expert_rows, moe, swiglu
 from kernels.rope import apply_rope, rope_freqs
 
 
@@ -73,22 +73,31 @@ class MoeLayer(nn.Module):
         self.experts = nn.ModuleList(FeedForward(args.dim, args.hidden_dim) for _ in range(args.moe.num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, experts = route(x, self.gate.weight, self.k)  # [T, k] each
-        plan = dispatch(weights, experts, len(self.experts))
-        y = expert_rows(x[plan.token], plan.blocks(), self.experts)  # [T * k, D]
-        return combine(y, plan, x.shape[0])  # [T, D]
+        return moe(x, self.gate.weight, self.k, lambda rows, blocks: expert_rows(rows, blocks, self.experts))
 
 
-class TransformerBlock(nn.Module):
+class AttentionBlock(nn.Module):
+    """The attention half of a layer: h = x + attention(attention_norm(x)). What an attention actor hosts."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = Attention(args)
+
+    def forward(self, x, freqs, kv, meta) -> torch.Tensor:
+        return x + self.attention(self.attention_norm(x), freqs, kv, meta)
+
+
+class TransformerBlock(AttentionBlock):
+    """A whole layer: the attention half, then h + feed_forward(ffn_norm(h))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = MoeLayer(args) if args.moe else FeedForward(args.dim, args.hidden_dim)
 
     def forward(self, x, freqs, kv, meta) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs, kv, meta)
+        h = super().forward(x, freqs, kv, meta)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -117,9 +126,53 @@ class Transformer(nn.Module):
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
                         progress: Callable[[int, int], None] | None = None) -> Transformer:
-        """Builds on the meta device (no random init, no double memory), then assigns loaded tensors."""
-        with torch.device("meta"):
-            model = cls(checkpoint.args)
-        model.load_state_dict(checkpoint.load(all_names(checkpoint.args), dtype=dtype, progress=progress),
-                              strict=True, assign=True)
-        return model.eval()
+        return load_into(build(cls, checkpoint.args), checkpoint, dtype=dtype, progress=progress)
+
+
+class RouterLayer(nn.Module):
+    """What the router needs of a layer: ffn_norm and, for MoE, the gate (names as in the checkpoint)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = nn.Module()
+        if args.moe:
+            self.feed_forward.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
+
+
+class RouterPart(nn.Module):
+    """The weights of the model that are neither attention nor experts: embeddings, per-layer ffn_norm
+    and gate, final norm and LM head. The pipeline's router holds these."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(RouterLayer(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+
+def expert_prefix(args: ModelArgs, layer: int, expert: int) -> str:
+    """Checkpoint prefix of one expert's FeedForward; a dense model's FFN is its layer's only expert."""
+    if args.moe:
+        return f"layers.{layer}.feed_forward.experts.{expert}."
+    if expert != 0:
+        raise ValueError(f"a dense model has one FFN per layer (expert 0), not expert {expert}")
+    return f"layers.{layer}.feed_forward."
+
+
+def build(cls: type[nn.Module], *args) -> nn.Module:
+    """A module on the meta device: shapes only, to be filled by load_into."""
+    with torch.device("meta"):
+        return cls(*args)
+
+
+def load_into(module: nn.Module, checkpoint: Checkpoint, prefix: str = "", dtype: torch.dtype = torch.float32,
+              progress: Callable[[int, int], None] | None = None) -> nn.Module:
+    """Fills a module built on the meta device (no random init, no double memory) with the checkpoint's
+    tensors `prefix + name`, reading only those. Any module whose names are checkpoint names works:
+    the whole model, one AttentionBlock (prefix "layers.3."), one expert (prefix ".../experts.5.")."""
+    names = list(module.state_dict())
+    tensors = checkpoint.load([prefix + n for n in names], dtype=dtype, progress=progress)
+    module.load_state_dict({n: tensors[prefix + n] for n in names}, strict=True, assign=True)
+    return module.eval()

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 
 
+Blocks = list[tuple[int, int, int]]  # (expert, first row, row count): one expert's contiguous rows
+
+
 def route(x: torch.Tensor, gate_weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k experts per token and their weights: softmax over the k chosen logits, in fp32.
 
@@ -35,7 +38,7 @@ class Dispatch:
     weight: torch.Tensor  # [R] routing weight of each row (fp32)
     counts: list[int]  # [E] rows per expert, in expert order
 
-    def blocks(self) -> list[tuple[int, int, int]]:
+    def blocks(self) -> Blocks:
         """(expert, first row, row count) for each expert that has rows."""
         out, start = [], 0
         for e, n in enumerate(self.counts):
@@ -65,7 +68,7 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
 ExpertFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def expert_rows(rows: torch.Tensor, blocks: list[tuple[int, int, int]], experts: Mapping[int, ExpertFn] | Sequence[ExpertFn]) -> torch.Tensor:
+def expert_rows(rows: torch.Tensor, blocks: Blocks, experts: Mapping[int, ExpertFn] | Sequence[ExpertFn]) -> torch.Tensor:
     """Apply each expert to its block of rows. rows [R', D] -> [R', D], same order.
 
     `blocks` is (expert, first row, count) relative to `rows`; `experts[e]` is expert e's function.
@@ -80,3 +83,15 @@ def combine(y: torch.Tensor, plan: Dispatch, num_tokens: int) -> torch.Tensor:
     """Weighted sum of each token's expert outputs. y [R, D] in dispatch order -> [T, D]."""
     weighted = (y.float() * plan.weight[:, None]).to(y.dtype)  # [R, D]
     return torch.zeros(num_tokens, y.shape[1], dtype=y.dtype).index_add_(0, plan.token, weighted)
+
+
+def moe(x: torch.Tensor, gate_weight: torch.Tensor, k: int,
+        run: Callable[[torch.Tensor, Blocks], torch.Tensor]) -> torch.Tensor:
+    """The whole MoE layer: route, dispatch, `run` the experts on their blocks of rows, combine.
+
+    `run(rows [R, D], blocks) -> [R, D]` is where the experts are: local modules in one process,
+    expert shards behind a transport in the pipeline. x [T, D] -> [T, D].
+    """
+    weights, experts = route(x, gate_weight, k)  # [T, k] each
+    plan = dispatch(weights, experts, gate_weight.shape[0])
+    return combine(run(x[plan.token], plan.blocks()), plan, x.shape[0])

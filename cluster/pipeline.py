@@ -1,0 +1,102 @@
+"""Start one pipeline replica on a Ray cluster, submit requests, stream their tokens.
+
+    pipeline = Pipeline.start(load_config("configs/pipeline-local.yaml"))
+    [done] = pipeline.generate([prompt_ids], SamplingParams(max_tokens=32))
+    async for event in pipeline.stream(prompt_ids, params): ...
+    pipeline.shutdown()
+
+Ray places and starts the actors (the control plane); the per-layer traffic between them goes over
+the transport (gRPC), never through Ray.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import AsyncIterator, Iterable
+
+import ray
+
+from actors.attention import AttentionActor
+from actors.expert_shard import ExpertShard
+from actors.router import Router
+from cluster.config import MoerayConfig
+from cluster.placement import Placement, plan
+from kernels.args import ModelArgs
+from kernels.engine import Completion, TokenEvent
+from kernels.sampling import SamplingParams
+
+
+def _options(role, **extra) -> dict:
+    return {"num_cpus": role.num_cpus, "resources": dict(role.resources), **extra}
+
+
+class Pipeline:
+    def __init__(self, config: MoerayConfig, placement: Placement, router, attention: list, experts: list):
+        self.config, self.placement = config, placement
+        self.router, self.attention, self.experts = router, attention, experts
+        self._ids = itertools.count()
+
+    @classmethod
+    def start(cls, config: MoerayConfig, address: str | None = None) -> Pipeline:
+        """Starts the actors on the Ray cluster at `address` (default: the one this process is connected
+        to, else a new local one) and waits until every data-plane server answers."""
+        if config.model is None:
+            raise ValueError("config.model: give a checkpoint directory")
+        if not ray.is_initialized():
+            ray.init(address=address, logging_level="ERROR", configure_logging=False)
+        args = ModelArgs.from_dir(config.model)
+        p, pc = plan(args, config.pipeline), config.pipeline
+        attention = [ray.remote(AttentionActor).options(**_options(pc.attention)).remote(
+            config.model, layers, config.engine, pc.transport, pc.attention.threads) for layers in p.attention]
+        experts = [ray.remote(ExpertShard).options(**_options(pc.experts, scheduling_strategy="SPREAD")).remote(
+            config.model, pairs, config.engine.dtype, pc.transport, pc.experts.threads)
+            for pairs in p.shards for _ in range(p.replicas)]
+        attention_addresses = ray.get([a.address.remote() for a in attention])
+        expert_addresses = ray.get([e.address.remote() for e in experts])
+        router = ray.remote(Router).options(**_options(pc.router)).remote(
+            config.model, config.engine, p, pc.transport, attention_addresses, expert_addresses, pc.router.threads)
+        ray.get(router.info.remote())
+        return cls(config, p, router, attention, experts)
+
+    def _submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None):
+        rid = request_id or f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
+        return self.router.generate.options(num_returns="streaming").remote(rid, list(prompt_ids), params)
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams,
+                     request_id: str | None = None) -> AsyncIterator[TokenEvent]:
+        """TokenEvents as the router samples them. Stopping early (break, cancel) aborts the request."""
+        gen = self._submit(prompt_ids, params, request_id)
+        try:
+            async for ref in gen:
+                yield await ref
+        finally:
+            ray.cancel(gen)  # no-op when finished; otherwise the router aborts and frees the KV cache
+
+    def generate(self, prompts: Iterable[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Runs prompts to completion, all in flight at once; results in prompt order."""
+        prompts = list(prompts)
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        streams = [self._submit(p, sp, None) for p, sp in zip(prompts, params)]
+        results = []
+        for gen in streams:
+            done = Completion("")
+            for ref in gen:
+                ev = ray.get(ref)
+                done.request_id = ev.request_id
+                done.add(ev)
+            results.append(done)
+        return results
+
+    def stats(self) -> dict:
+        return ray.get(self.router.stats.remote())
+
+    def info(self) -> dict:
+        """Where each role runs and what it holds (node ids, layers, expert pairs, parameter bytes)."""
+        return {"router": ray.get(self.router.info.remote()),
+                "attention": ray.get([a.info.remote() for a in self.attention]),
+                "experts": ray.get([e.info.remote() for e in self.experts])}
+
+    def shutdown(self) -> None:
+        for actor in [self.router, *self.attention, *self.experts]:
+            ray.kill(actor)

@@ -1,0 +1,80 @@
+"""Where the roles of a pipeline replica run, and which actor holds which weights.
+
+A dense model (Mistral-7B) is placed as a MoE with one expert per layer and weight 1, so the expert
+shards, the router and the transport have one code path for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cluster.transport import TransportConfig
+from kernels.args import ModelArgs
+
+
+@dataclass
+class AttentionPlacement:
+    actors: int = 1  # the layers are split into this many contiguous ranges, one actor each
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, e.g. {attention_node: 0.01}
+    num_cpus: float = 0  # Ray CPUs reserved per actor (0: none, so a laptop fits every role)
+    threads: int = 0  # torch threads per actor; 0: all cores of its node
+
+
+@dataclass
+class ExpertPlacement:
+    shards: int = 1  # the (layer, expert) pairs are split over this many shards (by expert, then by layer)
+    replicas: int = 1  # actors per shard; an expert's rows are split evenly over the actors that hold it
+    resources: dict[str, float] = field(default_factory=dict)  # e.g. {expert_node: 0.01}
+    num_cpus: float = 0
+    threads: int = 0
+
+
+@dataclass
+class RouterPlacement:
+    resources: dict[str, float] = field(default_factory=dict)
+    num_cpus: float = 0
+    threads: int = 0
+
+
+@dataclass
+class PipelineConfig:
+    attention: AttentionPlacement = field(default_factory=AttentionPlacement)
+    experts: ExpertPlacement = field(default_factory=ExpertPlacement)
+    router: RouterPlacement = field(default_factory=RouterPlacement)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+
+
+@dataclass(frozen=True)
+class Placement:
+    attention: list[list[int]]  # layers of each attention actor
+    shards: list[list[tuple[int, int]]]  # (layer, expert) pairs of each shard
+    replicas: int  # actors per shard; actor index = shard * replicas + replica
+
+    def experts_per_layer(self) -> int:
+        return 1 + max(e for shard in self.shards for _, e in shard)
+
+    def actors_of(self) -> dict[tuple[int, int], list[int]]:
+        """(layer, expert) -> indices of the expert actors that hold it (its replicas)."""
+        return {pair: [s * self.replicas + r for r in range(self.replicas)]
+                for s, shard in enumerate(self.shards) for pair in shard}
+
+
+def _split(n: int, parts: int) -> list[range]:
+    """0..n-1 in `parts` contiguous ranges, sizes differing by at most one."""
+    return [range(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
+
+
+def plan(args: ModelArgs, cfg: PipelineConfig) -> Placement:
+    L, E = args.n_layers, max(args.num_experts, 1)
+    if not 1 <= cfg.attention.actors <= L:
+        raise ValueError(f"pipeline.attention.actors must be in 1..{L} (the model has {L} layers)")
+    if not 1 <= cfg.experts.shards <= L * E:
+        raise ValueError(f"pipeline.experts.shards must be in 1..{L * E} ({L} layers x {E} experts)")
+    if cfg.experts.replicas < 1:
+        raise ValueError("pipeline.experts.replicas must be >= 1")
+    units = [(l, e) for e in range(E) for l in range(L)]  # expert-major: a shard gets whole experts first
+    return Placement(
+        attention=[list(r) for r in _split(L, cfg.attention.actors)],
+        shards=[sorted(units[i] for i in r) for r in _split(len(units), cfg.experts.shards)],
+        replicas=cfg.experts.replicas,
+    )

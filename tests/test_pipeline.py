@@ -1,0 +1,165 @@
+"""The disaggregated pipeline on a real multi-node Ray cluster (ray.cluster_utils.Cluster): attention on
+one node, experts on two others, gRPC between them. Every result is compared with the
+single-process engine, token for token."""
+
+import asyncio
+import copy
+import time
+
+import pytest
+import ray
+import torch
+
+from cluster import transport
+from cluster.config import MoerayConfig
+from cluster.pipeline import Pipeline
+from cluster.placement import PipelineConfig
+from kernels.engine import Engine, EngineConfig
+from kernels.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    nodes = {"attention": c.add_node(num_cpus=2, resources={"attention_node": 1}),
+             "expert": [c.add_node(num_cpus=2, resources={"expert_node": 1}) for _ in range(2)]}
+    ray.init(address=c.address, logging_level="ERROR")
+    c.wait_for_nodes()
+    yield {"attention": nodes["attention"].node_id, "expert": {n.node_id for n in nodes["expert"]}}
+    ray.shutdown()
+    c.shutdown()
+
+
+def config(model, shards=1, replicas=1, attention_actors=1, **engine) -> MoerayConfig:
+    pc = PipelineConfig()
+    pc.attention.actors, pc.attention.resources = attention_actors, {"attention_node": 0.01}
+    pc.experts.shards, pc.experts.replicas, pc.experts.resources = shards, replicas, {"expert_node": 0.01}
+    pc.attention.threads = pc.experts.threads = pc.router.threads = 1  # many actors share 2 cores
+    return MoerayConfig(model=str(model), engine=EngineConfig(kv_cache_tokens=4096, **engine), pipeline=pc)
+
+
+def prompts(seed=5, lengths=(3, 8, 15, 21, 6)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 512, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def reference(hf_mixtral, hf_mistral):
+    """Greedy tokens of the single-process engine, the oracle."""
+    return {arch: [c.token_ids for c in Engine.from_dir(path).generate(prompts(), GREEDY)]
+            for arch, path in (("mixtral", hf_mixtral), ("mistral", hf_mistral))}
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4, 8])
+def test_mixtral_expert_layouts_match_single_process(cluster, hf_mixtral, reference, shards):
+    pipe = Pipeline.start(config(hf_mixtral, shards=shards))
+    try:
+        assert [c.token_ids for c in pipe.generate(prompts(), GREEDY)] == reference["mixtral"]
+        info = pipe.info()
+        assert info["attention"][0]["node_id"] == cluster["attention"]
+        expert_nodes = {e["node_id"] for e in info["experts"]}
+        assert expert_nodes <= cluster["expert"] and len(expert_nodes) == min(shards, 2)  # spread over both
+        # each shard holds exactly its experts: 2 layers x 8 experts / shards, 3 matrices of 64 x 128 fp32
+        for e in info["experts"]:
+            assert len(e["pairs"]) == 16 // shards
+            assert e["param_bytes"] == len(e["pairs"]) * 3 * 64 * 128 * 4
+        assert sorted(p for e in info["experts"] for p in map(tuple, e["pairs"])) == [(l, x) for l in range(2) for x in range(8)]
+        counts = pipe.stats()["tokens_per_expert"]
+        assert sum(counts.values()) > 0 and set(counts) <= {f"{l}:{x}" for l in range(2) for x in range(8)}
+    finally:
+        pipe.shutdown()
+
+
+def test_mistral_dense_sliding_window_split_layers(cluster, hf_mistral, reference):
+    """Dense FFN as one expert per layer, layers split over 2 attention actors and 2 shards; window 8."""
+    pipe = Pipeline.start(config(hf_mistral, shards=2, attention_actors=2))
+    try:
+        assert [c.token_ids for c in pipe.generate(prompts(), GREEDY)] == reference["mistral"]
+        assert [a["layers"] for a in pipe.info()["attention"]] == [[0], [1]]
+    finally:
+        pipe.shutdown()
+
+
+@pytest.fixture(scope="module")
+def replicated(cluster, hf_mixtral):
+    pipe = Pipeline.start(config(hf_mixtral, shards=2, replicas=2, max_num_batched_tokens=64))
+    yield pipe
+    pipe.shutdown()
+
+
+def test_replicas_share_load_and_keep_tokens(replicated, reference):
+    assert [c.token_ids for c in replicated.generate(prompts(), GREEDY)] == reference["mixtral"]
+    busy = [e["busy_s"] for e in replicated.info()["experts"]]
+    assert len(busy) == 4 and all(b > 0 for b in busy)  # every replica did work
+
+
+def test_requests_join_a_running_batch(replicated, reference):
+    ps = prompts()
+    long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    [alone] = replicated.generate([ps[0]], long)
+
+    async def scenario():
+        a_tokens, b_tokens, a_done_at, b_first_at = [], [], None, None
+
+        async def run_a():
+            nonlocal a_done_at
+            async for ev in replicated.stream(ps[0], long):
+                a_tokens.append(ev.token)
+            a_done_at = time.monotonic()
+
+        async def run_b():
+            nonlocal b_first_at
+            while len(a_tokens) < 5:
+                await asyncio.sleep(0.005)
+            async for ev in replicated.stream(ps[1], GREEDY):
+                b_first_at = b_first_at or time.monotonic()
+                b_tokens.append(ev.token)
+
+        await asyncio.gather(run_a(), run_b())
+        return a_tokens, b_tokens, b_first_at < a_done_at
+
+    a_tokens, b_tokens, joined_midway = asyncio.run(scenario())
+    assert a_tokens == alone.token_ids and b_tokens == reference["mixtral"][1]
+    assert joined_midway
+
+
+def test_cancelled_stream_frees_its_cache(replicated):
+    async def read_three():
+        got = []
+        async for ev in replicated.stream(prompts()[2], SamplingParams(max_tokens=500, ignore_eos=True)):
+            got.append(ev)
+            if len(got) == 3:
+                break
+        return got
+
+    assert len(asyncio.run(read_three())) == 3
+    deadline = time.monotonic() + 10
+    while (s := replicated.stats())["running"] or s["kv_cache_usage"]:
+        assert time.monotonic() < deadline, f"request still holds the cache: {s}"
+        time.sleep(0.05)
+
+
+def test_bad_data_plane_messages_are_refused_and_the_shard_keeps_serving(replicated, reference):
+    net = copy.deepcopy(replicated.config.pipeline.transport)
+    address = ray.get(replicated.experts[0].address.remote())
+    client = transport.connect(net, address)
+    bad = [
+        ((0, [(0, 2)], torch.zeros(2, 7)), "dim"),  # wrong hidden size
+        ((0, [(7, 2)], torch.zeros(2, 64)), "not on this shard"),  # an expert this shard lacks
+        ((5, [(0, 2)], torch.zeros(2, 64)), "not on this shard"),  # a layer the model lacks
+        ((0, [(0, 3)], torch.zeros(2, 64)), "3"),  # counts that do not add up to the rows
+    ]
+    for (layer, blocks, rows), message in bad:
+        with pytest.raises(transport.TransportError) as err:
+            client.experts(layer, blocks, rows).result()
+        assert err.value.code == "INVALID_ARGUMENT" and message in str(err.value)
+    too_big = torch.zeros((net.max_message_mb << 20) // (64 * 4) + 1, 64)
+    with pytest.raises(transport.TransportError) as err:
+        client.experts(0, [(0, too_big.shape[0])], too_big).result()
+    assert err.value.code == "RESOURCE_EXHAUSTED"
+    client.close()
+    assert [c.token_ids for c in replicated.generate(prompts(), GREEDY)] == reference["mixtral"]
