@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from actors.common import node_id, set_threads
+from actors.common import advertised, node_id, set_threads
 from cluster import transport
 from kernels.cache import AttentionMetadata, KVCache, StepSeq
 from kernels.checkpoint import Checkpoint
@@ -54,7 +54,7 @@ class AttentionActor:
 
     # -- control plane (Ray calls) -------------------------------------------------------------
     def address(self) -> str:
-        return self.server.address
+        return advertised(self.server.address)
 
     def info(self) -> dict:
         return {"node_id": node_id(), "layers": sorted(self.blocks), "busy_s": self.busy_s,

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from actors.common import node_id, set_threads
+from actors.common import advertised, node_id, set_threads
 from cluster import transport
 from kernels.checkpoint import Checkpoint
 from kernels.engine import DTYPES
@@ -45,7 +45,7 @@ class ExpertShard:
 
     # -- control plane (Ray calls) -------------------------------------------------------------
     def address(self) -> str:
-        return self.server.address
+        return advertised(self.server.address)
 
     def info(self) -> dict:
         return {"node_id": node_id(), "pairs": sorted(self.experts), "busy_s": self.busy_s,

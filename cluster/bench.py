@@ -1,7 +1,9 @@
-"""`moeray bench engine`: the single-process engine against transformers' generate, same checkpoint,
-same machine, same run. Each system runs in its own subprocess so its peak memory is its own.
+"""Benchmarks. Each prints ratios against a baseline measured in the same run, and writes JSON.
 
-Prints a markdown table of decode throughput and peak RSS with ratios, and writes it as JSON.
+`moeray bench engine`: the single-process engine against transformers' generate, same checkpoint;
+each system in its own subprocess so its peak memory is its own.
+`moeray bench pipeline`: the Ray pipeline against the single-process engine, same checkpoint; each
+per-layer round trip against a raw gRPC echo of the same payload; where a step's time goes.
 """
 
 from __future__ import annotations
@@ -93,6 +95,107 @@ def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out
         Path(out).write_text(json.dumps(report, indent=2))
         print(f"wrote {out}")
     return report
+
+
+def _decode_rate(generate, vocab: int, batch: int, prompt_len: int, new: int) -> float:
+    """Tokens/s of `generate` on `batch` random prompts, best of REPEATS after a warm-up."""
+    import torch
+
+    from kernels.sampling import SamplingParams
+
+    g = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(3, vocab, (batch, prompt_len), generator=g).tolist()
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    generate(prompts, params)
+    best = float("inf")
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        generate(prompts, params)
+        best = min(best, time.perf_counter() - t0)
+    return batch * new / best
+
+
+def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, shards: int, out: str | None) -> dict:
+    import ray
+    import torch
+
+    from cluster.config import MoerayConfig
+    from cluster.pipeline import Pipeline
+    from cluster.transport import connect
+    from kernels.engine import Engine, EngineConfig
+    from kernels.tiny import make_tiny
+
+    report = {"preset": preset, "shards": shards, "prompt_len": prompt_len, "new_tokens": new, "batches": {}}
+    engine_cfg = EngineConfig(max_num_seqs=max(batches), kv_cache_tokens=-(-max(batches) * (prompt_len + new) // 16) * 16)
+    with tempfile.TemporaryDirectory() as tmp:
+        make_tiny(tmp, "mixtral", seed=0, **PRESETS[preset])
+        cfg = MoerayConfig(model=tmp, engine=engine_cfg)
+        cfg.pipeline.experts.shards = shards
+        ray.init(logging_level="ERROR", configure_logging=False)
+        try:
+            engine = Engine.from_dir(tmp, engine_cfg)
+            pipe = Pipeline.start(cfg)
+            a = engine.args
+            print(f"preset {preset}: Mixtral-shaped {a.n_layers} layers, dim {a.dim}, {a.num_experts} experts on "
+                  f"{shards} shards; fp32 CPU; prompt {prompt_len}, {new} new tokens greedy, best of {REPEATS}")
+            print("| batch | single process tok/s | pipeline tok/s | pipeline / single |")
+            print("| --- | --- | --- | --- |")
+            for b in batches:
+                single = _decode_rate(lambda p, sp: engine.generate(p, sp), a.vocab_size, b, prompt_len, new)
+                before = pipe.stats()["seconds"], [x["busy_s"] for x in pipe.info()["attention"] + pipe.info()["experts"]]
+                piped = _decode_rate(pipe.generate, a.vocab_size, b, prompt_len, new)
+                after = pipe.stats()["seconds"], [x["busy_s"] for x in pipe.info()["attention"] + pipe.info()["experts"]]
+                runs = REPEATS + 1
+                sec = {k: (after[0][k] - before[0][k]) / runs for k in after[0]}
+                busy = [(y - x) / runs for x, y in zip(before[1], after[1])]
+                att_busy, exp_busy = sum(busy[: len(pipe.attention)]), sum(busy[len(pipe.attention):])
+                split = {"attention compute": att_busy, "expert compute": exp_busy,
+                         "transport and waiting": sec["attention"] + sec["experts"] - att_busy - exp_busy,
+                         "router compute": sec["total"] - sec["attention"] - sec["experts"]}
+                report["batches"][b] = {"single_tok_s": single, "pipeline_tok_s": piped, "seconds_per_run": split}
+                print(f"| {b} | {single:.1f} | {piped:.1f} | {piped / single:.2f}x |")
+            print("\nwhere a pipeline run's time goes (share of the router's forward time):")
+            print("| batch | " + " | ".join(split) + " |")
+            print("| --- |" + " --- |" * len(split))
+            for b, r in report["batches"].items():
+                total = sum(r["seconds_per_run"].values())
+                print(f"| {b} | " + " | ".join(f"{100 * v / total:.0f}%" for v in r["seconds_per_run"].values()) + " |")
+            # one layer's data-plane round trip (decode step of batch b: [b, dim] fp32) vs a raw gRPC echo
+            addr = ray.get(pipe.attention[0].address.remote())
+            client = connect(cfg.pipeline.transport, addr)
+            print("\nper-layer data plane: attention-actor round trip (with compute) vs raw gRPC echo, same bytes:")
+            print("| rows x dim (fp32) | bytes | echo ms | transport ms (codec + gRPC, no compute) | ratio |")
+            print("| --- | --- | --- | --- | --- |")
+            report["echo"] = {}
+            for b in batches:
+                x = torch.randn(b, a.dim)
+                echo = _best(lambda: client.echo(x.numpy().tobytes()))
+                # the Echo service returns the message untouched; the codec cost is encode + decode both ways
+                from cluster.codec import decode, encode
+                codec = _best(lambda: decode(encode(decode(encode(x), max_bytes=1 << 30)), max_bytes=1 << 30))
+                report["echo"][b] = {"bytes": x.numel() * 4, "echo_ms": echo * 1e3, "codec_ms": codec * 1e3}
+                print(f"| {b} x {a.dim} | {x.numel() * 4} | {echo * 1e3:.3f} | {(echo + codec) * 1e3:.3f} | "
+                      f"{(echo + codec) / echo:.2f}x |")
+            client.close()
+            pipe.shutdown()
+        finally:
+            ray.shutdown()
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {out}")
+    return report
+
+
+def _best(fn, n: int = 200) -> float:
+    """Best of n calls, in seconds: the cost without the machine's noise."""
+    fn()
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 if __name__ == "__main__":

@@ -69,9 +69,12 @@ def cmd_generate(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from cluster.bench import bench_engine
+    from cluster import bench
 
-    bench_engine(a.preset, a.batch, a.prompt_len, a.new_tokens, a.out)
+    if a.bench == "engine":
+        bench.bench_engine(a.preset, a.batch, a.prompt_len, a.new_tokens, a.out)
+    else:
+        bench.bench_pipeline(a.preset, a.batch, a.prompt_len, a.new_tokens, a.shards, a.out)
     return 0
 
 
@@ -111,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--new-tokens", type=int, default=64, help="generated tokens (default: %(default)s)")
     e.add_argument("--out", default="bench-results/engine.json", help="JSON results (default: %(default)s)")
     e.set_defaults(func=cmd_bench)
+    pl = bsub.add_parser("pipeline", help="Ray pipeline vs single-process engine; per-layer transport vs gRPC echo")
+    pl.add_argument("--preset", choices=["small", "tiny"], default="small", help="model size (default: %(default)s)")
+    pl.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64], help="batch sizes (default: 1 8 64)")
+    pl.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default: %(default)s)")
+    pl.add_argument("--new-tokens", type=int, default=32, help="generated tokens (default: %(default)s)")
+    pl.add_argument("--shards", type=int, default=2, help="expert shards (default: %(default)s)")
+    pl.add_argument("--out", default="bench-results/pipeline.json", help="JSON results (default: %(default)s)")
+    pl.set_defaults(func=cmd_bench)
     return p
 
 

@@ -17,7 +17,7 @@ class AttentionPlacement:
     actors: int = 1  # the layers are split into this many contiguous ranges, one actor each
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, e.g. {attention_node: 0.01}
     num_cpus: float = 0  # Ray CPUs reserved per actor (0: none, so a laptop fits every role)
-    threads: int = 0  # torch threads per actor; 0: all cores of its node
+    threads: int = 1  # torch threads per actor; 0: all cores of its node (set it where a role has a node of its own)
 
 
 @dataclass
@@ -26,14 +26,14 @@ class ExpertPlacement:
     replicas: int = 1  # actors per shard; an expert's rows are split evenly over the actors that hold it
     resources: dict[str, float] = field(default_factory=dict)  # e.g. {expert_node: 0.01}
     num_cpus: float = 0
-    threads: int = 0
+    threads: int = 1
 
 
 @dataclass
 class RouterPlacement:
     resources: dict[str, float] = field(default_factory=dict)
     num_cpus: float = 0
-    threads: int = 0
+    threads: int = 1
 
 
 @dataclass

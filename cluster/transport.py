@@ -35,6 +35,8 @@ KINDS = ("grpc",)
 
 @dataclass
 class TransportConfig:
+    """How actors and routers talk on the data plane; one per pipeline, the same on both ends."""
+
     kind: str = "grpc"  # which transport; only "grpc" so far
     host: str = "127.0.0.1"  # servers' bind address: loopback unless a deployment opens it up
     max_message_mb: int = 256  # largest message either way; larger -> RESOURCE_EXHAUSTED
@@ -75,7 +77,7 @@ class TransportError(RuntimeError):
 class Server:
     def __init__(self, server: grpc.Server, address: str):
         self._server = server
-        self.address = address  # "host:port" actually bound
+        self.address = address  # "host:port" actually bound (peers of a 0.0.0.0 server need the node's IP)
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight ones get `grace` seconds (None: cancelled now)."""
@@ -132,7 +134,7 @@ def serve(config: TransportConfig, *, attention: AttentionHandler | None = None,
         hidden = decode(request.hidden, max_bytes=limit, ndim=2)  # [T, D]
         seqs = [StepSeq(list(s.block_table), s.start, s.n) for s in request.seqs] or None
         if seqs is not None:
-            if any(s.start < 0 or s.n < 0 or any(b < 0 for b in s.block_table) for s in seqs):
+            if any(s.start < 0 or s.n < 0 or min(s.block_table, default=0) < 0 for s in seqs):
                 raise ValueError("seqs need start >= 0, n >= 0 and block ids >= 0")
             if (n := sum(s.n for s in seqs)) != hidden.shape[0]:
                 raise ValueError(f"seqs have {n} new tokens in all, hidden has {hidden.shape[0]} rows")
@@ -163,6 +165,7 @@ def serve(config: TransportConfig, *, attention: AttentionHandler | None = None,
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as e:  # grpc raises here when it cannot bind
+        server.stop(None)
         raise OSError(f"data plane cannot bind {host}:{port}: {e}") from e
     server.start()
     return Server(server, f"{host}:{bound}")

@@ -38,7 +38,6 @@ def config(model, shards=1, replicas=1, attention_actors=1, **engine) -> MoerayC
     pc = PipelineConfig()
     pc.attention.actors, pc.attention.resources = attention_actors, {"attention_node": 0.01}
     pc.experts.shards, pc.experts.replicas, pc.experts.resources = shards, replicas, {"expert_node": 0.01}
-    pc.attention.threads = pc.experts.threads = pc.router.threads = 1  # many actors share 2 cores
     return MoerayConfig(model=str(model), engine=EngineConfig(kv_cache_tokens=4096, **engine), pipeline=pc)
 
 

@@ -1,0 +1,331 @@
+"""The data plane through real gRPC servers on loopback, the codec, and the committed stubs.
+
+Malformed requests go through the raw generated stub, bypassing Client, as a buggy or hostile peer
+would send them; after each one the same server must still answer a good request exactly.
+"""
+
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cluster.codec import CodecError, decode, encode
+from cluster.rpc import dataplane_pb2 as pb
+from cluster.rpc import dataplane_pb2_grpc as rpc
+from cluster.transport import TransportConfig, TransportError, connect, serve
+from kernels.cache import StepSeq
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+MB = 1 << 20
+CONFIG = TransportConfig(max_message_mb=1, timeout_s=10)
+SLOW_LAYER, VALUE_ERROR_LAYER, RUNTIME_ERROR_LAYER = 99, 98, 97
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
+
+
+def expected_experts(layer: int, blocks: list[tuple[int, int]], rows: torch.Tensor) -> torch.Tensor:
+    """What `Shard` returns: each block's rows * 2 + layer + expert, so a block mix-up shows."""
+    out, start = torch.empty_like(rows), 0
+    for e, n in blocks:
+        out[start : start + n] = rows[start : start + n] * 2 + (layer + e)
+        start += n
+    return out
+
+
+class Shard:
+    """Expert and attention handlers that record what arrived; some layers misbehave on purpose."""
+
+    def __init__(self):
+        self.seen = []
+        self.release = threading.Event()  # lets SLOW_LAYER's handler end early at teardown
+
+    def _misbehave(self, layer):
+        if layer == SLOW_LAYER:
+            self.release.wait(5)
+        if layer == VALUE_ERROR_LAYER:
+            raise ValueError("layer 98 is not on this shard")
+        if layer == RUNTIME_ERROR_LAYER:
+            raise RuntimeError("kernel exploded")
+
+    def experts(self, layer, blocks, rows):
+        self.seen.append((layer, blocks, rows.clone()))
+        self._misbehave(layer)
+        return expected_experts(layer, blocks, rows)
+
+    def attention(self, step, layer, seqs, hidden):
+        self.seen.append((step, layer, seqs, hidden.clone()))
+        self._misbehave(layer)
+        return hidden - layer
+
+
+@pytest.fixture(scope="module")
+def shard():
+    shard = Shard()
+    server = serve(CONFIG, attention=shard.attention, experts=shard.experts)
+    shard.address = server.address
+    yield shard
+    shard.release.set()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(shard):
+    with connect(CONFIG, shard.address) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def raw(shard):
+    """The generated stubs on a channel of their own, with no send limit: a peer we do not control."""
+    channel = grpc.insecure_channel(shard.address)
+    yield SimpleNamespace(experts=rpc.ExpertShardStub(channel).Forward, attention=rpc.AttentionStub(channel).Forward)
+    channel.close()
+
+
+# ---- round trips -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_experts_round_trip_is_bit_exact(client, shard, dtype):
+    rows = torch.randn(7, 16).to(dtype)
+    blocks = [(0, 3), (5, 0), (6, 4)]
+    out = client.experts(3, blocks, rows).result()
+    layer, seen_blocks, seen_rows = shard.seen[-1]
+    assert (layer, seen_blocks) == (3, blocks) and same_bits(seen_rows, rows)
+    assert same_bits(out, expected_experts(3, blocks, rows))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_round_trip_carries_seqs(client, shard, dtype):
+    hidden = torch.randn(5, 8).to(dtype)
+    seqs = [StepSeq([4, 0, 7], 17, 1), StepSeq([2], 0, 4)]
+    out = client.attention(2**40, 1, seqs, hidden).result()
+    step, layer, seen_seqs, seen_hidden = shard.seen[-1]
+    assert (step, layer, seen_seqs) == (2**40, 1, seqs) and all(type(s) is StepSeq for s in seen_seqs)
+    assert same_bits(seen_hidden, hidden) and same_bits(out, hidden - 1)
+
+    out = client.attention(3, 0, None, hidden[:2]).result()
+    assert shard.seen[-1][2] is None and same_bits(out, hidden[:2])
+
+
+def test_empty_and_non_contiguous_tensors(client):
+    assert client.experts(0, [], torch.empty(0, 4)).result().shape == (0, 4)
+    rows = torch.randn(8, 6)[::2, 1:]  # [4, 5], strided
+    assert same_bits(client.experts(1, [(2, 4)], rows).result(), expected_experts(1, [(2, 4)], rows.contiguous()))
+
+
+def test_echo_returns_the_same_bytes(client):
+    data = torch.randint(0, 256, (100_000,), dtype=torch.uint8).numpy().tobytes()
+    assert client.echo(data) == data and client.echo(b"") == b""
+
+
+def test_fan_out_to_four_servers_runs_concurrently():
+    """Each handler waits on a 4-party barrier, so the calls only succeed if all 4 are in flight at
+    once: the client must not block on a call before issuing the next (a deterministic check)."""
+    barrier = threading.Barrier(4, timeout=5)
+
+    def scaled(k):
+        def handler(layer, blocks, rows):
+            barrier.wait()
+            return rows * k + layer
+        return handler
+
+    servers = [serve(CONFIG, experts=scaled(k)) for k in range(1, 5)]
+    clients = [connect(CONFIG, s.address) for s in servers]
+    try:
+        rows = [torch.randn(3, 4) for _ in servers]
+        pending = [c.experts(7, [(0, 3)], r) for c, r in zip(clients, rows)]
+        for k, (p, r) in enumerate(zip(pending, rows), start=1):
+            assert same_bits(p.result(), r * k + 7)
+    finally:
+        for c in clients:
+            c.close()
+        for s in servers:
+            s.stop()
+
+
+# ---- errors ----------------------------------------------------------------------------------------
+
+
+def tensor(shape, data=None, dtype=pb.DTYPE_FLOAT32):
+    return pb.Tensor(dtype=dtype, shape=shape, data=bytes(4 * 4 * 8) if data is None else data)
+
+
+def good_rows():
+    return tensor([4, 8], torch.arange(32, dtype=torch.float32).numpy().tobytes())
+
+
+BAD_EXPERT_REQUESTS = {
+    "unknown dtype": (pb.ExpertRequest(blocks=[pb.ExpertBlock(rows=4)], rows=tensor([4, 8], dtype=77)),
+                      "unknown tensor dtype 77"),
+    "no tensor": (pb.ExpertRequest(blocks=[pb.ExpertBlock(rows=4)]), "unknown tensor dtype 0"),
+    "bytes mismatch": (pb.ExpertRequest(blocks=[pb.ExpertBlock(rows=4)], rows=tensor([4, 8], bytes(100))),
+                       "tensor data has 100 bytes, shape [4, 8] float32 needs 128"),
+    "negative dim": (pb.ExpertRequest(rows=tensor([-4, -8], b"")), "tensor shape [-4, -8] has a negative dim"),
+    "rank 3": (pb.ExpertRequest(blocks=[pb.ExpertBlock(rows=4)], rows=tensor([4, 8, 1])), "has rank 3"),
+    "huge shape": (pb.ExpertRequest(rows=tensor([2**40, 2**40], b"\0")),
+                   "needs 4835703278458516698824704 bytes, over the limit of 1048576"),
+    "counts": (pb.ExpertRequest(blocks=[pb.ExpertBlock(expert=1, rows=1), pb.ExpertBlock(expert=2, rows=2)],
+                                rows=good_rows()), "block row counts [1, 2] sum to 3, rows tensor has 4 rows"),
+    "negative count": (pb.ExpertRequest(blocks=[pb.ExpertBlock(rows=5), pb.ExpertBlock(rows=-1)], rows=good_rows()),
+                       "block row counts [5, -1]"),
+    "handler ValueError": (pb.ExpertRequest(layer=VALUE_ERROR_LAYER, blocks=[pb.ExpertBlock(rows=4)], rows=good_rows()),
+                           "layer 98 is not on this shard"),
+}
+
+
+def assert_still_serving(client):
+    rows = torch.randn(4, 8)
+    assert same_bits(client.experts(2, [(1, 1), (3, 3)], rows).result(), expected_experts(2, [(1, 1), (3, 3)], rows))
+
+
+@pytest.mark.parametrize("case", BAD_EXPERT_REQUESTS)
+def test_bad_expert_request_is_invalid_argument(raw, client, case):
+    request, message = BAD_EXPERT_REQUESTS[case]
+    with pytest.raises(grpc.RpcError) as e:
+        raw.experts(request, timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details(), e.value.details()
+    assert_still_serving(client)
+
+
+@pytest.mark.parametrize("seqs, message", [
+    ([pb.StepSeq(n=3)], "seqs have 3 new tokens in all, hidden has 4 rows"),
+    ([pb.StepSeq(n=4, start=-1)], "start >= 0"),
+    ([pb.StepSeq(n=4, block_table=[1, -2])], "block ids >= 0"),
+])
+def test_bad_attention_request_is_invalid_argument(raw, client, seqs, message):
+    with pytest.raises(grpc.RpcError) as e:
+        raw.attention(pb.AttentionRequest(seqs=seqs, hidden=good_rows()), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details(), e.value.details()
+    assert_still_serving(client)
+
+
+def test_oversized_message_is_resource_exhausted(raw, client):
+    big = tensor([MB // 32 + 8, 8], bytes((MB // 32 + 8) * 32))  # just over 1 MiB of data
+    with pytest.raises(grpc.RpcError) as e:  # refused by the server
+        raw.experts(pb.ExpertRequest(blocks=[pb.ExpertBlock(rows=MB // 32 + 8)], rows=big), timeout=10)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(TransportError) as e:  # refused by Client's own channel before sending
+        client.experts(0, [(0, MB // 32 + 8)], torch.zeros(MB // 32 + 8, 8)).result()
+    assert e.value.code == "RESOURCE_EXHAUSTED"
+    assert_still_serving(client)
+
+
+def test_handler_errors_map_to_status_codes(client, raw):
+    with pytest.raises(TransportError) as e:
+        client.experts(VALUE_ERROR_LAYER, [(0, 2)], torch.zeros(2, 8)).result()
+    assert e.value.code == "INVALID_ARGUMENT" and "layer 98 is not on this shard" in e.value.message
+    assert_still_serving(client)
+    for send in (lambda: client.experts(RUNTIME_ERROR_LAYER, [(0, 2)], torch.zeros(2, 8)).result(),
+                 lambda: client.attention(0, RUNTIME_ERROR_LAYER, None, torch.zeros(2, 8)).result()):
+        with pytest.raises(TransportError) as e:
+            send()
+        assert e.value.code == "INTERNAL" and "RuntimeError: kernel exploded" in e.value.message
+        assert_still_serving(client)
+
+
+def test_handler_returning_a_wrong_shape_is_internal():
+    with serve(CONFIG, experts=lambda layer, blocks, rows: rows[:1]) as server, connect(CONFIG, server.address) as c:
+        with pytest.raises(TransportError) as e:
+            c.experts(0, [(0, 3)], torch.zeros(3, 2)).result()
+        assert e.value.code == "INTERNAL" and "handler returned torch.float32 [1, 2], expected" in e.value.message
+
+
+def test_deadline_exceeded_leaves_the_client_usable(shard):
+    with connect(TransportConfig(timeout_s=0.5), shard.address) as c:
+        with pytest.raises(TransportError) as e:
+            c.experts(SLOW_LAYER, [(0, 1)], torch.zeros(1, 8)).result()
+        assert e.value.code == "DEADLINE_EXCEEDED"
+        assert_still_serving(c)
+
+
+def test_unknown_peer_is_unavailable_and_unknown_kind_is_refused():
+    with serve(CONFIG) as server:
+        address = server.address
+    with connect(CONFIG, address) as c, pytest.raises(TransportError) as e:
+        c.echo(b"x")
+    assert e.value.code == "UNAVAILABLE"
+    with pytest.raises(ValueError, match="unknown transport kind 'nccl'"):
+        TransportConfig(kind="nccl")
+
+
+# ---- codec -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_codec_round_trip(dtype):
+    x = torch.randn(6, 5).to(dtype)
+    for t in (x, x[:, ::2], x.t(), x[0, 0], x[:0]):  # strided, transposed, scalar, empty
+        msg = encode(t)
+        assert list(msg.shape) == list(t.shape) and len(msg.data) == t.numel() * t.element_size()
+        assert same_bits(decode(msg, max_bytes=MB), t.contiguous())
+
+
+def test_decoded_tensor_owns_its_memory():
+    msg = encode(torch.ones(3))
+    decode(msg, max_bytes=MB).fill_(7)  # writes into the decoded buffer ...
+    assert decode(msg, max_bytes=MB).tolist() == [1.0, 1.0, 1.0]  # ... never into the message's
+
+
+@pytest.mark.parametrize("msg, kwargs, message", [
+    (tensor([4, 8], dtype=0), {}, "unknown tensor dtype 0"),
+    (tensor([4, 8], bytes(100)), {}, "tensor data has 100 bytes, shape [4, 8] float32 needs 128"),
+    (tensor([4, -8], b""), {}, "negative dim"),
+    (tensor([4, 8]), dict(ndim=3), "tensor has rank 2 (shape [4, 8]), expected 3"),
+    (tensor([4, 8]), dict(dims={1: 16}), "tensor shape [4, 8] should have size 16 at dim 1"),
+    (tensor([4, 8]), dict(dims={2: 1}), "should have size 1 at dim 2"),
+    (tensor([4, 8]), dict(max_bytes=127), "needs 128 bytes, over the limit of 127"),
+    (tensor([2**40, 2**40], b""), {}, "over the limit"),
+    (tensor([0, 2**62, 2**62], b""), {}, "cannot be represented"),
+])
+def test_codec_rejects(msg, kwargs, message):
+    with pytest.raises(CodecError) as e:
+        decode(msg, **{"max_bytes": MB, **kwargs})
+    assert message in str(e.value)
+
+
+def test_encode_rejects_unsupported_dtypes():
+    with pytest.raises(CodecError, match="cannot send a torch.int64 tensor"):
+        encode(torch.zeros(2, dtype=torch.long))
+
+
+dims = st.one_of(st.integers(0, 5), st.integers(-(2**63), 2**63 - 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(dtype=st.integers(-(2**31), 2**31 - 1) | st.sampled_from([1, 2, 3]), shape=st.lists(dims, max_size=4),
+       data=st.binary(max_size=64), max_bytes=st.integers(0, 128), ndim=st.none() | st.integers(0, 4))
+def test_decode_returns_a_right_sized_tensor_or_raises_codec_error(dtype, shape, data, max_bytes, ndim):
+    msg = pb.Tensor(dtype=dtype, shape=shape, data=data)
+    try:
+        t = decode(msg, max_bytes=max_bytes, ndim=ndim)
+    except CodecError:
+        return
+    assert t.nbytes == len(data) and list(t.shape) == shape and t.view(-1).view(torch.uint8).numpy().tobytes() == data
+
+
+# ---- generated stubs -------------------------------------------------------------------------------
+
+
+def test_committed_stubs_equal_regenerated(tmp_path):
+    pytest.importorskip("grpc_tools")
+    from grpc_tools.grpc_version import VERSION as tools_version
+
+    from cluster.rpc import dataplane_pb2_grpc
+    from cluster.rpc.generate import generate
+
+    if tools_version != dataplane_pb2_grpc.GRPC_GENERATED_VERSION:
+        pytest.skip(f"stubs were generated by grpcio-tools {dataplane_pb2_grpc.GRPC_GENERATED_VERSION}, "
+                    f"this is {tools_version}")
+    committed = Path(dataplane_pb2_grpc.__file__).parent
+    for path in generate(tmp_path):
+        stale = f"{path.name} differs from a fresh generation: run python -m cluster.rpc.generate"
+        assert path.read_bytes() == (committed / path.name).read_bytes(), stale
