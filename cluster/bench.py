@@ -115,29 +115,33 @@ def _decode_rate(generate, vocab: int, batch: int, prompt_len: int, new: int) ->
     return batch * new / best
 
 
-def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, shards: int, out: str | None) -> dict:
+def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, shards: int, threads: int,
+                   out: str | None) -> dict:
     import ray
     import torch
 
     from cluster.config import MoerayConfig
     from cluster.pipeline import Pipeline
     from cluster.transport import connect
+    from kernels.cache import StepSeq
     from kernels.engine import Engine, EngineConfig
     from kernels.tiny import make_tiny
 
-    report = {"preset": preset, "shards": shards, "prompt_len": prompt_len, "new_tokens": new, "batches": {}}
+    report = {"preset": preset, "shards": shards, "threads": threads, "prompt_len": prompt_len, "new_tokens": new, "batches": {}}
     engine_cfg = EngineConfig(max_num_seqs=max(batches), kv_cache_tokens=-(-max(batches) * (prompt_len + new) // 16) * 16)
     with tempfile.TemporaryDirectory() as tmp:
         make_tiny(tmp, "mixtral", seed=0, **PRESETS[preset])
         cfg = MoerayConfig(model=tmp, engine=engine_cfg)
         cfg.pipeline.experts.shards = shards
+        for role in (cfg.pipeline.attention, cfg.pipeline.experts, cfg.pipeline.router):
+            role.threads = threads
         ray.init(logging_level="ERROR", configure_logging=False)
         try:
             engine = Engine.from_dir(tmp, engine_cfg)
             pipe = Pipeline.start(cfg)
             a = engine.args
             print(f"preset {preset}: Mixtral-shaped {a.n_layers} layers, dim {a.dim}, {a.num_experts} experts on "
-                  f"{shards} shards; fp32 CPU; prompt {prompt_len}, {new} new tokens greedy, best of {REPEATS}")
+                  f"{shards} shards, {threads} torch thread(s) per actor; fp32 CPU; prompt {prompt_len}, {new} new tokens greedy, best of {REPEATS}")
             print("| batch | single process tok/s | pipeline tok/s | pipeline / single |")
             print("| --- | --- | --- | --- |")
             for b in batches:
@@ -160,22 +164,29 @@ def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, s
             for b, r in report["batches"].items():
                 total = sum(r["seconds_per_run"].values())
                 print(f"| {b} | " + " | ".join(f"{100 * v / total:.0f}%" for v in r["seconds_per_run"].values()) + " |")
-            # one layer's data-plane round trip (decode step of batch b: [b, dim] fp32) vs a raw gRPC echo
+            # one layer's data-plane cost in place: a decode step's attention call ([b, dim] each way) to the
+            # real attention actor, minus the actor's own compute time, against a raw gRPC echo of those bytes
             addr = ray.get(pipe.attention[0].address.remote())
             client = connect(cfg.pipeline.transport, addr)
-            print("\nper-layer data plane: attention-actor round trip (with compute) vs raw gRPC echo, same bytes:")
-            print("| rows x dim (fp32) | bytes | echo ms | transport ms (codec + gRPC, no compute) | ratio |")
-            print("| --- | --- | --- | --- | --- |")
-            report["echo"] = {}
+            print("\nper-layer data plane, a decode step's attention call (not the step's first) vs a raw gRPC echo "
+                  "of the same bytes:")
+            print("| rows x dim (fp32) | bytes each way | gRPC echo ms | attention call ms | of which compute ms "
+                  "| transport ms | transport / echo |")
+            print("| --- | --- | --- | --- | --- | --- | --- |")
+            report["data_plane"] = {}
             for b in batches:
                 x = torch.randn(b, a.dim)
-                echo = _best(lambda: client.echo(x.numpy().tobytes()))
-                # the Echo service returns the message untouched; the codec cost is encode + decode both ways
-                from cluster.codec import decode, encode
-                codec = _best(lambda: decode(encode(decode(encode(x), max_bytes=1 << 30)), max_bytes=1 << 30))
-                report["echo"][b] = {"bytes": x.numel() * 4, "echo_ms": echo * 1e3, "codec_ms": codec * 1e3}
-                print(f"| {b} x {a.dim} | {x.numel() * 4} | {echo * 1e3:.3f} | {(echo + codec) * 1e3:.3f} | "
-                      f"{(echo + codec) / echo:.2f}x |")
+                seqs = [StepSeq([i], 0, 1) for i in range(b)]  # one token each, in blocks the pipeline has freed
+                echo = _mean(lambda: client.echo(x.numpy().tobytes()))
+                step = 1 << 40 | b
+                client.attention(step, 0, seqs, x).result()  # a step's first call carries its block tables ...
+                busy0 = ray.get(pipe.attention[0].info.remote())["busy_s"]
+                call = _mean(lambda: client.attention(step, 0, None, x).result())  # ... the others do not
+                busy = (ray.get(pipe.attention[0].info.remote())["busy_s"] - busy0) / (N_CALLS + 1)
+                report["data_plane"][b] = {"bytes": x.numel() * 4, "echo_ms": echo * 1e3, "call_ms": call * 1e3,
+                                           "compute_ms": busy * 1e3}
+                print(f"| {b} x {a.dim} | {x.numel() * 4} | {echo * 1e3:.3f} | {call * 1e3:.3f} | {busy * 1e3:.3f} | "
+                      f"{(call - busy) * 1e3:.3f} | {(call - busy) / echo:.2f}x |")
             client.close()
             pipe.shutdown()
         finally:
@@ -187,15 +198,16 @@ def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, s
     return report
 
 
-def _best(fn, n: int = 200) -> float:
-    """Best of n calls, in seconds: the cost without the machine's noise."""
+N_CALLS = 200
+
+
+def _mean(fn) -> float:
+    """Mean seconds per call over N_CALLS calls, after one warm-up call."""
     fn()
-    best = float("inf")
-    for _ in range(n):
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    for _ in range(N_CALLS):
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return (time.perf_counter() - t0) / N_CALLS
 
 
 if __name__ == "__main__":

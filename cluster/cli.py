@@ -74,7 +74,7 @@ def cmd_bench(a) -> int:
     if a.bench == "engine":
         bench.bench_engine(a.preset, a.batch, a.prompt_len, a.new_tokens, a.out)
     else:
-        bench.bench_pipeline(a.preset, a.batch, a.prompt_len, a.new_tokens, a.shards, a.out)
+        bench.bench_pipeline(a.preset, a.batch, a.prompt_len, a.new_tokens, a.shards, a.threads, a.out)
     return 0
 
 
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default: %(default)s)")
     pl.add_argument("--new-tokens", type=int, default=32, help="generated tokens (default: %(default)s)")
     pl.add_argument("--shards", type=int, default=2, help="expert shards (default: %(default)s)")
+    pl.add_argument("--threads", type=int, default=1, help="torch threads per actor (default: %(default)s)")
     pl.add_argument("--out", default="bench-results/pipeline.json", help="JSON results (default: %(default)s)")
     pl.set_defaults(func=cmd_bench)
     return p
