@@ -8,6 +8,8 @@ import sys
 import time
 
 EPILOG = """examples:
+  moeray serve                                   # the built-in demo model on http://127.0.0.1:8000
+  moeray chat                                    # talk to the demo model in this terminal
   moeray make-tiny /tmp/tiny
   moeray generate --model /tmp/tiny --prompt "The experts" --max-tokens 32
   moeray generate --model /tmp/tiny --prompt "Hello" --chat --json
@@ -39,10 +41,10 @@ def cmd_generate(a) -> int:
     from kernels.engine import Engine, Request
     from kernels.sampling import SamplingParams
 
+    from cluster.app import resolve
+
     engine_overrides = {k: v for k, v in {"dtype": a.dtype}.items() if v is not None}
-    cfg = load_config(a.config, {"model": a.model, "engine": engine_overrides})
-    if cfg.model is None:
-        raise SystemExit("moeray generate: give --model DIR (or `model:` in --config)")
+    cfg = resolve(load_config(a.config, {"model": a.model, "engine": engine_overrides}))
     engine = Engine.from_dir(cfg.model, cfg.engine, progress=_progress("loading weights"))
     if engine.tokenizer is None:
         raise SystemExit(f"moeray generate: {cfg.model} has no tokenizer.model")
@@ -68,6 +70,90 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def _say(msg: str) -> None:
+    print(f"[moeray] {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_serve(a) -> int:
+    import signal
+
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app, resolve, serve_options
+    from cluster.config import load_config
+
+    overrides = {"model": a.model, "serve": {k: v for k, v in {"host": a.host, "http_port": a.http_port,
+                                                               "grpc_port": a.grpc_port}.items() if v is not None}}
+    cfg = resolve(load_config(a.config, overrides))
+    t0 = time.perf_counter()
+    try:
+        ray.init(address=a.address or "auto", logging_level="ERROR", configure_logging=False)
+        _say(f"connected to the Ray cluster at {a.address or 'auto'}")
+    except ConnectionError:
+        if a.address:
+            raise
+        ray.init(logging_level="ERROR", configure_logging=False)
+        _say("no Ray cluster reachable: started a local one")
+    p = cfg.pipeline
+    _say(f"model {cfg.model}: starting {p.attention.actors} attention actor(s), {p.experts.shards} expert shard(s) "
+         f"x {p.experts.replicas} replica(s) and {cfg.serve.pipeline_replicas} router(s); loading weights...")
+    serve.start(**serve_options(cfg))
+    serve.run(build_app(config=cfg), name="moeray", route_prefix="/")
+    s = cfg.serve
+    base = f"http://{s.host}:{s.http_port}"
+    _say(f"ready in {time.perf_counter() - t0:.1f} s, serving {s.model_name or cfg.model}")
+    print(f"  HTTP (OpenAI, TGI): {base}/v1/chat/completions  {base}/generate  {base}/metrics\n"
+          f"  gRPC (moeray.v1.GenerationService, grpc.health.v1): {s.host}:{s.grpc_port}\n"
+          f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
+          "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is moeray?\"}]}'\n"
+          "  Ctrl-C to stop.", flush=True)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    _say("shutting down")
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+def cmd_chat(a) -> int:
+    """An interactive conversation with the single-process engine, streaming each reply."""
+    from cluster.app import resolve
+    from cluster.config import load_config
+    from kernels.engine import Engine, Request
+    from kernels.sampling import SamplingParams
+
+    cfg = resolve(load_config(a.config, {"model": a.model}))
+    engine = Engine.from_dir(cfg.model, cfg.engine, progress=_progress("loading weights"))
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    print(f"chatting with {cfg.model} (empty line or Ctrl-D to quit)", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        engine.add_request(Request(f"chat-{len(messages)}", engine.tokenizer.encode_chat(messages),
+                                   SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed)))
+        reply = ""
+        print("bot> ", end="", flush=True)
+        while engine.has_unfinished():
+            for ev in engine.step():
+                delta = ev.text.lstrip() if not reply else ev.text
+                reply += delta
+                print(delta, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": reply or " "})
+    return 0
+
+
 def cmd_bench(a) -> int:
     from cluster import bench
 
@@ -83,6 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    sv = sub.add_parser("serve", help="serve a model over HTTP (OpenAI, TGI) and gRPC on Ray (the demo model by default)")
+    sv.add_argument("--model", help="checkpoint directory (default: the built-in demo model)")
+    sv.add_argument("--config", help="moeray YAML: engine, pipeline (placement) and serve sections")
+    sv.add_argument("--address", help="Ray cluster address (default: a running one, else start a local one)")
+    sv.add_argument("--host", help="HTTP bind address (default: 127.0.0.1)")
+    sv.add_argument("--http-port", type=int, help="HTTP port (default: 8000)")
+    sv.add_argument("--grpc-port", type=int, help="gRPC port (default: 9000)")
+    sv.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("chat", help="chat with a model in this terminal (single process, streaming)")
+    c.add_argument("--model", help="checkpoint directory (default: the built-in demo model)")
+    c.add_argument("--config", help="moeray YAML (engine section)")
+    c.add_argument("--system", help="a system prompt")
+    c.add_argument("--max-tokens", type=int, default=256, help="reply length at most (default: %(default)s)")
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    c.add_argument("--seed", type=int, help="sampling seed")
+    c.set_defaults(func=cmd_chat)
+
     t = sub.add_parser("make-tiny", help="write a tiny random-init checkpoint (HF format) for tests and demos")
     t.add_argument("dir", help="output directory")
     t.add_argument("--arch", choices=["mixtral", "mistral"], default="mixtral",
@@ -91,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_make_tiny)
 
     g = sub.add_parser("generate", help="generate text in this process (the single-process engine)")
-    g.add_argument("--model", help="checkpoint directory: HF (config.json) or Mistral (params.json) format")
+    g.add_argument("--model", help="checkpoint directory, HF (config.json) or Mistral (params.json) format "
+                                   "(default: the built-in demo model)")
     g.add_argument("--config", help="deployment config YAML (engine section: batch, KV cache, dtype)")
     g.add_argument("--prompt", required=True, help="prompt text; encoded with BOS and no template unless --chat")
     g.add_argument("--chat", action="store_true", help="apply the Mixtral instruct template to the prompt")

@@ -21,10 +21,31 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class IngressConfig:
+    """The HTTP/gRPC front's Serve replicas; they scale on ongoing requests, independently of experts."""
+
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_ongoing_requests: int = 16  # Serve adds a replica when replicas average more than this
+    max_ongoing_requests: int = 64  # per replica; the router's bounded queue answers 429 past it
+
+
+@dataclass
+class ServeConfig:
+    model_name: str | None = None  # the name clients send as "model"; default: the checkpoint directory's name
+    host: str = "127.0.0.1"  # HTTP bind address; 0.0.0.0 to serve other machines
+    http_port: int = 8000
+    grpc_port: int = 9000
+    pipeline_replicas: int = 1  # routers, each with its own attention actors and expert shards
+    ingress: IngressConfig = field(default_factory=IngressConfig)
+
+
+@dataclass
 class MoerayConfig:
     model: str | None = None  # checkpoint directory (HF or Mistral format); None: the built-in demo model
     engine: EngineConfig = field(default_factory=EngineConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # where the roles run (the Ray pipeline)
+    serve: ServeConfig = field(default_factory=ServeConfig)  # the HTTP/gRPC front (`moeray serve`)
 
 
 def _convert(tp, value, where: str):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 
 import ray
 
@@ -31,6 +32,33 @@ def _options(role, **extra) -> dict:
     return {"num_cpus": role.num_cpus, "resources": dict(role.resources), **extra}
 
 
+@dataclass
+class Workers:
+    """The attention and expert actors of one pipeline replica, with their data-plane addresses."""
+
+    placement: Placement
+    attention: list
+    experts: list
+    attention_addresses: list[str]
+    expert_addresses: list[str]
+
+
+def start_workers(config: MoerayConfig) -> Workers:
+    """Starts the attention actors and expert shards that `config` places, and waits until they serve.
+    The router (a Ray actor here, a Serve replica in `moeray serve`) connects to the addresses."""
+    if config.model is None:
+        raise ValueError("config.model: give a checkpoint directory")
+    args = ModelArgs.from_dir(config.model)
+    p, pc = plan(args, config.pipeline), config.pipeline
+    attention = [ray.remote(AttentionActor).options(**_options(pc.attention)).remote(
+        config.model, layers, config.engine, pc.transport, pc.attention.threads) for layers in p.attention]
+    experts = [ray.remote(ExpertShard).options(**_options(pc.experts, scheduling_strategy="SPREAD")).remote(
+        config.model, pairs, config.engine.dtype, pc.transport, pc.experts.threads)
+        for pairs in p.shards for _ in range(p.replicas)]
+    return Workers(p, attention, experts, ray.get([a.address.remote() for a in attention]),
+                   ray.get([e.address.remote() for e in experts]))
+
+
 class Pipeline:
     def __init__(self, config: MoerayConfig, placement: Placement, router, attention: list, experts: list):
         self.config, self.placement = config, placement
@@ -41,23 +69,15 @@ class Pipeline:
     def start(cls, config: MoerayConfig, address: str | None = None) -> Pipeline:
         """Starts the actors on the Ray cluster at `address` (default: the one this process is connected
         to, else a new local one) and waits until every data-plane server answers."""
-        if config.model is None:
-            raise ValueError("config.model: give a checkpoint directory")
         if not ray.is_initialized():
             ray.init(address=address, logging_level="ERROR", configure_logging=False)
-        args = ModelArgs.from_dir(config.model)
-        p, pc = plan(args, config.pipeline), config.pipeline
-        attention = [ray.remote(AttentionActor).options(**_options(pc.attention)).remote(
-            config.model, layers, config.engine, pc.transport, pc.attention.threads) for layers in p.attention]
-        experts = [ray.remote(ExpertShard).options(**_options(pc.experts, scheduling_strategy="SPREAD")).remote(
-            config.model, pairs, config.engine.dtype, pc.transport, pc.experts.threads)
-            for pairs in p.shards for _ in range(p.replicas)]
-        attention_addresses = ray.get([a.address.remote() for a in attention])
-        expert_addresses = ray.get([e.address.remote() for e in experts])
+        w = start_workers(config)
+        pc = config.pipeline
         router = ray.remote(Router).options(**_options(pc.router)).remote(
-            config.model, config.engine, p, pc.transport, attention_addresses, expert_addresses, pc.router.threads)
+            config.model, config.engine, w.placement, pc.transport, w.attention_addresses, w.expert_addresses,
+            pc.router.threads)
         ray.get(router.info.remote())
-        return cls(config, p, router, attention, experts)
+        return cls(config, w.placement, router, w.attention, w.experts)
 
     def _submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None):
         rid = request_id or f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"

@@ -37,11 +37,12 @@ class EngineConfig:
     kv_cache_tokens: int = 65536  # KV-cache capacity, all sequences together, in tokens
     block_size: int = 16  # KV-cache block, in tokens
     dtype: str = "float32"  # weights, activations and KV cache: float32 | bfloat16 | float16
+    max_queued_requests: int = 256  # requests waiting for a batch slot at most; more -> Overloaded (HTTP 429)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_tokens", "block_size", "max_queued_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -50,6 +51,10 @@ class EngineConfig:
     @property
     def num_blocks(self) -> int:
         return self.kv_cache_tokens // self.block_size
+
+
+class Overloaded(RuntimeError):
+    """The waiting queue is full: retry later (HTTP 429, gRPC RESOURCE_EXHAUSTED)."""
 
 
 @dataclass
@@ -242,6 +247,8 @@ class Engine:
         seq = Sequence(req, self.args.eos_id, self.tokenizer, self.args.max_seq_len)
         if self.scheduler.blocks_needed(seq) > self.config.num_blocks:
             raise ValueError(f"request needs {total} tokens of KV cache; the cache holds {self.config.kv_cache_tokens}")
+        if len(self.scheduler.waiting) >= self.config.max_queued_requests:
+            raise Overloaded(f"{len(self.scheduler.waiting)} requests are already waiting; retry later")
         self.seqs[req.request_id] = seq
         self.scheduler.waiting.append(seq)
 

@@ -43,7 +43,6 @@ def test_generate_streams_text(tiny_dir):
 
 @pytest.mark.parametrize("args, message", [
     (["generate", "--model", "/no/such/dir", "--prompt", "x"], "/no/such/dir"),
-    (["generate", "--prompt", "x"], "--model"),
     (["generate", "--model", "{tiny}", "--prompt", "x", "--top-p", "2"], "top_p"),
     (["generate", "--model", "{tiny}", "--prompt", "x", "--max-tokens", "5000"], "context"),
 ])

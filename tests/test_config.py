@@ -3,10 +3,14 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cluster.config import ConfigError, load_config
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+ROOT = Path(__file__).parent.parent
+ALL = sorted((ROOT / "configs").glob("*.yaml"))
+SERVE = [p for p in ALL if "applications" in yaml.safe_load(p.read_text())]  # Ray Serve configs
+CONFIGS = [p for p in ALL if p not in SERVE]  # moeray configs
 
 
 def write(tmp_path, text):
@@ -23,6 +27,40 @@ def test_defaults():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+@pytest.mark.parametrize("path", SERVE, ids=[p.name for p in SERVE])
+def test_serve_configs_validate(path, monkeypatch):
+    """What `serve deploy` checks (ServeDeploySchema), unknown keys, our builder's args, and the
+    moeray YAML they name."""
+    from cluster.app import BuildArgs, validate_serve_config
+
+    schema = validate_serve_config(yaml.safe_load(path.read_text()))
+    monkeypatch.chdir(ROOT)  # paths in args are relative to where `serve run` is started
+    for app in schema.applications:
+        assert app.import_path == "cluster.app:build_app"
+        args = BuildArgs(**app.args)
+        if args.config:
+            load_config(args.config)
+
+
+@pytest.mark.parametrize("where, key", [
+    (("applications", 0, "deployments", 0, "autoscaling_config"), "max_replica"),
+    (("applications", 0, "deployments", 0), "max_ongoing_request"),
+    (("applications", 0), "import_pth"),
+    (("applications", 0, "args"), "modle"),
+    ((), "http_option"),
+])
+def test_serve_config_typos_are_refused(where, key):
+    from cluster.app import validate_serve_config
+
+    broken = yaml.safe_load(SERVE[0].read_text())
+    node = broken
+    for k in where:
+        node = node[k]
+    node[key] = 3
+    with pytest.raises(Exception, match=key):
+        validate_serve_config(broken)
 
 
 def test_values_and_overrides(tmp_path):

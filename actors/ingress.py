@@ -1,0 +1,66 @@
+"""The Serve deployments of `moeray serve`: Router (one per pipeline replica) and Ingress (HTTP + gRPC).
+
+Router replicas own their pipeline: each starts its attention actors and expert shards and runs the
+engine loop in-process, so a request costs one Serve hop (ingress -> router) and no other. Ingress
+replicas validate, tokenize and stream; Serve autoscales them on ongoing requests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray import serve
+
+from actors.router import Router
+from cluster.config import MoerayConfig
+from cluster.grpc_api import GrpcApi
+from cluster.http_api import build_http_app
+from cluster.pipeline import start_workers
+from cluster.service import ModelCard, Service
+from kernels.args import ModelArgs
+from kernels.tokenizer import Tokenizer
+
+
+class RouterReplica(Router):
+    def __init__(self, config: MoerayConfig):
+        self.workers = start_workers(config)  # owned by this replica: they live and die with it
+        w, pc = self.workers, config.pipeline
+        super().__init__(config.model, config.engine, w.placement, pc.transport, w.attention_addresses,
+                         w.expert_addresses, pc.router.threads)
+
+
+class HandleBackend:
+    """The service's backend: a Router deployment behind a Serve handle."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def stream(self, prompt_ids, params, request_id):
+        response = self.handle.options(stream=True).generate.remote(request_id, prompt_ids, params)
+        try:
+            async for event in response:
+                yield event
+        finally:
+            response.cancel()  # no-op once finished; otherwise the router aborts and frees the KV cache
+
+    async def stats(self) -> dict:
+        return await self.handle.stats.remote()
+
+
+def model_card(config: MoerayConfig) -> ModelCard:
+    args = ModelArgs.from_dir(config.model)
+    return ModelCard(id=config.serve.model_name or Path(config.model).name, max_model_len=args.max_seq_len,
+                     vocab_size=args.vocab_size, architecture="mixtral" if args.moe else "mistral")
+
+
+@serve.ingress()
+class Ingress(GrpcApi):
+    """HTTP (OpenAI, TGI, /health, /metrics) from build_http_app; gRPC (moeray.v1 + health) as methods
+    named after the RPCs, inherited from GrpcApi."""
+
+    def __init__(self, router, config: MoerayConfig):
+        self.service = Service(HandleBackend(router), Tokenizer.from_dir(config.model), model_card(config))
+        super().__init__(self.service)
+
+    def __serve_build_asgi_app__(self):
+        return build_http_app(self.service)

@@ -1,0 +1,215 @@
+"""What every client API (OpenAI and TGI over HTTP, moeray.v1 over gRPC) shares: the model card,
+prompt building and validation, the error classes and their statuses, the token stream from the
+backend, and the metrics. The API modules only translate wire formats to and from this.
+
+A backend is anything that streams TokenEvents for (prompt ids, sampling params): the router of a
+pipeline replica behind a Serve handle, or an EngineLoop in this process (tests, `moeray chat`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+
+from cluster.loop import EngineLoop
+from kernels.engine import Overloaded as EngineOverloaded
+from kernels.engine import Request, TokenEvent
+from kernels.sampling import SamplingParams
+from kernels.tokenizer import ChatTemplateError, Tokenizer
+
+
+# -- errors: one class per status, raised by the service, mapped to the wire by each API -------------
+class ApiError(Exception):
+    http_status = 500
+    grpc_code = "INTERNAL"
+    openai_type = "server_error"
+    tgi_type = "generation"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+class InvalidRequest(ApiError):
+    http_status, grpc_code, openai_type, tgi_type = 400, "INVALID_ARGUMENT", "invalid_request_error", "validation"
+
+
+class Overloaded(ApiError):
+    http_status, grpc_code, openai_type, tgi_type = 429, "RESOURCE_EXHAUSTED", "rate_limit_error", "overloaded"
+
+
+class Unavailable(ApiError):
+    http_status, grpc_code, openai_type, tgi_type = 503, "UNAVAILABLE", "server_error", "overloaded"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    id: str  # the name clients send as "model"
+    max_model_len: int  # prompt + generated tokens at most
+    vocab_size: int
+    architecture: str  # "mixtral" | "mistral"
+    created: int = 0  # unix seconds
+
+
+class Backend(Protocol):
+    def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]: ...
+
+    async def stats(self) -> dict: ...
+
+
+class LocalBackend:
+    """An EngineLoop in this process."""
+
+    def __init__(self, loop: EngineLoop):
+        self.loop = loop
+
+    def stream(self, prompt_ids, params, request_id):
+        return self.loop.generate(Request(request_id, prompt_ids, params))
+
+    async def stats(self) -> dict:
+        return self.loop.stats()
+
+
+class Metrics:
+    """Prometheus metrics of one API replica (vLLM's names, with our prefix). A registry of its own,
+    so several services in one process (tests) do not collide."""
+
+    def __init__(self, service: Service):
+        self.registry = r = CollectorRegistry()
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.ttft = Histogram("moeray:time_to_first_token_seconds", "Time to first token", registry=r, buckets=buckets)
+        self.itl = Histogram("moeray:inter_token_latency_seconds", "Time between tokens", registry=r, buckets=buckets)
+        self.e2e = Histogram("moeray:e2e_request_latency_seconds", "Request latency", registry=r, buckets=buckets)
+        self.prompt_tokens = Counter("moeray:prompt_tokens", "Prompt tokens", registry=r)
+        self.generation_tokens = Counter("moeray:generation_tokens", "Generated tokens", registry=r)
+        self.requests = Counter("moeray:requests", "Requests by outcome", ["finish_reason"], registry=r)
+        self.running = Gauge("moeray:num_requests_running", "Sequences in the running batch", registry=r)
+        self.waiting = Gauge("moeray:num_requests_waiting", "Requests waiting for a batch slot", registry=r)
+        self.kv = Gauge("moeray:kv_cache_usage_perc", "KV-cache blocks in use (0-1)", registry=r)
+        self._expert_tokens: dict[str, int] = {}
+        r.register(self)  # collect() below: tokens per (layer, expert), as the router last reported them
+
+    def collect(self):
+        family = CounterMetricFamily("moeray:expert_tokens", "Token rows routed to each expert", labels=["layer", "expert"])
+        for key, n in sorted(self._expert_tokens.items()):
+            family.add_metric(key.split(":"), n)
+        yield family
+
+    def update(self, stats: dict) -> None:
+        self.running.set(stats.get("running", 0))
+        self.waiting.set(stats.get("waiting", 0))
+        self.kv.set(stats.get("kv_cache_usage", 0))
+        self._expert_tokens = dict(stats.get("tokens_per_expert", {}))
+
+
+class Service:
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, card: ModelCard):
+        self.backend, self.tokenizer, self.card = backend, tokenizer, card
+        self.metrics = Metrics(self)
+
+    # -- requests ------------------------------------------------------------------------------
+    def check_model(self, name: str | None, param: str = "model") -> None:
+        if name not in (None, "", self.card.id):
+            raise InvalidRequest(f"model {name!r} does not exist; this server serves {self.card.id!r}", param,
+                                 "model_not_found")
+
+    def prompt_from_text(self, text, param: str = "prompt") -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidRequest(f"{param} must be a string", param)
+        if not text:
+            raise InvalidRequest(f"{param} is empty", param)
+        return self.tokenizer.encode(text, bos=True)
+
+    def prompt_from_ids(self, ids, param: str = "prompt") -> list[int]:
+        if not isinstance(ids, list) or not ids:
+            raise InvalidRequest(f"{param} must be a non-empty list of token ids", param)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.card.vocab_size for i in ids):
+            raise InvalidRequest(f"{param}: token ids must be integers in [0, {self.card.vocab_size})", param)
+        return ids
+
+    def prompt_from_chat(self, messages, param: str = "messages") -> list[int]:
+        try:
+            return self.tokenizer.encode_chat(messages)
+        except ChatTemplateError as e:
+            raise InvalidRequest(f"{param}: {e}", param) from None
+        except (TypeError, AttributeError) as e:
+            raise InvalidRequest(f"{param} must be a list of {{role, content}} objects ({e})", param) from None
+
+    def sampling(self, prompt_ids: list[int], max_tokens: int | None, param: str = "max_tokens",
+                 **kwargs) -> SamplingParams:
+        """SamplingParams for a prompt; max_tokens None means "up to the context". Errors name `param`
+        (or the field SamplingParams complains about)."""
+        room = self.card.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
+                                 f"{self.card.max_model_len}", "prompt")
+        if max_tokens is None:
+            max_tokens = room
+        if max_tokens > room:
+            raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + {param} ({max_tokens}) exceeds this model's "
+                                 f"context of {self.card.max_model_len} tokens", param)
+        try:
+            return SamplingParams(max_tokens=max_tokens, **kwargs)
+        except (ValueError, TypeError) as e:
+            raise InvalidRequest(str(e), str(e).split(" ", 1)[0]) from None
+
+    # -- generation ------------------------------------------------------------------------------
+    async def open_stream(self, prompt_ids: list[int], params: SamplingParams,
+                          request_id: str | None = None) -> AsyncIterator[TokenEvent]:
+        """Starts a generation and waits for its first token, so errors surface BEFORE a response
+        (or SSE headers) is sent; returns an iterator over all its TokenEvents, first included.
+        Closing the iterator early cancels the generation."""
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
+        started = time.perf_counter()
+        stream = self.backend.stream(prompt_ids, params, request_id)
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            raise ApiError("the backend ended the stream without a token") from None
+        except EngineOverloaded as e:
+            raise Overloaded(str(e)) from None
+        except ValueError as e:  # the engine's own checks (context, KV cache, ids)
+            raise InvalidRequest(str(e)) from None
+        except ApiError:
+            raise
+        except Exception as e:
+            raise Unavailable(f"generation failed: {e}") from None
+        self.metrics.ttft.observe(time.perf_counter() - started)
+        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        return self._rest(first, stream, started)
+
+    async def _rest(self, first: TokenEvent, stream, started: float) -> AsyncIterator[TokenEvent]:
+        last, ev = time.perf_counter(), first
+        try:
+            yield first
+            self.metrics.generation_tokens.inc()
+            while ev.finish_reason is None:
+                ev = await stream.__anext__()
+                now = time.perf_counter()
+                self.metrics.itl.observe(now - last)
+                last = now
+                yield ev
+                self.metrics.generation_tokens.inc()
+            self.metrics.e2e.observe(time.perf_counter() - started)
+        finally:
+            self.metrics.requests.labels(ev.finish_reason or "abort").inc()
+            await stream.aclose()  # early exit (client gone): the backend aborts and frees the KV cache
+
+    async def refresh_metrics(self) -> None:
+        self.metrics.update(await self.backend.stats())
+
+    def token_text(self, token: int) -> str:
+        """One token's own text, for per-token details (TGI `tokens[].text`, logprob entries)."""
+        if not 0 <= token < self.tokenizer.vocab_size or self.tokenizer.is_special(token):
+            return ""
+        piece = self.tokenizer.id_to_piece(token)
+        if piece.startswith("<0x") and piece.endswith(">"):  # byte-fallback piece
+            b = int(piece[3:-1], 16)
+            return chr(b) if b < 0x80 else ""
+        return piece.replace("\u2581", " ")
