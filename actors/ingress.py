@@ -50,7 +50,8 @@ class HandleBackend:
 def model_card(config: MoerayConfig) -> ModelCard:
     args = ModelArgs.from_dir(config.model)
     return ModelCard(id=config.serve.model_name or Path(config.model).name, max_model_len=args.max_seq_len,
-                     vocab_size=args.vocab_size, architecture="mixtral" if args.moe else "mistral")
+                     vocab_size=args.vocab_size, architecture="mixtral" if args.moe else "mistral",
+                     num_experts=args.num_experts, num_experts_per_tok=args.moe.num_experts_per_tok if args.moe else 0)
 
 
 @serve.ingress()

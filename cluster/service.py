@@ -54,6 +54,8 @@ class ModelCard:
     max_model_len: int  # prompt + generated tokens at most
     vocab_size: int
     architecture: str  # "mixtral" | "mistral"
+    num_experts: int = 0  # 0: dense
+    num_experts_per_tok: int = 0
     created: int = 0  # unix seconds
 
 

@@ -1,0 +1,274 @@
+"""moeray.v1 through a real grpc.aio server on loopback, with the generated client stubs, over the
+tiny model: tokens equal the single-process engine's, errors carry the right status and name the
+field, overload is RESOURCE_EXHAUSTED, a cancelled stream frees its sequence, and the stubs are fresh.
+"""
+
+import asyncio
+import threading
+import time
+from contextlib import aclosing
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster.grpc_api import GrpcApi, add_to_server
+from cluster.loop import EngineLoop
+from cluster.rpc import moeray_pb2 as pb
+from cluster.rpc import moeray_pb2_grpc
+from cluster.service import LocalBackend, ModelCard, Service
+from kernels.engine import Engine, EngineConfig
+from kernels.sampling import SamplingParams
+
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+LONG = pb.SamplingParameters(max_tokens=1500, ignore_eos=True)  # over a minute of tokens here: never ends in a test
+
+
+class Server:
+    """A Service over an EngineLoop, served by grpc.aio from an event loop in a thread of its own."""
+
+    def __init__(self, model_dir: Path, config: EngineConfig, backend=LocalBackend):
+        engine = Engine.from_dir(model_dir, config)
+        self.loop_thread = EngineLoop(engine)
+        card = ModelCard("tiny-mixtral", engine.args.max_seq_len, engine.args.vocab_size, "mixtral", created=1700000000)
+        self.service = Service(backend(self.loop_thread), engine.tokenizer, card)
+        self.aio = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.aio.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self.run(self._start())
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = moeray_pb2_grpc.GenerationServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def _start(self) -> grpc.aio.Server:
+        server = grpc.aio.server()
+        add_to_server(GrpcApi(self.service), server)
+        self.port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.aio).result(timeout=30)
+
+    def stats(self) -> dict:
+        return self.run(self.service.backend.stats())
+
+    def wait_for(self, check, timeout: float = 10) -> dict:
+        """Polls the engine's stats until check(stats); returns the last stats either way."""
+        deadline = time.monotonic() + timeout
+        while not check(stats := self.stats()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return stats
+
+    def close(self):
+        self.channel.close()
+        self.run(self.server.stop(None))
+        self.aio.call_soon_threadsafe(self.aio.stop)
+        self.thread.join(5)
+        self.loop_thread.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    s = Server(tiny_model, EngineConfig(max_num_seqs=4))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return Engine.from_dir(tiny_model)
+
+
+def reference(engine, ids, p: pb.SamplingParameters):
+    """The single-process engine's completion for the same ids and (proto-rounded) parameters."""
+    optional = {f: getattr(p, f) for f in ("temperature", "top_p", "repetition_penalty", "seed", "logprobs")
+                if p.HasField(f)}
+    params = SamplingParams(max_tokens=p.max_tokens, top_k=p.top_k, stop=list(p.stop), **optional)
+    return engine.generate([ids], params)[0]
+
+
+def check_against(expected, unary: pb.GenerateResponse, stream: list, n_prompt: int, logprobs: bool):
+    """Unary and streamed answers both equal the engine's completion, field by field."""
+    assert list(unary.token_ids) == expected.token_ids == [m.token_id for m in stream]
+    assert unary.text == expected.text == "".join(m.text for m in stream)
+    assert unary.finish_reason == stream[-1].finish_reason == FINISH[expected.finish_reason]
+    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED and not m.HasField("usage") for m in stream[:-1])
+    for msg in (unary, stream[-1]):
+        assert (msg.usage.prompt_tokens, msg.usage.completion_tokens) == (n_prompt, len(expected.token_ids))
+        reason = msg.WhichOneof("stop_reason")
+        assert (getattr(msg, reason) if reason else None) == expected.stop_reason
+    if logprobs:
+        for got in (list(unary.logprobs), [m.logprobs for m in stream]):
+            assert [e.logprob for e in got] == expected.logprobs  # float32 end to end: exact
+            assert [[(t.token_id, t.logprob) for t in e.top] for e in got] == expected.top_logprobs
+    else:
+        assert not unary.logprobs and not any(m.HasField("logprobs") for m in stream)
+
+
+GREEDY = pb.SamplingParameters(max_tokens=8, temperature=0)
+
+
+@pytest.mark.parametrize("params", [
+    GREEDY,
+    pb.SamplingParameters(max_tokens=6, temperature=0, repetition_penalty=0.5, logprobs=3),
+    pb.SamplingParameters(max_tokens=6, temperature=0.75, top_p=0.5, top_k=5, seed=7),  # each one changes the tokens
+])
+def test_generate_and_stream_equal_the_engine(server, engine, params):
+    req = pb.GenerateRequest(text="The router sends each token", params=params)
+    ids = server.service.tokenizer.encode(req.text, bos=True)
+    expected = reference(engine, ids, params)
+    check_against(expected, server.stub.Generate(req), list(server.stub.GenerateStream(req)), len(ids),
+                  params.HasField("logprobs"))
+
+
+def test_token_ids_prompt_and_stop_string(server, engine):
+    ids = [1, 415, 7, 88, 301]
+    plain = reference(engine, ids, GREEDY)
+    stop = plain.text.strip()[2:4]  # a stop string that occurs in the greedy text
+    params = pb.SamplingParameters(max_tokens=8, temperature=0, stop=[stop])
+    req = pb.GenerateRequest(model="tiny-mixtral", token_ids=pb.TokenIds(ids=ids), params=params)
+    expected = reference(engine, ids, params)
+    assert expected.stop_reason == stop and len(expected.token_ids) < 8
+    check_against(expected, server.stub.Generate(req), list(server.stub.GenerateStream(req)), len(ids), False)
+
+
+def test_chat_and_chat_stream_equal_the_engine(server, engine):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is an expert?"},
+                {"role": "assistant", "content": "A feed-forward block."}, {"role": "user", "content": "And a router?"}]
+    req = pb.ChatRequest(messages=[pb.Message(**m) for m in messages], params=GREEDY, request_id="chat-1")
+    ids = server.service.tokenizer.encode_chat(messages)
+    stream = list(server.stub.ChatStream(req))
+    check_against(reference(engine, ids, GREEDY), server.stub.Chat(req), stream, len(ids), False)
+    assert {m.request_id for m in stream} == {"chat-1"}
+
+
+def test_tokenize_model_info_and_health(server):
+    tok = server.service.tokenizer
+    got = server.stub.Tokenize(pb.TokenizeRequest(text="Experts route tokens"))
+    assert list(got.token_ids) == tok.encode("Experts route tokens", bos=True)
+    assert list(got.pieces) == [tok.id_to_piece(i) for i in got.token_ids] and got.pieces[0] == "<s>"
+    messages = [{"role": r, "content": c} for r, c in [("user", "hi"), ("assistant", "hello"), ("user", "bye")]]
+    got = server.stub.Tokenize(pb.TokenizeRequest(messages=[pb.Message(**m) for m in messages]))
+    assert list(got.token_ids) == tok.encode_chat(messages)
+
+    info = server.stub.ModelInfo(pb.ModelInfoRequest())
+    assert (info.id, info.architecture, info.max_model_len, info.vocab_size, info.bos_token_id, info.eos_token_id,
+            info.created) == ("tiny-mixtral", "mixtral", 2048, 512, 1, 2, 1700000000)
+
+    for service in ("", "moeray.v1.GenerationService"):
+        reply = server.health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as e:
+        server.health.Check(health_pb2.HealthCheckRequest(service="nope"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def generate(text=None, ids=None, model="", **params):
+    prompt = {"text": text} if text is not None else {"token_ids": pb.TokenIds(ids=ids)} if ids is not None else {}
+    return pb.GenerateRequest(model=model, params=pb.SamplingParameters(**params), **prompt)
+
+
+def chat(*roles):
+    return pb.ChatRequest(messages=[pb.Message(role=r, content="hello") for r in roles],
+                          params=pb.SamplingParameters(max_tokens=2))
+
+
+BAD = [
+    ("Generate", generate(text=""), "text"),
+    ("Generate", generate(), "prompt"),
+    ("Generate", generate(ids=[1, 5, 512]), "token_ids"),
+    ("Generate", generate(text="hi", temperature=-1), "temperature"),
+    ("Generate", generate(text="hi", top_p=2), "top_p"),
+    ("Generate", generate(text="hi", model="gpt-4"), "model"),
+    ("Generate", generate(ids=[1] * 2000, max_tokens=100), "max_tokens"),
+    ("Chat", chat("user", "user"), "messages[1].role"),
+    ("Tokenize", pb.TokenizeRequest(text="hi", model="gpt-4"), "model"),
+    ("ModelInfo", pb.ModelInfoRequest(model="gpt-4"), "model"),
+]
+
+
+@pytest.mark.parametrize("method, request_, field", BAD + [(m + "Stream", r, f) for m, r, f in BAD[:8]],
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_bad_requests_are_invalid_argument_naming_the_field(server, engine, method, request_, field):
+    call = getattr(server.stub, method)
+    with pytest.raises(grpc.RpcError) as e:
+        reply = call(request_, timeout=10)
+        if method.endswith("Stream"):
+            next(reply)  # a stream fails before its first message
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert field in e.value.details()
+    good = generate(ids=[1, 296, 454], max_tokens=3, temperature=0)
+    assert list(server.stub.Generate(good).token_ids) == reference(engine, [1, 296, 454], good.params).token_ids
+
+
+def test_overload_is_resource_exhausted(tiny_model):
+    s = Server(tiny_model, EngineConfig(max_num_seqs=1, max_queued_requests=1))
+    try:
+        running = s.stub.GenerateStream(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 5, 6]), params=LONG))
+        next(running)  # holds the only batch slot
+        queued = s.stub.Generate.future(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 7]), params=LONG))
+        assert s.wait_for(lambda st: st["waiting"] == 1)["waiting"] == 1
+        with pytest.raises(grpc.RpcError) as e:
+            s.stub.Generate(generate(text="one too many", max_tokens=2), timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+        running.cancel()
+        queued.cancel()
+        assert s.wait_for(lambda st: st["running"] + st["waiting"] == 0)["running"] == 0
+    finally:
+        s.close()
+
+
+def test_cancelled_stream_frees_its_sequence(server):
+    aborted = server.service.metrics.requests.labels("abort")
+    before = aborted._value.get()
+    stream = server.stub.GenerateStream(pb.GenerateRequest(text="Cancel me", params=LONG))
+    next(stream), next(stream)
+    assert server.stats()["running"] == 1 and server.stats()["kv_cache_usage"] > 0
+    stream.cancel()
+    stats = server.wait_for(lambda st: st["running"] == 0 and st["kv_cache_usage"] == 0)
+    assert (stats["running"], stats["kv_cache_usage"]) == (0, 0)  # LONG would run for a minute otherwise
+    assert aborted._value.get() == before + 1  # the service stream was closed early, not run to its end
+
+
+class BreaksAfterTwo(LocalBackend):
+    """A backend whose stream fails after two tokens, as a pipeline whose expert shard died would."""
+
+    async def stream(self, prompt_ids, params, request_id):
+        async with aclosing(super().stream(prompt_ids, params, request_id)) as events:
+            yield await anext(events)
+            yield await anext(events)
+        raise RuntimeError("expert shard 3 is gone")
+
+
+def test_backend_failure_mid_stream_ends_it_with_internal(tiny_model):
+    s = Server(tiny_model, EngineConfig(max_num_seqs=2), backend=BreaksAfterTwo)
+    try:
+        stream = s.stub.GenerateStream(pb.GenerateRequest(text="Experts", params=LONG))
+        assert len([next(stream), next(stream)]) == 2
+        for call in (lambda: next(stream), lambda: s.stub.Generate(pb.GenerateRequest(text="Experts", params=LONG))):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.INTERNAL and "expert shard 3 is gone" in e.value.details()
+        assert s.wait_for(lambda st: st["running"] == 0)["running"] == 0
+    finally:
+        s.close()
+
+
+def test_committed_stubs_equal_regenerated(tmp_path):
+    """tests/test_transport.py checks every generated file; this says so and checks ours on its own."""
+    pytest.importorskip("grpc_tools")
+    from grpc_tools.grpc_version import VERSION as tools_version
+
+    from cluster.rpc.generate import generate as regenerate
+
+    if tools_version != moeray_pb2_grpc.GRPC_GENERATED_VERSION:
+        pytest.skip(f"stubs were generated by grpcio-tools {moeray_pb2_grpc.GRPC_GENERATED_VERSION}, "
+                    f"this is {tools_version}")
+    committed = Path(moeray_pb2_grpc.__file__).parent
+    ours = [p for p in regenerate(tmp_path) if p.name.startswith("moeray_")]
+    assert sorted(p.name for p in ours) == ["moeray_pb2.py", "moeray_pb2.pyi", "moeray_pb2_grpc.py"]
+    for path in ours:
+        stale = f"{path.name} differs from a fresh generation: run python -m cluster.rpc.generate"
+        assert path.read_bytes() == (committed / path.name).read_bytes(), stale

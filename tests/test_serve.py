@@ -1,0 +1,170 @@
+"""End to end: Ray Serve on a multi-node cluster (attention on one node, experts on two others), real
+clients over HTTP (openai, huggingface_hub) and gRPC (stubs generated from proto/), every greedy
+result compared with the single-process engine."""
+
+import asyncio
+import concurrent.futures
+import json
+import socket
+import time
+
+import grpc
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from cluster.app import build_app, serve_options
+from cluster.config import MoerayConfig
+from cluster.placement import PipelineConfig
+from cluster.rpc import moeray_pb2 as pb
+from cluster.rpc import moeray_pb2_grpc as rpc
+from kernels.engine import Engine, EngineConfig
+from kernels.sampling import SamplingParams
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    c.add_node(num_cpus=2, resources={"attention_node": 1})
+    for _ in range(2):
+        c.add_node(num_cpus=2, resources={"expert_node": 1})
+    ray.init(address=c.address, logging_level="ERROR")
+    pc = PipelineConfig()
+    pc.attention.resources, pc.experts.resources, pc.experts.shards = {"attention_node": 0.01}, {"expert_node": 0.01}, 2
+    cfg = MoerayConfig(model=str(tiny_model), pipeline=pc,
+                       engine=EngineConfig(max_num_seqs=16, kv_cache_tokens=16384, max_queued_requests=64))
+    cfg.serve.model_name, cfg.serve.http_port, cfg.serve.grpc_port = "tiny", free_port(), free_port()
+    serve.start(**serve_options(cfg))
+    serve.run(build_app(config=cfg), name="moeray", route_prefix="/")
+    yield {"http": f"http://127.0.0.1:{cfg.serve.http_port}", "grpc": f"127.0.0.1:{cfg.serve.grpc_port}"}
+    serve.shutdown()
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return Engine.from_dir(tiny_model)
+
+
+def greedy(engine, ids, n=12):
+    return engine.generate([ids], SamplingParams(max_tokens=n, temperature=0))[0]
+
+
+def router_stats():
+    return serve.get_deployment_handle("Router", "moeray").stats.remote().result()
+
+
+def test_openai_chat_and_completions(server, engine):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server["http"] + "/v1", api_key="none")
+    messages = [{"role": "user", "content": "What is an expert?"}]
+    want = greedy(engine, engine.tokenizer.encode_chat(messages))
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    assert chat.choices[0].message.content == want.text.lstrip()
+    assert chat.usage.completion_tokens == len(want.token_ids)
+    streamed = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == want.text.lstrip()
+
+    want = greedy(engine, engine.tokenizer.encode("The router sends"))
+    done = client.completions.create(model="tiny", prompt="The router sends", max_tokens=12, temperature=0)
+    assert done.choices[0].text == want.text and done.choices[0].finish_reason == want.finish_reason
+    streamed = client.completions.create(model="tiny", prompt="The router sends", max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == want.text
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_tgi_stream_with_details(server, engine):
+    from huggingface_hub import InferenceClient
+
+    want = greedy(engine, engine.tokenizer.encode("Experts and attention"))
+    client = InferenceClient(server["http"])
+    events = list(client.text_generation("Experts and attention", max_new_tokens=12, stream=True, details=True))
+    assert [e.token.id for e in events] == want.token_ids
+    assert events[-1].generated_text == want.text
+    full = client.text_generation("Experts and attention", max_new_tokens=12, details=True)
+    assert [t.id for t in full.details.tokens] == want.token_ids
+
+
+def test_grpc_unary_and_stream_through_the_serve_proxy(server, engine):
+    want = greedy(engine, engine.tokenizer.encode("Ray places actors"))
+    with grpc.insecure_channel(server["grpc"]) as channel:
+        stub = rpc.GenerationServiceStub(channel)
+        request = pb.GenerateRequest(text="Ray places actors",
+                                     params=pb.SamplingParameters(max_tokens=12, temperature=0))
+        reply = stub.Generate(request)
+        assert list(reply.token_ids) == want.token_ids and reply.text == want.text
+        assert [m.token_id for m in stub.GenerateStream(request)] == want.token_ids
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(pb.GenerateRequest(text="", params=pb.SamplingParameters(max_tokens=4)))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(pb.GenerateRequest(text="hi", params=pb.SamplingParameters(max_tokens=4, temperature=-1)))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in err.value.details()
+        assert list(stub.Generate(request).token_ids) == want.token_ids  # still serving
+
+
+@pytest.mark.parametrize("path, body, status, needle", [
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10 ** 6}, 400, "max_tokens"),
+    ("/generate", {"inputs": "", "parameters": {"max_new_tokens": 4}}, 422, "inputs"),
+])
+def test_bad_http_requests_then_a_good_one(server, path, body, status, needle):
+    r = httpx.post(server["http"] + path, json=body, timeout=30)
+    assert r.status_code == status, r.text
+    payload = r.json()
+    message = payload["error"]["message"] if isinstance(payload["error"], dict) else payload["error"]
+    assert needle in json.dumps(payload) and message
+    ok = httpx.post(server["http"] + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_concurrent_requests_all_complete(server, engine):
+    prompts = [f"Request number {i} asks" for i in range(8)]
+    want = [greedy(engine, engine.tokenizer.encode(p), 8).text for p in prompts]
+
+    def one(p):
+        r = httpx.post(server["http"] + "/v1/completions", json={"prompt": p, "max_tokens": 8, "temperature": 0},
+                       timeout=60)
+        return r.json()["choices"][0]["text"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(one, prompts)) == want
+
+
+def test_disconnected_stream_frees_its_sequence(server):
+    body = {"prompt": "Go on", "max_tokens": 1000, "stream": True, "temperature": 0}
+    with httpx.stream("POST", server["http"] + "/v1/completions", json=body, timeout=30) as r:
+        chunks = 0
+        for line in r.iter_lines():
+            chunks += line.startswith("data:")
+            if chunks == 3:
+                break
+    deadline = time.monotonic() + 15
+    while (s := router_stats())["running"] or s["kv_cache_usage"]:
+        assert time.monotonic() < deadline, f"the abandoned request still runs: {s}"
+        time.sleep(0.1)
+
+
+def test_health_and_metrics(server):
+    assert httpx.get(server["http"] + "/health", timeout=30).status_code == 200
+    text = httpx.get(server["http"] + "/metrics", timeout=30).text
+    for name in ("moeray:time_to_first_token_seconds", "moeray:num_requests_running", "moeray:kv_cache_usage_perc",
+                 "moeray:expert_tokens"):
+        assert name in text
