@@ -162,7 +162,8 @@ class GrpcApi:
     async def _open(self, prepare, request) -> tuple[AsyncIterator[TokenEvent], SamplingParams, int]:
         ids, params = prepare(request)
         request_id = request.request_id if request.HasField("request_id") else None
-        return await self.service.open_stream(ids, params, request_id), params, len(ids)
+        chat = isinstance(request, pb.ChatRequest)  # a reply drops the continuation's leading space, as over HTTP
+        return await self.service.open_stream(ids, params, request_id, chat=chat), params, len(ids)
 
     def _logprobs(self, ev: TokenEvent) -> pb.Logprobs:
         text = self.service.token_text

@@ -11,10 +11,14 @@ Decisions clients can rely on:
 - presence/frequency_penalty: only 0. They are additive OpenAI penalties; our sampler has transformers'
   multiplicative `repetition_penalty`, accepted as an extra field (with `top_k`), as vLLM does.
 - n > 1 runs n generations; with a seed, choice j samples with seed + j (distinct, and reproducible).
+- max_tokens / max_completion_tokens absent: up to the context (also on /v1/completions, where OpenAI
+  would stop at 16). Note the engine reserves KV cache for prompt + max_tokens when it admits a request.
 - echo (completions) prepends the prompt text; echo with logprobs is refused (no prompt logprobs).
+- Extra OpenAI fields, as vLLM's: top_k, repetition_penalty, ignore_eos.
 - TGI: generated_text keeps the stop sequence that ended it, as TGI does; when sampling without a
-  seed, one is drawn here so `details.seed` can report it; best_of > 1, decoder_input_details,
-  watermark, grammar, typical_p and adapters are refused.
+  seed, one is drawn here so `details.seed` can report it; `truncate` keeps the last N prompt tokens;
+  stream events count `index` from 1; best_of > 1, decoder_input_details, watermark, grammar, typical_p
+  and adapters are refused.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -33,7 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from cluster.service import ApiError, InvalidRequest, Service, Unavailable
+from cluster.service import ApiError, InvalidRequest, Service, TokenStream, Unavailable
 from kernels.engine import TokenEvent
 from kernels.sampling import SamplingParams
 
@@ -158,64 +162,36 @@ def _refuse(*checks: tuple[str, bool, str]) -> None:
 
 
 # -- generations -----------------------------------------------------------------------------
-class _Stream:
-    """A service stream, already started. Service.open_stream returns an async generator that has not
-    run yet; one closed before its first step never runs its `finally`, which is what aborts the
-    backend request. Taking the first event at once makes aclose() always reach the backend."""
-
-    def __init__(self, first: TokenEvent, rest: AsyncIterator[TokenEvent]):
-        self._first, self._rest = first, rest
-
-    @classmethod
-    async def open(cls, service: Service, ids: list[int], params: SamplingParams) -> _Stream:
-        rest = await service.open_stream(ids, params)
-        return cls(await anext(rest), rest)
-
-    def __aiter__(self) -> _Stream:
-        return self
-
-    async def __anext__(self) -> TokenEvent:
-        if self._first is not None:
-            ev, self._first = self._first, None
-            return ev
-        return await self._rest.__anext__()
-
-    async def aclose(self) -> None:
-        await self._rest.aclose()
-
-
-async def _open_all(service: Service, jobs: list[tuple[list[int], SamplingParams]]) -> list[_Stream]:
+async def _open_all(service: Service, jobs: list[tuple[list[int], SamplingParams]],
+                    chat: bool = False) -> list[TokenStream]:
     """All of a request's generations, or none: if one fails (overload, bad ids), the others are closed."""
-    streams: list[_Stream] = []
+    streams: list[TokenStream] = []
     try:
         for ids, params in jobs:
-            streams.append(await _Stream.open(service, ids, params))
+            streams.append(await service.open_stream(ids, params, chat=chat))
     except BaseException:
         await _close(streams)
         raise
     return streams
 
 
-async def _close(streams: list[_Stream]) -> None:
+async def _close(streams: list[TokenStream]) -> None:
     for s in streams:
         await s.aclose()
 
 
 class _Choice:
-    """One generation's output as its events arrive. `add` returns the text to send: a chat reply drops
-    the detokenizer's leading space (the engine decodes the reply as a continuation of the prompt,
-    so a first "▁Hello" is " Hello"); an echoed prompt goes before the first delta."""
+    """One generation's output as its events arrive. `add` returns the text to send: an echoed prompt
+    goes before the first delta."""
 
-    def __init__(self, index: int, strip: bool = False, prefix: str = ""):
-        self.index, self.strip, self.pending = index, strip, prefix
+    def __init__(self, index: int, prefix: str = ""):
+        self.index, self.pending = index, prefix
         self.text, self.events = "", []
         self.offsets: list[int] = []  # where each event's text starts in self.text: completions' text_offset
 
     def add(self, ev: TokenEvent) -> str:
         delta, self.pending = self.pending + ev.text, ""
-        if self.strip and ev.text:
-            delta, self.strip = delta.removeprefix(" "), False
-        self.offsets.append(len(self.text) + len(delta) - len(ev.text))  # exact where nothing is stripped
+        self.offsets.append(len(self.text) + len(delta) - len(ev.text))
         self.events.append(ev)
         self.text += delta
         return delta
@@ -320,9 +296,9 @@ def build_http_app(service: Service) -> FastAPI:
     async def openai_response(body: _OpenAIBody, prompts: list[list[int]], jobs, chat: bool,
                               logprobs: bool, echo: list[str] | None = None) -> Response:
         """Runs the jobs (one per choice, prompt-major) and answers in OpenAI's shape, streamed or not."""
-        streams = await _open_all(service, jobs)
+        streams = await _open_all(service, jobs, chat)
         per_prompt = len(jobs) // len(prompts)
-        choices = [_Choice(i, strip=chat, prefix=echo[i // per_prompt] if echo else "") for i in range(len(jobs))]
+        choices = [_Choice(i, prefix=echo[i // per_prompt] if echo else "") for i in range(len(jobs))]
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         head = {"id": rid, "object": obj, "created": created, "model": card.id}
@@ -380,7 +356,7 @@ def build_http_app(service: Service) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         body = await _parse(request, ChatBody)
         _refuse(("tools", bool(body.tools), "tool calls are not supported"),
-                ("top_logprobs", body.top_logprobs is not None and not body.logprobs, "requires logprobs: true"))
+                ("top_logprobs", bool(body.top_logprobs) and not body.logprobs, "requires logprobs: true"))
         prompt = service.prompt_from_chat(body.messages)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

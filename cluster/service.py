@@ -110,6 +110,47 @@ class Metrics:
         self._expert_tokens = dict(stats.get("tokens_per_expert", {}))
 
 
+class TokenStream:
+    """A started generation: iterate for its TokenEvents (the first is already here), the last with a
+    finish_reason. aclose() (or leaving `async with aclosing(...)`) before the end cancels it: the
+    backend aborts the request and frees its KV cache."""
+
+    def __init__(self, metrics: Metrics, first: TokenEvent, stream, started: float, chat: bool):
+        self._metrics, self._stream, self._started = metrics, stream, started
+        self._pending: TokenEvent | None = first
+        self._last: TokenEvent | None = None
+        self._strip, self._closed = chat, False
+        self._t = time.perf_counter()
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._pending is None:
+            if self._closed or (self._last and self._last.finish_reason):
+                raise StopAsyncIteration
+            self._pending = await self._stream.__anext__()
+            now = time.perf_counter()
+            self._metrics.itl.observe(now - self._t)
+            self._t = now
+        ev, self._pending = self._pending, None
+        if self._strip and ev.text:
+            ev.text, self._strip = ev.text.removeprefix(" "), False
+        self._metrics.generation_tokens.inc()
+        self._last = ev
+        if ev.finish_reason:
+            self._metrics.e2e.observe(time.perf_counter() - self._started)
+            await self.aclose()
+        return ev
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._metrics.requests.labels(self._last.finish_reason if self._last and self._last.finish_reason
+                                          else "abort").inc()
+            await self._stream.aclose()
+
+
 class Service:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, card: ModelCard):
         self.backend, self.tokenizer, self.card = backend, tokenizer, card
@@ -162,46 +203,30 @@ class Service:
             raise InvalidRequest(str(e), str(e).split(" ", 1)[0]) from None
 
     # -- generation ------------------------------------------------------------------------------
-    async def open_stream(self, prompt_ids: list[int], params: SamplingParams,
-                          request_id: str | None = None) -> AsyncIterator[TokenEvent]:
+    async def open_stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                          chat: bool = False) -> TokenStream:
         """Starts a generation and waits for its first token, so errors surface BEFORE a response
-        (or SSE headers) is sent; returns an iterator over all its TokenEvents, first included.
-        Closing the iterator early cancels the generation."""
+        (or SSE headers) is sent. `chat`: the reply's text drops the one leading space the
+        detokenizer gives a continuation of the prompt (a first "▁Hello" decodes as " Hello")."""
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         started = time.perf_counter()
         stream = self.backend.stream(prompt_ids, params, request_id)
         try:
             first = await stream.__anext__()
-        except StopAsyncIteration:
-            raise ApiError("the backend ended the stream without a token") from None
-        except EngineOverloaded as e:
-            raise Overloaded(str(e)) from None
-        except ValueError as e:  # the engine's own checks (context, KV cache, ids)
-            raise InvalidRequest(str(e)) from None
-        except ApiError:
+        except BaseException as e:
+            await stream.aclose()
+            if isinstance(e, StopAsyncIteration):
+                raise ApiError("the backend ended the stream without a token") from None
+            if isinstance(e, EngineOverloaded):
+                raise Overloaded(str(e)) from None
+            if isinstance(e, ValueError):  # the engine's own checks (context, KV cache, ids)
+                raise InvalidRequest(str(e)) from None
+            if isinstance(e, Exception) and not isinstance(e, ApiError):
+                raise Unavailable(f"generation failed: {e}") from None
             raise
-        except Exception as e:
-            raise Unavailable(f"generation failed: {e}") from None
         self.metrics.ttft.observe(time.perf_counter() - started)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
-        return self._rest(first, stream, started)
-
-    async def _rest(self, first: TokenEvent, stream, started: float) -> AsyncIterator[TokenEvent]:
-        last, ev = time.perf_counter(), first
-        try:
-            yield first
-            self.metrics.generation_tokens.inc()
-            while ev.finish_reason is None:
-                ev = await stream.__anext__()
-                now = time.perf_counter()
-                self.metrics.itl.observe(now - last)
-                last = now
-                yield ev
-                self.metrics.generation_tokens.inc()
-            self.metrics.e2e.observe(time.perf_counter() - started)
-        finally:
-            self.metrics.requests.labels(ev.finish_reason or "abort").inc()
-            await stream.aclose()  # early exit (client gone): the backend aborts and frees the KV cache
+        return TokenStream(self.metrics, first, stream, started, chat)
 
     async def refresh_metrics(self) -> None:
         self.metrics.update(await self.backend.stats())

@@ -68,3 +68,23 @@ def test_overload_is_429_and_early_close_frees_the_request(service):
         return False
 
     assert asyncio.run(run())
+
+
+def test_a_stream_closed_before_iterating_aborts_at_once(service):
+    """No reliance on the garbage collector: aclose() on a fresh stream reaches the backend."""
+    import gc
+
+    async def run():
+        gc.disable()
+        try:
+            stream = await service.open_stream([1, 5, 6], SamplingParams(max_tokens=400, ignore_eos=True))
+            await stream.aclose()
+            for _ in range(100):
+                if (await service.backend.stats())["running"] == 0:
+                    return True
+                await asyncio.sleep(0.02)
+            return False
+        finally:
+            gc.enable()
+
+    assert asyncio.run(run())

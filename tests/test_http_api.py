@@ -1,0 +1,392 @@
+"""The HTTP API end to end: a real uvicorn server on 127.0.0.1, real clients (openai, huggingface_hub,
+httpx), every greedy result compared token for token with Engine.generate on the same prompt ids."""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import openai
+import pytest
+import uvicorn
+from huggingface_hub import InferenceClient
+
+try:
+    import httpx
+except ImportError:  # some environments ship httpx as "httpx2" (what openai and huggingface_hub import there)
+    import httpx2 as httpx
+
+from cluster.http_api import build_http_app
+from cluster.loop import EngineLoop
+from cluster.service import LocalBackend, ModelCard, Service
+from kernels.engine import Engine, EngineConfig
+from kernels.sampling import SamplingParams
+from kernels.tokenizer import Tokenizer
+
+CHAT = [{"role": "user", "content": "Hello"}]
+
+
+class Server:
+    """uvicorn serving `app` from a background thread, on a free port of 127.0.0.1."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def serve(tiny_model, **config):
+    engine = Engine.from_dir(tiny_model, EngineConfig(**config))
+    loop = EngineLoop(engine)
+    card = ModelCard("tiny", engine.args.max_seq_len, engine.args.vocab_size, "mixtral")
+    service = Service(LocalBackend(loop), engine.tokenizer, card)
+    return service, loop, Server(build_http_app(service))
+
+
+@pytest.fixture(scope="module")
+def api(tiny_model):
+    service, loop, server = serve(tiny_model)
+    yield server.url, service
+    server.stop()
+    loop.stop()
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_model):
+    """Engine.generate in this process: the reference every answer must equal."""
+    engine = Engine.from_dir(tiny_model)
+
+    def run(ids, max_tokens, **kw):
+        return engine.generate([ids], SamplingParams(max_tokens=max_tokens, **{"temperature": 0, **kw}))[0]
+
+    return run
+
+
+def sse(response) -> list[dict]:
+    return [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+
+
+def test_chat_matches_engine(api, oracle):
+    url, service = api
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x")
+    ids = service.tokenizer.encode_chat(CHAT)
+    want = oracle(ids, 6, logprobs=3)
+    reply = want.text.removeprefix(" ")
+    assert want.text.startswith(" ")  # so the test checks that the reply's leading space is dropped
+
+    r = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    c = r.choices[0]
+    assert (c.message.role, c.message.content, c.finish_reason) == ("assistant", reply, "length")
+    assert [e.logprob for e in c.logprobs.content] == pytest.approx(want.logprobs, abs=1e-4)
+    assert [e.token for e in c.logprobs.content] == [service.token_text(t) for t in want.token_ids]
+    assert [[t.token for t in e.top_logprobs] for e in c.logprobs.content] == \
+        [[service.token_text(t) for t, _ in top] for top in want.top_logprobs]
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), 6, len(ids) + 6)
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion" and r.model == "tiny"
+
+    chunks = list(client.chat.completions.create(model="tiny", messages=CHAT, max_completion_tokens=6, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks[:-1]) == reply
+    assert [ch.choices[0].finish_reason for ch in chunks[:-1]] == [None] * (len(chunks) - 2) + ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+
+
+def test_completions_match_engine(api, oracle):
+    url, service = api
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x")
+    texts = ["The router", "Experts are"]
+    ids = [service.tokenizer.encode(t) for t in texts]
+    want = [oracle(i, 5, logprobs=2) for i in ids]
+
+    r = client.completions.create(model="tiny", prompt=texts[0], max_tokens=5, temperature=0, logprobs=2)
+    c = r.choices[0]
+    assert (c.text, c.finish_reason, r.object) == (want[0].text, "length", "text_completion")
+    assert c.logprobs.tokens == [service.token_text(t) for t in want[0].token_ids]
+    assert c.logprobs.token_logprobs == pytest.approx(want[0].logprobs, abs=1e-4)
+    assert r.id.startswith("cmpl-") and r.usage.completion_tokens == 5
+
+    for prompt in (ids, texts):  # a list of prompts: one choice per prompt, in order
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0)
+        assert [(c.index, c.text) for c in r.choices] == [(0, want[0].text), (1, want[1].text)]
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (sum(map(len, ids)), 10)
+    r = client.completions.create(model="tiny", prompt=ids[1], max_tokens=5, temperature=0, echo=True)
+    assert r.choices[0].text == texts[1] + want[1].text
+
+    chunks = list(client.completions.create(model="tiny", prompt=texts[1], max_tokens=5, temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == want[1].text
+    assert [ch.choices[0].finish_reason for ch in chunks][-1] == "length"
+
+    # n samples with a seed: choice j draws with seed + j, so it equals the engine with that seed
+    r = client.completions.create(model="tiny", prompt=texts[0], max_tokens=5, temperature=1.0, n=2, seed=7)
+    sampled = [oracle(ids[0], 5, temperature=1.0, seed=7 + j).text for j in range(2)]
+    assert [c.text for c in r.choices] == sampled and sampled[0] != sampled[1]
+
+
+def test_finish_reasons_and_models(api, oracle):
+    url, service = api
+    ids = service.tokenizer.encode("The router")
+    text = oracle(ids, 6).text
+    stop = text[2:4]
+    want = oracle(ids, 6, stop=[stop])
+    assert want.finish_reason == "stop" and want.stop_reason == stop and len(want.token_ids) < 6
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x")
+    c = client.completions.create(model="tiny", prompt="The router", max_tokens=6, temperature=0, stop=stop).choices[0]
+    assert (c.text, c.finish_reason) == (want.text, "stop")
+    out = InferenceClient(url).text_generation("The router", max_new_tokens=6, stop=[stop], details=True)
+    assert out.generated_text == want.text + stop  # TGI keeps the stop sequence
+    assert (out.details.finish_reason, [t.id for t in out.details.tokens]) == ("stop_sequence", want.token_ids)
+
+    eos = oracle(ids, 12, temperature=1.0, seed=16)  # this seed samples EOS as the 3rd token
+    assert eos.token_ids[-1] == service.tokenizer.eos_id and len(eos.token_ids) == 3
+    out = InferenceClient(url).text_generation("The router", max_new_tokens=12, do_sample=True, seed=16, details=True)
+    assert (out.generated_text, [t.id for t in out.details.tokens]) == (eos.text, eos.token_ids)
+    assert (out.details.finish_reason, out.details.seed, out.details.tokens[-1].special) == ("eos_token", 16, True)
+    r = client.completions.create(model="tiny", prompt="The router", max_tokens=12, temperature=1, seed=16)
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == (eos.text, "stop", 3)
+
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_tgi_client_matches_engine(api, oracle):
+    url, service = api
+    client = InferenceClient(url)
+    want = oracle(service.tokenizer.encode("The router"), 6)
+
+    out = client.text_generation("The router", max_new_tokens=6, details=True)
+    assert out.generated_text == want.text
+    assert [t.id for t in out.details.tokens] == want.token_ids
+    assert [t.logprob for t in out.details.tokens] == pytest.approx(want.logprobs, abs=1e-4)
+    assert (out.details.finish_reason, out.details.generated_tokens) == ("length", 6)
+
+    events = list(client.text_generation("The router", max_new_tokens=6, details=True, stream=True))
+    assert [e.token.id for e in events] == want.token_ids
+    assert [e.generated_text for e in events] == [None] * 5 + [want.text]
+    assert (events[-1].details.finish_reason, events[-1].details.generated_tokens) == ("length", 6)
+
+    assert client.text_generation("The router", max_new_tokens=6, return_full_text=True) == "The router" + want.text
+    r = httpx.post(f"{url}/generate", json={"inputs": "The router", "parameters": {"max_new_tokens": 6}})
+    assert r.json() == {"generated_text": want.text}
+    with httpx.stream("POST", f"{url}/generate_stream", json={"inputs": "The router",
+                                                              "parameters": {"max_new_tokens": 6}}) as r:
+        assert [e["token"]["id"] for e in sse(r)] == want.token_ids
+
+
+OK_CHAT = {"model": "tiny", "messages": CHAT, "max_tokens": 2}
+OK_TEXT = {"model": "tiny", "prompt": "Hi", "max_tokens": 2}
+BAD_OPENAI = [  # (route, body, the field the error must name)
+    ("chat", {k: v for k, v in OK_CHAT.items() if k != "messages"}, "messages"),
+    ("chat", {**OK_CHAT, "messages": "hi"}, "messages"),
+    ("chat", {**OK_CHAT, "messages": []}, "messages"),
+    ("chat", {**OK_CHAT, "messages": [{"role": "assistant", "content": "Hi"}, *CHAT]}, "messages"),
+    ("chat", {**OK_CHAT, "messages": CHAT * 2}, "messages"),
+    ("chat", {**OK_CHAT, "messages": [{"role": "bot", "content": "Hi"}]}, "messages"),
+    ("chat", {**OK_CHAT, "messages": [{"role": "user", "content": "word " * 3000}]}, "messages"),
+    ("chat", {**OK_CHAT, "temperature": -1}, "temperature"),
+    ("chat", {**OK_CHAT, "temperature": "0.5"}, "temperature"),
+    ("chat", {**OK_CHAT, "top_p": 2}, "top_p"),
+    ("chat", {**OK_CHAT, "n": 0}, "n"),
+    ("chat", {**OK_CHAT, "n": 9}, "n"),
+    ("chat", {**OK_CHAT, "max_tokens": 0}, "max_tokens"),
+    ("chat", {**OK_CHAT, "max_tokens": 5000}, "max_tokens"),
+    ("chat", {**OK_CHAT, "max_completion_tokens": 5000}, "max_completion_tokens"),
+    ("chat", {**OK_CHAT, "model": "gpt-4"}, "model"),
+    ("chat", {**OK_CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("chat", {**OK_CHAT, "stop": 5}, "stop"),
+    ("chat", {**OK_CHAT, "stream": "yes"}, "stream"),
+    ("chat", {**OK_CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("chat", {**OK_CHAT, "presence_penalty": 1}, "presence_penalty"),
+    ("chat", {**OK_CHAT, "stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+    ("completions", {**OK_TEXT, "prompt": ""}, "prompt"),
+    ("completions", {**OK_TEXT, "prompt": []}, "prompt"),
+    ("completions", {**OK_TEXT, "prompt": 5}, "prompt"),
+    ("completions", {**OK_TEXT, "prompt": [1, -3]}, "prompt"),
+    ("completions", {**OK_TEXT, "prompt": [1, 99999]}, "prompt"),
+    ("completions", {**OK_TEXT, "prompt": ["a", ""]}, "prompt.1"),
+    ("completions", {**OK_TEXT, "prompt": [[1, 2], []]}, "prompt.1"),
+    ("completions", {**OK_TEXT, "prompt": [1] * 2047, "max_tokens": 2}, "max_tokens"),
+    ("completions", {**OK_TEXT, "logprobs": 6}, "logprobs"),
+    ("completions", {**OK_TEXT, "echo": True, "logprobs": 1}, "echo"),
+    ("completions", {**OK_TEXT, "stream": True, "seed": 1.5}, "seed"),
+]
+
+
+@pytest.mark.parametrize("route, body, param", BAD_OPENAI)
+def test_bad_openai_requests_name_the_field(api, route, body, param):
+    url, _ = api
+    r = httpx.post(f"{url}/v1/{'chat/completions' if route == 'chat' else 'completions'}", json=body)
+    err = r.json()["error"]
+    assert (r.status_code, err["type"], err["param"]) == (400, "invalid_request_error", param), err
+    assert param.split(".")[0] in err["message"]
+
+
+BAD_TGI = [  # (body, a word the message must contain)
+    ({"inputs": ""}, "inputs"),
+    ({"parameters": {"max_new_tokens": 2}}, "inputs"),
+    ({"inputs": 5}, "inputs"),
+    ({"inputs": "Hi", "parameters": {"temperature": 0}}, "temperature"),
+    ({"inputs": "Hi", "parameters": {"top_p": 2}}, "top_p"),
+    ({"inputs": "Hi", "parameters": {"max_new_tokens": 0}}, "max_new_tokens"),
+    ({"inputs": "Hi", "parameters": {"max_new_tokens": 5000}}, "max_new_tokens"),
+    ({"inputs": "Hi", "parameters": {"seed": -1}}, "seed"),
+    ({"inputs": "Hi", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}, "stop"),
+    ({"inputs": "Hi", "parameters": {"watermark": True}}, "watermark"),
+    ({"inputs": "Hi", "parameters": {"details": "yes"}}, "details"),
+    ({"inputs": "Hi", "parameters": {"decoder_input_details": True, "details": True}}, "decoder_input_details"),
+]
+
+
+@pytest.mark.parametrize("path", ["/generate", "/generate_stream", "/"])
+@pytest.mark.parametrize("body, word", BAD_TGI)
+def test_bad_tgi_requests_are_422(api, path, body, word):
+    url, _ = api
+    r = httpx.post(url + path, json=body)
+    assert (r.status_code, r.json()["error_type"]) == (422, "validation") and word in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/generate"])
+@pytest.mark.parametrize("raw", [b'{"model": ', b'{"prompt": "\xff", "inputs": "\xff"}', b"[1, 2]", b""])
+def test_undecodable_bodies(api, path, raw):
+    url, _ = api
+    r = httpx.post(url + path, content=raw, headers={"content-type": "application/json"})
+    if path == "/generate":
+        assert (r.status_code, r.json()["error_type"]) == (422, "validation")
+    else:
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "body")
+    assert "body" in r.text
+
+
+def test_good_request_after_bad_ones_and_concurrency(api, oracle):
+    url, service = api
+    texts = ["The router", "Experts are", "Hello world", "Tokens", "A cache", "Ray serve", "Mixtral", "Sparse"]
+    want = [oracle(service.tokenizer.encode(t), 4).text for t in texts]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            return await asyncio.gather(*[c.post("/v1/completions", json={"prompt": t, "max_tokens": 4,
+                                                                          "temperature": 0}) for t in texts])
+
+    assert [r.json()["choices"][0]["text"] for r in asyncio.run(run())] == want
+
+
+async def data_lines(response, n: int):
+    """Reads n SSE events; returns the line iterator, which the caller holds to keep the connection open
+    (an abandoned `async for` over aiter_lines closes it once the generator is collected)."""
+    lines = response.aiter_lines()
+    while n:
+        n -= (await anext(lines)).startswith("data:")
+    return lines
+
+
+async def wait_idle(service, seconds=15.0) -> dict:
+    stats = {}
+    for _ in range(int(seconds / 0.05)):
+        stats = await service.backend.stats()
+        if stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_cache_usage"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    return stats
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": CHAT, "stream": True, "temperature": 0, "ignore_eos": True}),
+    ("/generate_stream", {"inputs": "Hello", "parameters": {"max_new_tokens": None}}),  # greedy: no EOS for 300+
+])
+def test_disconnect_frees_the_sequence(api, path, body):
+    url, service = api
+    aborted = service.metrics.requests.labels("abort")
+
+    async def run():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            async with c.stream("POST", path, json=body) as r:  # up to the whole context: minutes if not aborted
+                assert r.status_code == 200
+                lines = await data_lines(r, 2)
+                assert (await service.backend.stats())["running"] == 1
+                await lines.aclose()  # the client goes away
+        return await wait_idle(service)
+
+    before = aborted._value.get()
+    assert asyncio.run(run()) == {"running": 0, "waiting": 0, "kv_cache_usage": 0}
+    assert aborted._value.get() == before + 1  # closed early, not run to the end of the context
+
+
+def test_overload_is_429(tiny_model):
+    service, loop, server = serve(tiny_model, max_num_seqs=1, max_queued_requests=1)
+    long = {"prompt": "Hi", "stream": True, "temperature": 0, "ignore_eos": True}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            async with c.stream("POST", "/v1/completions", json=long) as r:  # the one batch slot
+                lines = await data_lines(r, 1)
+                queued = asyncio.ensure_future(c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2,
+                                                                           "temperature": 0}))
+                for _ in range(500):
+                    if (await service.backend.stats())["waiting"] == 1:
+                        break
+                    await asyncio.sleep(0.02)
+                refused = [await c.post("/v1/chat/completions", json={"messages": CHAT}),
+                           await c.post("/generate", json={"inputs": "Hi"}),
+                           await c.post("/", json={"inputs": "Hi", "stream": True})]
+                del lines
+            return refused, await queued  # the stream closed: the queued request runs
+
+    try:
+        (chat, tgi, tgi_stream), queued = asyncio.run(run())
+    finally:
+        server.stop()
+        loop.stop()
+    assert chat.status_code == 429 and chat.json()["error"]["type"] == "rate_limit_error"
+    for r in (tgi, tgi_stream):
+        assert (r.status_code, r.json()["error_type"]) == (429, "overloaded")
+    assert queued.status_code == 200 and queued.json()["usage"]["completion_tokens"] == 2
+
+
+def test_health_and_metrics(api):
+    url, _ = api
+    r = httpx.get(f"{url}/health")
+    assert (r.status_code, r.json()["status"]) == (200, "ok")
+
+    def metrics() -> dict[str, float]:
+        r = httpx.get(f"{url}/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in r.text.splitlines() if line[:1] != "#")}
+
+    before = metrics()
+    httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0}).raise_for_status()
+    after = metrics()
+    assert after["moeray:time_to_first_token_seconds_count"] == before["moeray:time_to_first_token_seconds_count"] + 1
+    assert after["moeray:generation_tokens_total"] == before["moeray:generation_tokens_total"] + 3
+    assert after["moeray:num_requests_running"] == 0
+
+
+def test_health_is_503_while_the_backend_fails(tiny_model):
+    class Broken:
+        def stream(self, prompt_ids, params, request_id):
+            raise RuntimeError("no replica")
+
+        async def stats(self):
+            raise RuntimeError("no replica")
+
+    app = build_http_app(Service(Broken(), Tokenizer.from_dir(tiny_model), ModelCard("tiny", 2048, 512, "mixtral")))
+
+    async def get():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.get("/health")
+
+    r = asyncio.run(get())
+    assert r.status_code == 503 and "no replica" in r.json()["error"]["message"]
