@@ -9,20 +9,23 @@ import torch
 from actors.common import advertised, node_id, set_threads
 from cluster import transport
 from kernels.checkpoint import Checkpoint
-from kernels.engine import DTYPES
+from kernels.engine import DTYPES, QUANT_BITS
 from kernels.model import FeedForward, build, expert_prefix, load_into
 from kernels.moe import expert_rows
+from kernels.quant import quantize_experts
 
 
 class ExpertShard:
     def __init__(self, model_dir: str, pairs: list[tuple[int, int]], dtype: str, net: transport.TransportConfig,
-                 threads: int = 0):
+                 threads: int = 0, quant: str = "none"):
         set_threads(threads)
         ckpt = Checkpoint.open(model_dir)
         a = ckpt.args
         self.dim, self.dtype = a.dim, DTYPES[dtype]
         self.experts = {(l, e): load_into(build(FeedForward, a.dim, a.hidden_dim), ckpt, expert_prefix(a, l, e), self.dtype)
                         for l, e in pairs}
+        if QUANT_BITS[quant]:
+            quantize_experts(self.experts, QUANT_BITS[quant])
         self.busy_s = 0.0
         self.server = transport.serve(net, experts=self.forward)
 
@@ -49,4 +52,5 @@ class ExpertShard:
 
     def info(self) -> dict:
         return {"node_id": node_id(), "pairs": sorted(self.experts), "busy_s": self.busy_s,
-                "param_bytes": sum(p.numel() * p.element_size() for m in self.experts.values() for p in m.parameters())}
+                "param_bytes": sum(t.numel() * t.element_size() for m in self.experts.values()
+                                   for t in [*m.parameters(), *m.buffers()])}  # quantized weights are buffers

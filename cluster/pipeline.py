@@ -53,7 +53,7 @@ def start_workers(config: MoerayConfig) -> Workers:
     attention = [ray.remote(AttentionActor).options(**_options(pc.attention)).remote(
         config.model, layers, config.engine, pc.transport, pc.attention.threads) for layers in p.attention]
     experts = [ray.remote(ExpertShard).options(**_options(pc.experts, scheduling_strategy="SPREAD")).remote(
-        config.model, pairs, config.engine.dtype, pc.transport, pc.experts.threads)
+        config.model, pairs, config.engine.dtype, pc.transport, pc.experts.threads, config.engine.expert_quant)
         for pairs in p.shards for _ in range(p.replicas)]
     return Workers(p, attention, experts, ray.get([a.address.remote() for a in attention]),
                    ray.get([e.address.remote() for e in experts]))

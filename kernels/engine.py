@@ -24,10 +24,12 @@ from kernels.args import ModelArgs
 from kernels.cache import AttentionMetadata, BlockAllocator, KVCache, StepSeq, blocks_for
 from kernels.checkpoint import Checkpoint
 from kernels.model import Transformer
+from kernels.quant import quantize_experts
 from kernels.sampling import SamplingParams, make_generator, sample
 from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
 
 
 @dataclass
@@ -38,10 +40,13 @@ class EngineConfig:
     block_size: int = 16  # KV-cache block, in tokens
     dtype: str = "float32"  # weights, activations and KV cache: float32 | bfloat16 | float16
     max_queued_requests: int = 256  # requests waiting for a batch slot at most; more -> Overloaded (HTTP 429)
+    expert_quant: str = "none"  # expert weights: none | int8 | int4 (weight-only; kernels/quant.py)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.expert_quant not in QUANT_BITS:
+            raise ValueError(f"expert_quant must be one of {sorted(QUANT_BITS)}, got {self.expert_quant!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_tokens", "block_size", "max_queued_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -227,6 +232,8 @@ class Engine:
         """The single-process engine on a checkpoint directory (HF or Mistral format)."""
         config = config or EngineConfig()
         model = Transformer.from_checkpoint(Checkpoint.open(path), dtype=DTYPES[config.dtype], progress=progress)
+        if QUANT_BITS[config.expert_quant]:
+            quantize_experts(model, QUANT_BITS[config.expert_quant])
         return cls(LocalExecutor(model, config), model.args, load_tokenizer(path), config)
 
     # -- requests ------------------------------------------------------------------------------

@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels.args import ModelArgs
 from kernels.attention import paged_attention
 from kernels.cache import AttentionMetadata, KVCache
 from kernels.checkpoint import Checkpoint
-from kernels.moe import expert_rows, moe, swiglu
+from kernels.moe import expert_rows, moe
 from kernels.rope import apply_rope, rope_freqs
 
 
@@ -53,7 +54,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: one Mixtral expert, or Mistral-7B's dense FFN."""
+    """SwiGLU, w2(silu(w1 x) * w3 x): one Mixtral expert, or Mistral-7B's dense FFN. Calls its linears
+    (not their weights), so quantized ones (kernels/quant.py) run their own forward."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -62,7 +64,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.w1.weight, self.w2.weight, self.w3.weight)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class MoeLayer(nn.Module):

@@ -60,11 +60,6 @@ def dispatch(weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> 
     )
 
 
-def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """One SwiGLU expert (or Mistral-7B's dense FFN): w2(silu(w1 x) * w3 x). x [n, D] -> [n, D]."""
-    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
-
-
 ExpertFn = Callable[[torch.Tensor], torch.Tensor]
 
 
