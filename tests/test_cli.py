@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from kernels.engine import Engine, Request
+from kernels.engine import Engine
 from kernels.sampling import SamplingParams
 
 

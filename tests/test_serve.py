@@ -2,7 +2,6 @@
 clients over HTTP (openai, huggingface_hub) and gRPC (stubs generated from proto/), every greedy
 result compared with the single-process engine."""
 
-import asyncio
 import concurrent.futures
 import json
 import socket
