@@ -98,7 +98,7 @@ def cmd_serve(a) -> int:
     p = cfg.pipeline
     _say(f"model {cfg.model}: starting {p.attention.actors} attention actor(s), {p.experts.shards} expert shard(s) "
          f"x {p.experts.replicas} replica(s) and {cfg.serve.pipeline_replicas} router(s); loading weights...")
-    serve.start(**serve_options(cfg))
+    serve.start(**serve_options(cfg), logging_config={"log_level": "DEBUG" if a.verbose else "WARNING"})
     serve.run(build_app(config=cfg), name="moeray", route_prefix="/")
     s = cfg.serve
     base = f"http://{s.host}:{s.http_port}"
@@ -159,6 +159,16 @@ def cmd_bench(a) -> int:
 
     if a.bench == "engine":
         bench.bench_engine(a.preset, a.batch, a.prompt_len, a.new_tokens, a.out)
+    elif a.bench == "load":
+        from cluster import loadgen
+
+        loadgen.bench_load(a.url, a.config, a.model, a.preset, a.concurrency, a.duration, a.max_tokens, a.prompt_len,
+                           a.skew, a.out)
+    elif a.bench == "scaling":
+        from cluster import loadgen
+
+        loadgen.bench_scaling(a.preset, a.concurrency, a.duration, a.max_tokens, a.prompt_len, a.shards, a.max_extra,
+                              a.out)
     else:
         bench.bench_pipeline(a.preset, a.batch, a.prompt_len, a.new_tokens, a.shards, a.threads, a.out)
     return 0
@@ -172,10 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve a model over HTTP (OpenAI, TGI) and gRPC on Ray (the demo model by default)")
     sv.add_argument("--model", help="checkpoint directory (default: the built-in demo model)")
     sv.add_argument("--config", help="moeray YAML: engine, pipeline (placement) and serve sections")
-    sv.add_argument("--address", help="Ray cluster address (default: a running one, else start a local one)")
+    sv.add_argument("--address", help="Ray cluster address (default: a running one, else start a local one; "
+                                      "'local' always starts a new one)")
     sv.add_argument("--host", help="HTTP bind address (default: 127.0.0.1)")
     sv.add_argument("--http-port", type=int, help="HTTP port (default: 8000)")
     sv.add_argument("--grpc-port", type=int, help="gRPC port (default: 9000)")
+    sv.add_argument("--verbose", action="store_true", help="Ray Serve's request logs (default: warnings only)")
     sv.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("chat", help="chat with a model in this terminal (single process, streaming)")
@@ -228,6 +240,29 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--threads", type=int, default=1, help="torch threads per actor (default: %(default)s)")
     pl.add_argument("--out", default="bench-results/pipeline.json", help="JSON results (default: %(default)s)")
     pl.set_defaults(func=cmd_bench)
+    ld = bsub.add_parser("load", help="concurrent streaming requests against a pipeline or an HTTP server: "
+                                      "throughput, time to first token, inter-token latency")
+    ld.add_argument("--url", help="an HTTP server's base URL (OpenAI API); default: start a pipeline here")
+    ld.add_argument("--config", help="moeray YAML for the pipeline started here (its scaling section included)")
+    ld.add_argument("--model", help="checkpoint directory (default: a generated --preset model)")
+    ld.add_argument("--preset", choices=["small", "tiny"], default="tiny", help="generated model size (default: %(default)s)")
+    ld.add_argument("--concurrency", type=int, default=8, help="streams in flight (default: %(default)s)")
+    ld.add_argument("--duration", type=float, default=20.0, help="seconds of load (default: %(default)s)")
+    ld.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default: %(default)s)")
+    ld.add_argument("--prompt-len", type=int, default=8, help="prompt tokens (default: %(default)s)")
+    ld.add_argument("--skew", action="store_true", help="prompts whose tokens route mostly to one expert")
+    ld.add_argument("--out", help="JSON results")
+    ld.set_defaults(func=cmd_bench)
+    sc = bsub.add_parser("scaling", help="a skewed load with expert scaling off, then on, in one run")
+    sc.add_argument("--preset", choices=["small", "tiny"], default="small", help="model size (default: %(default)s)")
+    sc.add_argument("--concurrency", type=int, default=8, help="streams in flight (default: %(default)s)")
+    sc.add_argument("--duration", type=float, default=20.0, help="measured seconds per run (default: %(default)s)")
+    sc.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default: %(default)s)")
+    sc.add_argument("--prompt-len", type=int, default=8, help="prompt tokens (default: %(default)s)")
+    sc.add_argument("--shards", type=int, default=2, help="base expert shards (default: %(default)s)")
+    sc.add_argument("--max-extra", type=int, default=2, help="extra replicas over all experts (default: %(default)s)")
+    sc.add_argument("--out", default="bench-results/scaling.json", help="JSON results (default: %(default)s)")
+    sc.set_defaults(func=cmd_bench)
     return p
 
 
