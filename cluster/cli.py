@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--out", help="JSON results")
     ld.set_defaults(func=cmd_bench)
     sc = bsub.add_parser("scaling", help="a skewed load with expert scaling off, then on, in one run")
-    sc.add_argument("--preset", choices=["small", "tiny"], default="small", help="model size (default: %(default)s)")
+    sc.add_argument("--preset", choices=["small", "tiny"], default="tiny",
+                    help="model size (default: %(default)s; small takes several minutes on a 2-core machine)")
     sc.add_argument("--concurrency", type=int, default=8, help="streams in flight (default: %(default)s)")
     sc.add_argument("--duration", type=float, default=20.0, help="measured seconds per run (default: %(default)s)")
     sc.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default: %(default)s)")

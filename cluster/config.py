@@ -41,11 +41,40 @@ class ServeConfig:
 
 
 @dataclass
+class ScalingConfig:
+    """Expert autoscaling: replicas of hot (layer, expert) pairs follow the routers' windowed token rates.
+    A pair's replicas count its base shards (the placement's; they always stay) plus extra one-pair replicas."""
+
+    enabled: bool = False
+    min_replicas: int = 1  # per pair, base shards included (1: the base shard only)
+    max_replicas: int = 4  # per pair, base shards included
+    max_extra_replicas: int = 16  # extra replicas over all pairs at once; the hottest pairs get them first
+    target_tokens_per_s: float = 200.0  # token rows per second one replica should serve
+    upscale_delay_s: float = 10.0  # demand above the current count must last this long before adding
+    downscale_delay_s: float = 60.0  # demand below it must last this long before removing
+    cooldown_s: float = 30.0  # no change to a pair this long after its last change
+    window_s: float = 10.0  # routers' sliding window for the tokens-per-second rate
+    interval_s: float = 2.0  # how often the scaler reads the routers' stats and acts
+    ready_timeout_s: float = 120.0  # a replica not serving by then is reported unplaceable, stopped and retried
+
+    def __post_init__(self):
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError("scaling needs 1 <= min_replicas <= max_replicas")
+        if self.max_extra_replicas < 0:
+            raise ValueError("scaling.max_extra_replicas must be >= 0")
+        if self.target_tokens_per_s <= 0 or self.window_s <= 0 or self.interval_s <= 0 or self.ready_timeout_s <= 0:
+            raise ValueError("scaling: target_tokens_per_s, window_s, interval_s and ready_timeout_s must be > 0")
+        if min(self.upscale_delay_s, self.downscale_delay_s, self.cooldown_s) < 0:
+            raise ValueError("scaling: delays and cooldown must be >= 0")
+
+
+@dataclass
 class MoerayConfig:
     model: str | None = None  # checkpoint directory (HF or Mistral format); None: the built-in demo model
     engine: EngineConfig = field(default_factory=EngineConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # where the roles run (the Ray pipeline)
     serve: ServeConfig = field(default_factory=ServeConfig)  # the HTTP/gRPC front (`moeray serve`)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)  # expert replicas follow routing load
 
 
 def _convert(tp, value, where: str):

@@ -23,6 +23,7 @@ from actors.expert_shard import ExpertShard
 from actors.router import Router
 from cluster.config import MoerayConfig
 from cluster.placement import Placement, plan
+from cluster.scaler import ExpertScaler
 from kernels.args import ModelArgs
 from kernels.engine import Completion, TokenEvent
 from kernels.sampling import SamplingParams
@@ -59,10 +60,16 @@ def start_workers(config: MoerayConfig) -> Workers:
                    ray.get([e.address.remote() for e in experts]))
 
 
+def base_table(w: Workers) -> dict[str, list[str]]:
+    """{"layer:expert": [addresses of the base shards holding it]}: what the expert scaler starts from."""
+    return {f"{l}:{e}": [w.expert_addresses[i] for i in actors] for (l, e), actors in w.placement.actors_of().items()}
+
+
 class Pipeline:
-    def __init__(self, config: MoerayConfig, placement: Placement, router, attention: list, experts: list):
+    def __init__(self, config: MoerayConfig, placement: Placement, router, attention: list, experts: list,
+                 scaler=None):
         self.config, self.placement = config, placement
-        self.router, self.attention, self.experts = router, attention, experts
+        self.router, self.attention, self.experts, self.scaler = router, attention, experts, scaler
         self._ids = itertools.count()
 
     @classmethod
@@ -75,9 +82,14 @@ class Pipeline:
         pc = config.pipeline
         router = ray.remote(Router).options(**_options(pc.router)).remote(
             config.model, config.engine, w.placement, pc.transport, w.attention_addresses, w.expert_addresses,
-            pc.router.threads)
+            pc.router.threads, config.scaling.window_s)
         ray.get(router.info.remote())
-        return cls(config, w.placement, router, w.attention, w.experts)
+        scaler = None
+        if config.scaling.enabled:
+            scaler = ray.remote(ExpertScaler).options(num_cpus=0, resources=dict(pc.router.resources)).remote(
+                config, [router], base_table(w))
+            ray.get(scaler.status.remote())
+        return cls(config, w.placement, router, w.attention, w.experts, scaler)
 
     def _submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None):
         rid = request_id or f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
@@ -117,6 +129,15 @@ class Pipeline:
                 "attention": ray.get([a.info.remote() for a in self.attention]),
                 "experts": ray.get([e.info.remote() for e in self.experts])}
 
+    def scaler_status(self) -> dict | None:
+        """The expert scaler's view: replicas and targets per pair, pending ones, events. None when off."""
+        return ray.get(self.scaler.status.remote()) if self.scaler else None
+
     def shutdown(self) -> None:
-        for actor in [self.router, *self.attention, *self.experts]:
+        if self.scaler is not None:
+            try:
+                ray.get(self.scaler.stop.remote(), timeout=60)
+            except Exception:  # its replicas die with it anyway (it owns them)
+                pass
+        for actor in [self.router, *self.attention, *self.experts, *([self.scaler] if self.scaler else [])]:
             ray.kill(actor)

@@ -94,6 +94,9 @@ class Metrics:
         self.running = Gauge("moeray:num_requests_running", "Sequences in the running batch", registry=r)
         self.waiting = Gauge("moeray:num_requests_waiting", "Requests waiting for a batch slot", registry=r)
         self.kv = Gauge("moeray:kv_cache_usage_perc", "KV-cache blocks in use (0-1)", registry=r)
+        self.expert_rate = Gauge("moeray:expert_tokens_per_second", "Token rows per second routed to each expert, "
+                                 "over the router's sliding window (the expert scaler's signal)", ["layer", "expert"],
+                                 registry=r)
         self._expert_tokens: dict[str, int] = {}
         r.register(self)  # collect() below: tokens per (layer, expert), as the router last reported them
 
@@ -108,6 +111,9 @@ class Metrics:
         self.waiting.set(stats.get("waiting", 0))
         self.kv.set(stats.get("kv_cache_usage", 0))
         self._expert_tokens = dict(stats.get("tokens_per_expert", {}))
+        self.expert_rate.clear()  # pairs that left the window drop out
+        for key, rate in stats.get("expert_tokens_per_s", {}).items():
+            self.expert_rate.labels(*key.split(":")).set(rate)
 
 
 class TokenStream:
