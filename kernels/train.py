@@ -9,16 +9,16 @@ Why this way:
 - Memorizing is the goal, not a risk: 50 KB of text cannot teach English, but a model that recites
   it fluently makes a demo whose answers a newcomer can read and check against the corpus.
 - Dialogues are trained twice: as plain text and in the Mixtral v1 chat template, so a chat request
-  (`encode_chat`) gets a corpus answer that ends with EOS, as a real instruct model's would.
+  (`encode_chat`) gets a corpus answer that ends with EOS, as a real instruct model's would; answers
+  also follow prompts made fresh each epoch, so unseen questions get a whole answer (see Corpus).
 - A Switch-style load-balancing loss keeps all eight experts busy: it is the demo of an MoE server.
-Pure torch, one process; deterministic for a given seed (deterministic algorithms, fixed thread count).
+Pure torch, one process, ~6 minutes on 2 CPU cores; the same seed and thread count give the same bytes.
+Shapes: T tokens of a batch, D dim, E experts, k experts per token.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import re
 import sys
@@ -48,41 +48,59 @@ def demo_dir() -> Path:
 
 
 def demo_args(vocab_size: int = DEMO_VOCAB, **overrides) -> ModelArgs:
-    """Mixtral's shape scaled down until it trains in minutes on 2 cores and ships in ~4 MB (bf16)."""
+    """Mixtral's shape (GQA 2:1, 8 experts top-2, RoPE 1e6) scaled down to train in minutes on 2 cores
+    and ship in ~4 MB as bf16: the experts dominate, so their hidden size is dim, not Mixtral's 3.5 x dim."""
     base = dict(dim=128, n_layers=4, head_dim=32, hidden_dim=128, n_heads=4, n_kv_heads=2,
                 vocab_size=vocab_size, rope_theta=1e6, max_seq_len=512, moe=MoeArgs(8, 2))
     return ModelArgs(**{**base, **overrides})
 
 
-def examples(text: str, tok: Tokenizer, seed: int = 0) -> list[list[int]]:
-    """Token sequences: every paragraph as BOS ... EOS, and every dialogue in the chat template, whole
-    and turn by turn (so any corpus question works as a first message). Then each answer once more
-    after a question with words left out, and after an unrelated corpus sentence: a question the corpus
-    lacks should get some whole corpus answer, recited fluently, rather than a blend of several."""
-    g = torch.Generator().manual_seed(seed)
-    paras = [p.strip() for p in text.split("\n\n") if p.strip()]
-    prose = [s for p in paras if not p.startswith("User: ") for s in re.split(r"(?<=[.!?]) ", p)]
-    out, pairs = [], []
-    for para in paras:
-        out.append(tok.encode(para, bos=True, eos=True))
-        if para.startswith("User: "):
-            turns = [line.split(": ", 1)[1] for line in para.splitlines()]  # user, assistant, user, ...
-            msgs = [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
-            out.append(tok.encode_chat(msgs[:-1]) + tok.encode(turns[-1], bos=False, eos=True))
-            pairs += [(turns[i], turns[i + 1], i > 0) for i in range(0, len(turns), 2)]
-    for question, answer, later_turn in pairs:
-        words = question.split()
-        kept = [w for w, r in zip(words, torch.rand(len(words), generator=g).tolist()) if r > 0.3] or words[-1:]
-        other = prose[int(torch.randint(len(prose), (1,), generator=g))]
-        for user in [question] * later_turn + [" ".join(kept), other]:
-            out.append(tok.encode_chat([{"role": "user", "content": user}]) + tok.encode(answer, bos=False, eos=True))
-    return out
+class Corpus:
+    """The training text as token sequences, a fresh mix each epoch.
+
+    Fixed: every paragraph as BOS ... EOS; every dialogue in the chat template, whole, and its later
+    turns on their own too (so any corpus question works as a first message). Fresh each epoch, per
+    answer: its question with words left out, and a stranger prompt (a corpus sentence, or a question
+    of random corpus words). Seeing an answer after many prompts it cannot memorize teaches the model
+    to recite an answer from the answer's own start, so a question the corpus lacks gets one whole,
+    fluent corpus answer instead of a blend of several.
+    """
+
+    def __init__(self, text: str, tok: Tokenizer):
+        self.tok, self.fixed, self.pairs = tok, [], []
+        paras = [p.strip() for p in text.split("\n\n") if p.strip()]
+        for para in paras:
+            self.fixed.append(tok.encode(para, bos=True, eos=True))
+            if para.startswith("User: "):
+                turns = [line.split(": ", 1)[1] for line in para.splitlines()]  # user, assistant, user, ...
+                msgs = [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
+                self.fixed.append(tok.encode_chat(msgs[:-1]) + tok.encode(turns[-1], bos=False, eos=True))
+                self.fixed += [self.chat(turns[i], turns[i + 1]) for i in range(2, len(turns), 2)]
+                self.pairs += [(turns[i], turns[i + 1]) for i in range(0, len(turns), 2)]
+        self.prose = [s for p in paras if not p.startswith("User: ") for s in re.split(r"(?<=[.!?]) ", p)]
+        self.words = sorted(set(re.findall(r"\b[a-z]+\b", text)))
+
+    def chat(self, question: str, answer: str) -> list[int]:
+        prompt = self.tok.encode_chat([{"role": "user", "content": question}])
+        return prompt + self.tok.encode(answer, bos=False, eos=True)
+
+    def epoch(self, g: torch.Generator) -> list[list[int]]:
+        def pick(seq):
+            return seq[int(torch.randint(len(seq), (1,), generator=g))]
+        out = list(self.fixed)
+        for question, answer in self.pairs:
+            words = question.split()
+            kept = [w for w, r in zip(words, torch.rand(len(words), generator=g).tolist()) if r > 0.3] or words[-1:]
+            soup = pick(self.pairs)[0].split()[:2] + [pick(self.words) for _ in range(pick(range(1, 6)))]
+            stranger = pick([pick(self.prose), " ".join(soup) + "?"])
+            out += [self.chat(" ".join(kept), answer), self.chat(stranger, answer)]
+        return out
 
 
-def batches(seqs: list[list[int]], max_tokens: int, g: torch.Generator):
-    """Endless epochs: shuffle, then pack whole sequences into batches of at most max_tokens tokens."""
+def batches(corpus: Corpus, max_tokens: int, g: torch.Generator):
+    """Endless epochs: a fresh mix, shuffled, packed as whole sequences into batches of <= max_tokens."""
     while True:
-        batch, n = [], 0
+        seqs, batch, n = corpus.epoch(g), [], 0
         for i in torch.randperm(len(seqs), generator=g).tolist():
             if batch and n + len(seqs[i]) > max_tokens:
                 yield batch
@@ -125,16 +143,11 @@ def lm_loss(model: Transformer, batch: list[list[int]]) -> torch.Tensor:
 def train(out: str | Path, steps: int = 1200, seed: int = 0, args: ModelArgs | None = None, lr: float = 3e-3,
           batch_tokens: int = 4096, balance: float = 0.01, log_every: int = 50, text: str | None = None) -> dict:
     """Trains on `text` (the shipped corpus by default) and writes a HF checkpoint dir; returns a summary."""
-    with torch.random.fork_rng(), _deterministic():  # leave the caller's RNG and settings as they were
-        return _train(Path(out), steps, seed, args, lr, batch_tokens, balance, log_every, text)
-
-
-@contextlib.contextmanager
-def _deterministic():
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        yield
+        with torch.random.fork_rng():  # leave the caller's RNG and settings as they were
+            return _train(Path(out), steps, seed, args, lr, batch_tokens, balance, log_every, text)
     finally:
         torch.use_deterministic_algorithms(was)
 
@@ -146,17 +159,18 @@ def _train(out, steps, seed, args, lr, batch_tokens, balance, log_every, text) -
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(train_tokenizer(text, out / "tokenizer.model", vocab_size=DEMO_VOCAB))
     args = args or demo_args(tok.vocab_size)
-    data = examples(text, tok, seed)
+    corpus = Corpus(text, tok)
     model = Transformer(args).train()
     gate_inputs: list[torch.Tensor] = []
     for m in model.modules():
         if isinstance(m, MoeLayer):
             m.register_forward_pre_hook(lambda _, inp: gate_inputs.append(inp[0]))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
+    warmup = max(1, steps // 20)  # linear warmup, then cosine down to a tenth of lr
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
     losses = []
-    for step, batch in zip(range(1, steps + 1), batches(data, batch_tokens, torch.Generator().manual_seed(seed))):
+    for step, batch in zip(range(1, steps + 1), batches(corpus, batch_tokens, torch.Generator().manual_seed(seed))):
         gate_inputs.clear()
         loss = lm_loss(model, batch)
         total = loss + balance * balance_loss(gate_inputs, model)
@@ -173,23 +187,27 @@ def _train(out, steps, seed, args, lr, batch_tokens, balance, log_every, text) -
         load = [routing(x, layer.feed_forward)[1] for x, layer in zip(gate_inputs, model.layers)]
     params = {n: p.detach().to(torch.bfloat16) for n, p in model.state_dict().items()}
     save_hf(out, args, params)
-    summary = dict(steps=steps, seed=seed, final_loss=sum(losses[-20:]) / len(losses[-20:]), first_loss=losses[0],
+    summary = dict(out=out, steps=steps, seed=seed, first_loss=losses[0], final_loss=sum(losses[-20:]) / len(losses[-20:]),
                    params=sum(p.numel() for p in model.parameters()), seconds=round(time.time() - t0, 1),
-                   examples=len(data), tokens=sum(map(len, data)),
-                   load=[f"{l.min():.0%}-{l.max():.0%}" for l in load], args=json.loads((out / "config.json").read_text()))
-    (out / "TRAINING.md").write_text(_report(summary, losses))
+                   examples=len(corpus.fixed) + 2 * len(corpus.pairs),
+                   tokens=sum(map(len, corpus.epoch(torch.Generator()))),
+                   load=[f"{x.min():.0%}-{x.max():.0%}" for x in load])
+    (out / "TRAINING.md").write_text(_report(summary))
+    print(f"wrote {out}: loss {summary['final_loss']:.3f}, {summary['seconds']} s", file=sys.stderr)
     return summary | {"losses": losses}
 
 
-def _report(s: dict, losses: list[float]) -> str:
+def _report(s: dict) -> str:
     return "\n".join([
         "# How this checkpoint was trained", "",
-        f"    python -m kernels.train --out <dir> --steps {s['steps']} --seed {s['seed']}", "",
+        f"    python -m kernels.train --out {s['out']} --steps {s['steps']} --seed {s['seed']}", "",
         f"- Model: Mixtral architecture, {s['params']:,} parameters (config.json), stored as bf16.",
-        f"- Data: kernels/assets/corpus.txt as {s['examples']} sequences, {s['tokens']:,} tokens (paragraphs "
-        "BOS..EOS; dialogues also in the Mixtral v1 chat template).",
+        f"- Data: kernels/assets/corpus.txt as {s['examples']} sequences, {s['tokens']:,} tokens an epoch: "
+        "paragraphs BOS..EOS; dialogues also in the Mixtral v1 chat template; each answer after two prompts "
+        "made fresh each epoch.",
         f"- {s['steps']} steps of AdamW, warmup then cosine; loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} "
-        f"(mean of the last 20 steps); {s['seconds']} s on {torch.get_num_threads()} CPU threads, torch {torch.__version__}.",
+        f"(mean of the last 20 steps); {s['seconds']} s on {torch.get_num_threads()} CPU threads, "
+        f"torch {torch.__version__}.",
         f"- Expert load (share of a layer's rows per expert, least-most, last batch): {', '.join(s['load'])}.",
         "- The model has learned the corpus by heart on purpose: it is a demo, not a language model.", ""])
 
