@@ -24,6 +24,7 @@ from actors.router import Router
 from cluster.config import MoerayConfig
 from cluster.placement import Placement, plan
 from cluster.scaler import ExpertScaler
+from cluster.transport import with_token
 from kernels.args import ModelArgs
 from kernels.engine import Completion, TokenEvent
 from kernels.sampling import SamplingParams
@@ -50,6 +51,7 @@ def start_workers(config: MoerayConfig) -> Workers:
     if config.model is None:
         raise ValueError("config.model: give a checkpoint directory")
     args = ModelArgs.from_dir(config.model)
+    config.pipeline.transport = with_token(config.pipeline.transport)  # this replica's actors accept only each other
     p, pc = plan(args, config.pipeline), config.pipeline
     attention = [ray.remote(AttentionActor).options(**_options(pc.attention)).remote(
         config.model, layers, config.engine, pc.transport, pc.attention.threads) for layers in p.attention]

@@ -9,12 +9,22 @@ it); unary calls issued as futures, so a router fans out to all the shards of a 
 for all; tensors as raw bytes (cluster.codec, never pickle); a deadline on every call; the same
 message-size limit on both ends. Servers check every request before their handler sees it.
 
+Peers prove they belong to the same pipeline with a shared secret, `TransportConfig.token`: the Client
+sends it as metadata on every call, and the server refuses a call without it (UNAUTHENTICATED) before
+it decodes a byte. start_workers generates one per pipeline replica and hands it to the attention
+actors, the expert shards and the router through Ray's control plane. An empty token (tests that start
+servers by hand) checks nothing. The token authenticates; it does not encrypt: the channels are
+plaintext, so on a network where others can read the traffic the data plane also needs TLS (not built).
+
 Shapes: T new tokens of a step, D model dim, R expert rows of a request.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hmac
 import logging
+import secrets
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -31,6 +41,7 @@ from kernels.cache import StepSeq
 log = logging.getLogger(__name__)
 
 KINDS = ("grpc",)
+TOKEN_METADATA = "moeray-dataplane-token"  # the call metadata carrying TransportConfig.token
 
 
 @dataclass
@@ -42,6 +53,8 @@ class TransportConfig:
     max_message_mb: int = 256  # largest message either way; larger -> RESOURCE_EXHAUSTED
     timeout_s: float = 30.0  # deadline of every data-plane call
     workers: int = 8  # server threads: calls one server runs at once
+    # the pipeline's shared secret, kept out of repr (configs get logged); empty: start_workers makes one
+    token: str = dataclasses.field(default="", repr=False)
 
     def __post_init__(self):
         _check_kind(self)
@@ -56,6 +69,12 @@ def _check_kind(config: TransportConfig) -> None:
         raise ValueError(f"unknown transport kind {config.kind!r}; expected one of {', '.join(KINDS)}")
 
 
+def with_token(config: TransportConfig) -> TransportConfig:
+    """`config` itself if it has a token, else a copy with a fresh one (32 random bytes, URL-safe): what a
+    pipeline replica gives all of its actors, so they accept calls from each other and no one else."""
+    return config if config.token else dataclasses.replace(config, token=secrets.token_urlsafe(32))
+
+
 AttentionHandler = Callable[[int, int, "list[StepSeq] | None", torch.Tensor], torch.Tensor]
 """(step, layer, seqs or None when the request carries none, hidden [T, D]) -> hidden [T, D]."""
 ExpertHandler = Callable[[int, "list[tuple[int, int]]", torch.Tensor], torch.Tensor]
@@ -64,7 +83,8 @@ ExpertHandler = Callable[[int, "list[tuple[int, int]]", torch.Tensor], torch.Ten
 
 class TransportError(RuntimeError):
     """A data-plane call failed. `code` is the gRPC status name ("INVALID_ARGUMENT", "INTERNAL",
-    "DEADLINE_EXCEEDED", "UNAVAILABLE", "RESOURCE_EXHAUSTED", ...); `message` says why, peer first."""
+    "DEADLINE_EXCEEDED", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED" (no or a wrong pipeline
+    token), ...); `message` says why, peer first."""
 
     def __init__(self, code: str, message: str):
         super().__init__(f"{code}: {message}")
@@ -112,6 +132,25 @@ def _unary(name: str, body: Callable):
     return method
 
 
+class _TokenCheck(grpc.ServerInterceptor):
+    """Refuses every call whose metadata lacks the pipeline's token, before the request is deserialized:
+    the refusal handler takes the raw bytes and never parses them. Constant-time comparison."""
+
+    def __init__(self, token: str):
+        self._token = token.encode()
+        self._refuse = grpc.unary_unary_rpc_method_handler(self._unauthenticated)
+
+    @staticmethod
+    def _unauthenticated(request: bytes, context) -> None:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "data plane: missing or wrong pipeline token")
+
+    def intercept_service(self, continuation, handler_call_details):
+        presented = next((v for k, v in handler_call_details.invocation_metadata or () if k == TOKEN_METADATA), None)
+        if isinstance(presented, str) and hmac.compare_digest(presented.encode(), self._token):
+            return continuation(handler_call_details)
+        return self._refuse
+
+
 def _checked(out, like: torch.Tensor) -> torch.Tensor:
     """A handler's result, if the wire can carry it back as the reply. If not, that is the handler's
     bug: RuntimeError -> INTERNAL (encode's CodecError would read as a bad request)."""
@@ -153,8 +192,10 @@ def serve(config: TransportConfig, *, attention: AttentionHandler | None = None,
         encode(_checked(experts(request.layer, blocks, rows), rows), reply.rows)
         return reply
 
-    # Auth comes later: a token-checking grpc.ServerInterceptor goes in `interceptors=` here.
+    if not config.token and config.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("data plane on %s without a token: any peer that reaches it can call it", config.host)
     server = grpc.server(futures.ThreadPoolExecutor(config.workers, thread_name_prefix="moeray-dataplane"),
+                         interceptors=[_TokenCheck(config.token)] if config.token else None,
                          options=[*_options(config), ("grpc.so_reuseport", 0)])  # a taken port fails, not shared
     if attention is not None:
         rpc.add_AttentionServicer_to_server(SimpleNamespace(Forward=_unary("attention", forward_attention)), server)
@@ -202,7 +243,7 @@ class Client:
     def __init__(self, config: TransportConfig, address: str):
         self.address = address
         self._timeout, self._max_bytes = config.timeout_s, config.max_bytes
-        self._metadata = None  # auth comes later: the token goes here, as call metadata on every call
+        self._metadata = ((TOKEN_METADATA, config.token),) if config.token else None  # on every call
         self._channel = grpc.insecure_channel(address, options=_options(config))
         self._attention = rpc.AttentionStub(self._channel).Forward
         self._experts = rpc.ExpertShardStub(self._channel).Forward

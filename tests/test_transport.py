@@ -1,10 +1,12 @@
 """The data plane through real gRPC servers on loopback, the codec, and the committed stubs.
 
 Malformed requests go through the raw generated stub, bypassing Client, as a buggy or hostile peer
-would send them; after each one the same server must still answer a good request exactly.
+would send them; after each one the same server must still answer a good request exactly. The servers
+here have a pipeline token, as every server of a real pipeline has; calls without it are refused.
 """
 
 import threading
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,13 +19,14 @@ from hypothesis import strategies as st
 from cluster.codec import CodecError, decode, encode
 from cluster.rpc import dataplane_pb2 as pb
 from cluster.rpc import dataplane_pb2_grpc as rpc
-from cluster.transport import TransportConfig, TransportError, connect, serve
+from cluster.transport import TOKEN_METADATA, TransportConfig, TransportError, connect, serve, with_token
 from kernels.cache import StepSeq
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 MB = 1 << 20
-CONFIG = TransportConfig(max_message_mb=1, timeout_s=10)
+CONFIG = TransportConfig(max_message_mb=1, timeout_s=10, token="the-pipeline-token")
+TOKEN = ((TOKEN_METADATA, CONFIG.token),)
 SLOW_LAYER, VALUE_ERROR_LAYER, RUNTIME_ERROR_LAYER = 99, 98, 97
 
 
@@ -84,9 +87,11 @@ def client(shard):
 
 @pytest.fixture(scope="module")
 def raw(shard):
-    """The generated stubs on a channel of their own, with no send limit: a peer we do not control."""
+    """The generated stubs on a channel of their own, with no send limit: a peer we do not control (but
+    that knows the token)."""
     channel = grpc.insecure_channel(shard.address)
-    yield SimpleNamespace(experts=rpc.ExpertShardStub(channel).Forward, attention=rpc.AttentionStub(channel).Forward)
+    yield SimpleNamespace(experts=partial(rpc.ExpertShardStub(channel).Forward, metadata=TOKEN),
+                          attention=partial(rpc.AttentionStub(channel).Forward, metadata=TOKEN))
     channel.close()
 
 
@@ -240,7 +245,7 @@ def test_handler_returning_a_wrong_shape_is_internal():
 
 
 def test_deadline_exceeded_leaves_the_client_usable(shard):
-    with connect(TransportConfig(timeout_s=0.5), shard.address) as c:
+    with connect(TransportConfig(timeout_s=0.5, token=CONFIG.token), shard.address) as c:
         with pytest.raises(TransportError) as e:
             c.experts(SLOW_LAYER, [(0, 1)], torch.zeros(1, 8)).result()
         assert e.value.code == "DEADLINE_EXCEEDED"
@@ -255,6 +260,48 @@ def test_unknown_peer_is_unavailable_and_unknown_kind_is_refused():
     assert e.value.code == "UNAVAILABLE"
     with pytest.raises(ValueError, match="unknown transport kind 'nccl'"):
         TransportConfig(kind="nccl")
+
+
+# ---- the pipeline token ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", ["", "not-the-pipeline-token", CONFIG.token + "x", CONFIG.token[:-1]])
+def test_a_caller_without_the_pipeline_token_is_unauthenticated(shard, client, token):
+    """Client (Router's way of calling) with a missing or wrong token: every method refused with
+    UNAUTHENTICATED (which the router does not retry); the server keeps serving its own pipeline."""
+    seen = len(shard.seen)
+    with connect(TransportConfig(max_message_mb=1, timeout_s=10, token=token), shard.address) as stranger:
+        for call in (lambda: stranger.experts(0, [(0, 2)], torch.zeros(2, 8)).result(),
+                     lambda: stranger.attention(0, 0, None, torch.zeros(2, 8)).result(),
+                     lambda: stranger.echo(b"hello")):
+            with pytest.raises(TransportError) as e:
+                call()
+            assert e.value.code == "UNAUTHENTICATED", e.value
+            assert "token" in e.value.message and CONFIG.token not in str(e.value)
+    assert len(shard.seen) == seen  # no handler ran
+    assert_still_serving(client)
+
+
+def test_the_token_is_checked_before_the_request_is_decoded(shard, client):
+    """Bytes that are no protobuf at all: without the token, UNAUTHENTICATED (they were never parsed);
+    with it, the server gets as far as parsing them and fails there."""
+    garbage = b"\xff" * 64
+    with grpc.insecure_channel(shard.address) as channel:
+        forward = channel.unary_unary("/moeray.dataplane.v1.ExpertShard/Forward")  # no serializers: raw bytes
+        for metadata, code in ((None, grpc.StatusCode.UNAUTHENTICATED),
+                               (((TOKEN_METADATA, "wrong"),), grpc.StatusCode.UNAUTHENTICATED),
+                               (TOKEN, grpc.StatusCode.INTERNAL)):  # grpc's own "could not deserialize"
+            with pytest.raises(grpc.RpcError) as e:
+                forward(garbage, timeout=10, metadata=metadata)
+            assert e.value.code() == code, e.value.details()
+    assert_still_serving(client)
+
+
+def test_with_token_makes_one_secret_per_pipeline():
+    fresh = [with_token(TransportConfig(timeout_s=5)) for _ in range(2)]
+    assert fresh[0].token != fresh[1].token and len(fresh[0].token) >= 43 and fresh[0].timeout_s == 5
+    assert with_token(CONFIG) is CONFIG  # a configured token is kept
+    assert CONFIG.token not in repr(CONFIG)  # configs get logged
 
 
 # ---- codec -----------------------------------------------------------------------------------------
