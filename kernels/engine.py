@@ -7,6 +7,10 @@ Sequences join when there is room and leave the moment they finish, freeing thei
 KV memory is reserved when a sequence is admitted, for its whole worst case (prompt + max_tokens,
 or just the window for a sliding-window model), so a running sequence never runs out of cache and
 nothing is ever preempted; a request that does not fit waits in the queue (FIFO).
+
+An executor that loses KV state (a restarted attention actor) raises CacheLost: every running
+sequence then recomputes its cache from its tokens (prompt + generated so far) in the next steps, in
+its own blocks, and generation goes on where it was; nothing already streamed is sent again.
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ class EngineConfig:
     @property
     def num_blocks(self) -> int:
         return self.kv_cache_tokens // self.block_size
+
+
+class CacheLost(RuntimeError):
+    """Raised by an executor whose KV cache (or part of it) is gone, with the step undone: the engine
+    recomputes every running sequence's cache, then goes on."""
 
 
 class Overloaded(RuntimeError):
@@ -180,6 +189,11 @@ class Scheduler:
             budget -= n
         return batch
 
+    def recompute(self) -> None:
+        """Every running sequence's KV cache is to be written again from its tokens (it keeps its blocks)."""
+        for seq in self.running:
+            seq.num_cached = 0
+
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
@@ -225,6 +239,7 @@ class Engine:
         self.scheduler = Scheduler(self.config, args.sliding_window)
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
+        self.recomputes = 0  # times the executor lost KV state and running sequences recomputed theirs
 
     @classmethod
     def from_dir(cls, path: str | Path, config: EngineConfig | None = None,
@@ -292,7 +307,12 @@ class Engine:
         ends = torch.tensor([n for _, n in batch]).cumsum(0) - 1  # [B] flat index of each sequence's last token
         done = [seq.num_cached + n == len(seq.tokens) for seq, n in batch]  # prompt fully cached: sample
         sampling = [seq for (seq, _), d in zip(batch, done) if d]
-        logits = self.executor.forward(tokens, seqs, ends[torch.tensor(done)])  # [S, V]
+        try:
+            logits = self.executor.forward(tokens, seqs, ends[torch.tensor(done)])  # [S, V]
+        except CacheLost:
+            self.recomputes += 1
+            self.scheduler.recompute()
+            return []
         for seq, n in batch:
             seq.num_cached += n
         samples = sample(logits, [s.params for s in sampling], [s.generator for s in sampling],

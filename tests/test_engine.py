@@ -5,7 +5,7 @@ import torch
 
 from kernels.cache import AttentionMetadata, KVCache, StepSeq, blocks_for
 from kernels.checkpoint import Checkpoint
-from kernels.engine import Engine, EngineConfig, Request
+from kernels.engine import CacheLost, Engine, EngineConfig, Request
 from kernels.model import Transformer
 from kernels.sampling import SamplingParams
 
@@ -159,3 +159,34 @@ def test_waiting_queue_is_bounded(hf_mixtral):
         engine.add_request(Request("x", [5, 6], GREEDY))
     engine.step()  # one is admitted: room again
     engine.add_request(Request("y", [5, 6], GREEDY))
+
+
+class LosingExecutor:
+    """The local executor, except that its whole KV cache is wiped (zeroed) at the chosen steps and the
+    step fails with CacheLost: what a restarted attention actor means to the router."""
+
+    def __init__(self, inner, lose_at: set[int]):
+        self.inner, self.lose_at, self.steps = inner, lose_at, 0
+
+    def forward(self, tokens, seqs, logits_index):
+        self.steps += 1
+        if self.steps in self.lose_at:
+            for t in (self.inner.cache.k, self.inner.cache.v):
+                t.zero_()
+            raise CacheLost("attention actor restarted")
+        return self.inner.forward(tokens, seqs, logits_index)
+
+
+def test_lost_kv_cache_is_recomputed_and_output_unchanged(hf_tiny):
+    """Losing the cache mid-prefill and mid-decode changes no token: running sequences recompute their
+    cache from prompt + generated tokens. (Mistral's window of 8 is shorter than what is recomputed.)"""
+    ps = prompts()
+    seeded = SamplingParams(max_tokens=NEW, temperature=0.8, seed=7, ignore_eos=True)
+    expected = Engine.from_dir(hf_tiny).generate(ps, [GREEDY, GREEDY, seeded, seeded])
+    engine = Engine.from_dir(hf_tiny, EngineConfig(max_num_batched_tokens=16, max_num_seqs=4))
+    engine.executor = LosingExecutor(engine.executor, lose_at={2, 9, 20})
+    got = engine.generate(ps, [GREEDY, GREEDY, seeded, seeded])
+    assert engine.recomputes == 3 and engine.scheduler.allocator.num_free == engine.config.num_blocks
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    for a, b in zip(got[:2], expected[:2]):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
