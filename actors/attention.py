@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -57,5 +58,5 @@ class AttentionActor:
         return advertised(self.server.address)
 
     def info(self) -> dict:
-        return {"node_id": node_id(), "layers": sorted(self.blocks), "busy_s": self.busy_s,
+        return {"node_id": node_id(), "pid": os.getpid(), "layers": sorted(self.blocks), "busy_s": self.busy_s,
                 "kv_cache_bytes": self.cache.nbytes}

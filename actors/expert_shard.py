@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -51,6 +52,6 @@ class ExpertShard:
         return advertised(self.server.address)
 
     def info(self) -> dict:
-        return {"node_id": node_id(), "pairs": sorted(self.experts), "busy_s": self.busy_s,
+        return {"node_id": node_id(), "pid": os.getpid(), "pairs": sorted(self.experts), "busy_s": self.busy_s,
                 "param_bytes": sum(t.numel() * t.element_size() for m in self.experts.values()
                                    for t in [*m.parameters(), *m.buffers()])}  # quantized weights are buffers

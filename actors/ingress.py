@@ -7,8 +7,10 @@ replicas validate, tokenize and stream; Serve autoscales them on ongoing request
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import ray
 from ray import serve
 
 from actors.router import Router
@@ -16,32 +18,46 @@ from cluster.config import MoerayConfig
 from cluster.grpc_api import GrpcApi
 from cluster.http_api import build_http_app
 from cluster.pipeline import start_workers
-from cluster.service import ModelCard, Service
+from cluster.service import ModelCard, Service, Unavailable
 from kernels.args import ModelArgs
 from kernels.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
+
 
 class RouterReplica(Router):
+    """A pipeline replica as a Serve replica: its workers (and the expert scaler's replicas, when scaling
+    is enabled) are created by this process, so they live and die with it."""
+
     def __init__(self, config: MoerayConfig):
-        self.workers = start_workers(config)  # owned by this replica: they live and die with it
-        w, pc = self.workers, config.pipeline
-        super().__init__(config.model, config.engine, w.placement, pc.transport, w.attention_addresses,
-                         w.expert_addresses, pc.router.threads)
+        super().__init__(config, start_workers(config))
 
 
 class HandleBackend:
-    """The service's backend: a Router deployment behind a Serve handle."""
+    """The service's backend: a Router deployment behind a Serve handle. A request whose router replica
+    dies before its first token is sent again (nothing was streamed, so that is safe; Serve picks a live
+    replica or waits for the restarted one); after its first token it fails as Unavailable (503 /
+    UNAVAILABLE: the client may retry)."""
 
     def __init__(self, handle):
         self.handle = handle
 
     async def stream(self, prompt_ids, params, request_id):
-        response = self.handle.options(stream=True).generate.remote(request_id, prompt_ids, params)
-        try:
-            async for event in response:
-                yield event
-        finally:
-            response.cancel()  # no-op once finished; otherwise the router aborts and frees the KV cache
+        for attempt in range(2):
+            response = self.handle.options(stream=True).generate.remote(request_id, prompt_ids, params)
+            started = False
+            try:
+                async for event in response:
+                    started = True
+                    yield event
+                return
+            except ray.exceptions.RayActorError as e:
+                if started or attempt:
+                    raise Unavailable(f"the pipeline replica running this request was lost ({type(e).__name__}); "
+                                      "retry the request") from None
+                log.warning("router replica lost before request %s started; sending it again", request_id)
+            finally:
+                response.cancel()  # no-op once finished; otherwise the router aborts and frees the KV cache
 
     async def stats(self) -> dict:
         return await self.handle.stats.remote()

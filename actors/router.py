@@ -13,27 +13,37 @@ KV block tables, sampling, stops) with a PipelineExecutor that runs each layer a
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+import ray
 import torch
 
 from actors.common import node_id, set_threads
 from cluster import transport
+from cluster.config import MoerayConfig
 from cluster.loop import EngineLoop
 from cluster.placement import Placement
 from kernels.cache import StepSeq
 from kernels.checkpoint import Checkpoint
-from kernels.engine import DTYPES, Engine, EngineConfig, Request, load_tokenizer
+from kernels.engine import DTYPES, CacheLost, Engine, EngineConfig, Request, load_tokenizer
 from kernels.model import RouterPart, build, load_into
 from kernels.moe import Blocks, moe
 from kernels.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from cluster.pipeline import Workers
 
 log = logging.getLogger(__name__)
 
 
 Pair = tuple[int, int]  # (layer, expert)
+FATAL = {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED", "PERMISSION_DENIED"}  # retrying can't help
+MAX_FAILED_STEPS = 3  # attention failures in a row before the step's requests fail
 
 
 class PipelineExecutor:
@@ -41,10 +51,12 @@ class PipelineExecutor:
     replaces it with `update_placement`; the new table is swapped in between steps, never within one."""
 
     def __init__(self, ckpt: Checkpoint, engine: EngineConfig, placement: Placement, net: transport.TransportConfig,
-                 attention_addresses: list[str], expert_addresses: list[str], window_s: float = 10.0):
+                 attention_addresses: list[str], expert_addresses: list[str], window_s: float = 10.0,
+                 resolve: Callable[[str], str | None] | None = None):
         self.args = a = ckpt.args
         self.part = load_into(build(RouterPart, a), ckpt, dtype=DTYPES[engine.dtype])
         self.net = net
+        self.resolve = resolve  # address of a lost worker -> its address once Ray has restarted it (None: not ours)
         self._clients: dict[str, transport.Client] = {}  # by address: one channel per peer, reused across tables
         attention = [self._client(addr) for addr in attention_addresses]
         self.attention_of = {l: attention[i] for i, layers in enumerate(placement.attention) for l in layers}
@@ -52,7 +64,7 @@ class PipelineExecutor:
             pair: [self._client(expert_addresses[i]) for i in actors] for pair, actors in placement.actors_of().items()}
         self.table: dict[Pair, list[transport.Client]] = dict(self.base)
         self.placement_version = 0  # the version of `table` (0: the placement's own)
-        self._pending: tuple[int, dict[Pair, list[transport.Client]]] | None = None
+        self._pending: tuple[int, dict[Pair, list[str]]] | None = None
         self._busy = threading.Lock()  # held by forward: tables are swapped only outside a step
         self.step = 0
         self.tokens_per_expert: dict[Pair, int] = defaultdict(int)  # cumulative; the rate below is the scaling signal
@@ -61,6 +73,8 @@ class PipelineExecutor:
         self._window_lock = threading.Lock()
         self._step_counts: dict[Pair, int] = defaultdict(int)
         self.retries = 0  # expert calls re-sent to another holder after a failure
+        self.recoveries = 0  # workers found again after Ray restarted them
+        self._failed_steps = 0  # steps in a row lost to attention failures
         self.seconds = {"attention": 0.0, "experts": 0.0, "total": 0.0}
 
     def _client(self, address: str) -> transport.Client:
@@ -70,14 +84,11 @@ class PipelineExecutor:
 
     # -- placement table ---------------------------------------------------------------------------
     def update_placement(self, version: int, table: dict[str, list[str]]) -> None:
-        """Queue table {"layer:expert": [addresses]} (pairs it omits keep their base shards); it takes effect
-        at the start of the next step, or now if no step is running. Older versions are ignored."""
-        new = dict(self.base)
-        for key, addresses in table.items():
-            l, e = map(int, key.split(":"))
-            if addresses:
-                new[l, e] = [self._client(addr) for addr in addresses]
-        self._pending = (version, new)  # one reference assignment: the step thread sees all of it or none
+        """Queue table {"layer:expert": [addresses of extra replicas]}: each pair is served by its base shards
+        plus those. It takes effect at the start of the next step, or now if no step is running. Older
+        versions are ignored."""
+        extras = {tuple(map(int, key.split(":"))): list(addresses) for key, addresses in table.items()}
+        self._pending = (version, extras)  # one reference assignment: the step thread sees all of it or none
         self.try_swap()
 
     def try_swap(self) -> None:
@@ -90,7 +101,10 @@ class PipelineExecutor:
     def _swap(self) -> None:
         pending = self._pending
         if pending is not None and pending[0] > self.placement_version:
-            self.placement_version, self.table = pending
+            version, extras = pending
+            self.table = {pair: base + [self._client(addr) for addr in extras.get(pair, ())]
+                          for pair, base in self.base.items()}
+            self.placement_version = version
 
     def expert_rates(self) -> dict[Pair, float]:
         """Token rows per second routed to each (layer, expert) over the last `window_s` seconds."""
@@ -110,7 +124,9 @@ class PipelineExecutor:
             self._swap()
             self._step_counts = defaultdict(int)
             try:
-                return self._forward(tokens, seqs, logits_index)
+                logits = self._forward(tokens, seqs, logits_index)
+                self._failed_steps = 0
+                return logits
             finally:
                 now = time.monotonic()
                 with self._window_lock:
@@ -127,7 +143,10 @@ class PipelineExecutor:
         for l, layer in enumerate(self.part.layers):
             actor = self.attention_of[l]
             t = time.perf_counter()
-            h = actor.attention(self.step, l, None if id(actor) in told else seqs, h).result()
+            try:
+                h = actor.attention(self.step, l, None if id(actor) in told else seqs, h).result()
+            except transport.TransportError as err:
+                raise self._attention_failed(actor, err) from err
             self.seconds["attention"] += time.perf_counter() - t
             told.add(id(actor))
             x = layer.ffn_norm(h)
@@ -164,11 +183,13 @@ class PipelineExecutor:
                 try:
                     y = p.result()
                 except transport.TransportError as err:
-                    if err.code == "INVALID_ARGUMENT" or attempt == 3:
+                    if err.code in FATAL or attempt == 3:
                         raise
                     log.warning("expert call to %s failed (%s); retrying elsewhere", actor.address, err.code)
                     failed.add(actor)
                     self._drop(actor)
+                    if any(actor in base for base in self.base.values()):  # ours: wait for Ray to restart it
+                        self._recover(actor)
                     for e, s, m in ps:
                         retry[self._holder(layer, e, failed)].append((e, s, m))
                     continue
@@ -195,6 +216,34 @@ class PipelineExecutor:
                 return actor
         return self.base[layer, e][0]  # every holder failed once: try the base shard again
 
+    def _attention_failed(self, actor: transport.Client, err: transport.TransportError) -> Exception:
+        """What a failed attention call raises: CacheLost once the actor serves again (restarted by Ray,
+        its KV cache empty, or just slow: recomputing is right either way), so the engine recomputes the
+        running sequences' caches; the error itself when it is not transient, not ours, or keeps failing."""
+        self._failed_steps += 1
+        if err.code in FATAL or self.resolve is None or self._failed_steps > MAX_FAILED_STEPS:
+            return err
+        log.warning("attention call to %s failed (%s); recomputing the KV cache once it serves", actor.address, err.code)
+        self._recover(actor)
+        return CacheLost(f"attention actor {actor.address} failed ({err.code})")
+
+    def _recover(self, actor: transport.Client) -> None:
+        """Waits until the worker that served at actor.address serves again (Ray restarts a lost one: a new
+        process on a new port) and puts its new client wherever the old one was. TransportError if it can't."""
+        address = self.resolve(actor.address) if self.resolve else None
+        if address is None:
+            raise transport.TransportError("UNAVAILABLE", f"{actor.address}: lost, and no one restarts it")
+        if address == actor.address:
+            return
+        new = self._client(address)
+        swap = lambda clients: [new if c is actor else c for c in clients]  # noqa: E731
+        self.base = {pair: swap(cs) for pair, cs in self.base.items()}
+        self.table = {pair: swap(cs) for pair, cs in self.table.items()}
+        self.attention_of = {l: new if c is actor else c for l, c in self.attention_of.items()}
+        self._clients.pop(actor.address).close()
+        self.recoveries += 1
+        log.warning("worker %s serves again at %s", actor.address, address)
+
     def _drop(self, actor: transport.Client) -> None:
         """Stop sending to `actor` until the next table update; a pair left with no holder gets its base shards."""
         self.table = {pair: [a for a in actors if a is not actor] or self.base[pair]
@@ -202,14 +251,41 @@ class PipelineExecutor:
 
 
 class Router:
-    """The Ray actor around one pipeline replica's engine: submit requests, stream their tokens."""
+    """One pipeline replica's engine: submit requests, stream their tokens. A Ray actor (Pipeline) or the
+    base of a Serve replica (`moeray serve`). It keeps its workers serving: a lost attention actor or
+    base expert shard is restarted by Ray (started with max_restarts), and the executor finds it again
+    here. With scaling enabled it runs the expert scaler in-process, on its own routing load."""
 
-    def __init__(self, model_dir: str, engine: EngineConfig, placement: Placement, net: transport.TransportConfig,
-                 attention_addresses: list[str], expert_addresses: list[str], threads: int = 0, window_s: float = 10.0):
-        set_threads(threads)
-        ckpt = Checkpoint.open(model_dir)
-        self.executor = PipelineExecutor(ckpt, engine, placement, net, attention_addresses, expert_addresses, window_s)
-        self.loop = EngineLoop(Engine(self.executor, ckpt.args, load_tokenizer(model_dir), engine))
+    def __init__(self, config: MoerayConfig, workers: Workers):
+        pc = config.pipeline
+        set_threads(pc.router.threads)
+        ckpt = Checkpoint.open(config.model)
+        self.restart_timeout_s = pc.restart_timeout_s
+        self._workers = dict(zip(workers.attention_addresses + workers.expert_addresses,
+                                 workers.attention + workers.experts))
+        self.executor = PipelineExecutor(ckpt, config.engine, workers.placement, pc.transport,
+                                         workers.attention_addresses, workers.expert_addresses,
+                                         config.scaling.window_s, self._resolve)
+        self.engine = Engine(self.executor, ckpt.args, load_tokenizer(config.model), config.engine)
+        self.loop = EngineLoop(self.engine)
+        self.scaler = None
+        if config.scaling.enabled:
+            from cluster.scaler import ExpertScaler
+
+            self.scaler = ExpertScaler(config, self, workers.placement)
+
+    def _resolve(self, address: str) -> str | None:
+        """The current address of the worker that served at `address`, waiting while Ray restarts it."""
+        handle = self._workers.get(address)
+        if handle is None:
+            return None  # not one of ours (an extra replica: the scaler replaces those)
+        try:
+            new = ray.get(handle.address.remote(), timeout=self.restart_timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            raise transport.TransportError(
+                "UNAVAILABLE", f"{address}: not serving again within {self.restart_timeout_s:.0f}s: {e}") from e
+        self._workers[new] = self._workers.pop(address)
+        return new
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
         """Streams TokenEvents (call with num_returns="streaming"); cancelling the stream aborts the request."""
@@ -217,7 +293,7 @@ class Router:
             yield event
 
     def update_placement(self, version: int, table: dict[str, list[str]]) -> None:
-        """The expert scaler's new placement table {"layer:expert": [addresses]}; stats()["placement_version"]
+        """A new table of extra replicas {"layer:expert": [addresses]}; stats()["placement_version"]
         acknowledges it once no step can use the old one."""
         self.executor.update_placement(version, table)
 
@@ -227,7 +303,17 @@ class Router:
         return {**self.loop.stats(), "node_id": node_id(), "step": x.step, "seconds": dict(x.seconds),
                 "tokens_per_expert": {f"{l}:{e}": n for (l, e), n in sorted(x.tokens_per_expert.items())},
                 "expert_tokens_per_s": {f"{l}:{e}": r for (l, e), r in sorted(x.expert_rates().items())},
-                "placement_version": x.placement_version, "expert_retries": x.retries}
+                "expert_replicas": self.scaler.replica_counts() if self.scaler else {},
+                "placement_version": x.placement_version, "expert_retries": x.retries,
+                "worker_recoveries": x.recoveries, "kv_recomputes": self.engine.recomputes}
+
+    def scaler_status(self) -> dict | None:
+        """The expert scaler's view (replicas and targets per pair, pending ones, events); None when off."""
+        return self.scaler.status() if self.scaler else None
+
+    def scaler_replicas(self, pair: str) -> list:
+        """Actor handles of `pair`'s ready extra replicas (for operators and tests)."""
+        return self.scaler.handles(pair) if self.scaler else []
 
     def info(self) -> dict:
-        return {"node_id": node_id()}
+        return {"node_id": node_id(), "pid": os.getpid()}

@@ -23,7 +23,6 @@ from actors.expert_shard import ExpertShard
 from actors.router import Router
 from cluster.config import MoerayConfig
 from cluster.placement import Placement, plan
-from cluster.scaler import ExpertScaler
 from cluster.transport import with_token
 from kernels.args import ModelArgs
 from kernels.engine import Completion, TokenEvent
@@ -47,31 +46,27 @@ class Workers:
 
 def start_workers(config: MoerayConfig) -> Workers:
     """Starts the attention actors and expert shards that `config` places, and waits until they serve.
-    The router (a Ray actor here, a Serve replica in `moeray serve`) connects to the addresses."""
+    The router (a Ray actor here, a Serve replica in `moeray serve`) connects to the addresses. Ray
+    restarts a worker that dies (its process, its node) for as long as its owner lives; the router
+    finds it again at its new address."""
     if config.model is None:
         raise ValueError("config.model: give a checkpoint directory")
     args = ModelArgs.from_dir(config.model)
     config.pipeline.transport = with_token(config.pipeline.transport)  # this replica's actors accept only each other
     p, pc = plan(args, config.pipeline), config.pipeline
-    attention = [ray.remote(AttentionActor).options(**_options(pc.attention)).remote(
+    attention = [ray.remote(AttentionActor).options(**_options(pc.attention, max_restarts=-1)).remote(
         config.model, layers, config.engine, pc.transport, pc.attention.threads) for layers in p.attention]
-    experts = [ray.remote(ExpertShard).options(**_options(pc.experts, scheduling_strategy="SPREAD")).remote(
+    experts = [ray.remote(ExpertShard).options(**_options(pc.experts, max_restarts=-1, scheduling_strategy="SPREAD")).remote(
         config.model, pairs, config.engine.dtype, pc.transport, pc.experts.threads, config.engine.expert_quant)
         for pairs in p.shards for _ in range(p.replicas)]
     return Workers(p, attention, experts, ray.get([a.address.remote() for a in attention]),
                    ray.get([e.address.remote() for e in experts]))
 
 
-def base_table(w: Workers) -> dict[str, list[str]]:
-    """{"layer:expert": [addresses of the base shards holding it]}: what the expert scaler starts from."""
-    return {f"{l}:{e}": [w.expert_addresses[i] for i in actors] for (l, e), actors in w.placement.actors_of().items()}
-
-
 class Pipeline:
-    def __init__(self, config: MoerayConfig, placement: Placement, router, attention: list, experts: list,
-                 scaler=None):
+    def __init__(self, config: MoerayConfig, placement: Placement, router, attention: list, experts: list):
         self.config, self.placement = config, placement
-        self.router, self.attention, self.experts, self.scaler = router, attention, experts, scaler
+        self.router, self.attention, self.experts = router, attention, experts
         self._ids = itertools.count()
 
     @classmethod
@@ -81,17 +76,9 @@ class Pipeline:
         if not ray.is_initialized():
             ray.init(address=address, logging_level="ERROR", configure_logging=False)
         w = start_workers(config)
-        pc = config.pipeline
-        router = ray.remote(Router).options(**_options(pc.router)).remote(
-            config.model, config.engine, w.placement, pc.transport, w.attention_addresses, w.expert_addresses,
-            pc.router.threads, config.scaling.window_s)
+        router = ray.remote(Router).options(**_options(config.pipeline.router)).remote(config, w)
         ray.get(router.info.remote())
-        scaler = None
-        if config.scaling.enabled:
-            scaler = ray.remote(ExpertScaler).options(num_cpus=0, resources=dict(pc.router.resources)).remote(
-                config, [router], base_table(w))
-            ray.get(scaler.status.remote())
-        return cls(config, w.placement, router, w.attention, w.experts, scaler)
+        return cls(config, w.placement, router, w.attention, w.experts)
 
     def _submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None):
         rid = request_id or f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
@@ -133,13 +120,8 @@ class Pipeline:
 
     def scaler_status(self) -> dict | None:
         """The expert scaler's view: replicas and targets per pair, pending ones, events. None when off."""
-        return ray.get(self.scaler.status.remote()) if self.scaler else None
+        return ray.get(self.router.scaler_status.remote())
 
     def shutdown(self) -> None:
-        if self.scaler is not None:
-            try:
-                ray.get(self.scaler.stop.remote(), timeout=60)
-            except Exception:  # its replicas die with it anyway (it owns them)
-                pass
-        for actor in [self.router, *self.attention, *self.experts, *([self.scaler] if self.scaler else [])]:
+        for actor in [self.router, *self.attention, *self.experts]:  # extra replicas die with their router
             ray.kill(actor)

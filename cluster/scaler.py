@@ -1,18 +1,22 @@
 """Expert scaler: replicas of hot (layer, expert) pairs follow routing load, within the config's bounds.
 
-Every `interval_s` the scaler reads every router's stats, sums their windowed token rates per pair, and
+It runs in its router's process (one per pipeline replica: a Ray actor with the Pipeline API, a Serve
+replica with `moeray serve`), scaling that replica's experts on that router's load. Every `interval_s` it
+reads the router's windowed token rates per pair, and
 
     decide     Policy: desired = clamp(ceil(rate / target_tokens_per_s), min, max) per pair, the hottest
                first while the pool budget lasts; a change waits for upscale/downscale_delay_s of
                sustained demand and for cooldown_s after the pair's last change.
     reconcile  starts one-pair ExpertShard replicas (asking for the expert node resource, so a pending one
                makes the Ray autoscaler add a node) or marks surplus ones draining; replaces lost ones.
-    publish    pushes {"layer:expert": [addresses]} to every router when it changes (version + 1).
-    retire     stops a draining replica once every router has acknowledged a version without it: routers
-               swap tables between steps, so from then on no call to it is in flight.
+    publish    gives the router {"layer:expert": [extra replica addresses]} when it changes (version + 1).
+    retire     stops a draining replica once the router has acknowledged a version without it: the router
+               swaps tables between steps, so from then on no call to it is in flight.
 
 A replica that does not serve within ready_timeout_s is reported unplaceable, stopped and started anew;
-nothing here is fatal to the pipeline. Base shards (the placement's) are never removed: they are the floor.
+nothing here is fatal to the pipeline. Base shards (the placement's) are never removed: they are the floor
+(a lost one is restarted by Ray and found again by the router). Extra replicas are created by this
+process, so they die with their router.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 import ray
 
 from cluster.config import MoerayConfig, ScalingConfig
+from cluster.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +117,16 @@ class Event:
 
 
 class ExpertScaler:
-    """The controller actor. `routers`: handles of every router whose table it keeps; `base`: the
-    placement's {"layer:expert": [base shard addresses]}."""
+    """The controller, a thread in its router's process. `router`: stats() -> dict with
+    "expert_tokens_per_s" and "placement_version", update_placement(version, table); `placement`: the
+    pipeline's, whose shards hold each pair once per shard replica (the base)."""
 
-    def __init__(self, config: MoerayConfig, routers: list, base: dict[str, list[str]]):
-        self.config, self.cfg = config, config.scaling
-        self.routers = list(routers)
-        self.base = {parse(k): list(v) for k, v in base.items()}
-        self.policy = Policy(self.cfg, {p: len(a) for p, a in self.base.items()})
+    def __init__(self, config: MoerayConfig, router, placement: Placement):
+        self.config, self.cfg, self.router = config, config.scaling, router
+        self.base = {p: len(actors) for p, actors in placement.actors_of().items()}
+        self.policy = Policy(self.cfg, self.base)
         self.replicas: list[Replica] = []
-        self.version, self.published = 0, {}
-        self.acked: list[int] = [0] * len(self.routers)
+        self.version, self.published, self.acked = 0, {}, 0
         self.rates: dict[Pair, float] = {}
         self.events: deque[Event] = deque(maxlen=100)
         self.unplaceable = 0
@@ -132,23 +136,31 @@ class ExpertScaler:
         self._thread = threading.Thread(target=self._run, name="expert-scaler", daemon=True)
         self._thread.start()
 
-    # -- control plane (Ray calls) -------------------------------------------------------------
+    # -- what operators see (through the router) ----------------------------------------------
+    def replica_counts(self) -> dict[str, int]:
+        """Serving holders per pair: base shards + ready extra replicas."""
+        with self._lock:
+            return self._counts()
+
+    def _counts(self) -> dict[str, int]:
+        count = {key(p): n for p, n in self.base.items()}
+        for r in self.replicas:
+            if r.state == "ready":
+                count[key(r.pair)] += 1
+        return count
+
     def status(self) -> dict:
         with self._lock:
-            count = {key(p): len(a) for p, a in self.base.items()}
-            for r in self.replicas:
-                if r.state == "ready":
-                    count[key(r.pair)] += 1
             now = time.monotonic()
             return {
-                "replicas": count,  # serving holders per pair (base shards + ready extra replicas)
+                "replicas": self._counts(),
                 "targets": {key(p): n for p, n in self.policy.target.items()},
                 "extra": [{"pair": key(r.pair), "state": r.state, "address": r.address, "age_s": now - r.started}
                           for r in self.replicas],
                 "pending": [key(r.pair) for r in self.replicas if r.state == "starting"],
                 "unplaceable": self.unplaceable,  # replicas stopped after ready_timeout_s (each one retried)
                 "rates": {key(p): r for p, r in sorted(self.rates.items())},
-                "version": self.version, "acked": list(self.acked), "ticks": self.ticks,
+                "version": self.version, "acked": self.acked, "ticks": self.ticks,
                 "events": [e.as_dict() for e in self.events],
             }
 
@@ -158,7 +170,7 @@ class ExpertScaler:
             return [r.handle for r in self.replicas if key(r.pair) == pair and r.state == "ready"]
 
     def stop(self) -> None:
-        """Stops the loop and every extra replica (the pipeline is going away)."""
+        """Stops the loop and every extra replica."""
         self._stop.set()
         self._thread.join(timeout=30)
         for r in self.replicas:
@@ -178,14 +190,11 @@ class ExpertScaler:
         self.events.append(Event(time.time(), what, key(pair) if pair else "", detail))
 
     def _tick(self) -> None:
-        stats = ray.get([r.stats.remote() for r in self.routers], timeout=max(10.0, 5 * self.cfg.interval_s))
-        rates: dict[Pair, float] = {}
-        for s in stats:
-            for k, r in s.get("expert_tokens_per_s", {}).items():
-                rates[parse(k)] = rates.get(parse(k), 0.0) + r
+        stats = self.router.stats()
+        rates = {parse(k): r for k, r in stats.get("expert_tokens_per_s", {}).items()}
         now = time.monotonic()
         with self._lock:
-            self.rates, self.acked = rates, [s.get("placement_version", 0) for s in stats]
+            self.rates, self.acked = rates, stats.get("placement_version", 0)
             self._check_replicas(now)
             for p, old, new in self.policy.decide(rates, now):
                 self._event("scale", p, f"{old} -> {new} replicas at {rates.get(p, 0.0):.1f} tokens/s")
@@ -240,7 +249,7 @@ class ExpertScaler:
     def _reconcile(self, now: float) -> None:
         for p, target in self.policy.target.items():
             active = [r for r in self.replicas if r.pair == p and r.state != "draining"]
-            need = target - len(self.base[p])
+            need = target - self.base[p]
             for _ in range(need - len(active)):
                 self._start(p, now)
             surplus = len(active) - need
@@ -255,17 +264,16 @@ class ExpertScaler:
         table: dict[str, list[str]] = {}
         for r in self.replicas:
             if r.state == "ready":
-                table.setdefault(key(r.pair), list(self.base[r.pair])).append(r.address)
+                table.setdefault(key(r.pair), []).append(r.address)
         if table != self.published:
             self.version += 1
             self.published = table
-            for router in self.routers:  # calls from one caller to one actor run in order: versions arrive ascending
-                router.update_placement.remote(self.version, table)
+            self.router.update_placement(self.version, table)
         for r in self.replicas:  # the current version lacks every draining replica
             if r.state == "draining" and r.drain_version is None:
                 r.drain_version = self.version
 
     def _retire(self) -> None:
         for r in [r for r in self.replicas if r.state == "draining" and r.drain_version is not None]:
-            if all(v >= r.drain_version for v in self.acked):
-                self._remove(r, "stopped", f"drained: every router acknowledged version {r.drain_version}")
+            if self.acked >= r.drain_version:
+                self._remove(r, "stopped", f"drained: the router acknowledged version {r.drain_version}")

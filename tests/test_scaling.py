@@ -76,7 +76,7 @@ def executor(hf_mixtral):
 def test_a_new_table_takes_effect_only_between_steps(executor):
     ex, base = executor
     with ex._busy:  # a step is running
-        ex.update_placement(1, {"0:3": [base, "127.0.0.1:9"]})
+        ex.update_placement(1, {"0:3": ["127.0.0.1:9"]})  # an extra replica: the base shard keeps serving too
         assert ex.placement_version == 0 and len(ex.table[0, 3]) == 1
     ex.try_swap()
     assert ex.placement_version == 1 and [c.address for c in ex.table[0, 3]] == [base, "127.0.0.1:9"]
@@ -94,9 +94,9 @@ def test_a_failed_expert_call_is_retried_on_another_holder(executor):
     with socket.socket() as s:  # a port nobody listens on: a replica that is gone
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
-    ex.update_placement(1, {"0:0": [dead, base], "0:1": [dead]})
+    ex.update_placement(1, {"0:0": [dead], "0:1": [dead]})
     rows = torch.randn(10, 64)
-    out = ex._experts(0, rows, [(0, 0, 6), (1, 6, 4)])  # half of expert 0's rows and all of expert 1's go to `dead`
+    out = ex._experts(0, rows, [(0, 0, 6), (1, 6, 4)])  # half of each expert's rows go to `dead`
     assert torch.equal(out, rows * 2) and ex.retries == 1
     assert all(c.address != dead for c in ex.table[0, 0] + ex.table[0, 1])  # not called again until the next table
     assert dict(ex.tokens_per_expert) == {(0, 0): 6, (0, 1): 4}
@@ -163,9 +163,9 @@ def skew(hf_mixtral):
     return prompts, f"{pair[0]}:{pair[1]}", share, reference
 
 
-async def until(scaler, check, timeout: float, what: str) -> dict:
+async def until(router, check, timeout: float, what: str) -> dict:
     deadline = time.monotonic() + timeout
-    while not check(s := await scaler.status.remote()):
+    while not check(s := await router.scaler_status.remote()):
         assert time.monotonic() < deadline, f"timed out waiting for {what}: {s}"
         await asyncio.sleep(0.2)
     return s
@@ -176,14 +176,14 @@ def test_skewed_load_scales_the_hot_expert_out_survives_a_kill_and_scales_back_i
     assert share > 2 / 8  # the load really is skewed: uniform routing gives this pair 1/8 of its layer's rows
     pipe = Pipeline.start(config(hf_mixtral))
     try:
-        scaler, stop = pipe.scaler, False
+        scaler, stop = pipe.router, False  # the scaler runs in the router's process
 
         async def control():
             nonlocal stop
             try:
                 s = await until(scaler, lambda s: s["replicas"][hot] == 2, 45, f"a replica of {hot}")
                 assert sum(s["replicas"].values()) == 16 + 1  # the one extra (the budget) went to the hot pair
-                [victim] = await scaler.handles.remote(hot)
+                [victim] = await scaler.scaler_replicas.remote(hot)
                 old = next(r["address"] for r in s["extra"] if r["state"] == "ready")
                 ray.kill(victim)  # under load: calls in flight to it fail and are retried elsewhere
                 s = await until(scaler, lambda s: any(r["state"] == "ready" and r["address"] != old
@@ -206,6 +206,7 @@ def test_skewed_load_scales_the_hot_expert_out_survives_a_kill_and_scales_back_i
         assert stats["placement_version"] >= 2  # scale-out, then the replacement's table
 
         s = asyncio.run(until(scaler, lambda s: s["replicas"][hot] == 1 and not s["extra"], 30, "scale-in"))
+        assert pipe.stats()["expert_replicas"][hot] == 1
         whats = [e["what"] for e in s["events"]]
         assert whats.index("drain") < whats.index("stopped") and s["unplaceable"] == 0
         # drained means every router acknowledged a table without it before it stopped
@@ -215,16 +216,30 @@ def test_skewed_load_scales_the_hot_expert_out_survives_a_kill_and_scales_back_i
         pipe.shutdown()
 
 
+class IdleRouter:
+    """What the scaler needs of a router, with no load."""
+
+    def stats(self) -> dict:
+        return {"expert_tokens_per_s": {}, "placement_version": 0}
+
+    def update_placement(self, version, table) -> None:
+        pass
+
+
 def test_a_replica_that_cannot_be_placed_is_reported_and_retried(cluster, hf_mixtral):
     """No node has 5 expert_node: the replica stays pending, is reported, stopped and started again."""
+    from cluster.placement import Placement
+
     cfg = config(hf_mixtral)
     cfg.pipeline.experts.resources = {"expert_node": 5}
     cfg.scaling.min_replicas, cfg.scaling.ready_timeout_s = 2, 1.0
-    scaler = ray.remote(ExpertScaler).options(num_cpus=0).remote(cfg, [], {"0:0": ["127.0.0.1:1"]})
+    scaler = ExpertScaler(cfg, IdleRouter(), Placement(attention=[[0]], shards=[[(0, 0)]], replicas=1))
     try:
-        s = asyncio.run(until(scaler, lambda s: s["unplaceable"] >= 2, 20, "unplaceable reports"))
+        deadline = time.monotonic() + 20
+        while (s := scaler.status())["unplaceable"] < 2:
+            assert time.monotonic() < deadline, s
+            time.sleep(0.2)
         assert s["replicas"] == {"0:0": 1} and s["pending"] == ["0:0"]  # still trying, nothing fatal
         assert any("retrying" in e["detail"] for e in s["events"] if e["what"] == "unplaceable")
     finally:
-        ray.get(scaler.stop.remote())
-        ray.kill(scaler)
+        scaler.stop()
