@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve import Application
 
-from cluster.config import MoerayConfig, load_config
+from cluster.config import MoerayConfig, api_key_of, load_config
 
 GRPC_SERVICERS = [
     "cluster.rpc.moeray_pb2_grpc.add_GenerationServiceServicer_to_server",
@@ -30,7 +30,9 @@ class BuildArgs(BaseModel):
 
 
 def resolve(config: MoerayConfig) -> MoerayConfig:
-    """The demo model when no model is configured."""
+    """The demo model when no model is configured; the API key from $MOERAY_API_KEY when the config has
+    none (so it travels to the Ingress replicas inside the config, wherever they run)."""
+    config.serve.api_key = api_key_of(config.serve)
     if config.model is None:
         from kernels.train import demo_dir
 

@@ -5,6 +5,7 @@ key's dotted path in the message. Sections are dataclasses; kernels' EngineConfi
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,24 @@ class ServeConfig:
     grpc_port: int = 9000
     pipeline_replicas: int = 1  # routers, each with its own attention actors and expert shards
     ingress: IngressConfig = field(default_factory=IngressConfig)
+    # Clients must send `Authorization: Bearer <api_key>` (HTTP; gRPC metadata `authorization`) on every
+    # API call but /health and grpc.health.v1. None here: the MOERAY_API_KEY environment variable of the
+    # process that builds the app, if set and non-empty; else no key. The YAML's value wins over the variable.
+    api_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("serve.api_key is empty; leave it out (or null) for no key")
+
+
+API_KEY_ENV = "MOERAY_API_KEY"
+
+
+def api_key_of(serve: ServeConfig) -> str | None:
+    """The API key `serve` asks for: serve.api_key if set, else $MOERAY_API_KEY if non-empty, else None."""
+    if serve.api_key is not None:
+        return serve.api_key
+    return os.environ.get(API_KEY_ENV, "").strip() or None
 
 
 @dataclass

@@ -7,6 +7,10 @@ context has no `abort`, so a failed call sets its status with `set_code`/`set_de
   - a stream raises StatusSet. Serve forwards a stream's code only with a message or an exception,
     so a stream that just ended would report OK; on a plain server, add_to_server's adapter turns
     StatusSet back into a normal end, and gRPC sends the status that was set.
+
+With an API key (Service(api_key=...)), every moeray.v1 call must carry the metadata
+`authorization: Bearer <key>` (UNAUTHENTICATED otherwise, before the request is looked at);
+grpc.health.v1 Check stays open, as HTTP's /health does.
 """
 
 from __future__ import annotations
@@ -52,6 +56,14 @@ def fail(grpc_context, error: Exception) -> StatusSet:
     return StatusSet(details)
 
 
+def authorization(grpc_context) -> str | None:
+    """The call's `authorization` metadata (gRPC lowercases keys), as Serve's context and grpc.aio's give it."""
+    for key, value in grpc_context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else None  # a binary (-bin) value is never a key
+    return None
+
+
 def messages_of(request) -> list[dict]:
     return [{"role": m.role, "content": m.content} for m in request.messages]
 
@@ -88,6 +100,7 @@ class GrpcApi:
         """The ids Generate (text) or Chat (messages) would run on: the same code builds them."""
         s = self.service
         try:
+            s.authorize(authorization(grpc_context))
             s.check_model(request.model)
             if request.text and request.messages:
                 raise InvalidRequest("set either text or messages, not both", "messages")
@@ -103,6 +116,7 @@ class GrpcApi:
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context) -> pb.ModelInfoResponse:
         card, tok = self.service.card, self.service.tokenizer
         try:
+            self.service.authorize(authorization(grpc_context))
             self.service.check_model(request.model)
         except Exception as e:
             fail(grpc_context, e)
@@ -159,7 +173,8 @@ class GrpcApi:
                                      top_k=p.top_k, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
                                      ignore_eos=p.ignore_eos, **optional)
 
-    async def _open(self, prepare, request) -> tuple[AsyncIterator[TokenEvent], SamplingParams, int]:
+    async def _open(self, grpc_context, prepare, request) -> tuple[AsyncIterator[TokenEvent], SamplingParams, int]:
+        self.service.authorize(authorization(grpc_context))
         ids, params = prepare(request)
         request_id = request.request_id if request.HasField("request_id") else None
         chat = isinstance(request, pb.ChatRequest)  # a reply drops the continuation's leading space, as over HTTP
@@ -183,7 +198,7 @@ class GrpcApi:
     async def _complete(self, grpc_context, prepare, request) -> pb.GenerateResponse:
         out = pb.GenerateResponse()
         try:
-            events, params, n_prompt = await self._open(prepare, request)
+            events, params, n_prompt = await self._open(grpc_context, prepare, request)
             async with aclosing(events):
                 async for ev in events:
                     out.token_ids.append(ev.token)
@@ -201,7 +216,7 @@ class GrpcApi:
         """Errors before the first token fail the call with no message; a client that goes away closes
         this generator, and `aclosing` closes the service stream, which aborts the request."""
         try:
-            events, params, n_prompt = await self._open(prepare, request)
+            events, params, n_prompt = await self._open(grpc_context, prepare, request)
         except Exception as e:
             raise fail(grpc_context, e) from None
         n = 0

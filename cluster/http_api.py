@@ -15,6 +15,8 @@ Decisions clients can rely on:
   would stop at 16). Note the engine reserves KV cache for prompt + max_tokens when it admits a request.
 - echo (completions) prepends the prompt text; echo with logprobs is refused (no prompt logprobs).
 - Extra OpenAI fields, as vLLM's: top_k, repetition_penalty, ignore_eos.
+- With an API key (Service(api_key=...)), every route but /health needs `Authorization: Bearer <key>`,
+  checked before the body is read; 401 otherwise, in the route's error shape.
 - TGI: generated_text keeps the stop sequence that ended it, as TGI does; when sampling without a
   seed, one is drawn here so `details.seed` can report it; `truncate` keeps the last N prompt tokens;
   stream events count `index` from 1; best_of > 1, decoder_input_details, watermark, grammar, typical_p
@@ -30,18 +32,23 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from cluster.service import ApiError, InvalidRequest, Service, TokenStream, Unavailable
+from cluster.service import ApiError, InvalidRequest, Service, TokenStream, Unauthorized, Unavailable
 from kernels.engine import TokenEvent
 from kernels.sampling import SamplingParams
 
 TGI_PATHS = ("/", "/generate", "/generate_stream")
+# Routes that answer without the API key. /health: load balancers and Serve probe it with no credentials,
+# and it returns no data. /metrics is NOT open: its per-expert token counts and request rates describe the
+# traffic, and Prometheus sends the key natively (scrape_config `authorization: {credentials: <key>}`).
+# FastAPI's own /docs, /redoc and /openapi.json stay open too: they describe the public API and run nothing.
+OPEN_PATHS = ("/health",)
 MAX_STOP = 4  # OpenAI's limit, and TGI's default max_stop_sequences
 
 
@@ -223,16 +230,25 @@ class _EventStream(StreamingResponse):
 # -- the app -------------------------------------------------------------------------------
 def build_http_app(service: Service) -> FastAPI:
     """The FastAPI app serving `service` (a Serve ingress wraps it; tests run it under uvicorn)."""
-    app = FastAPI(title="moeray", description="OpenAI and TGI APIs over a Mixtral MoE model")
+
+    async def api_key(request: Request) -> None:
+        """Every route's first dependency: runs after routing (so a refusal has the route's error shape)
+        and before the handler reads the body."""
+        if request.scope["route"].path not in OPEN_PATHS:
+            service.authorize(request.headers.get("authorization"))
+
+    app = FastAPI(title="moeray", description="OpenAI and TGI APIs over a Mixtral MoE model",
+                  dependencies=[Depends(api_key)])
     tok, card = service.tokenizer, service.card
     healthy = False
 
     def error_response(request: Request, e: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(e, Unauthorized) else None
         if getattr(request.scope.get("route"), "path", None) in TGI_PATHS:  # the route, whatever the mount prefix
             return JSONResponse({"error": e.message, "error_type": e.tgi_type},
-                                422 if e.http_status == 400 else e.http_status)
+                                422 if e.http_status == 400 else e.http_status, headers)
         return JSONResponse({"error": {"message": e.message, "type": e.openai_type, "param": e.param, "code": e.code}},
-                            e.http_status)
+                            e.http_status, headers)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, e: ApiError) -> JSONResponse:

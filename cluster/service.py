@@ -8,6 +8,7 @@ pipeline replica behind a Serve handle, or an EngineLoop in this process (tests,
 
 from __future__ import annotations
 
+import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -46,6 +47,16 @@ class Overloaded(ApiError):
 
 class Unavailable(ApiError):
     http_status, grpc_code, openai_type, tgi_type = 503, "UNAVAILABLE", "server_error", "overloaded"
+
+
+class Unauthorized(ApiError):
+    """No API key, or the wrong one: OpenAI's 401 (type and code as api.openai.com answers them)."""
+
+    http_status, grpc_code, openai_type, tgi_type = 401, "UNAUTHENTICATED", "invalid_request_error", "authentication"
+
+    def __init__(self, message: str):
+        super().__init__(message, None, "invalid_api_key")
+
 
 
 @dataclass(frozen=True)
@@ -158,9 +169,30 @@ class TokenStream:
 
 
 class Service:
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, card: ModelCard):
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, card: ModelCard, api_key: str | None = None):
+        """api_key: when set, every API call must present it (`Authorization: Bearer <key>` over HTTP, the
+        same as gRPC metadata); None: no key (the default, for a server on loopback)."""
+        if api_key is not None and not api_key.strip():
+            raise ValueError("api_key is empty; give None for no key")
         self.backend, self.tokenizer, self.card = backend, tokenizer, card
+        self._key = None if api_key is None else api_key.strip().encode()  # a key file's newline is no part of it
         self.metrics = Metrics(self)
+
+    # -- access ------------------------------------------------------------------------------------
+    @property
+    def requires_key(self) -> bool:
+        return self._key is not None
+
+    def authorize(self, authorization: str | None) -> None:
+        """Checks an `Authorization` header value (or gRPC `authorization` metadata) against the API key,
+        in constant time; Unauthorized if it is missing or wrong. A no-op when the service has no key."""
+        if self._key is None:
+            return
+        scheme, _, presented = (authorization or "").strip().partition(" ")
+        if not authorization or scheme.lower() != "bearer" or not presented.strip():
+            raise Unauthorized("missing API key: send it as 'Authorization: Bearer <key>'")
+        if not hmac.compare_digest(presented.strip().encode("utf-8", "surrogatepass"), self._key):
+            raise Unauthorized("invalid API key")
 
     # -- requests ------------------------------------------------------------------------------
     def check_model(self, name: str | None, param: str = "model") -> None:

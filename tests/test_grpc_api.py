@@ -28,11 +28,11 @@ LONG = pb.SamplingParameters(max_tokens=1500, ignore_eos=True)  # over a minute 
 class Server:
     """A Service over an EngineLoop, served by grpc.aio from an event loop in a thread of its own."""
 
-    def __init__(self, model_dir: Path, config: EngineConfig, backend=LocalBackend):
+    def __init__(self, model_dir: Path, config: EngineConfig, backend=LocalBackend, api_key: str | None = None):
         engine = Engine.from_dir(model_dir, config)
         self.loop_thread = EngineLoop(engine)
         card = ModelCard("tiny-mixtral", engine.args.max_seq_len, engine.args.vocab_size, "mixtral", created=1700000000)
-        self.service = Service(backend(self.loop_thread), engine.tokenizer, card)
+        self.service = Service(backend(self.loop_thread), engine.tokenizer, card, api_key=api_key)
         self.aio = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.aio.run_forever, daemon=True)
         self.thread.start()
@@ -257,3 +257,50 @@ def test_backend_failure_mid_stream_ends_it_with_internal(tiny_model):
         assert s.wait_for(lambda st: st["running"] == 0)["running"] == 0
     finally:
         s.close()
+
+
+# -- API key ---------------------------------------------------------------------------------------
+KEY = "sk-moeray-grpc-test"
+CALLS = {"Generate": generate(ids=[1, 296, 454], max_tokens=3, temperature=0),
+         "GenerateStream": generate(ids=[1, 296, 454], max_tokens=3, temperature=0),
+         "Chat": pb.ChatRequest(messages=[pb.Message(role="user", content="hi")], params=GREEDY),
+         "ChatStream": pb.ChatRequest(messages=[pb.Message(role="user", content="hi")], params=GREEDY),
+         "Tokenize": pb.TokenizeRequest(text="hi"), "ModelInfo": pb.ModelInfoRequest()}
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_model):
+    s = Server(tiny_model, EngineConfig(max_num_seqs=4), api_key=KEY)
+    yield s
+    s.close()
+
+
+def call(stub, method, request, metadata):
+    reply = getattr(stub, method)(request, timeout=10, metadata=metadata)
+    return list(reply) if method.endswith("Stream") else reply
+
+
+@pytest.mark.parametrize("metadata", [None, (("authorization", "Bearer wrong"),), (("authorization", KEY),),
+                                      (("authorization", f"Bearer {KEY}x"),), (("x-api-key", KEY),),
+                                      (("authorization-bin", f"Bearer {KEY}".encode()),)],
+                         ids=["none", "wrong", "no scheme", "longer", "other header", "binary"])
+def test_api_key_missing_or_wrong_is_unauthenticated(keyed, metadata):
+    """Every moeray.v1 method, even with a request that would fail validation: the key comes first."""
+    for method, request_ in [*CALLS.items(), ("Generate", generate(text=""))]:
+        with pytest.raises(grpc.RpcError) as e:
+            call(keyed.stub, method, request_, metadata)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, (method, e.value.details())
+        assert "API key" in e.value.details() and KEY not in e.value.details()
+    assert keyed.stats()["running"] == 0
+
+
+def test_api_key_right_key_works_and_health_is_open(keyed, engine):
+    auth = (("authorization", f"Bearer {KEY}"),)
+    for method, request_ in CALLS.items():
+        call(keyed.stub, method, request_, auth)
+    reply = keyed.stub.Generate(CALLS["Generate"], metadata=auth)
+    assert list(reply.token_ids) == reference(engine, [1, 296, 454], CALLS["Generate"].params).token_ids
+    with pytest.raises(grpc.RpcError) as e:  # past the key, the usual checks
+        keyed.stub.Generate(generate(text=""), metadata=auth)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert keyed.health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING

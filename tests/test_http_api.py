@@ -11,6 +11,7 @@ import openai
 import pytest
 import uvicorn
 from huggingface_hub import InferenceClient
+from huggingface_hub.errors import TextGenerationError
 
 try:
     import httpx
@@ -45,11 +46,11 @@ class Server:
         self.thread.join(timeout=10)
 
 
-def serve(tiny_model, **config):
+def serve(tiny_model, api_key=None, **config):
     engine = Engine.from_dir(tiny_model, EngineConfig(**config))
     loop = EngineLoop(engine)
     card = ModelCard("tiny", engine.args.max_seq_len, engine.args.vocab_size, "mixtral")
-    service = Service(LocalBackend(loop), engine.tokenizer, card)
+    service = Service(LocalBackend(loop), engine.tokenizer, card, api_key=api_key)
     return service, loop, Server(build_http_app(service))
 
 
@@ -390,3 +391,79 @@ def test_health_is_503_while_the_backend_fails(tiny_model):
 
     r = asyncio.run(get())
     assert r.status_code == 503 and "no replica" in r.json()["error"]["message"]
+
+
+# -- API key -----------------------------------------------------------------------------------
+KEY = "sk-moeray-test-0123456789"
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_model):
+    service, loop, server = serve(tiny_model, api_key=KEY)
+    yield server.url, service
+    server.stop()
+    loop.stop()
+
+
+def test_api_key_real_clients(keyed, oracle):
+    """openai and huggingface_hub send their key as a Bearer token: the right one gets the engine's tokens,
+    a wrong one a 401 that the clients recognize."""
+    url, service = keyed
+    want = oracle(service.tokenizer.encode_chat(CHAT), 4).text.removeprefix(" ")
+    r = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY).chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=4, temperature=0)
+    assert r.choices[0].message.content == want
+    with pytest.raises(openai.AuthenticationError) as e:
+        openai.OpenAI(base_url=f"{url}/v1", api_key=KEY + "x", max_retries=0).models.list()
+    assert (e.value.status_code, e.value.code, e.value.type) == (401, "invalid_api_key", "invalid_request_error")
+
+    text = oracle(service.tokenizer.encode("The router"), 4).text
+    assert InferenceClient(url, token=KEY).text_generation("The router", max_new_tokens=4) == text
+    with pytest.raises(TextGenerationError) as e:  # from the HTTP error, whose response is ours
+        InferenceClient(url, token="hf_wrong").text_generation("The router", max_new_tokens=4)
+    assert e.value.__cause__.response.status_code == 401 and "invalid API key" in str(e.value)
+
+
+OPENAI_ROUTES = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
+                 ("GET", "/v1/models/tiny"), ("GET", "/metrics")]
+TGI_ROUTES = [("POST", "/generate"), ("POST", "/generate_stream"), ("POST", "/")]
+NO_KEY = {"none": None, "empty": "", "bearer only": "Bearer", "wrong key": "Bearer sk-wrong",
+          "prefix": f"Bearer {KEY[:-1]}", "longer": f"Bearer {KEY}0", "basic": f"Basic {KEY}", "raw key": KEY,
+          "non-ascii": "Bearer ключ".encode()}
+
+
+@pytest.mark.parametrize("header", NO_KEY.values(), ids=NO_KEY.keys())
+def test_api_key_missing_or_wrong_is_401_in_each_routes_shape(keyed, header):
+    """Refused before the body is read: an undecodable body still gets 401, not 400."""
+    url, _ = keyed
+    headers = {"content-type": "application/json", **({"authorization": header} if header is not None else {})}
+    for method, path in OPENAI_ROUTES + TGI_ROUTES:
+        r = httpx.request(method, url + path, content=b'{"not json', headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, r.text)
+        if (method, path) in TGI_ROUTES:
+            assert r.json()["error_type"] == "authentication" and r.json()["error"], r.text
+        else:
+            err = r.json()["error"]
+            assert (err["type"], err["code"], err["param"]) == ("invalid_request_error", "invalid_api_key", None)
+        assert KEY not in r.text
+
+
+def test_api_key_right_key_on_every_route_and_health_open(keyed):
+    url, _ = keyed
+    auth = {"authorization": f"Bearer {KEY}"}
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"  # load balancers probe without a key
+    assert httpx.get(f"{url}/health", headers={"authorization": "Bearer wrong"}).status_code == 200
+    assert httpx.get(f"{url}/metrics", headers=auth).status_code == 200
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"bearer  {KEY}"}).status_code == 200  # case, spaces
+    r = httpx.post(f"{url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, headers=auth)
+    assert r.status_code == 200
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 0}, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"  # past the key, the usual checks
+    assert httpx.get(f"{url}/nope", headers=auth).status_code == 404
+
+
+def test_no_api_key_configured_accepts_any_header(api):
+    url, _ = api
+    for header in ({}, {"authorization": "Bearer anything"}):
+        assert httpx.get(f"{url}/v1/models", headers=header).status_code == 200
+
