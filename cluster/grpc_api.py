@@ -15,17 +15,17 @@ grpc.health.v1 Check stays open, as HTTP's /health does.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from types import SimpleNamespace
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.rpc import moeray_pb2 as pb
-from cluster.rpc import moeray_pb2_grpc
 from cluster.service import ApiError, InvalidRequest, Service
 from kernels.engine import TokenEvent
 from kernels.sampling import SamplingParams
@@ -254,9 +254,34 @@ class _Health(health_pb2_grpc.HealthServicer):
         self.Check = api.Check
 
 
+def _decoding(method, request_type):
+    """`method` taking the request's raw bytes: bytes that are no `request_type` fail the call with
+    INVALID_ARGUMENT (with the generated deserializer, grpc.aio would answer UNKNOWN and log a traceback)."""
+    async def decode(data: bytes, context):
+        try:
+            return request_type.FromString(data)
+        except DecodeError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid "
+                                f"{request_type.DESCRIPTOR.full_name}: {e}")
+
+    async def unary(data, context):
+        return await method(await decode(data, context), context)
+
+    async def stream(data, context):
+        async for message in method(await decode(data, context), context):
+            yield message
+
+    return stream if inspect.isasyncgenfunction(method) else unary
+
+
 def add_to_server(api: GrpcApi, server: grpc.aio.Server) -> None:
-    """Registers GenerationService and grpc.health.v1.Health on a grpc.aio server."""
-    methods = {m.name: _ending_on_status(getattr(api, m.name)) if m.server_streaming else getattr(api, m.name)
-               for m in SERVICE.methods}
-    moeray_pb2_grpc.add_GenerationServiceServicer_to_server(SimpleNamespace(**methods), server)
+    """Registers GenerationService and grpc.health.v1.Health on a grpc.aio server; the same handlers as
+    the generated add_GenerationServiceServicer_to_server, but decoding requests themselves."""
+    handlers = {}
+    for m in SERVICE.methods:
+        method = _ending_on_status(getattr(api, m.name)) if m.server_streaming else getattr(api, m.name)
+        kind = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[m.name] = kind(_decoding(method, getattr(pb, m.input_type.name)),
+                                response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     health_pb2_grpc.add_HealthServicer_to_server(_Health(api), server)

@@ -15,8 +15,10 @@ Decisions clients can rely on:
   would stop at 16). Note the engine reserves KV cache for prompt + max_tokens when it admits a request.
 - echo (completions) prepends the prompt text; echo with logprobs is refused (no prompt logprobs).
 - Extra OpenAI fields, as vLLM's: top_k, repetition_penalty, ignore_eos.
+- temperature below 1e-5 decodes greedily (vLLM's rule; smaller ones overflow the sampler);
+  repetition_penalty must be >= 0.01 and stop strings at most 512 characters: see cluster/service.py.
 - With an API key (Service(api_key=...)), every route but /health needs `Authorization: Bearer <key>`,
-  checked before the body is read; 401 otherwise, in the route's error shape.
+  checked before the body is read; 401 otherwise, in the route's error shape. Bodies over 16 MiB: 413.
 - TGI: generated_text keeps the stop sequence that ended it, as TGI does; when sampling without a
   seed, one is drawn here so `details.seed` can report it; `truncate` keeps the last N prompt tokens;
   stream events count `index` from 1; best_of > 1, decoder_input_details, watermark, grammar, typical_p
@@ -39,7 +41,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from cluster.service import ApiError, InvalidRequest, Service, TokenStream, Unauthorized, Unavailable
+from cluster.service import (MAX_STOP, ApiError, InvalidRequest, PayloadTooLarge, Service, TokenStream,
+                             Unauthorized, Unavailable)
 from kernels.engine import TokenEvent
 from kernels.sampling import SamplingParams
 
@@ -49,7 +52,7 @@ TGI_PATHS = ("/", "/generate", "/generate_stream")
 # traffic, and Prometheus sends the key natively (scrape_config `authorization: {credentials: <key>}`).
 # FastAPI's own /docs, /redoc and /openapi.json stay open too: they describe the public API and run nothing.
 OPEN_PATHS = ("/health",)
-MAX_STOP = 4  # OpenAI's limit, and TGI's default max_stop_sequences
+MAX_BODY_BYTES = 16 << 20  # far above any prompt that fits a context; a larger body is refused (413) unread
 
 
 # -- request bodies ----------------------------------------------------------------------------
@@ -110,7 +113,7 @@ class TgiParameters(_Body):
     top_k: _opt(int, gt=0) = None
     repetition_penalty: _opt(gt=0) = None
     do_sample: bool | None = False
-    seed: _opt(int, ge=0) = None
+    seed: _opt(int, ge=0, le=2**64 - 1) = None  # TGI's u64
     stop: Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     details: bool | None = False
     decoder_input_details: bool | None = False
@@ -139,9 +142,24 @@ def _field(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if isinstance(p, int) or (p.isidentifier() and p not in _UNION_TAGS))
 
 
+async def _body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused as soon as it is known to exceed `limit` bytes (by its Content-Length, or
+    while it arrives), so a hostile client cannot make this process hold an arbitrarily large one."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body has {declared} bytes, over the limit of {limit}", "body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes", "body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _parse(request: Request, model: type[B]) -> B:
     """The body as `model`, or InvalidRequest naming the field (or the body, for bad bytes / JSON)."""
-    raw = await request.body()
+    raw = await _body(request)
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as e:

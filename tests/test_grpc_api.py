@@ -28,10 +28,12 @@ LONG = pb.SamplingParameters(max_tokens=1500, ignore_eos=True)  # over a minute 
 class Server:
     """A Service over an EngineLoop, served by grpc.aio from an event loop in a thread of its own."""
 
-    def __init__(self, model_dir: Path, config: EngineConfig, backend=LocalBackend, api_key: str | None = None):
+    def __init__(self, model_dir: Path, config: EngineConfig, backend=LocalBackend, api_key: str | None = None,
+                 max_model_len: int | None = None):
         engine = Engine.from_dir(model_dir, config)
         self.loop_thread = EngineLoop(engine)
-        card = ModelCard("tiny-mixtral", engine.args.max_seq_len, engine.args.vocab_size, "mixtral", created=1700000000)
+        card = ModelCard("tiny-mixtral", max_model_len or engine.args.max_seq_len, engine.args.vocab_size, "mixtral",
+                         created=1700000000)
         self.service = Service(backend(self.loop_thread), engine.tokenizer, card, api_key=api_key)
         self.aio = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.aio.run_forever, daemon=True)

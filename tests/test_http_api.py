@@ -46,11 +46,11 @@ class Server:
         self.thread.join(timeout=10)
 
 
-def serve(tiny_model, api_key=None, **config):
+def serve(tiny_model, api_key=None, max_model_len=None, backend=LocalBackend, **config):
     engine = Engine.from_dir(tiny_model, EngineConfig(**config))
     loop = EngineLoop(engine)
-    card = ModelCard("tiny", engine.args.max_seq_len, engine.args.vocab_size, "mixtral")
-    service = Service(LocalBackend(loop), engine.tokenizer, card, api_key=api_key)
+    card = ModelCard("tiny", max_model_len or engine.args.max_seq_len, engine.args.vocab_size, "mixtral")
+    service = Service(backend(loop), engine.tokenizer, card, api_key=api_key)
     return service, loop, Server(build_http_app(service))
 
 
@@ -467,3 +467,17 @@ def test_no_api_key_configured_accepts_any_header(api):
     for header in ({}, {"authorization": "Bearer anything"}):
         assert httpx.get(f"{url}/v1/models", headers=header).status_code == 200
 
+
+def test_oversized_body_is_413_unread(api):
+    from cluster.http_api import MAX_BODY_BYTES
+
+    url, _ = api
+    r = httpx.post(f"{url}/v1/completions", content=b" " * (MAX_BODY_BYTES + 1), headers={"content-type": "application/json"})
+    assert (r.status_code, r.json()["error"]["param"]) == (413, "body")
+
+    def chunks():  # no Content-Length: refused as it arrives
+        for _ in range(MAX_BODY_BYTES // (1 << 20) + 1):
+            yield b" " * (1 << 20)
+
+    r = httpx.post(f"{url}/generate", content=chunks(), headers={"content-type": "application/json"})
+    assert (r.status_code, r.json()["error_type"]) == (413, "validation")
