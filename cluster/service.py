@@ -123,6 +123,9 @@ class Metrics:
         self.expert_rate = Gauge("moeray:expert_tokens_per_second", "Token rows per second routed to each expert, "
                                  "over the router's sliding window (the expert scaler's signal)", ["layer", "expert"],
                                  registry=r)
+        self.expert_replicas = Gauge("moeray:expert_replicas", "Actors serving each expert: base shards plus the "
+                                     "expert scaler's ready replicas (absent while scaling is off)", ["layer", "expert"],
+                                     registry=r)
         self._expert_tokens: dict[str, int] = {}
         r.register(self)  # collect() below: tokens per (layer, expert), as the router last reported them
 
@@ -140,6 +143,14 @@ class Metrics:
         self.expert_rate.clear()  # pairs that left the window drop out
         for key, rate in stats.get("expert_tokens_per_s", {}).items():
             self.expert_rate.labels(*key.split(":")).set(rate)
+        self.expert_replicas.clear()
+        for key, n in stats.get("expert_replicas", {}).items():
+            self.expert_replicas.labels(*key.split(":")).set(n)
+
+
+def _reason(e: Exception) -> str:
+    """What went wrong, without the traceback a Ray task error carries or a repeated prefix."""
+    return str(getattr(e, "cause", None) or e).removeprefix("generation failed: ")
 
 
 class TokenStream:
@@ -161,7 +172,12 @@ class TokenStream:
         if self._pending is None:
             if self._closed or (self._last and self._last.finish_reason):
                 raise StopAsyncIteration
-            self._pending = await self._stream.__anext__()
+            try:
+                self._pending = await self._stream.__anext__()
+            except (StopAsyncIteration, ApiError):
+                raise
+            except Exception as e:  # the backend failed mid-generation (a worker gave up, a replica died)
+                raise Unavailable(f"generation failed: {_reason(e)}; retry the request") from None
             now = time.perf_counter()
             self._metrics.itl.observe(now - self._t)
             self._t = now
@@ -284,7 +300,7 @@ class Service:
             if isinstance(e, ValueError):  # the engine's own checks (context, KV cache, ids)
                 raise InvalidRequest(str(e)) from None
             if isinstance(e, Exception) and not isinstance(e, ApiError):
-                raise Unavailable(f"generation failed: {e}") from None
+                raise Unavailable(f"generation failed: {_reason(e)}") from None
             raise
         self.metrics.ttft.observe(time.perf_counter() - started)
         self.metrics.prompt_tokens.inc(len(prompt_ids))

@@ -247,7 +247,8 @@ class BreaksAfterTwo(LocalBackend):
         raise RuntimeError("expert shard 3 is gone")
 
 
-def test_backend_failure_mid_stream_ends_it_with_internal(tiny_model):
+def test_backend_failure_mid_stream_ends_it_with_unavailable(tiny_model):
+    """A backend that fails after tokens were sent: UNAVAILABLE (retryable), the cause in the details."""
     s = Server(tiny_model, EngineConfig(max_num_seqs=2), backend=BreaksAfterTwo)
     try:
         stream = s.stub.GenerateStream(pb.GenerateRequest(text="Experts", params=LONG))
@@ -255,7 +256,7 @@ def test_backend_failure_mid_stream_ends_it_with_internal(tiny_model):
         for call in (lambda: next(stream), lambda: s.stub.Generate(pb.GenerateRequest(text="Experts", params=LONG))):
             with pytest.raises(grpc.RpcError) as e:
                 call()
-            assert e.value.code() == grpc.StatusCode.INTERNAL and "expert shard 3 is gone" in e.value.details()
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "expert shard 3 is gone" in e.value.details()
         assert s.wait_for(lambda st: st["running"] == 0)["running"] == 0
     finally:
         s.close()
