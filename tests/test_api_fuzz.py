@@ -88,7 +88,8 @@ COMPLETION_FIELDS = {**OPENAI, "logprobs": st.integers(0, 5), "echo": st.boolean
                      "prompt": TEXT | st.lists(TEXT, max_size=3) | st.lists(st.integers(0, 600), max_size=5)
                      | st.lists(st.lists(st.integers(0, 520), max_size=4), max_size=3)}
 TGI_PARAMETERS = {
-    **SAMPLING, "temperature": within(0, 100, 1e-300, 5e-324, 100.0, exclude_min=True), "stop": st.lists(TEXT, max_size=4),
+    **SAMPLING, "temperature": within(0, 100, 1e-300, 5e-324, 100.0, exclude_min=True),
+    "stop": st.lists(TEXT, max_size=4),
     "top_k": st.integers(1, 50) | st.just(10**12), "max_new_tokens": st.integers(1, 3) | st.none(),
     "do_sample": st.booleans(), "seed": st.integers(0, 2**64 - 1) | st.just(2**64), "details": st.booleans(),
     "decoder_input_details": st.booleans(), "return_full_text": st.booleans(),
@@ -110,6 +111,11 @@ def objects(draw, fields: dict, required: str) -> dict:
 TGI_FIELDS = {"inputs": TEXT, "parameters": objects(TGI_PARAMETERS, "max_new_tokens"), "stream": st.booleans()}
 
 
+def splice(body: bytes, at: int, junk: bytes) -> bytes:
+    at %= len(body) + 1
+    return body[:at] + junk + body[at:]
+
+
 def raw_bodies(fields: dict, required: str) -> st.SearchStrategy:
     """Bytes no parser should choke on: any JSON value, random bytes, a body with invalid UTF-8 spliced
     in, or nesting past the JSON parser's depth limit."""
@@ -118,7 +124,7 @@ def raw_bodies(fields: dict, required: str) -> st.SearchStrategy:
     return st.one_of(
         JSON.map(lambda v: json.dumps(v).encode()),
         st.binary(max_size=100),
-        spliced.map(lambda t: t[0][: t[1] % (len(t[0]) + 1)] + t[2] + t[0][t[1] % (len(t[0]) + 1):]),
+        spliced.map(lambda t: splice(*t)),
         st.integers(1, 3000).map(lambda k: b'{"%s": ' % required.encode() + b"[" * k + b"]" * k + b"}"),
     )
 

@@ -472,7 +472,8 @@ def test_oversized_body_is_413_unread(api):
     from cluster.http_api import MAX_BODY_BYTES
 
     url, _ = api
-    r = httpx.post(f"{url}/v1/completions", content=b" " * (MAX_BODY_BYTES + 1), headers={"content-type": "application/json"})
+    r = httpx.post(f"{url}/v1/completions", content=b" " * (MAX_BODY_BYTES + 1),
+                   headers={"content-type": "application/json"})
     assert (r.status_code, r.json()["error"]["param"]) == (413, "body")
 
     def chunks():  # no Content-Length: refused as it arrives
