@@ -76,7 +76,8 @@ class Ingress(GrpcApi):
     named after the RPCs, inherited from GrpcApi."""
 
     def __init__(self, router, config: MoerayConfig):
-        self.service = Service(HandleBackend(router), Tokenizer.from_dir(config.model), model_card(config))
+        self.service = Service(HandleBackend(router), Tokenizer.from_dir(config.model), model_card(config),
+                               api_key=config.serve.api_key)
         super().__init__(self.service)
 
     def __serve_build_asgi_app__(self):

@@ -47,7 +47,6 @@ def test_the_key_stays_out_of_the_config_repr(tmp_path, env):
     assert "sk-" not in repr(config) and "8001" in repr(config)
 
 
-@pytest.mark.xfail(strict=True, reason="actors/ingress.py does not pass config.serve.api_key to its Service yet")
 @pytest.mark.filterwarnings("ignore:coroutine .*__del__. was never awaited:RuntimeWarning")  # Serve's wrapper, unused
 def test_the_ingress_enforces_the_configured_key(tiny_model, env):
     """The Ingress deployment, constructed as Serve constructs it (with no router behind it: the key is
