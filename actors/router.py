@@ -279,11 +279,19 @@ class Router:
         handle = self._workers.get(address)
         if handle is None:
             return None  # not one of ours (an extra replica: the scaler replaces those)
-        try:
-            new = ray.get(handle.address.remote(), timeout=self.restart_timeout_s)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-            raise transport.TransportError(
-                "UNAVAILABLE", f"{address}: not serving again within {self.restart_timeout_s:.0f}s: {e}") from e
+        deadline = time.monotonic() + self.restart_timeout_s
+        while True:
+            try:
+                new = ray.get(handle.address.remote(), timeout=max(deadline - time.monotonic(), 0.01))
+                break
+            except ray.exceptions.ActorUnavailableError:  # restarting: calls are refused, not queued, meanwhile
+                if time.monotonic() > deadline:
+                    raise transport.TransportError("UNAVAILABLE", f"{address}: still restarting after "
+                                                   f"{self.restart_timeout_s:.0f}s") from None
+                time.sleep(0.2)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                raise transport.TransportError(
+                    "UNAVAILABLE", f"{address}: not serving again within {self.restart_timeout_s:.0f}s: {e}") from e
         self._workers[new] = self._workers.pop(address)
         return new
 
