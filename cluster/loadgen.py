@@ -1,5 +1,8 @@
-"""Load generator: concurrent streaming requests against a running Pipeline or an HTTP server, with
-throughput, time to first token and inter-token latency percentiles; optionally skewed toward one expert.
+"""Load generator: concurrent streaming requests against a running Pipeline, an HTTP server, or any
+client function, with throughput, time to first token and inter-token latency percentiles; optionally
+skewed toward one expert. Every request sent ends in exactly one of: completed, rejected (429 /
+RESOURCE_EXHAUSTED: the client backs off and sends the next), failed, cancelled (by the client, on
+purpose), or lost (no end: a stream cut short, or no answer within the request timeout).
 
 Skew: `skewed_prompts` runs candidate prompts through the single-process model with a hook on each
 layer's gate and keeps those whose rows (prompt and greedy continuation) go most to one (layer, expert).
@@ -96,23 +99,53 @@ def skewed_prompts(model_dir: str, n: int = 8, length: int = 8, max_tokens: int 
 
 
 # -- load ----------------------------------------------------------------------------------------------
+class Rejected(Exception):
+    """The server refused the request for load (HTTP 429, gRPC RESOURCE_EXHAUSTED) with a well-formed error."""
+
+
+class Cancelled(Exception):
+    """The client closed the stream before its end, on purpose (a user who stops reading)."""
+
+
+class Incomplete(Exception):
+    """The stream ended without its final event: the request is lost, not failed."""
+
+
 @dataclass
 class Report:
     seconds: float = 0.0
-    requests: int = 0
+    sent: int = 0
+    requests: int = 0  # completed
     failed: int = 0
+    rejected: int = 0
+    cancelled: int = 0
     tokens: int = 0
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
     outputs: list[tuple[int, list[int]]] = field(default_factory=list)  # (prompt index, token ids) of each request
+    rejection_s: list[float] = field(default_factory=list)  # how long each rejection took to come back
     errors: list[str] = field(default_factory=list)
+
+    @property
+    def lost(self) -> int:
+        """Requests with no outcome: counted as a residue, so whatever the cause it shows here."""
+        return self.sent - self.requests - self.failed - self.rejected - self.cancelled
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
 
+    def add(self, other: Report) -> None:
+        """Merges another run's counts and samples into this one (seconds: the longer)."""
+        for name in ("sent", "requests", "failed", "rejected", "cancelled", "tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("ttft", "itl", "outputs", "rejection_s", "errors"):
+            getattr(self, name).extend(getattr(other, name))
+        self.seconds = max(self.seconds, other.seconds)
+
     def summary(self) -> dict:
-        return {"seconds": round(self.seconds, 2), "requests": self.requests, "failed": self.failed,
+        return {"seconds": round(self.seconds, 2), "sent": self.sent, "requests": self.requests, "failed": self.failed,
+                "rejected": self.rejected, "cancelled": self.cancelled, "lost": self.lost,
                 "tokens": self.tokens, "tokens_per_s": round(self.tokens_per_s, 1),
                 **{f"ttft_p{q}_ms": round(_percentile(self.ttft, q) * 1e3, 1) for q in (50, 90, 99)},
                 **{f"itl_p{q}_ms": round(_percentile(self.itl, q) * 1e3, 1) for q in (50, 90, 99)}}
@@ -143,6 +176,8 @@ def _http_stream(url: str, model: str | None):
         body = {"model": model, "prompt": prompt, "max_tokens": params.max_tokens, "temperature": params.temperature,
                 "stream": True, "ignore_eos": params.ignore_eos}
         async with client.stream("POST", "/v1/completions", json={k: v for k, v in body.items() if v is not None}) as r:
+            if r.status_code == 429:
+                raise Rejected((await r.aread()).decode()[:200])
             if r.status_code != 200:
                 raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}")
             async for line in r.aiter_lines():
@@ -154,31 +189,52 @@ def _http_stream(url: str, model: str | None):
     return stream
 
 
-async def run_load(target, prompts: list[list[int]], params: SamplingParams, concurrency: int = 8,
+async def run_load(target, prompts: list, params: SamplingParams | None, concurrency: int = 8,
                    duration_s: float | None = None, requests: int | None = None,
-                   stop: Callable[[], bool] | None = None, model: str | None = None) -> Report:
+                   stop: Callable[[], bool] | None = None, model: str | None = None,
+                   request_timeout_s: float | None = None, backoff_s: float = 0.1) -> Report:
     """Keeps `concurrency` streams in flight, cycling through `prompts`, until `duration_s` passed,
-    `requests` were sent, or `stop()` is true. `target`: a Pipeline, or an HTTP base URL (OpenAI API)."""
-    stream = _http_stream(target, model) if isinstance(target, str) else _pipeline_stream(target)
-    report, sent, t0 = Report(), 0, time.perf_counter()
+    `requests` were sent, or `stop()` is true; then waits for the streams in flight. `target`: a Pipeline,
+    an HTTP base URL (OpenAI API), or a client `stream(prompt, params)` yielding one item per token (it
+    raises Rejected, Cancelled or Incomplete for those outcomes). A rejected stream's worker waits
+    `backoff_s` before its next request; a request still running after `request_timeout_s` is lost."""
+    if callable(target):
+        stream = target
+    else:
+        stream = _http_stream(target, model) if isinstance(target, str) else _pipeline_stream(target)
+    report, t0 = Report(), time.perf_counter()
 
     def more() -> bool:
         return not ((duration_s is not None and time.perf_counter() - t0 >= duration_s)
-                    or (requests is not None and sent >= requests) or (stop is not None and stop()))
+                    or (requests is not None and report.sent >= requests) or (stop is not None and stop()))
+
+    async def one(prompt, tokens: list, start: float) -> None:
+        last = start
+        async for tok in stream(prompt, params):
+            now = time.perf_counter()
+            (report.itl if tokens else report.ttft).append(now - last)
+            last = now
+            tokens.append(tok)
 
     async def worker():
-        nonlocal sent
         while more():
-            i = sent % len(prompts)
-            sent += 1
+            i = report.sent % len(prompts)
+            report.sent += 1
             tokens, start = [], time.perf_counter()
-            last = start
             try:
-                async for tok in stream(prompts[i], params):
-                    now = time.perf_counter()
-                    (report.itl if tokens else report.ttft).append(now - last)
-                    last = now
-                    tokens.append(tok)
+                await asyncio.wait_for(one(prompts[i], tokens, start), request_timeout_s)
+            except Rejected:
+                report.rejected += 1
+                report.rejection_s.append(time.perf_counter() - start)
+                await asyncio.sleep(backoff_s)
+                continue
+            except Cancelled:
+                report.cancelled += 1
+                report.tokens += len(tokens)
+                continue
+            except (Incomplete, asyncio.TimeoutError) as e:  # counted nowhere: `lost`
+                report.errors.append(f"lost: {str(e) or f'no end after {request_timeout_s}s'}")
+                continue
             except Exception as e:
                 report.failed += 1
                 report.errors.append(f"{type(e).__name__}: {e}")
