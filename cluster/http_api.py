@@ -16,7 +16,7 @@ Decisions clients can rely on:
 - echo (completions) prepends the prompt text; echo with logprobs is refused (no prompt logprobs).
 - Extra OpenAI fields, as vLLM's: top_k, repetition_penalty, ignore_eos.
 - temperature below 1e-5 decodes greedily (vLLM's rule; smaller ones overflow the sampler);
-  repetition_penalty must be >= 0.01 and stop strings at most 512 characters: see cluster/service.py.
+  repetition_penalty must be >= 0.01 (kernels/sampling.py) and stop strings at most 512 characters (cluster/service.py).
 - With an API key (Service(api_key=...)), every route but /health needs `Authorization: Bearer <key>`,
   checked before the body is read; 401 otherwise, in the route's error shape. Bodies over 16 MiB: 413.
 - TGI: generated_text keeps the stop sequence that ended it, as TGI does; when sampling without a

@@ -62,11 +62,6 @@ class PayloadTooLarge(ApiError):
     http_status, grpc_code, openai_type, tgi_type = 413, "RESOURCE_EXHAUSTED", "invalid_request_error", "validation"
 
 
-# Sampling values the sampler cannot survive, though SamplingParams accepts them: logits divided by a
-# temperature or repetition penalty this small overflow to inf, softmax gives NaN, and the engine step
-# fails for every sequence in the batch. Below MIN_TEMPERATURE we decode greedily (vLLM's rule).
-MIN_TEMPERATURE = 1e-5
-MIN_REPETITION_PENALTY = 0.01
 # Stop strings: OpenAI's count limit (TGI's default max_stop_sequences too), and a length limit, since the
 # engine's per-token look for a partial stop string at the end of the text costs O(length^2) per string:
 # one 1 MB stop string stalls the whole batch for seconds per token.
@@ -266,15 +261,10 @@ class Service:
         if max_tokens > room:
             raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + {param} ({max_tokens}) exceeds this model's "
                                  f"context of {self.card.max_model_len} tokens", param)
-        if 0 < kwargs.get("temperature", 1.0) < MIN_TEMPERATURE:
-            kwargs["temperature"] = 0.0
         stop = kwargs.get("stop") or []
         if len(stop) > MAX_STOP or any(isinstance(x, str) and len(x) > MAX_STOP_CHARS for x in stop):
             raise InvalidRequest(f"stop: at most {MAX_STOP} stop sequences of at most {MAX_STOP_CHARS} characters",
                                  "stop")
-        if 0 < kwargs.get("repetition_penalty", 1.0) < MIN_REPETITION_PENALTY:
-            raise InvalidRequest(f"repetition_penalty must be >= {MIN_REPETITION_PENALTY}, got "
-                                 f"{kwargs['repetition_penalty']!r}", "repetition_penalty")
         try:
             return SamplingParams(max_tokens=max_tokens, **kwargs)
         except (ValueError, TypeError) as e:

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_LOGPROBS = 20
+# Logits divided by a temperature or repetition penalty smaller than these overflow to inf and the
+# softmax gives NaN, failing the step for the whole batch: below MIN_TEMPERATURE decoding is greedy
+# (vLLM's rule), a smaller penalty is refused.
+MIN_TEMPERATURE = 1e-5
+MIN_REPETITION_PENALTY = 0.01
 
 
 @dataclass
@@ -28,12 +33,15 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; n: the chosen token's logprob and the n most likely
 
     def __post_init__(self):
+        if isinstance(self.temperature, (int, float)) and 0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
         checks = [
             ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
             ("temperature", 0 <= self.temperature <= 100, "in [0, 100]"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
-            ("repetition_penalty", 0 < self.repetition_penalty <= 10, "in (0, 10]"),
+            ("repetition_penalty", MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10,
+             f"in [{MIN_REPETITION_PENALTY}, 10]"),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]"),

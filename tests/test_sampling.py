@@ -108,3 +108,13 @@ def test_stop_token_and_length(engine):
     events = run(engine, "Tokens", SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, stop_token_ids=[stop_tok]))
     first = next(i for i, e in enumerate(full) if e.token == stop_tok)
     assert len(events) == first + 1 and (events[-1].finish_reason, events[-1].stop_reason) == ("stop", stop_tok)
+
+
+def test_tiny_temperature_is_greedy_and_tiny_penalty_refused():
+    """Logits divided by these would overflow to NaN and fail the whole batch's step."""
+    assert SamplingParams(temperature=1e-300).greedy
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=1e-300)
+    logits = torch.randn(1, 50)
+    [s] = sample(logits, [SamplingParams(temperature=1e-300)], [make_generator(0)], [torch.tensor([1])])
+    assert s.token == int(logits.argmax())
