@@ -10,6 +10,7 @@ AttentionMetadata. Shapes: T tokens, D dim, H heads, KV kv-heads, hd head_dim, V
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from kernels.args import ModelArgs
 from kernels.attention import paged_attention
 from kernels.cache import AttentionMetadata, KVCache
 from kernels.checkpoint import Checkpoint
-from kernels.moe import expert_rows, moe
+from kernels.moe import Blocks, expert_rows, moe
 from kernels.rope import apply_rope, rope_freqs
 
 
@@ -73,9 +74,11 @@ class MoeLayer(nn.Module):
         self.k = args.moe.num_experts_per_tok
         self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(args.dim, args.hidden_dim) for _ in range(args.moe.num_experts))
+        # run(rows, blocks) -> out: the experts stage; kernels.fused_moe.use_kernel swaps in the fused one
+        self.run_experts: Callable[[torch.Tensor, Blocks], torch.Tensor] = partial(expert_rows, experts=self.experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return moe(x, self.gate.weight, self.k, lambda rows, blocks: expert_rows(rows, blocks, self.experts))
+        return moe(x, self.gate.weight, self.k, self.run_experts)
 
 
 class AttentionBlock(nn.Module):
