@@ -11,6 +11,11 @@ import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 torch.set_num_threads(2)
+if not torch.cuda.is_available():
+    # Triton runs kernels compiled or in its interpreter as TRITON_INTERPRET is when triton is first
+    # imported, for the whole process, and torch._dynamo imports it early (transformers does that):
+    # without a GPU, the fused MoE kernel's tests (test_fused_moe.py) need the interpreter from the start
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.2)
