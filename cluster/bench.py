@@ -4,6 +4,8 @@
 each system in its own subprocess so its peak memory is its own.
 `moeray bench pipeline`: the Ray pipeline against the single-process engine, same checkpoint; each
 per-layer round trip against a raw gRPC echo of the same payload; where a step's time goes.
+`moeray bench moe`: the fused Triton MoE experts against the reference expert_rows, one Mixtral layer
+on a GPU.
 """
 
 from __future__ import annotations
@@ -208,6 +210,101 @@ def _mean(fn) -> float:
     for _ in range(N_CALLS):
         fn()
     return (time.perf_counter() - t0) / N_CALLS
+
+
+def bench_moe(batches: list[int], repeats: int, interpret: bool, out: str | None) -> int:
+    """`moeray bench moe`: the fused Triton experts (kernels/fused_moe.py) against the reference
+    kernels.moe.expert_rows (one cuBLAS matmul per projection per expert), on one Mixtral-8x7B MoE layer
+    (dim 4096, hidden 14336, 8 experts, top-2, bf16, random weights and routing), timed alternately in
+    one run. GB/s: the weight bytes of the experts the batch touches, over the time. Needs CUDA; without
+    it, prints why and returns 0, or with `interpret` checks correctness on tiny shapes through Triton's
+    interpreter on CPU (returns 1 if it is off)."""
+    import os
+
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: it fixes the mode then
+    import torch
+
+    from kernels.fused_moe import StackedExperts, available, fused_expert_rows
+    from kernels.model import FeedForward, build
+    from kernels.moe import dispatch, expert_rows, route
+
+    device = "cpu" if interpret else "cuda"
+    if not interpret and not torch.cuda.is_available():
+        print("moeray bench moe: no CUDA device here, and the fused MoE kernel's speed only means something on "
+              "a GPU. `moeray bench moe --interpret` checks its correctness on CPU (Triton's interpreter).")
+        return 0
+    if not available(device):
+        print("moeray bench moe: triton is not installed (pip install triton)")
+        return 1
+    # Mixtral-8x7B's layer; the interpreter's smoke run: tiny, dims not multiples of 16
+    D, F, E, k = (40, 72, 8, 2) if interpret else (4096, 14336, 8, 2)
+    dtype = torch.bfloat16
+    if interpret:
+        batches = [b for b in batches if b <= 64] or [1, 16]  # the interpreter runs numpy, program by program
+    g = torch.Generator(device).manual_seed(0)
+    w13 = torch.randn(E, 2 * F, D, generator=g, device=device, dtype=dtype) * D ** -0.5  # [E, 2F, D]
+    w2 = torch.randn(E, D, F, generator=g, device=device, dtype=dtype) * F ** -0.5  # [E, D, F]
+    experts = []
+    for e in range(E):  # the reference's modules, on views of the same weights
+        ff = build(FeedForward, D, F)
+        ff.load_state_dict({"w1.weight": w13[e, :F], "w3.weight": w13[e, F:], "w2.weight": w2[e]}, assign=True)
+        experts.append(ff)
+    stacked = StackedExperts(w13, w2, {e: e for e in range(E)})
+    gate = torch.randn(E, D, generator=g, device=device, dtype=dtype)
+
+    def timed(fn) -> float:
+        """Seconds of one call: CUDA events around it."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    rows_out = []
+    print(f"{'interpreter smoke, ' if interpret else ''}MoE layer dim {D}, hidden {F}, {E} experts top-{k}, "
+          f"{dtype}, {torch.cuda.get_device_name() if not interpret else 'CPU'}")
+    cols = ["tokens", "rows", "experts"] + ([] if interpret else ["reference ms", "fused ms", "fused speedup",
+                                                                  "reference GB/s", "fused GB/s"]) + ["max rel diff"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + " --- |" * len(cols))
+    ok = True
+    with torch.inference_mode():
+        for b in batches:
+            x = torch.randn(b, D, generator=g, device=device, dtype=dtype)
+            plan = dispatch(*route(x, gate, k), E)
+            rows, blocks = x[plan.token], plan.blocks()
+            ref = expert_rows(rows, blocks, experts)
+            fused = fused_expert_rows(rows, blocks, stacked)
+            diff = ((fused.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            ok &= diff <= 2e-2  # the bf16 tolerance of tests/test_fused_moe.py
+            weight_bytes = len(blocks) * 3 * D * F * w13.element_size()
+            if interpret:
+                t_ref = t_fused = float("nan")
+            else:
+                for _ in range(3):  # warm-up: compilation, cuBLAS heuristics
+                    expert_rows(rows, blocks, experts), fused_expert_rows(rows, blocks, stacked)
+                t_ref = t_fused = float("inf")
+                for _ in range(repeats):  # alternating, best of: the least disturbed run of each
+                    t_ref = min(t_ref, timed(lambda: expert_rows(rows, blocks, experts)))
+                    t_fused = min(t_fused, timed(lambda: fused_expert_rows(rows, blocks, stacked)))
+            rows_out.append(dict(tokens=b, rows=rows.shape[0], experts=len(blocks), reference_s=t_ref, fused_s=t_fused,
+                                 speedup=t_ref / t_fused, reference_gb_s=weight_bytes / t_ref / 1e9,
+                                 fused_gb_s=weight_bytes / t_fused / 1e9, max_rel_diff=diff))
+            r = rows_out[-1]
+            times = "" if interpret else (f"{t_ref * 1e3:.3f} | {t_fused * 1e3:.3f} | {r['speedup']:.2f}x | "
+                                          f"{r['reference_gb_s']:.0f} | {r['fused_gb_s']:.0f} | ")
+            print(f"| {b} | {r['rows']} | {r['experts']} | {times}{diff:.1e} |")
+    if not ok:
+        print("moeray bench moe: the fused kernel is off the reference by more than 2e-2 (relative)")
+    report = {"dim": D, "hidden": F, "experts": E, "k": k, "dtype": str(dtype), "interpret": interpret,
+              "device": "CPU" if interpret else torch.cuda.get_device_name(), "repeats": repeats, "results": rows_out}
+    if out and not interpret:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {out}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -159,6 +159,8 @@ def cmd_bench(a) -> int:
 
     if a.bench == "engine":
         bench.bench_engine(a.preset, a.batch, a.prompt_len, a.new_tokens, a.out)
+    elif a.bench == "moe":
+        return bench.bench_moe(a.batch, a.repeats, a.interpret, a.out)
     elif a.bench == "load":
         from cluster import loadgen
 
@@ -237,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--new-tokens", type=int, default=64, help="generated tokens (default: %(default)s)")
     e.add_argument("--out", default="bench-results/engine.json", help="JSON results (default: %(default)s)")
     e.set_defaults(func=cmd_bench)
+    mo = bsub.add_parser("moe", help="fused Triton MoE experts vs the reference, one Mixtral-8x7B layer on a GPU")
+    mo.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256], help="tokens (default: 1 16 64 256)")
+    mo.add_argument("--repeats", type=int, default=20, help="timed calls of each, best kept (default: %(default)s)")
+    mo.add_argument("--interpret", action="store_true", help="no GPU: check correctness on tiny shapes on CPU "
+                                                             "through Triton's interpreter instead")
+    mo.add_argument("--out", default="bench-results/moe.json", help="JSON results (default: %(default)s)")
+    mo.set_defaults(func=cmd_bench)
     pl = bsub.add_parser("pipeline", help="Ray pipeline vs single-process engine; per-layer transport vs gRPC echo")
     pl.add_argument("--preset", choices=["small", "tiny"], default="small", help="model size (default: %(default)s)")
     pl.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64], help="batch sizes (default: 1 8 64)")

@@ -233,3 +233,16 @@ def test_fused_matches_reference_cuda(shape, dtype):
     widens bf16 to fp32)."""
     compare(*shape, dtype, device="cuda")
 
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the no-GPU path")
+def test_bench_moe_without_a_gpu(capsys):
+    """`moeray bench moe` on a machine without CUDA says so and exits 0; with --interpret it checks the
+    kernel on tiny shapes through the interpreter (exit 0 only if within the bf16 tolerance)."""
+    from cluster.cli import main
+
+    assert main(["bench", "moe"]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+    if WHY_NOT is None:
+        assert main(["bench", "moe", "--interpret", "--batch", "1", "9"]) == 0
+        table = capsys.readouterr().out.splitlines()
+        assert [line.split("|")[1].strip() for line in table[-2:]] == ["1", "9"]
