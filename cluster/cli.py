@@ -171,6 +171,11 @@ def cmd_bench(a) -> int:
 
         loadgen.bench_scaling(a.preset, a.concurrency, a.duration, a.max_tokens, a.prompt_len, a.shards, a.max_extra,
                               a.out)
+    elif a.bench == "faults":
+        from cluster.faults import bench_faults
+
+        runs = bench_faults(a.model, a.concurrency, a.max_tokens, a.out)
+        return 1 if any(r.lost for r in runs) else 0
     elif a.bench == "soak":
         from cluster import soak
 
@@ -298,6 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "cancel, and the generation then runs to max_tokens; this shows it)")
     sk.add_argument("--out", default="bench-results/soak.json", help="JSON results (default: %(default)s)")
     sk.set_defaults(func=cmd_bench)
+    fl = bsub.add_parser("faults", help="kill workers and replicas under load; count what requests saw",
+                         description="Injects each fault under load on a local Ray instance: SIGKILL an expert shard, "
+                         "SIGKILL the attention actor, SIGSTOP a shard (Pipeline API), SIGKILL the Router and the "
+                         "Ingress Serve replicas (HTTP). Prints, per fault, requests sent, completed, failed (with "
+                         "a retryable error), lost (no end: must be 0), when the last request in flight ended and "
+                         "when the system served again; exits 1 if any request was lost.")
+    fl.add_argument("--model", help="checkpoint directory (default: the built-in demo model)")
+    fl.add_argument("--concurrency", type=int, default=5, help="streams in flight (default: %(default)s)")
+    fl.add_argument("--max-tokens", type=int, default=24, help="tokens per request (default: %(default)s)")
+    fl.add_argument("--out", default="bench-results/faults.json", help="JSON results (default: %(default)s)")
+    fl.set_defaults(func=cmd_bench)
     return p
 
 

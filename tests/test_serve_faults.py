@@ -1,0 +1,128 @@
+"""`moeray serve` on a multi-node cluster with expert scaling on: the scaler follows HTTP load inside the
+Serve router replica, and the replicas Serve runs (router, ingress) can die mid-generation. Every request
+in flight ends quickly (completed, or an error the client can retry), nothing hangs, and Serve's
+restarted replica serves the next requests."""
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+import ray
+from ray import serve
+
+from cluster.app import build_app, serve_options
+from cluster.config import MoerayConfig, ScalingConfig
+from cluster.faults import in_flight, serve_pid, serves_again
+from cluster.loadgen import run_load
+from cluster.placement import PipelineConfig
+from kernels.engine import Engine, EngineConfig
+from kernels.sampling import SamplingParams
+
+from test_serve import free_port
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    c.add_node(num_cpus=2, resources={"attention_node": 1})
+    for _ in range(2):
+        c.add_node(num_cpus=2, resources={"expert_node": 1})
+    ray.init(address=c.address, logging_level="ERROR")
+    pc = PipelineConfig(restart_timeout_s=60)
+    pc.attention.resources, pc.experts.resources, pc.experts.shards = {"attention_node": 0.01}, {"expert_node": 0.01}, 2
+    scaling = ScalingConfig(enabled=True, min_replicas=1, max_replicas=2, max_extra_replicas=1, target_tokens_per_s=5,
+                            upscale_delay_s=1, downscale_delay_s=2, cooldown_s=1, window_s=2, interval_s=0.25,
+                            ready_timeout_s=60)
+    cfg = MoerayConfig(model=str(tiny_model), pipeline=pc, scaling=scaling,
+                       engine=EngineConfig(max_num_seqs=16, kv_cache_tokens=16384, max_queued_requests=64))
+    cfg.serve.model_name, cfg.serve.http_port, cfg.serve.grpc_port = "tiny", free_port(), free_port()
+    serve.start(**serve_options(cfg))
+    serve.run(build_app(config=cfg), name="moeray", route_prefix="/")
+    yield f"http://127.0.0.1:{cfg.serve.http_port}"
+    serve.shutdown()
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return Engine.from_dir(tiny_model)
+
+
+def router(method: str):
+    return getattr(serve.get_deployment_handle("Router", "moeray"), method).remote().result()
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.25)
+    return value
+
+
+def prompts(engine) -> list[list[int]]:
+    return [engine.tokenizer.encode(f"Question {i}: which expert answers?") for i in range(6)]
+
+
+def test_expert_scaling_follows_http_load_inside_serve(server, engine):
+    ps = prompts(engine)
+    want = [c.text for c in engine.generate(ps, GREEDY)]
+    stop = False
+
+    def scaled_out() -> bool:
+        nonlocal stop
+        stop = 2 in router("stats")["expert_replicas"].values()
+        return stop
+
+    async def scenario():
+        watch = asyncio.to_thread(wait_for, scaled_out, 60, "an extra expert replica")
+        return (await asyncio.gather(run_load(server, ps, GREEDY, concurrency=6, stop=lambda: stop, model="tiny"),
+                                     watch))[0]
+
+    report = asyncio.run(scenario())
+    assert report.failed == 0 and report.lost == 0, report.errors
+    assert all("".join(chunks) == want[i] for i, chunks in report.outputs)  # scaling changes no output
+    status = router("scaler_status")
+    assert [e["what"] for e in status["events"]][:3] == ["scale", "start", "ready"]
+    wait_for(lambda: not router("scaler_status")["extra"], 30, "scale-in once the load is gone")
+    assert set(router("stats")["expert_replicas"].values()) == {1}
+    import httpx
+
+    metrics = [line for line in httpx.get(server + "/metrics", timeout=30).text.splitlines()
+               if line.startswith("moeray:expert_replicas{")]
+    assert len(metrics) == 2 * 8 and all(line.endswith(" 1.0") for line in metrics)  # every pair, base shard only
+    whats = [e["what"] for e in router("scaler_status")["events"]]
+    assert whats.index("drain") < whats.index("stopped")
+
+
+def test_killed_router_replica(server):
+    """Streams in flight end with an error event (their tokens so far were sent), non-streaming requests
+    with 503 (retryable), within seconds; requests not yet started on it are sent again; Serve restarts
+    the replica (and with it the replica's attention actors and expert shards) and it serves again."""
+    pid = router("info")["pid"]
+    outcomes = in_flight(server, 3, 2, lambda: os.kill(pid, signal.SIGKILL), model="tiny")
+    for o in outcomes:
+        assert o.seconds < 15, o
+        assert o.kind in ("stream-error", "done") or (o.kind, o.status) == ("status", 503), o
+        assert o.kind == "done" or "retry" in o.detail, o
+    assert serves_again(server, "tiny") < 120
+    assert router("info")["pid"] != pid
+
+
+def test_killed_ingress_replica(server):
+    """Serve's proxy sees the replica die: streams on it are cut, non-streaming requests get Serve's 500
+    (not ours to shape); nothing hangs, and the restarted ingress serves again. The router keeps going."""
+    pid = serve_pid("ServeReplica:moeray:Ingress")
+    outcomes = in_flight(server, 2, 2, lambda: os.kill(pid, signal.SIGKILL), model="tiny")
+    for o in outcomes:
+        assert o.seconds < 15, o
+        assert o.kind in ("cut", "done") or (o.kind, o.status) in (("status", 500), ("status", 503)), o
+    assert serves_again(server, "tiny") < 120
+    wait_for(lambda: router("stats")["running"] == 0, 120, "the orphaned generations to end")
