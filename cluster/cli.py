@@ -337,7 +337,7 @@ Exit 1 unless:
   - the burst got 429s on every API, and the waiting queue never exceeded --max-queued;
   - idle within 2 s of the last client: nothing running or waiting, 0 KV blocks in use;
   - RSS at the end within 10% of RSS after the warm-up;
-  - rejections no slower than first tokens (p99).
+  - in the burst, rejections no slower than first tokens (p99).
 
 example: moeray bench soak --concurrency 16 --burst 32 --duration 20 --warmup 5 --max-num-seqs 8 --max-queued 4
 """
