@@ -77,7 +77,7 @@ def expert_rows(rows: torch.Tensor, blocks: Blocks, experts: Mapping[int, Expert
 def combine(y: torch.Tensor, plan: Dispatch, num_tokens: int) -> torch.Tensor:
     """Weighted sum of each token's expert outputs. y [R, D] in dispatch order -> [T, D]."""
     weighted = (y.float() * plan.weight[:, None]).to(y.dtype)  # [R, D]
-    return torch.zeros(num_tokens, y.shape[1], dtype=y.dtype).index_add_(0, plan.token, weighted)
+    return torch.zeros(num_tokens, y.shape[1], dtype=y.dtype, device=y.device).index_add_(0, plan.token, weighted)
 
 
 def moe(x: torch.Tensor, gate_weight: torch.Tensor, k: int,

@@ -49,8 +49,6 @@ def load_kernels() -> str | None:
 
 WHY_NOT = load_kernels()
 needs_kernels = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
-interpreter_only = pytest.mark.skipif(DEVICE != "cpu", reason="CPU test through Triton's interpreter "
-                                                              "(kernels.moe.combine builds CPU tensors)")
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 # (tokens, dim, hidden, experts, top-k): one token one expert; one token, 6 of 8 experts idle; dims not
@@ -129,13 +127,12 @@ def test_shard_subset_with_empty_and_offset_blocks(dtype):
 
 
 @needs_kernels
-@interpreter_only
 def test_moe_layer_uses_the_fused_kernel_and_shares_weights():
     """MoeLayer through use_kernel: same output as its reference; the experts' weights become views of
     the stack (one copy in memory), and the reference path on those views is unchanged, bit for bit."""
     torch.manual_seed(0)
-    layer = MoeLayer(tiny_args(dim=48, hidden_dim=64))
-    x = torch.randn(23, 48)
+    layer = MoeLayer(tiny_args(dim=48, hidden_dim=64)).to(DEVICE)
+    x = torch.randn(23, 48).to(DEVICE)
     with torch.inference_mode():
         ref = layer(x)
         use_kernel(layer, "triton")
@@ -147,11 +144,10 @@ def test_moe_layer_uses_the_fused_kernel_and_shares_weights():
 
 
 @needs_kernels
-@interpreter_only
 def test_demo_model_generates_the_same_tokens():
     """The built-in demo model (4 MoE layers, bf16 weights run in fp32): greedy tokens with the fused
     kernel equal the reference's, token for token."""
-    engine = Engine.from_dir(demo_dir(), EngineConfig(kv_cache_tokens=256))
+    engine = Engine.from_dir(demo_dir(), EngineConfig(kv_cache_tokens=256, device=DEVICE))
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "What is an expert?"}])
     params = SamplingParams(max_tokens=6, temperature=0)
     ref = engine.generate([prompt], params)[0].token_ids
