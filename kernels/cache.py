@@ -17,6 +17,7 @@ sequence, T new tokens in all, S = num_blocks * block_size pool slots, KV kv-hea
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -134,15 +135,19 @@ class AttentionMetadata:
             write_index=torch.cat(write_index),
         )
 
+    def to(self, device: torch.device | str) -> AttentionMetadata:
+        """The same metadata on `device` (built on CPU: many tiny ops; copied once per step, not per layer)."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
 
 class KVCache:
     """The K and V pools of a contiguous range of layers: [layers, S, KV, hd] each."""
 
     def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, first_layer: int = 0):
+                 dtype: torch.dtype = torch.float32, first_layer: int = 0, device: torch.device | str = "cpu"):
         shape = (n_layers, num_blocks * block_size, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.first_layer = first_layer
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -188,15 +188,17 @@ class Checkpoint:
         return hit
 
     def load(self, names: Iterable[str], dtype: torch.dtype | None = None,
-             progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
-        """Our names -> tensors, reading only those tensors from only the files that hold them."""
+             progress: Callable[[int, int], None] | None = None,
+             device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Our names -> tensors on `device`, reading only those tensors from only the files that hold them.
+        safetensors puts each tensor on the device as it reads it, so the host never holds the whole set."""
         src = {n: self._source(n) for n in names}  # resolve every name before reading, so a typo fails fast
         by_file: dict[str, list[str]] = {}
         for n, (theirs, _) in src.items():
             by_file.setdefault(self.weight_map[theirs], []).append(n)
         out: dict[str, torch.Tensor] = {}
         for file, group in by_file.items():
-            with safe_open(self.path / file, framework="pt") as f:
+            with safe_open(self.path / file, framework="pt", device=str(device)) as f:
                 for n in group:
                     theirs, rule = src[n]
                     t = f.get_tensor(theirs)

@@ -16,6 +16,7 @@ its own blocks, and generation goes on where it was; nothing already streamed is
 from __future__ import annotations
 
 import itertools
+import re
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch
 from kernels.args import ModelArgs
 from kernels.cache import AttentionMetadata, BlockAllocator, KVCache, StepSeq, blocks_for
 from kernels.checkpoint import Checkpoint
+from kernels.fused_moe import KERNELS, use_kernel
 from kernels.model import Transformer
 from kernels.quant import quantize_experts
 from kernels.sampling import SamplingParams, make_generator, sample
@@ -34,6 +36,7 @@ from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -45,12 +48,23 @@ class EngineConfig:
     dtype: str = "float32"  # weights, activations and KV cache: float32 | bfloat16 | float16
     max_queued_requests: int = 256  # requests waiting for a batch slot at most; more -> Overloaded (HTTP 429)
     expert_quant: str = "none"  # expert weights: none | int8 | int4 (weight-only; kernels/quant.py)
+    # weights, KV cache and activations: cpu | cuda | cuda:N. Only the spelling is checked here; whether
+    # this process has that GPU is checked where tensors are made (resolve_device): a config loads anywhere
+    device: str = "cpu"
+    moe_kernel: str = "reference"  # the MoE experts stage: reference (kernels/moe.py) | triton (kernels/fused_moe.py)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.expert_quant not in QUANT_BITS:
             raise ValueError(f"expert_quant must be one of {sorted(QUANT_BITS)}, got {self.expert_quant!r}")
+        if not isinstance(self.device, str) or not DEVICE.fullmatch(self.device):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.moe_kernel not in KERNELS:
+            raise ValueError(f"moe_kernel must be one of {list(KERNELS)}, got {self.moe_kernel!r}")
+        if self.moe_kernel != "reference" and self.expert_quant != "none":
+            raise ValueError(f"moe_kernel {self.moe_kernel!r} runs unquantized experts only (there is no fused "
+                             f"dequantizing kernel yet): use expert_quant 'none' or moe_kernel 'reference'")
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_tokens", "block_size", "max_queued_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -60,6 +74,28 @@ class EngineConfig:
     @property
     def num_blocks(self) -> int:
         return self.kv_cache_tokens // self.block_size
+
+
+def resolve_device(device: str) -> torch.device:
+    """engine.device as the torch.device this process will use, or ValueError if it has no such GPU.
+
+    Called where weights and caches are made (Engine.from_dir, each pipeline actor, on the node it
+    runs on), not when the config is read: the driver that loads a config (a laptop, the Ray head) often
+    has no GPU while the actors' nodes do. "cuda" means the current GPU, which is the one Ray gave an
+    actor that asked for one (pipeline.<role>.num_gpus).
+    """
+    d = torch.device(device)
+    if d.type != "cuda":
+        return d
+    if not torch.cuda.is_available():
+        raise ValueError(f"engine.device is {device!r} but this process sees no CUDA device (torch "
+                         f"{torch.__version__}, CUDA {torch.version.cuda or 'not built in'}); use engine.device "
+                         f"'cpu', or run where a GPU is (in the pipeline: pipeline.<role>.num_gpus > 0)")
+    index = torch.cuda.current_device() if d.index is None else d.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"engine.device is {device!r} but this process sees {torch.cuda.device_count()} "
+                         f"CUDA device(s)")
+    return torch.device("cuda", index)
 
 
 class CacheLost(RuntimeError):
@@ -207,20 +243,24 @@ class Executor(Protocol):
     """Runs the model on a step's flat batch: here in one process, or spread over actors (the pipeline)."""
 
     def forward(self, tokens: torch.Tensor, seqs: list[StepSeq], logits_index: torch.Tensor) -> torch.Tensor:
-        """tokens [T] (the new tokens of `seqs`, in order) -> fp32 logits [S, V] of the rows logits_index [S]."""
+        """tokens [T] (the new tokens of `seqs`, in order) -> fp32 logits [S, V] of the rows logits_index [S].
+        tokens and logits_index are CPU tensors; the logits may be on any device."""
         ...
 
 
 class LocalExecutor:
-    """The whole model and its KV cache in this process."""
+    """The whole model and its KV cache in this process, on the model's device: the step's CPU tensors
+    go there; the logits stay there (the engine samples on CPU)."""
 
     def __init__(self, model: Transformer, config: EngineConfig):
         a, self.model, self.config = model.args, model, config
-        self.cache = KVCache(a.n_layers, config.num_blocks, config.block_size, a.n_kv_heads, a.head_dim, dtype=model.dtype)
+        self.device = model.device
+        self.cache = KVCache(a.n_layers, config.num_blocks, config.block_size, a.n_kv_heads, a.head_dim,
+                             dtype=model.dtype, device=self.device)
 
     def forward(self, tokens, seqs, logits_index):
-        meta = AttentionMetadata.build(seqs, self.config.block_size, self.model.args.sliding_window)
-        return self.model(tokens, meta, self.cache, logits_index)
+        meta = AttentionMetadata.build(seqs, self.config.block_size, self.model.args.sliding_window).to(self.device)
+        return self.model(tokens.to(self.device), meta, self.cache, logits_index.to(self.device))
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | None:
@@ -244,11 +284,19 @@ class Engine:
     @classmethod
     def from_dir(cls, path: str | Path, config: EngineConfig | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Engine:
-        """The single-process engine on a checkpoint directory (HF or Mistral format)."""
+        """The single-process engine on a checkpoint directory (HF or Mistral format), on config.device.
+
+        Weights are read straight to the device, except for quantized experts: those are read and
+        quantized on CPU and then moved, so the device never holds the unquantized experts."""
         config = config or EngineConfig()
-        model = Transformer.from_checkpoint(Checkpoint.open(path), dtype=DTYPES[config.dtype], progress=progress)
-        if QUANT_BITS[config.expert_quant]:
-            quantize_experts(model, QUANT_BITS[config.expert_quant])
+        device = resolve_device(config.device)
+        bits = QUANT_BITS[config.expert_quant]
+        model = Transformer.from_checkpoint(Checkpoint.open(path), dtype=DTYPES[config.dtype], progress=progress,
+                                            device="cpu" if bits else device)
+        if bits:
+            quantize_experts(model, bits).to(device)
+        if config.moe_kernel != "reference":
+            use_kernel(model, config.moe_kernel)
         return cls(LocalExecutor(model, config), model.args, load_tokenizer(path), config)
 
     # -- requests ------------------------------------------------------------------------------
@@ -315,7 +363,9 @@ class Engine:
             return []
         for seq, n in batch:
             seq.num_cached += n
-        samples = sample(logits, [s.params for s in sampling], [s.generator for s in sampling],
+        # sampling runs on CPU: its per-sequence generators are CPU ones, so a seed draws the same tokens
+        # on every device (the cost: [S, V] fp32 copied to the host once per step)
+        samples = sample(logits.cpu(), [s.params for s in sampling], [s.generator for s in sampling],
                          [torch.tensor(s.tokens) for s in sampling])
         events = []
         for seq, smp in zip(sampling, samples):

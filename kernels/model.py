@@ -119,6 +119,10 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.output.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.output.weight.device
+
     def forward(self, tokens: torch.Tensor, meta: AttentionMetadata, cache: KVCache,
                 logits_index: torch.Tensor) -> torch.Tensor:
         """tokens [T] new tokens of the step -> fp32 logits [S, V] of the rows in logits_index [S]."""
@@ -130,8 +134,9 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
-                        progress: Callable[[int, int], None] | None = None) -> Transformer:
-        return load_into(build(cls, checkpoint.args), checkpoint, dtype=dtype, progress=progress)
+                        progress: Callable[[int, int], None] | None = None,
+                        device: torch.device | str = "cpu") -> Transformer:
+        return load_into(build(cls, checkpoint.args), checkpoint, dtype=dtype, progress=progress, device=device)
 
 
 class RouterLayer(nn.Module):
@@ -173,11 +178,12 @@ def build(cls: type[nn.Module], *args) -> nn.Module:
 
 
 def load_into(module: nn.Module, checkpoint: Checkpoint, prefix: str = "", dtype: torch.dtype = torch.float32,
-              progress: Callable[[int, int], None] | None = None) -> nn.Module:
+              progress: Callable[[int, int], None] | None = None, device: torch.device | str = "cpu") -> nn.Module:
     """Fills a module built on the meta device (no random init, no double memory) with the checkpoint's
-    tensors `prefix + name`, reading only those. Any module whose names are checkpoint names works:
-    the whole model, one AttentionBlock (prefix "layers.3."), one expert (prefix ".../experts.5.")."""
+    tensors `prefix + name`, reading only those, straight to `device`. Any module whose names are
+    checkpoint names works: the whole model, one AttentionBlock (prefix "layers.3."), one expert
+    (prefix ".../experts.5.")."""
     names = list(module.state_dict())
-    tensors = checkpoint.load([prefix + n for n in names], dtype=dtype, progress=progress)
+    tensors = checkpoint.load([prefix + n for n in names], dtype=dtype, progress=progress, device=device)
     module.load_state_dict({n: tensors[prefix + n] for n in names}, strict=True, assign=True)
     return module.eval()

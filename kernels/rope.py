@@ -11,10 +11,11 @@ import torch
 def rope_freqs(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
     """Unit complex rotations for each position: [T] -> [T, hd/2] complex64.
 
-    Computed per step from the step's positions (shared by all layers), so there is no table to
-    size for the longest context. fp32 angles, as in transformers and mistral-inference.
+    Computed per step from the step's positions (shared by all layers), on their device, so there is
+    no table to size for the longest context. fp32 angles, as in transformers and mistral-inference.
     """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # [hd/2]
+    pairs = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device)  # [hd/2]
+    inv_freq = 1.0 / theta ** (pairs / head_dim)  # [hd/2]
     angles = torch.outer(positions.to(torch.float32), inv_freq)  # [T, hd/2]
     return torch.polar(torch.ones_like(angles), angles)
 
