@@ -12,7 +12,7 @@ from actors.common import advertised, node_id, set_threads
 from cluster import transport
 from kernels.cache import AttentionMetadata, KVCache, StepSeq
 from kernels.checkpoint import Checkpoint
-from kernels.engine import DTYPES, EngineConfig
+from kernels.engine import DTYPES, EngineConfig, resolve_device
 from kernels.model import AttentionBlock, build, load_into
 from kernels.rope import rope_freqs
 
@@ -21,13 +21,15 @@ class AttentionActor:
     def __init__(self, model_dir: str, layers: list[int], engine: EngineConfig, net: transport.TransportConfig,
                  threads: int = 0):
         set_threads(threads)
+        self.device = resolve_device(engine.device)  # before loading anything: a missing GPU fails here, clearly
         ckpt = Checkpoint.open(model_dir)
         self.args, self.config = ckpt.args, engine
         dtype = DTYPES[engine.dtype]
-        self.blocks = {l: load_into(build(AttentionBlock, self.args), ckpt, f"layers.{l}.", dtype) for l in layers}
+        self.blocks = {l: load_into(build(AttentionBlock, self.args), ckpt, f"layers.{l}.", dtype, device=self.device)
+                       for l in layers}
         a = self.args
         self.cache = KVCache(len(layers), engine.num_blocks, engine.block_size, a.n_kv_heads, a.head_dim, dtype,
-                             first_layer=layers[0])
+                             first_layer=layers[0], device=self.device)
         self.dtype = dtype
         self.step, self.meta, self.freqs = -1, None, None
         self.busy_s = 0.0  # compute time, for the benchmark's breakdown
@@ -42,14 +44,18 @@ class AttentionActor:
         with self._lock, torch.inference_mode():
             t0 = time.perf_counter()
             if seqs is not None:  # the first of this actor's layers in a step carries the step's block tables
-                self.meta = AttentionMetadata.build(seqs, self.config.block_size, self.args.sliding_window)
+                meta = AttentionMetadata.build(seqs, self.config.block_size, self.args.sliding_window)
+                self.meta = meta.to(self.device)
                 self.freqs = rope_freqs(self.meta.positions, self.args.head_dim, self.args.rope_theta)
                 self.step = step
             elif step != self.step:
                 raise ValueError(f"step {step} sent no block tables (this actor last saw step {self.step})")
             if hidden.shape[0] != self.meta.positions.shape[0]:
                 raise ValueError(f"{hidden.shape[0]} hidden rows for a step of {self.meta.positions.shape[0]} tokens")
-            out = self.blocks[layer](hidden.to(self.dtype), self.freqs, self.cache.layer(layer), self.meta)
+            # hidden arrives on CPU (the wire's bytes); the reply goes back through the transport, which
+            # copies it to the host
+            x = hidden.to(self.device, self.dtype)
+            out = self.blocks[layer](x, self.freqs, self.cache.layer(layer), self.meta)
             self.busy_s += time.perf_counter() - t0
             return out
 

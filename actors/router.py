@@ -30,7 +30,7 @@ from cluster.loop import EngineLoop
 from cluster.placement import Placement
 from kernels.cache import StepSeq
 from kernels.checkpoint import Checkpoint
-from kernels.engine import DTYPES, CacheLost, Engine, EngineConfig, Request, load_tokenizer
+from kernels.engine import DTYPES, CacheLost, Engine, EngineConfig, Request, load_tokenizer, resolve_device
 from kernels.model import RouterPart, build, load_into
 from kernels.moe import Blocks, moe
 from kernels.sampling import SamplingParams
@@ -48,13 +48,16 @@ MAX_FAILED_STEPS = 3  # attention failures in a row before the step's requests f
 
 class PipelineExecutor:
     """`table` maps each (layer, expert) to the clients of the expert actors holding it. The expert scaler
-    replaces it with `update_placement`; the new table is swapped in between steps, never within one."""
+    replaces it with `update_placement`; the new table is swapped in between steps, never within one.
+    The router's weights and the step's hidden states are on engine.device; tensors leave through the
+    transport (which copies them to the host) and what comes back, on CPU, is moved to the device."""
 
     def __init__(self, ckpt: Checkpoint, engine: EngineConfig, placement: Placement, net: transport.TransportConfig,
                  attention_addresses: list[str], expert_addresses: list[str], window_s: float = 10.0,
                  resolve: Callable[[str], str | None] | None = None):
         self.args = a = ckpt.args
-        self.part = load_into(build(RouterPart, a), ckpt, dtype=DTYPES[engine.dtype])
+        self.device = resolve_device(engine.device)
+        self.part = load_into(build(RouterPart, a), ckpt, dtype=DTYPES[engine.dtype], device=self.device)
         self.net = net
         self.resolve = resolve  # address of a lost worker -> its address once Ray has restarted it (None: not ours)
         self._clients: dict[str, transport.Client] = {}  # by address: one channel per peer, reused across tables
@@ -138,13 +141,13 @@ class PipelineExecutor:
     def _forward(self, tokens: torch.Tensor, seqs: list[StepSeq], logits_index: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         self.step += 1
-        h = self.part.tok_embeddings(tokens)  # [T, D]
+        h = self.part.tok_embeddings(tokens.to(self.device))  # [T, D]
         told = set()  # attention actors that already have this step's block tables
         for l, layer in enumerate(self.part.layers):
             actor = self.attention_of[l]
             t = time.perf_counter()
             try:
-                h = actor.attention(self.step, l, None if id(actor) in told else seqs, h).result()
+                h = actor.attention(self.step, l, None if id(actor) in told else seqs, h).result().to(self.device)
             except transport.TransportError as err:
                 raise self._attention_failed(actor, err) from err
             self.seconds["attention"] += time.perf_counter() - t
@@ -155,7 +158,7 @@ class PipelineExecutor:
                             lambda rows, blocks: self._experts(l, rows, blocks))
             else:  # dense: the layer's FFN is its one expert, with weight 1
                 h = h + self._experts(l, x, [(0, 0, x.shape[0])])
-        logits = self.part.output(self.part.norm(h[logits_index])).float()  # [S, V]
+        logits = self.part.output(self.part.norm(h[logits_index.to(self.device)])).float()  # [S, V]
         self.seconds["total"] += time.perf_counter() - t0
         return logits
 
@@ -181,7 +184,7 @@ class PipelineExecutor:
             retry: dict[transport.Client, list[tuple[int, int, int]]] = defaultdict(list)
             for actor, ps, p in pending:
                 try:
-                    y = p.result()
+                    y = p.result().to(out.device)
                 except transport.TransportError as err:
                     if err.code in FATAL or attempt == 3:
                         raise
@@ -206,7 +209,7 @@ class PipelineExecutor:
 
     @staticmethod
     def _send(actor: transport.Client, layer: int, ps: list[tuple[int, int, int]], rows: torch.Tensor):
-        index = torch.cat([torch.arange(s, s + m) for _, s, m in ps])
+        index = torch.cat([torch.arange(s, s + m) for _, s, m in ps]).to(rows.device)
         return actor.experts(layer, [(e, m) for e, _, m in ps], rows[index])
 
     def _holder(self, layer: int, e: int, failed: set[transport.Client]) -> transport.Client:

@@ -14,6 +14,7 @@ from ray import serve
 from ray.serve import Application
 
 from cluster.config import MoerayConfig, api_key_of, load_config
+from cluster.placement import ray_options
 
 GRPC_SERVICERS = [
     "cluster.rpc.moeray_pb2_grpc.add_GenerationServiceServicer_to_server",
@@ -51,7 +52,7 @@ def build_app(args: dict | None = None, config: MoerayConfig | None = None) -> A
     s, pc = config.serve, config.pipeline
     router = serve.deployment(
         RouterReplica, name="Router", num_replicas=s.pipeline_replicas, max_ongoing_requests=100_000,
-        ray_actor_options={"num_cpus": pc.router.num_cpus, "resources": dict(pc.router.resources)},
+        ray_actor_options=ray_options(pc.router, "router", config.engine.device),
     ).bind(config)
     ingress = serve.deployment(
         Ingress, name="Ingress", max_ongoing_requests=s.ingress.max_ongoing_requests,

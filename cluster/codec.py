@@ -32,6 +32,8 @@ def encode(t: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
 
     Few torch calls, because each costs microseconds on the hot path: a same-size integer view
     (numpy has no bf16), then numpy, whose tobytes() writes C order even for a non-contiguous tensor.
+    A tensor on a GPU is copied to the host by numpy(force=True): the wire carries host bytes, decode
+    makes CPU tensors, and the receiver moves them to its device.
     """
     if t.dtype not in DTYPES:
         raise CodecError(f"cannot send a {t.dtype} tensor; the wire carries {', '.join(map(str, DTYPES))}")

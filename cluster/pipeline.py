@@ -22,15 +22,11 @@ from actors.attention import AttentionActor
 from actors.expert_shard import ExpertShard
 from actors.router import Router
 from cluster.config import MoerayConfig
-from cluster.placement import Placement, plan
+from cluster.placement import Placement, plan, ray_options
 from cluster.transport import with_token
 from kernels.args import ModelArgs
 from kernels.engine import Completion, TokenEvent
 from kernels.sampling import SamplingParams
-
-
-def _options(role, **extra) -> dict:
-    return {"num_cpus": role.num_cpus, "resources": dict(role.resources), **extra}
 
 
 @dataclass
@@ -53,11 +49,14 @@ def start_workers(config: MoerayConfig) -> Workers:
         raise ValueError("config.model: give a checkpoint directory")
     args = ModelArgs.from_dir(config.model)
     config.pipeline.transport = with_token(config.pipeline.transport)  # this replica's actors accept only each other
-    p, pc = plan(args, config.pipeline), config.pipeline
-    attention = [ray.remote(AttentionActor).options(**_options(pc.attention, max_restarts=-1)).remote(
-        config.model, layers, config.engine, pc.transport, pc.attention.threads) for layers in p.attention]
-    experts = [ray.remote(ExpertShard).options(**_options(pc.experts, max_restarts=-1, scheduling_strategy="SPREAD")).remote(
-        config.model, pairs, config.engine.dtype, pc.transport, pc.experts.threads, config.engine.expert_quant)
+    p, pc, eng = plan(args, config.pipeline), config.pipeline, config.engine
+    ray_options(pc.router, "router", eng.device)  # checked before any worker starts
+    attention_options = ray_options(pc.attention, "attention", eng.device, max_restarts=-1)
+    expert_options = ray_options(pc.experts, "experts", eng.device, max_restarts=-1, scheduling_strategy="SPREAD")
+    attention = [ray.remote(AttentionActor).options(**attention_options).remote(
+        config.model, layers, eng, pc.transport, pc.attention.threads) for layers in p.attention]
+    experts = [ray.remote(ExpertShard).options(**expert_options).remote(
+        config.model, pairs, eng.dtype, pc.transport, pc.experts.threads, eng.expert_quant, eng.device, eng.moe_kernel)
         for pairs in p.shards for _ in range(p.replicas)]
     return Workers(p, attention, experts, ray.get([a.address.remote() for a in attention]),
                    ray.get([e.address.remote() for e in experts]))
@@ -76,7 +75,8 @@ class Pipeline:
         if not ray.is_initialized():
             ray.init(address=address, logging_level="ERROR", configure_logging=False)
         w = start_workers(config)
-        router = ray.remote(Router).options(**_options(config.pipeline.router)).remote(config, w)
+        options = ray_options(config.pipeline.router, "router", config.engine.device)
+        router = ray.remote(Router).options(**options).remote(config, w)
         ray.get(router.info.remote())
         return cls(config, w.placement, router, w.attention, w.experts)
 

@@ -18,6 +18,9 @@ class AttentionPlacement:
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, e.g. {attention_node: 0.01}
     num_cpus: float = 0  # Ray CPUs reserved per actor (0: none, so a laptop fits every role)
     threads: int = 1  # torch threads per actor; 0: all cores of its node (set it where a role has a node of its own)
+    # Ray GPUs reserved per actor: > 0 is required when engine.device is cuda (Ray then places the actor on
+    # a GPU node and makes its GPU the process's "cuda"); a fraction shares one GPU, e.g. 0.5 = two per GPU
+    num_gpus: float = 0
 
 
 @dataclass
@@ -27,6 +30,7 @@ class ExpertPlacement:
     resources: dict[str, float] = field(default_factory=dict)  # e.g. {expert_node: 0.01}
     num_cpus: float = 0
     threads: int = 1
+    num_gpus: float = 0  # as AttentionPlacement.num_gpus; extra replicas (expert autoscaling) ask for the same
 
 
 @dataclass
@@ -34,6 +38,7 @@ class RouterPlacement:
     resources: dict[str, float] = field(default_factory=dict)
     num_cpus: float = 0
     threads: int = 1
+    num_gpus: float = 0  # as AttentionPlacement.num_gpus (the router holds embeddings, gates, norms, LM head)
 
 
 @dataclass
@@ -43,6 +48,20 @@ class PipelineConfig:
     router: RouterPlacement = field(default_factory=RouterPlacement)
     transport: TransportConfig = field(default_factory=TransportConfig)
     restart_timeout_s: float = 300.0  # a router waits this long for Ray to restart a lost worker, then fails its requests
+
+
+Role = AttentionPlacement | ExpertPlacement | RouterPlacement
+
+
+def ray_options(role: Role, name: str, device: str, **extra) -> dict:
+    """Ray actor options for the actors of role `name` ("attention", "experts", "router") running on
+    engine.device `device`: its CPUs, GPUs and custom resources, plus `extra`. A role on CUDA that asks
+    Ray for no GPU is refused here, before anything starts: Ray would place it anywhere, and on a GPU
+    node it would share a GPU others reserved."""
+    if device != "cpu" and role.num_gpus <= 0:
+        raise ValueError(f"engine.device is {device!r}: set pipeline.{name}.num_gpus > 0 (a fraction shares "
+                         f"a GPU) so Ray gives each {name} actor a GPU")
+    return {"num_cpus": role.num_cpus, "num_gpus": role.num_gpus, "resources": dict(role.resources), **extra}
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import ray
 
 from cluster.config import MoerayConfig, ScalingConfig
-from cluster.placement import Placement
+from cluster.placement import Placement, ray_options
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +208,9 @@ class ExpertScaler:
 
         c, x = self.config, self.config.pipeline.experts
         handle = ray.remote(ExpertShard).options(
-            num_cpus=x.num_cpus, resources=dict(x.resources), scheduling_strategy="SPREAD").remote(
-            c.model, [pair], c.engine.dtype, c.pipeline.transport, x.threads, c.engine.expert_quant)
+            **ray_options(x, "experts", c.engine.device, scheduling_strategy="SPREAD")).remote(
+            c.model, [pair], c.engine.dtype, c.pipeline.transport, x.threads, c.engine.expert_quant,
+            c.engine.device, c.engine.moe_kernel)
         self.replicas.append(Replica(pair, handle, handle.address.remote(), now))
         self._event("start", pair)
 
