@@ -20,6 +20,7 @@ from cluster.http_api import build_http_app
 from cluster.pipeline import start_workers
 from cluster.service import ModelCard, Service, Unavailable
 from kernels.args import ModelArgs
+from kernels.engine import Overloaded as EngineOverloaded
 from kernels.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,15 @@ class RouterReplica(Router):
 
     def __init__(self, config: MoerayConfig):
         super().__init__(config, start_workers(config))
+
+    async def generate(self, request_id, prompt_ids, params):
+        """Router.generate, with a full queue sent back as a value rather than raised: Serve logs every
+        exception a replica raises, with its traceback (~10 KB a 429), and a 429 is routine under load."""
+        try:
+            async for event in super().generate(request_id, prompt_ids, params):
+                yield event
+        except EngineOverloaded as e:
+            yield e
 
 
 class HandleBackend:
@@ -48,6 +58,8 @@ class HandleBackend:
             started = False
             try:
                 async for event in response:
+                    if isinstance(event, EngineOverloaded):  # RouterReplica.generate's refusal
+                        raise event
                     started = True
                     yield event
                 return
