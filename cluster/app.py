@@ -54,8 +54,9 @@ def build_app(args: dict | None = None, config: MoerayConfig | None = None) -> A
         RouterReplica, name="Router", num_replicas=s.pipeline_replicas, max_ongoing_requests=100_000,
         ray_actor_options=ray_options(pc.router, "router", config.engine.device),
     ).bind(config)
-    ingress = serve.deployment(
-        Ingress, name="Ingress", max_ongoing_requests=s.ingress.max_ongoing_requests,
+    capacity = s.ingress.capacity(s.pipeline_replicas, config.engine)
+    ingress = serve.deployment(  # past capacity, Serve queues up to as many more, then answers 503
+        Ingress, name="Ingress", max_ongoing_requests=capacity, max_queued_requests=capacity,
         autoscaling_config={"min_replicas": s.ingress.min_replicas, "max_replicas": s.ingress.max_replicas,
                             "target_ongoing_requests": s.ingress.target_ongoing_requests},
         ray_actor_options={"num_cpus": 0},

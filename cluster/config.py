@@ -28,7 +28,16 @@ class IngressConfig:
     min_replicas: int = 1
     max_replicas: int = 4
     target_ongoing_requests: int = 16  # Serve adds a replica when replicas average more than this
-    max_ongoing_requests: int = 64  # per replica; the router's bounded queue answers 429 past it
+    # Requests one replica holds at once (a stream holds its slot to the end). None: enough for every
+    # router's batch and waiting queue, so the routers' bounded queue answers 429 before Serve queues.
+    max_ongoing_requests: int | None = None
+
+    def capacity(self, pipeline_replicas: int, engine: EngineConfig) -> int:
+        """max_ongoing_requests, or the default: all routers' slots + queues over min_replicas, plus one."""
+        if self.max_ongoing_requests is not None:
+            return self.max_ongoing_requests
+        total = pipeline_replicas * (engine.max_num_seqs + engine.max_queued_requests)
+        return -(-total // self.min_replicas) + 1
 
 
 @dataclass

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import ConfigError, load_config
+from cluster.config import ConfigError, MoerayConfig, load_config
 
 ROOT = Path(__file__).parent.parent
 ALL = sorted((ROOT / "configs").glob("*.yaml"))
@@ -83,3 +83,14 @@ def test_values_and_overrides(tmp_path):
 def test_errors_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_config(write(tmp_path, text))
+
+
+def test_ingress_capacity_reaches_the_routers_queue_before_serve_queues():
+    """A stream holds its ingress slot to the end: with fewer slots than the routers' batches and queues,
+    requests would wait in Serve's queue (no bound, no 429) instead of getting the router's 429."""
+    cfg = MoerayConfig()
+    cfg.engine.max_num_seqs, cfg.engine.max_queued_requests = 64, 256
+    cfg.serve.pipeline_replicas, cfg.serve.ingress.min_replicas = 2, 3
+    assert cfg.serve.ingress.capacity(2, cfg.engine) == 215  # ceil(2 * (64 + 256) / 3) + 1
+    cfg.serve.ingress.max_ongoing_requests = 10
+    assert cfg.serve.ingress.capacity(2, cfg.engine) == 10
