@@ -52,8 +52,8 @@ class AttentionActor:
                 raise ValueError(f"step {step} sent no block tables (this actor last saw step {self.step})")
             if hidden.shape[0] != self.meta.positions.shape[0]:
                 raise ValueError(f"{hidden.shape[0]} hidden rows for a step of {self.meta.positions.shape[0]} tokens")
-            # hidden arrives on CPU (the wire's bytes); the reply goes back through the transport, which
-            # copies it to the host
+            # hidden arrives on CPU (the wire's bytes, or gloo's) or the GPU (nccl); the transport sends
+            # the reply back from wherever it is
             x = hidden.to(self.device, self.dtype)
             out = self.blocks[layer](x, self.freqs, self.cache.layer(layer), self.meta)
             self.busy_s += time.perf_counter() - t0
@@ -62,6 +62,11 @@ class AttentionActor:
     # -- control plane (Ray calls) -------------------------------------------------------------
     def address(self) -> str:
         return advertised(self.server.address)
+
+    def join_group(self, rendezvous: str, world_size: int, rank: int) -> None:
+        """Join the router's collective group (transport kinds gloo, nccl) as `rank`: blocks until it has
+        formed, while the data-plane server keeps answering gRPC on its own threads."""
+        self.server.join(rendezvous, world_size, rank)
 
     def info(self) -> dict:
         return {"node_id": node_id(), "pid": os.getpid(), "layers": sorted(self.blocks), "busy_s": self.busy_s,

@@ -45,7 +45,7 @@ class ExpertShard:
 
     def forward(self, layer: int, blocks: list[tuple[int, int]], rows: torch.Tensor) -> torch.Tensor:
         """rows [R, D]: for each (expert, n) in blocks, the next n rows are that expert's. They arrive on CPU
-        (the wire's bytes); the result goes back through the transport, which copies it to the host."""
+        (the wire's bytes, or gloo's) or the GPU (nccl); the transport sends the result back from where it is."""
         if rows.shape[1] != self.dim:
             raise ValueError(f"rows have dim {rows.shape[1]}, the model has {self.dim}")
         missing = [e for e, _ in blocks if (layer, e) not in self.experts]
@@ -64,6 +64,11 @@ class ExpertShard:
     # -- control plane (Ray calls) -------------------------------------------------------------
     def address(self) -> str:
         return advertised(self.server.address)
+
+    def join_group(self, rendezvous: str, world_size: int, rank: int) -> None:
+        """Join the router's collective group (transport kinds gloo, nccl) as `rank`: blocks until it has
+        formed, while the data-plane server keeps answering gRPC on its own threads."""
+        self.server.join(rendezvous, world_size, rank)
 
     def info(self) -> dict:
         return {"node_id": node_id(), "pid": os.getpid(), "pairs": sorted(self.experts), "busy_s": self.busy_s,

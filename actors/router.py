@@ -24,7 +24,7 @@ import ray
 import torch
 
 from actors.common import node_id, set_threads
-from cluster import transport
+from cluster import collective, transport
 from cluster.config import MoerayConfig
 from cluster.loop import EngineLoop
 from cluster.placement import Placement
@@ -50,15 +50,19 @@ class PipelineExecutor:
     """`table` maps each (layer, expert) to the clients of the expert actors holding it. The expert scaler
     replaces it with `update_placement`; the new table is swapped in between steps, never within one.
     The router's weights and the step's hidden states are on engine.device; tensors leave through the
-    transport (which copies them to the host) and what comes back, on CPU, is moved to the device."""
+    transport (which copies them to the host) and what comes back, on CPU, is moved to the device.
+    With a collective group (transport kinds gloo, nccl) the workers at the addresses in `ranks` are
+    called over it; any other address (an extra replica, a restarted worker) over plain gRPC."""
 
     def __init__(self, ckpt: Checkpoint, engine: EngineConfig, placement: Placement, net: transport.TransportConfig,
                  attention_addresses: list[str], expert_addresses: list[str], window_s: float = 10.0,
-                 resolve: Callable[[str], str | None] | None = None):
+                 resolve: Callable[[str], str | None] | None = None, group: collective.Group | None = None,
+                 ranks: dict[str, int] | None = None):
         self.args = a = ckpt.args
         self.device = resolve_device(engine.device)
         self.part = load_into(build(RouterPart, a), ckpt, dtype=DTYPES[engine.dtype], device=self.device)
         self.net = net
+        self.group, self.ranks = group, dict(ranks or {})  # the collective group; worker address -> rank
         self.resolve = resolve  # address of a lost worker -> its address once Ray has restarted it (None: not ours)
         self._clients: dict[str, transport.Client] = {}  # by address: one channel per peer, reused across tables
         attention = [self._client(addr) for addr in attention_addresses]
@@ -82,8 +86,13 @@ class PipelineExecutor:
 
     def _client(self, address: str) -> transport.Client:
         if address not in self._clients:
-            self._clients[address] = transport.connect(self.net, address)
+            self._clients[address] = transport.connect(self.net, address, self.group, self.ranks.get(address))
         return self._clients[address]
+
+    def collective_calls(self) -> tuple[int, int]:
+        """(calls whose tensors went over the collective group, peers still reached over it)."""
+        clients = list(self._clients.values())
+        return sum(c.collective_calls for c in clients), sum(c.collective for c in clients)
 
     # -- placement table ---------------------------------------------------------------------------
     def update_placement(self, version: int, table: dict[str, list[str]]) -> None:
@@ -266,9 +275,10 @@ class Router:
         self.restart_timeout_s = pc.restart_timeout_s
         self._workers = dict(zip(workers.attention_addresses + workers.expert_addresses,
                                  workers.attention + workers.experts))
+        group, ranks = self._join_group(pc.transport, workers)
         self.executor = PipelineExecutor(ckpt, config.engine, workers.placement, pc.transport,
                                          workers.attention_addresses, workers.expert_addresses,
-                                         config.scaling.window_s, self._resolve)
+                                         config.scaling.window_s, self._resolve, group, ranks)
         self.engine = Engine(self.executor, ckpt.args, load_tokenizer(config.model), config.engine)
         self.loop = EngineLoop(self.engine)
         self.scaler = None
@@ -276,6 +286,35 @@ class Router:
             from cluster.scaler import ExpertScaler
 
             self.scaler = ExpertScaler(config, self, workers.placement)
+
+    @staticmethod
+    def _join_group(net: transport.TransportConfig, workers: Workers) -> tuple[collective.Group | None, dict[str, int]]:
+        """Transport kinds gloo and nccl: this replica's collective group, the router rank 0 and its workers
+        1..N in Workers' order (attention actors, then expert shards); (group, {worker address: rank}).
+        The rendezvous is a free port on this node. A worker that does not join is called over gRPC, and
+        so is every worker when the group cannot form. kind grpc: (None, {})."""
+        if not transport.is_collective(net):
+            return None, {}
+        handles = workers.attention + workers.experts
+        addresses = workers.attention_addresses + workers.expert_addresses
+        world = len(handles) + 1
+        store, rendezvous = transport.rendezvous(net, ray.util.get_node_ip_address(), world)
+        joins = [h.join_group.remote(rendezvous, world, rank) for rank, h in enumerate(handles, 1)]
+        try:
+            group = transport.join(net, store, world, transport.CALLER)
+        except Exception as e:  # the workers' joins time out on their own
+            log.warning("collective group (%s, %d ranks) did not form (%s): the data plane stays on gRPC",
+                        net.kind, world, e)
+            return None, {}
+        ranks = {}
+        for rank, (address, ref) in enumerate(zip(addresses, joins), 1):
+            try:
+                ray.get(ref, timeout=net.timeout_s)
+                ranks[address] = rank
+            except Exception as e:
+                log.warning("worker %s did not join the collective group (%s): calling it over gRPC", address, e)
+                group.break_pair(rank)
+        return group, ranks
 
     def _resolve(self, address: str) -> str | None:
         """The current address of the worker that served at `address`, waiting while Ray restarts it."""
@@ -311,12 +350,14 @@ class Router:
     def stats(self) -> dict:
         x = self.executor
         x.try_swap()  # an idle router acknowledges a pending table here
+        collective_calls, collective_peers = x.collective_calls()
         return {**self.loop.stats(), "node_id": node_id(), "step": x.step, "seconds": dict(x.seconds),
                 "tokens_per_expert": {f"{l}:{e}": n for (l, e), n in sorted(x.tokens_per_expert.items())},
                 "expert_tokens_per_s": {f"{l}:{e}": r for (l, e), r in sorted(x.expert_rates().items())},
                 "expert_replicas": self.scaler.replica_counts() if self.scaler else {},
                 "placement_version": x.placement_version, "expert_retries": x.retries,
-                "worker_recoveries": x.recoveries, "kv_recomputes": self.engine.recomputes}
+                "worker_recoveries": x.recoveries, "kv_recomputes": self.engine.recomputes,
+                "collective_calls": collective_calls, "collective_peers": collective_peers}
 
     def scaler_status(self) -> dict | None:
         """The expert scaler's view (replicas and targets per pair, pending ones, events); None when off."""

@@ -54,6 +54,45 @@ def decode(msg: pb.Tensor, *, max_bytes: int, ndim: int | None = None,
     `ndim` is the rank the caller expects and `dims` {axis: size} the sizes it knows. The data is not
     copied: the tensor views a bytes object that only it references (see _FRESH_BYTES).
     """
+    if msg.collective:
+        raise CodecError("tensor data was sent over a collective group, not in the message")
+    dtype, shape, need = _header(msg, max_bytes, ndim, dims)
+    data = msg.data  # a copy out of the message, which the tensor then views
+    if len(data) != need:
+        raise CodecError(f"tensor data has {len(data)} bytes, {_describe(shape, dtype)} needs {need}")
+    try:
+        if need == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(data if _FRESH_BYTES else bytearray(data), dtype=dtype).view(shape)
+    except RuntimeError as e:  # e.g. [0, 2**62, 2**62]: no elements, but its strides overflow int64
+        raise CodecError(f"tensor shape {shape} cannot be represented: {e}") from None
+
+
+def describe(t: torch.Tensor, out: pb.Tensor) -> pb.Tensor:
+    """`out` says `t`'s dtype and shape, and that its elements travel over a collective group."""
+    if t.dtype not in DTYPES:
+        raise CodecError(f"cannot send a {t.dtype} tensor; the wire carries {', '.join(map(str, DTYPES))}")
+    out.dtype, out.collective = DTYPES[t.dtype], True
+    out.shape[:] = t.shape
+    return out
+
+
+def allocate(msg: pb.Tensor, *, max_bytes: int, device: torch.device, ndim: int | None = None,
+             dims: dict[int, int] | None = None) -> torch.Tensor:
+    """An uninitialised tensor for the elements a `describe`d message announces, checked as decode
+    checks (dtype, rank, sizes, the byte limit) before anything is allocated."""
+    if not msg.collective or msg.data:
+        raise CodecError("tensor message does not announce collective data")
+    dtype, shape, _ = _header(msg, max_bytes, ndim, dims)
+    try:
+        return torch.empty(shape, dtype=dtype, device=device)
+    except RuntimeError as e:
+        raise CodecError(f"tensor shape {shape} cannot be represented: {e}") from None
+
+
+def _header(msg: pb.Tensor, max_bytes: int, ndim: int | None,
+            dims: dict[int, int] | None) -> tuple[torch.dtype, list[int], int]:
+    """(dtype, shape, bytes the elements need) of `msg`, checked; CodecError if any is wrong."""
     dtype = _TORCH.get(msg.dtype)
     if dtype is None:
         known = ", ".join(f"{pb.DType.Name(v)}={v}" for v in _TORCH)
@@ -69,15 +108,7 @@ def decode(msg: pb.Tensor, *, max_bytes: int, ndim: int | None = None,
     need = math.prod(shape) * dtype.itemsize  # Python ints: no overflow, however big the shape
     if need > max_bytes:
         raise CodecError(f"tensor {_describe(shape, dtype)} needs {need} bytes, over the limit of {max_bytes}")
-    data = msg.data  # a copy out of the message, which the tensor then views
-    if len(data) != need:
-        raise CodecError(f"tensor data has {len(data)} bytes, {_describe(shape, dtype)} needs {need}")
-    try:
-        if need == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(data if _FRESH_BYTES else bytearray(data), dtype=dtype).view(shape)
-    except RuntimeError as e:  # e.g. [0, 2**62, 2**62]: no elements, but its strides overflow int64
-        raise CodecError(f"tensor shape {shape} cannot be represented: {e}") from None
+    return dtype, shape, need
 
 
 def _fresh_bytes() -> bool:

@@ -1,8 +1,7 @@
 """The data plane: how a router's per-layer tensors reach attention and expert-shard actors and back.
 
 The ONE module that knows the wire. Actors call `serve` with plain-torch handlers, routers call
-`connect` and get a Client; neither sees gRPC, and `TransportConfig.kind` picks the transport (only
-"grpc" for now; NCCL will come behind the same two functions).
+`connect` and get a Client; neither sees gRPC, and `TransportConfig.kind` picks the transport.
 
 gRPC here means: one channel per peer, reused by every call (HTTP/2 multiplexes concurrent calls over
 it); unary calls issued as futures, so a router fans out to all the shards of a layer and then waits
@@ -16,6 +15,19 @@ actors, the expert shards and the router through Ray's control plane. An empty t
 servers by hand) checks nothing. The token authenticates; it does not encrypt: the channels are
 plaintext, so on a network where others can read the traffic the data plane also needs TLS (not built).
 
+Kinds "nccl" and "gloo" (cluster/collective.py) keep every call on gRPC (metadata, errors, deadline,
+token) but move its tensors over a process group: the request announces dtype and shape with no bytes,
+the Client has posted a send of the input and a receive of the output (same shape and dtype: the server
+casts its result) to the peer's rank before the call, and the server receives the input from rank 0,
+runs its handler, sends the output and replies. nccl moves CUDA tensors (GPU to GPU); gloo moves CPU
+tensors, which is how it is tested without GPUs. The caller is rank 0 (a pipeline replica's router);
+servers join with Server.join, and a Client made with a group and the peer's rank uses it. gRPC stays
+the fallback: a Client without a rank (a peer outside the group: an expert scaler's extra replica, a
+worker Ray restarted) sends bytes, servers always accept bytes, and any failure of a collective call
+breaks that pair for good (both sides) and re-sends the call once over gRPC (not when the peer is
+unavailable or past its deadline: gRPC would fare no better). One caller per pair, one call in flight
+per pair at a time (the router's pattern): ops within a pair are matched in the order they are posted.
+
 Shapes: T new tokens of a step, D model dim, R expert rows of a request.
 """
 
@@ -25,6 +37,7 @@ import dataclasses
 import hmac
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -33,14 +46,16 @@ from types import SimpleNamespace
 import grpc
 import torch
 
-from cluster.codec import DTYPES, decode, encode
+from cluster import collective
+from cluster.codec import DTYPES, allocate, decode, describe, encode
 from cluster.rpc import dataplane_pb2 as pb
 from cluster.rpc import dataplane_pb2_grpc as rpc
 from kernels.cache import StepSeq
 
 log = logging.getLogger(__name__)
 
-KINDS = ("grpc",)
+KINDS = ("grpc", *collective.BACKENDS)
+CALLER = 0  # the rank that calls in a collective group: a pipeline replica's router
 TOKEN_METADATA = "moeray-dataplane-token"  # the call metadata carrying TransportConfig.token
 
 
@@ -48,7 +63,7 @@ TOKEN_METADATA = "moeray-dataplane-token"  # the call metadata carrying Transpor
 class TransportConfig:
     """How actors and routers talk on the data plane; one per pipeline, the same on both ends."""
 
-    kind: str = "grpc"  # which transport; only "grpc" so far
+    kind: str = "grpc"  # grpc (bytes in the messages) | gloo (CPU tensors over a group) | nccl (CUDA tensors)
     host: str = "127.0.0.1"  # servers' bind address: loopback unless a deployment opens it up
     max_message_mb: int = 256  # largest message either way; larger -> RESOURCE_EXHAUSTED
     timeout_s: float = 30.0  # deadline of every data-plane call
@@ -67,6 +82,23 @@ class TransportConfig:
 def _check_kind(config: TransportConfig) -> None:
     if config.kind not in KINDS:
         raise ValueError(f"unknown transport kind {config.kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def is_collective(config: TransportConfig) -> bool:
+    """Does this kind move tensors over a process group (which the caller must form: join)?"""
+    return config.kind in collective.BACKENDS
+
+
+def rendezvous(config: TransportConfig, host: str, world_size: int):
+    """Rank 0's side of forming a group: (store, "tcp://host:port" for ranks 1..N's Server.join)."""
+    return collective.rendezvous(host, world_size, config.timeout_s)
+
+
+def join(config: TransportConfig, rendezvous, world_size: int, rank: int) -> collective.Group:
+    """Join the collective group at `rendezvous` (an address, or rank 0's store); waits up to timeout_s."""
+    if not is_collective(config):
+        raise ValueError(f"transport kind {config.kind!r} has no collective group")
+    return collective.Group.join(config.kind, rendezvous, world_size, rank, config.timeout_s)
 
 
 def with_token(config: TransportConfig) -> TransportConfig:
@@ -95,9 +127,14 @@ class TransportError(RuntimeError):
 
 
 class Server:
-    def __init__(self, server: grpc.Server, address: str):
-        self._server = server
+    def __init__(self, server: grpc.Server, address: str, config: TransportConfig, box: SimpleNamespace):
+        self._server, self._config, self._box = server, config, box
         self.address = address  # "host:port" actually bound (peers of a 0.0.0.0 server need the node's IP)
+
+    def join(self, rendezvous: str, world_size: int, rank: int) -> None:
+        """Join the caller's collective group as `rank` (kinds gloo, nccl); from then on this server also
+        answers calls whose tensors travel over it. Blocks until the group has formed (timeout_s)."""
+        self._box.group = join(self._config, rendezvous, world_size, rank)
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight ones get `grace` seconds (None: cancelled now)."""
@@ -167,29 +204,35 @@ def serve(config: TransportConfig, *, attention: AttentionHandler | None = None,
     port 0 picks a free port; Server.address says which.
     """
     _check_kind(config)
-    limit = config.max_bytes
+    box = SimpleNamespace(group=None)  # the collective group, once Server.join has joined one
 
     def forward_attention(request: pb.AttentionRequest) -> pb.AttentionReply:
-        hidden = decode(request.hidden, max_bytes=limit, ndim=2)  # [T, D]
         seqs = [StepSeq(list(s.block_table), s.start, s.n) for s in request.seqs] or None
-        if seqs is not None:
-            if any(s.start < 0 or s.n < 0 or min(s.block_table, default=0) < 0 for s in seqs):
-                raise ValueError("seqs need start >= 0, n >= 0 and block ids >= 0")
-            if (n := sum(s.n for s in seqs)) != hidden.shape[0]:
-                raise ValueError(f"seqs have {n} new tokens in all, hidden has {hidden.shape[0]} rows")
-        out = attention(request.step, request.layer, seqs, hidden)
+
+        def run(hidden: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
+            if seqs is not None:
+                if any(s.start < 0 or s.n < 0 or min(s.block_table, default=0) < 0 for s in seqs):
+                    raise ValueError("seqs need start >= 0, n >= 0 and block ids >= 0")
+                if (n := sum(s.n for s in seqs)) != hidden.shape[0]:
+                    raise ValueError(f"seqs have {n} new tokens in all, hidden has {hidden.shape[0]} rows")
+            return attention(request.step, request.layer, seqs, hidden)
+
         reply = pb.AttentionReply()
-        encode(_checked(out, hidden), reply.hidden)
+        _exchange(config, box.group, request.hidden, reply.hidden, run)
         return reply
 
     def forward_experts(request: pb.ExpertRequest) -> pb.ExpertReply:
-        rows = decode(request.rows, max_bytes=limit, ndim=2)  # [R, D]
         blocks = [(b.expert, b.rows) for b in request.blocks]
         counts = [n for _, n in blocks]
-        if any(n < 0 for n in counts) or sum(counts) != rows.shape[0]:
-            raise ValueError(f"block row counts {counts} sum to {sum(counts)}, rows tensor has {rows.shape[0]} rows")
+
+        def run(rows: torch.Tensor) -> torch.Tensor:  # [R, D] -> [R, D]
+            if any(n < 0 for n in counts) or sum(counts) != rows.shape[0]:
+                raise ValueError(f"block row counts {counts} sum to {sum(counts)}, "
+                                 f"rows tensor has {rows.shape[0]} rows")
+            return experts(request.layer, blocks, rows)
+
         reply = pb.ExpertReply()
-        encode(_checked(experts(request.layer, blocks, rows), rows), reply.rows)
+        _exchange(config, box.group, request.rows, reply.rows, run)
         return reply
 
     if not config.token and config.host not in ("127.0.0.1", "::1", "localhost"):
@@ -209,23 +252,62 @@ def serve(config: TransportConfig, *, attention: AttentionHandler | None = None,
         server.stop(None)
         raise OSError(f"data plane cannot bind {host}:{port}: {e}") from e
     server.start()
-    return Server(server, f"{host}:{bound}")
+    return Server(server, f"{host}:{bound}", config, box)
+
+
+def _exchange(config: TransportConfig, group: collective.Group | None, given: pb.Tensor, reply: pb.Tensor,
+              run: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """One request's tensors: run(input) -> output with both as bytes in the messages, or, when the
+    request announces collective data, received from and sent back to the caller's rank. Once the input
+    has arrived the caller's receive is answered even if `run` fails (zeros), so the pair stays in step."""
+    if not given.collective:
+        x = decode(given, max_bytes=config.max_bytes, ndim=2)
+        encode(_checked(run(x), x), reply)
+        return
+    if group is None or not group.usable(CALLER):
+        raise ValueError("tensor data sent over a collective group this server is not (or no longer) in")
+    x = allocate(given, max_bytes=config.max_bytes, ndim=2, device=group.device)
+    deadline = time.monotonic() + config.timeout_s
+    try:
+        group.wait([group.recv(x, CALLER, collective.REQUEST_TAG)], deadline)
+    except Exception as e:
+        group.break_pair(CALLER, (x,))
+        raise RuntimeError(f"collective receive failed: {e}") from e
+    try:
+        out, error = _checked(run(x), x).to(group.device, x.dtype).contiguous(), None
+    except Exception as e:
+        out, error = torch.zeros_like(x), e
+    try:
+        group.wait([group.send(out, CALLER, collective.REPLY_TAG)], deadline)
+    except Exception as e:
+        group.break_pair(CALLER, (out,))
+        if error is None:
+            raise RuntimeError(f"collective send failed: {e}") from e
+    if error is not None:
+        raise error
+    describe(out, reply)
 
 
 # ---- client ----------------------------------------------------------------------------------------
+
+
+NOT_RESENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}  # a collective call failing so is not re-sent: peer down or slow
 
 
 class Pending:
     """A call in flight. result() waits for the reply and decodes it: decoding happens only there,
     in the caller's thread, after the caller has issued all the calls it wants to overlap."""
 
-    __slots__ = ("_future", "_field", "_shape", "_client")
+    __slots__ = ("_future", "_field", "_shape", "_client", "_collective")
 
-    def __init__(self, future: grpc.Future, field: str, shape: torch.Size, client: Client):
+    def __init__(self, future: grpc.Future, field: str, shape: torch.Size, client: Client, collective=None):
         self._future, self._field, self._shape, self._client = future, field, shape, client
+        self._collective = collective  # (method, request, input, [send, recv], output, deadline) over the group
 
     def result(self) -> torch.Tensor:
         """The reply tensor, with the request's shape; TransportError if the call or its reply is bad."""
+        if self._collective is not None:
+            return self._collective_result()
         try:
             reply = self._future.result()
         except grpc.RpcError as e:
@@ -236,12 +318,37 @@ class Pending:
         except ValueError as e:
             raise TransportError("INTERNAL", f"{self._client.address}: bad reply: {e}") from e
 
+    def _collective_result(self) -> torch.Tensor:
+        method, request, x, works, out, deadline = self._collective
+        client = self._client
+        try:
+            got = getattr(self._future.result(), self._field)
+            if not got.collective or list(got.shape) != list(x.shape) or got.dtype != DTYPES[x.dtype]:
+                raise RuntimeError("the reply does not announce the request's tensor over the group")
+            collective.Group.wait(works, deadline)
+        except Exception as e:  # grpc.RpcError, or the group's ops
+            code = e.code().name if isinstance(e, grpc.RpcError) else "INTERNAL"
+            client._break(f"{code}: {e.details() if isinstance(e, grpc.RpcError) else e}", (works, x, out))
+            if code in NOT_RESENT:
+                raise TransportError(code, f"{client.address}: {e.details()}") from e
+            plain = type(request)()
+            plain.CopyFrom(request)
+            getattr(plain, self._field).Clear()
+            encode(x, getattr(plain, self._field))
+            return client._call(method, plain, self._field, x.shape).result()
+        client.collective_calls += 1
+        return out
+
 
 class Client:
-    """Calls one peer over one long-lived channel; safe to use from several threads."""
+    """Calls one peer over one long-lived channel; safe to use from several threads (over a collective
+    group: one call in flight at a time)."""
 
-    def __init__(self, config: TransportConfig, address: str):
+    def __init__(self, config: TransportConfig, address: str, group: collective.Group | None = None,
+                 rank: int | None = None):
         self.address = address
+        self._group, self._rank = (group, rank) if group is not None and rank is not None else (None, None)
+        self.collective_calls = 0  # calls whose tensors went over the group
         self._timeout, self._max_bytes = config.timeout_s, config.max_bytes
         self._metadata = ((TOKEN_METADATA, config.token),) if config.token else None  # on every call
         self._channel = grpc.insecure_channel(address, options=_options(config))
@@ -253,15 +360,13 @@ class Client:
         """Send hidden [T, D] to layer `layer`; seqs None (or []) arrives as None."""
         wire = [pb.StepSeq(block_table=s.block_table, start=s.start, n=s.n) for s in seqs or ()]
         request = pb.AttentionRequest(step=step, layer=layer, seqs=wire)
-        encode(hidden, request.hidden)
-        return self._call(self._attention, request, "hidden", hidden.shape)
+        return self._send(self._attention, request, "hidden", hidden)
 
     def experts(self, layer: int, blocks: list[tuple[int, int]], rows: torch.Tensor) -> Pending:
         """Send rows [R, D], in blocks of (expert, row count), to this shard's experts of `layer`."""
         wire = [pb.ExpertBlock(expert=e, rows=n) for e, n in blocks]
         request = pb.ExpertRequest(layer=layer, blocks=wire)
-        encode(rows, request.rows)
-        return self._call(self._experts, request, "rows", rows.shape)
+        return self._send(self._experts, request, "rows", rows)
 
     def echo(self, data: bytes) -> bytes:
         """Round trip `data` through the peer's Echo service, blocking: the benchmarks' baseline."""
@@ -270,8 +375,38 @@ class Client:
         except grpc.RpcError as e:
             raise TransportError(e.code().name, f"{self.address}: {e.details()}") from e
 
+    @property
+    def collective(self) -> bool:
+        """Do this client's tensors go over the collective group (a member peer, its pair not broken)?"""
+        return self._group is not None and self._group.usable(self._rank)
+
+    def _send(self, method, request, field: str, x: torch.Tensor) -> Pending:
+        if not self.collective or x.numel() == 0:
+            encode(x, getattr(request, field))
+            return self._call(method, request, field, x.shape)
+        g = self._group
+        x = x.to(g.device).contiguous()
+        describe(x, getattr(request, field))  # refuses a dtype the wire lacks before any op is posted
+        out = torch.empty_like(x)  # the reply: same shape and dtype
+        works = []
+        try:
+            works.append(g.send(x, self._rank, collective.REQUEST_TAG))
+            works.append(g.recv(out, self._rank, collective.REPLY_TAG))
+        except Exception as e:  # gloo refuses to post to a peer whose connection closed (it died)
+            self._break(f"posting an op: {e}", (works, x, out))
+            encode(x, getattr(request, field))
+            return self._call(method, request, field, x.shape)
+        future = method.future(request, timeout=self._timeout, metadata=self._metadata)
+        return Pending(future, field, x.shape, self,
+                       (method, request, x, works, out, time.monotonic() + self._timeout))
+
     def _call(self, method, request, field: str, shape: torch.Size) -> Pending:
         return Pending(method.future(request, timeout=self._timeout, metadata=self._metadata), field, shape, self)
+
+    def _break(self, why: str, unfinished: tuple) -> None:
+        log.warning("data plane: collective pair with %s (rank %d) failed (%s); gRPC from now on",
+                    self.address, self._rank, why)
+        self._group.break_pair(self._rank, unfinished)
 
     def close(self) -> None:
         self._channel.close()
@@ -283,7 +418,11 @@ class Client:
         self.close()
 
 
-def connect(config: TransportConfig, address: str) -> Client:
-    """A client for the server at `address` ("host:port"); connects lazily, on the first call."""
+def connect(config: TransportConfig, address: str, group: collective.Group | None = None,
+            rank: int | None = None) -> Client:
+    """A client for the server at `address` ("host:port"); connects lazily, on the first call. With the
+    caller's collective group (it must be rank 0) and the server's rank there, tensors go over the group."""
     _check_kind(config)
-    return Client(config, address)
+    if group is not None and group.rank != CALLER:
+        raise ValueError(f"only rank {CALLER} of a collective group calls; this process is rank {group.rank}")
+    return Client(config, address, group, rank)

@@ -83,6 +83,37 @@ def test_mistral_dense_sliding_window_split_layers(cluster, hf_mistral, referenc
         pipe.shutdown()
 
 
+def test_gloo_data_plane_matches_single_process_and_a_restarted_shard_falls_back_to_grpc(cluster, hf_mixtral,
+                                                                                       reference):
+    """transport.kind gloo: the router (rank 0), the attention actor and two shards form a group and the
+    per-layer tensors go over it; a shard Ray restarts is outside the group and is called over gRPC."""
+    cfg = config(hf_mixtral, shards=2)
+    cfg.pipeline.transport = transport.TransportConfig(kind="gloo")
+    pipe = Pipeline.start(cfg)
+    try:
+        assert [c.token_ids for c in pipe.generate(prompts(), GREEDY)] == reference["mixtral"]
+        before = pipe.stats()
+        assert before["collective_peers"] == 3 and before["collective_calls"] > 0
+        victim = pipe.experts[1]
+        pid = ray.get(victim.info.remote())["pid"]
+        ray.kill(victim, no_restart=False)
+        deadline = time.monotonic() + 60
+        while True:  # Ray restarts it (max_restarts=-1)
+            assert time.monotonic() < deadline
+            try:
+                if ray.get(victim.info.remote())["pid"] != pid:
+                    break
+            except ray.exceptions.RayActorError:  # ActorUnavailableError while it restarts
+                pass
+            time.sleep(0.2)
+        assert [c.token_ids for c in pipe.generate(prompts(), GREEDY)] == reference["mixtral"]
+        after = pipe.stats()
+        assert after["worker_recoveries"] == 1 and after["collective_peers"] == 2
+        assert after["collective_calls"] > before["collective_calls"]  # the others still over the group
+    finally:
+        pipe.shutdown()
+
+
 @pytest.fixture(scope="module")
 def replicated(cluster, hf_mixtral):
     pipe = Pipeline.start(config(hf_mixtral, shards=2, replicas=2, max_num_batched_tokens=64))

@@ -258,8 +258,8 @@ def test_unknown_peer_is_unavailable_and_unknown_kind_is_refused():
     with connect(CONFIG, address) as c, pytest.raises(TransportError) as e:
         c.echo(b"x")
     assert e.value.code == "UNAVAILABLE"
-    with pytest.raises(ValueError, match="unknown transport kind 'nccl'"):
-        TransportConfig(kind="nccl")
+    with pytest.raises(ValueError, match="unknown transport kind 'mpi'"):
+        TransportConfig(kind="mpi")
 
 
 # ---- the pipeline token ----------------------------------------------------------------------------
