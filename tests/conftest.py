@@ -2,6 +2,7 @@
 written here from REFERENCE.md's formula (not from kernels/), so the loader is checked against
 something it did not produce."""
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -94,3 +95,22 @@ def tiny_model(tmp_path_factory) -> Path:
     from kernels.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny"), "mixtral")
+
+
+@contextlib.contextmanager
+def four_nodes():
+    """A real Ray cluster on this machine (ray.cluster_utils.Cluster), connected: a head, one node with
+    the `attention_node` resource and two with `expert_node`, 2 CPUs each. Yields the Cluster."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    c.attention = c.add_node(num_cpus=2, resources={"attention_node": 1})
+    c.experts = [c.add_node(num_cpus=2, resources={"expert_node": 1}) for _ in range(2)]
+    ray.init(address=c.address, logging_level="ERROR")
+    c.wait_for_nodes()
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()

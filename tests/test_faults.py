@@ -5,7 +5,6 @@ single-process engine's tokens. A stuck (SIGSTOPped) shard cannot freeze the rou
 fail within the deadlines, and once it runs again so do new requests."""
 
 import pytest
-import ray
 
 from cluster.config import MoerayConfig
 from cluster.faults import shard_stuck, worker_killed
@@ -14,6 +13,7 @@ from cluster.placement import PipelineConfig
 from kernels.engine import Engine, EngineConfig
 from kernels.sampling import SamplingParams
 
+from conftest import four_nodes
 from test_pipeline import prompts
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -21,17 +21,8 @@ GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    c.add_node(num_cpus=2, resources={"attention_node": 1})
-    for _ in range(2):
-        c.add_node(num_cpus=2, resources={"expert_node": 1})
-    ray.init(address=c.address, logging_level="ERROR")
-    c.wait_for_nodes()
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    with four_nodes() as c:
+        yield c
 
 
 def config(model, **transport) -> MoerayConfig:

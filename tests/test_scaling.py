@@ -16,6 +16,8 @@ from cluster.scaler import ExpertScaler, Policy
 from kernels.engine import Engine, EngineConfig
 from kernels.sampling import SamplingParams
 
+from conftest import four_nodes
+
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
@@ -133,17 +135,8 @@ def test_load_generator_drives_an_http_server(tiny_model):
 # -- on a cluster ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    c.add_node(num_cpus=2, resources={"attention_node": 1})
-    for _ in range(2):
-        c.add_node(num_cpus=2, resources={"expert_node": 1})
-    ray.init(address=c.address, logging_level="ERROR")
-    c.wait_for_nodes()
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    with four_nodes() as c:
+        yield c
 
 
 def config(model) -> MoerayConfig:

@@ -10,7 +10,6 @@ import time
 import grpc
 import httpx
 import pytest
-import ray
 from ray import serve
 
 from cluster.app import build_app, serve_options
@@ -21,6 +20,8 @@ from cluster.rpc import moeray_pb2_grpc as rpc
 from kernels.engine import Engine, EngineConfig
 from kernels.sampling import SamplingParams
 
+from conftest import four_nodes
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -30,24 +31,17 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    c.add_node(num_cpus=2, resources={"attention_node": 1})
-    for _ in range(2):
-        c.add_node(num_cpus=2, resources={"expert_node": 1})
-    ray.init(address=c.address, logging_level="ERROR")
-    pc = PipelineConfig()
-    pc.attention.resources, pc.experts.resources, pc.experts.shards = {"attention_node": 0.01}, {"expert_node": 0.01}, 2
-    cfg = MoerayConfig(model=str(tiny_model), pipeline=pc,
-                       engine=EngineConfig(max_num_seqs=16, kv_cache_tokens=16384, max_queued_requests=64))
-    cfg.serve.model_name, cfg.serve.http_port, cfg.serve.grpc_port = "tiny", free_port(), free_port()
-    serve.start(**serve_options(cfg))
-    serve.run(build_app(config=cfg), name="moeray", route_prefix="/")
-    yield {"http": f"http://127.0.0.1:{cfg.serve.http_port}", "grpc": f"127.0.0.1:{cfg.serve.grpc_port}"}
-    serve.shutdown()
-    ray.shutdown()
-    c.shutdown()
+    with four_nodes():
+        pc = PipelineConfig()
+        pc.attention.resources, pc.experts.resources = {"attention_node": 0.01}, {"expert_node": 0.01}
+        pc.experts.shards = 2
+        cfg = MoerayConfig(model=str(tiny_model), pipeline=pc,
+                           engine=EngineConfig(max_num_seqs=16, kv_cache_tokens=16384, max_queued_requests=64))
+        cfg.serve.model_name, cfg.serve.http_port, cfg.serve.grpc_port = "tiny", free_port(), free_port()
+        serve.start(**serve_options(cfg))
+        serve.run(build_app(config=cfg), name="moeray", route_prefix="/")
+        yield {"http": f"http://127.0.0.1:{cfg.serve.http_port}", "grpc": f"127.0.0.1:{cfg.serve.grpc_port}"}
+        serve.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import signal
 import time
 
 import pytest
-import ray
 from ray import serve
 
 from cluster.app import build_app, serve_options
@@ -22,32 +21,27 @@ from kernels.sampling import SamplingParams
 
 from test_serve import free_port
 
+from conftest import four_nodes
+
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    c.add_node(num_cpus=2, resources={"attention_node": 1})
-    for _ in range(2):
-        c.add_node(num_cpus=2, resources={"expert_node": 1})
-    ray.init(address=c.address, logging_level="ERROR")
-    pc = PipelineConfig(restart_timeout_s=60)
-    pc.attention.resources, pc.experts.resources, pc.experts.shards = {"attention_node": 0.01}, {"expert_node": 0.01}, 2
-    scaling = ScalingConfig(enabled=True, min_replicas=1, max_replicas=2, max_extra_replicas=1, target_tokens_per_s=5,
-                            upscale_delay_s=1, downscale_delay_s=2, cooldown_s=1, window_s=2, interval_s=0.25,
-                            ready_timeout_s=60)
-    cfg = MoerayConfig(model=str(tiny_model), pipeline=pc, scaling=scaling,
-                       engine=EngineConfig(max_num_seqs=16, kv_cache_tokens=16384, max_queued_requests=64))
-    cfg.serve.model_name, cfg.serve.http_port, cfg.serve.grpc_port = "tiny", free_port(), free_port()
-    serve.start(**serve_options(cfg))
-    serve.run(build_app(config=cfg), name="moeray", route_prefix="/")
-    yield f"http://127.0.0.1:{cfg.serve.http_port}"
-    serve.shutdown()
-    ray.shutdown()
-    c.shutdown()
+    with four_nodes():
+        pc = PipelineConfig(restart_timeout_s=60)
+        pc.attention.resources, pc.experts.resources = {"attention_node": 0.01}, {"expert_node": 0.01}
+        pc.experts.shards = 2
+        scaling = ScalingConfig(enabled=True, min_replicas=1, max_replicas=2, max_extra_replicas=1,
+                                target_tokens_per_s=5, upscale_delay_s=1, downscale_delay_s=2, cooldown_s=1, window_s=2,
+                                interval_s=0.25, ready_timeout_s=60)
+        cfg = MoerayConfig(model=str(tiny_model), pipeline=pc, scaling=scaling,
+                           engine=EngineConfig(max_num_seqs=16, kv_cache_tokens=16384, max_queued_requests=64))
+        cfg.serve.model_name, cfg.serve.http_port, cfg.serve.grpc_port = "tiny", free_port(), free_port()
+        serve.start(**serve_options(cfg))
+        serve.run(build_app(config=cfg), name="moeray", route_prefix="/")
+        yield f"http://127.0.0.1:{cfg.serve.http_port}"
+        serve.shutdown()
 
 
 @pytest.fixture(scope="module")
