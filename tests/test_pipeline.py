@@ -17,21 +17,15 @@ from cluster.placement import PipelineConfig
 from kernels.engine import Engine, EngineConfig
 from kernels.sampling import SamplingParams
 
+from conftest import four_nodes
+
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    nodes = {"attention": c.add_node(num_cpus=2, resources={"attention_node": 1}),
-             "expert": [c.add_node(num_cpus=2, resources={"expert_node": 1}) for _ in range(2)]}
-    ray.init(address=c.address, logging_level="ERROR")
-    c.wait_for_nodes()
-    yield {"attention": nodes["attention"].node_id, "expert": {n.node_id for n in nodes["expert"]}}
-    ray.shutdown()
-    c.shutdown()
+    with four_nodes() as c:
+        yield {"attention": c.attention.node_id, "expert": {n.node_id for n in c.experts}}
 
 
 def config(model, shards=1, replicas=1, attention_actors=1, **engine) -> MoerayConfig:
