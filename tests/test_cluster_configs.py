@@ -111,11 +111,12 @@ def pipeline_resources(path: Path) -> dict[str, dict[str, float]]:
             if isinstance(section, dict) and section.get("resources")}
 
 
-@pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.name)
-def test_pipeline_multinode_placement_fits_the_cluster(path):
-    """Every resource configs/pipeline-multinode.yaml places an actor with is declared by a node type of
+@pytest.mark.parametrize("path, pipeline", [(p, "pipeline-multinode.yaml") for p in CLUSTERS]
+                         + [(p, "pipeline-gpu.yaml") for p in GPU_CLUSTERS], ids=lambda p: getattr(p, "name", p))
+def test_pipeline_placement_fits_the_cluster(path, pipeline):
+    """Every resource a multi-node pipeline config places an actor with is declared by a node type of
     the cluster, in an amount that holds at least one such actor (else it would pend for ever)."""
-    wants = pipeline_resources(ROOT / "configs" / "pipeline-multinode.yaml")
+    wants = pipeline_resources(ROOT / "configs" / pipeline)
     assert {r for res in wants.values() for r in res} == set(PLACEMENT)  # the cross-check covers both
     cfg = check(load(path))
     for role, resources in wants.items():
