@@ -8,13 +8,14 @@ import os
 import signal
 import time
 
+import httpx
 import pytest
 from ray import serve
 
 from cluster.app import build_app, serve_options
 from cluster.config import MoerayConfig, ScalingConfig
 from cluster.faults import in_flight, serve_pid, serves_again
-from cluster.loadgen import run_load
+from cluster.loadgen import _http_stream, run_load
 from cluster.placement import PipelineConfig
 from kernels.engine import Engine, EngineConfig
 from kernels.sampling import SamplingParams
@@ -66,34 +67,53 @@ def prompts(engine) -> list[list[int]]:
 
 
 def test_expert_scaling_follows_http_load_inside_serve(server, engine):
+    """Heavy load scales the hot expert out; a trickle that keeps flowing lets it drain and stop (scale-in
+    under traffic): no request fails and every output equals the single-process engine's."""
     ps = prompts(engine)
     want = [c.text for c in engine.generate(ps, GREEDY)]
-    stop = False
+    done = False
 
     def scaled_out() -> bool:
-        nonlocal stop
-        stop = 2 in router("stats")["expert_replicas"].values()
-        return stop
+        return 2 in router("stats")["expert_replicas"].values()
 
-    async def scenario():
-        watch = asyncio.to_thread(wait_for, scaled_out, 60, "an extra expert replica")
-        return (await asyncio.gather(run_load(server, ps, GREEDY, concurrency=6, stop=lambda: stop, model="tiny"),
-                                     watch))[0]
+    def drained() -> bool:
+        s = router("scaler_status")
+        return not s["extra"] and "stopped" in [e["what"] for e in s["events"]]
 
-    report = asyncio.run(scenario())
-    assert report.failed == 0 and report.lost == 0, report.errors
-    assert all("".join(chunks) == want[i] for i, chunks in report.outputs)  # scaling changes no output
-    status = router("scaler_status")
-    assert [e["what"] for e in status["events"]][:3] == ["scale", "start", "ready"]
-    wait_for(lambda: not router("scaler_status")["extra"], 30, "scale-in once the load is gone")
+    http = _http_stream(server, "tiny")
+
+    async def trickle(prompt, params):  # one request at a time, 2 s apart: under the scale-in threshold
+        await asyncio.sleep(2)
+        async for chunk in http(prompt, params):
+            yield chunk
+    trickle.client = http.client  # run_load closes it
+
+    async def phase(target, concurrency, until, what):
+        nonlocal done
+        done = False
+
+        async def watch():
+            nonlocal done
+            try:
+                await asyncio.to_thread(wait_for, until, 60, what)
+            finally:
+                done = True
+        return (await asyncio.gather(run_load(target, ps, GREEDY, concurrency=concurrency, stop=lambda: done,
+                                              model="tiny"), watch()))[0]
+
+    heavy = asyncio.run(phase(server, 6, scaled_out, "an extra expert replica"))
+    assert [e["what"] for e in router("scaler_status")["events"]][:3] == ["scale", "start", "ready"]
+    light = asyncio.run(phase(trickle, 1, drained, "scale-in while a trickle of requests keeps flowing"))
+    for report in (heavy, light):
+        assert report.failed == 0 and report.lost == 0, report.errors
+        assert all("".join(chunks) == want[i] for i, chunks in report.outputs)  # scaling changes no output
+    assert light.requests >= 2  # requests ran while the replica drained
+    whats = [e["what"] for e in router("scaler_status")["events"]]
+    assert whats.index("drain") < whats.index("stopped")
     assert set(router("stats")["expert_replicas"].values()) == {1}
-    import httpx
-
     metrics = [line for line in httpx.get(server + "/metrics", timeout=30).text.splitlines()
                if line.startswith("moeray:expert_replicas{")]
     assert len(metrics) == 2 * 8 and all(line.endswith(" 1.0") for line in metrics)  # every pair, base shard only
-    whats = [e["what"] for e in router("scaler_status")["events"]]
-    assert whats.index("drain") < whats.index("stopped")
 
 
 def test_killed_router_replica(server):
