@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,21 @@ from pathlib import Path
 # A Mixtral-shaped model big enough that compute, not Python overhead, dominates on a laptop CPU:
 # 8 experts top-2, GQA 2:1, the real 32000 vocabulary. About 0.1 B parameters.
 REPEATS = 3
+def write_report(out: str | None, report) -> None:
+    """A benchmark's results as JSON at `out` (no file when out is None)."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {out}")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, on loopback (for servers a benchmark or test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 PRESETS = {
     "small": dict(dim=512, n_layers=4, head_dim=64, hidden_dim=1024, n_heads=8, n_kv_heads=4, vocab_size=32000),
     "tiny": dict(),  # kernels.tiny's defaults: seconds to run, for smoke tests
@@ -92,10 +108,7 @@ def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out
     print(f"| peak RSS (MB) | {ref['peak_rss_mb']:.0f} | {ours['peak_rss_mb']:.0f} | "
           f"{ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x | |")
     report = {"preset": preset, "prompt_len": prompt_len, "new_tokens": new, "results": res}
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {out}")
+    write_report(out, report)
     return report
 
 
@@ -193,10 +206,7 @@ def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, s
             pipe.shutdown()
         finally:
             ray.shutdown()
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {out}")
+    write_report(out, report)
     return report
 
 
@@ -300,10 +310,7 @@ def bench_moe(batches: list[int], repeats: int, interpret: bool, out: str | None
         print("moeray bench moe: the fused kernel is off the reference by more than 2e-2 (relative)")
     report = {"dim": D, "hidden": F, "experts": E, "k": k, "dtype": str(dtype), "interpret": interpret,
               "device": "CPU" if interpret else torch.cuda.get_device_name(), "repeats": repeats, "results": rows_out}
-    if out and not interpret:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {out}")
+    write_report(None if interpret else out, report)
     return 0 if ok else 1
 
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cluster.bench import free_port, write_report
 from cluster.loadgen import Report, run_load
 from kernels.sampling import SamplingParams
 
@@ -265,12 +266,7 @@ def bench_faults(model: str | None, concurrency: int, max_tokens: int, out: str 
         finally:
             pipe.shutdown()
 
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            config.serve.http_port = s.getsockname()[1]
-        config.serve.grpc_port = config.serve.http_port + 1
+        config.serve.http_port, config.serve.grpc_port = free_port(), free_port()
         serve.start(**serve_options(config))
         serve.run(build_app(config=config), name="moeray", route_prefix="/")
         url, name = f"http://127.0.0.1:{config.serve.http_port}", config.serve.model_name
@@ -283,10 +279,5 @@ def bench_faults(model: str | None, concurrency: int, max_tokens: int, out: str 
     for run in runs:
         for e in sorted(set(run.errors))[:3]:
             print(f"  {run.fault}: {e}")
-    if out:
-        from pathlib import Path
-
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps([run.__dict__ for run in runs], indent=2))
-        print(f"wrote {out}")
+    write_report(out, [run.__dict__ for run in runs])
     return runs

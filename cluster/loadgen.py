@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cluster.bench import write_report
 from kernels.sampling import SamplingParams
 
 Pair = tuple[int, int]
@@ -167,7 +168,7 @@ def _pipeline_stream(pipeline):
     return stream
 
 
-def _http_stream(url: str, model: str | None):
+def http_stream(url: str, model: str | None):
     import httpx
 
     client = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=None)
@@ -201,7 +202,7 @@ async def run_load(target, prompts: list, params: SamplingParams | None, concurr
     if callable(target):
         stream = target
     else:
-        stream = _http_stream(target, model) if isinstance(target, str) else _pipeline_stream(target)
+        stream = http_stream(target, model) if isinstance(target, str) else _pipeline_stream(target)
     report, t0 = Report(), time.perf_counter()
 
     def more() -> bool:
@@ -272,15 +273,6 @@ def _prompts(model_dir: str, n: int, length: int, max_tokens: int, skew: bool) -
     return [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(n)], "random prompts"
 
 
-def _write(out: str | None, report: dict) -> None:
-    if out:
-        from pathlib import Path
-
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {out}")
-
-
 def bench_load(url: str | None, config_path: str | None, model: str | None, preset: str, concurrency: int,
                duration: float, max_tokens: int, prompt_len: int, skew: bool, out: str | None) -> dict:
     """One load run against `url` (an HTTP server) or a Pipeline started here from `config_path`."""
@@ -321,7 +313,7 @@ def bench_load(url: str | None, config_path: str | None, model: str | None, pres
     if report.errors:
         print("first errors:", report.errors[:3])
     result = {"what": what, "concurrency": concurrency, **report.summary(), "scaler": status}
-    _write(out, result)
+    write_report(out, result)
     return result
 
 
@@ -401,5 +393,5 @@ def bench_scaling(preset: str, concurrency: int, duration: float, max_tokens: in
     off, on = result["runs"]["off"], result["runs"]["on"]
     print(f"on / off: throughput {on['tokens_per_s'] / max(off['tokens_per_s'], 1e-9):.2f}x, "
           f"ITL p50 {on['itl_p50_ms'] / max(off['itl_p50_ms'], 1e-9):.2f}x")
-    _write(out, result)
+    write_report(out, result)
     return result

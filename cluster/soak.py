@@ -32,13 +32,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import sys
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from cluster.loadgen import Cancelled, Incomplete, Rejected, Report, _percentile, _write, run_load
+from cluster.bench import free_port, write_report
+from cluster.loadgen import Cancelled, Incomplete, Rejected, Report, _percentile, run_load
 
 # Weights and the KV cache are allocated up front, and the warm-up runs the same mix (burst, rejections,
 # disconnects) so allocator pools and caches reach their high-water mark before the baseline. What is
@@ -75,12 +75,6 @@ def jobs(long_tokens: int, grpc_disconnects: bool = False) -> list[Job]:
 
     return [Job(APIS[i % 4], PROMPTS[i % len(PROMPTS)], long_tokens, 2) if disconnects(i) else
             Job(APIS[i % 4], PROMPTS[i % len(PROMPTS)], (16, 32, 48)[i % 3], None) for i in range(84)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- clients ------------------------------------------------------------------------------------------
@@ -492,5 +486,5 @@ def bench_soak(model: str | None, config: str | None, concurrency: int, burst: i
     r = soak(model, concurrency, burst, duration, warmup, max_num_seqs, max_queued, config_path=config,
              grpc_disconnects=grpc_disconnects)
     print_report(r)
-    _write(out, r)
+    write_report(out, r)
     return r

@@ -4,16 +4,11 @@ instance, one request over HTTP, Ctrl-C, a clean exit."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cluster.bench import free_port
 
 
 def test_moeray_serve_answers_then_stops_on_ctrl_c():

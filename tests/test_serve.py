@@ -4,7 +4,6 @@ result compared with the single-process engine."""
 
 import concurrent.futures
 import json
-import socket
 import time
 
 import grpc
@@ -13,6 +12,7 @@ import pytest
 from ray import serve
 
 from cluster.app import build_app, serve_options
+from cluster.bench import free_port
 from cluster.config import MoerayConfig
 from cluster.placement import PipelineConfig
 from cluster.rpc import moeray_pb2 as pb
@@ -21,12 +21,6 @@ from kernels.engine import Engine, EngineConfig
 from kernels.sampling import SamplingParams
 
 from conftest import four_nodes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

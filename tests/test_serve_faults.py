@@ -13,14 +13,14 @@ import pytest
 from ray import serve
 
 from cluster.app import build_app, serve_options
+from cluster.bench import free_port
 from cluster.config import MoerayConfig, ScalingConfig
 from cluster.faults import in_flight, serve_pid, serves_again
-from cluster.loadgen import _http_stream, run_load
+from cluster.loadgen import http_stream, run_load
 from cluster.placement import PipelineConfig
 from kernels.engine import Engine, EngineConfig
 from kernels.sampling import SamplingParams
 
-from test_serve import free_port
 
 from conftest import four_nodes
 
@@ -80,7 +80,7 @@ def test_expert_scaling_follows_http_load_inside_serve(server, engine):
         s = router("scaler_status")
         return not s["extra"] and "stopped" in [e["what"] for e in s["events"]]
 
-    http = _http_stream(server, "tiny")
+    http = http_stream(server, "tiny")
 
     async def trickle(prompt, params):  # one request at a time, 2 s apart: under the scale-in threshold
         await asyncio.sleep(2)
