@@ -1,25 +1,32 @@
-"""The Serve application: `import_path: cluster.app:build_app` in a Serve config, or `moeray serve`.
+"""The Serve application: `import_path: cluster.app:build_app` in a Serve config (configs/serve.yaml), or
+`moeray serve`, which builds the same application with `moeray_app`.
 
     applications:
     - name: moeray
       import_path: cluster.app:build_app
-      args: {config: configs/demo.yaml}        # and/or model: /models/Mixtral-8x7B-Instruct-v0.1
+      args: {config: configs/pipeline-local.yaml}   # and/or model: /models/Mixtral-8x7B-Instruct-v0.1
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 from ray.serve import Application
 
-from cluster.config import MoerayConfig, api_key_of, load_config
+from cluster.config import ConfigError, MoerayConfig, api_key_of, is_loopback_host, load_config
 from cluster.placement import ray_options
 
+log = logging.getLogger(__name__)
+
 GRPC_SERVICERS = [
-    "cluster.rpc.moeray_pb2_grpc.add_GenerationServiceServicer_to_server",
+    "cluster.grpc_api.add_GenerationService_to_serve",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
+REPO = Path(__file__).resolve().parents[1]  # where a relative `config:` path is also looked up
 
 
 class BuildArgs(BaseModel):
@@ -31,24 +38,56 @@ class BuildArgs(BaseModel):
 
 
 def resolve(config: MoerayConfig) -> MoerayConfig:
-    """The demo model when no model is configured; the API key from $MOERAY_API_KEY when the config has
-    none (so it travels to the Ingress replicas inside the config, wherever they run)."""
-    config.serve.api_key = api_key_of(config.serve)
+    """A copy of `config` with the demo model when no model is configured, and the API key from
+    $MOERAY_API_KEY when the config has none (so it travels to the Ingress replicas inside the config,
+    wherever they run)."""
+    serve_cfg = dataclasses.replace(config.serve, api_key=api_key_of(config.serve))
+    config = dataclasses.replace(config, serve=serve_cfg)
     if config.model is None:
         from kernels.train import demo_dir
 
-        config.model = str(demo_dir())
-        config.serve.model_name = config.serve.model_name or "moeray-demo"
+        config = dataclasses.replace(config, model=str(demo_dir()),
+                                     serve=dataclasses.replace(serve_cfg, model_name=serve_cfg.model_name or "moeray-demo"))
     return config
 
 
-def build_app(args: dict | None = None, config: MoerayConfig | None = None) -> Application:
+def config_path(path: str) -> Path:
+    """A `config:` path from the Serve config: as given (relative to where the builder runs), else relative to
+    the moeray source tree (`serve run` builds the app in a Ray worker, whose directory is not the user's)."""
+    given = Path(path).expanduser()
+    for candidate in (given, REPO / given) if not given.is_absolute() else (given,):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"args.config: no file {path!r} (looked in {Path.cwd()} and {REPO})")
+
+
+def build_app(args: dict) -> Application:
+    """Serve's application builder (one parameter: the Serve config's `args`, a dict)."""
+    try:
+        a = BuildArgs.model_validate(args or {})
+    except ValidationError as e:
+        raise ConfigError("; ".join(f"args.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+    return moeray_app(load_config(config_path(a.config) if a.config else None, {"model": a.model}))
+
+
+def exposure_warnings(config: MoerayConfig, http_host: str | None = None, grpc_on: bool = False) -> list[str]:
+    """What a configuration opens to other machines without an API key (printed by `moeray serve`, logged
+    by the builder): nothing by default."""
+    s = config.serve
+    if s.api_key or not s.allow_remote_without_key:
+        return []
+    remote = [f"HTTP on {http_host}"] if http_host and not is_loopback_host(http_host) else []
+    remote += ["gRPC on every interface"] if grpc_on else []
+    return [f"serve.allow_remote_without_key is set and there is no API key: {' and '.join(remote) or 'any proxy'} "
+            "serves generations to other machines with no authentication"]
+
+
+def moeray_app(config: MoerayConfig) -> Application:
     from actors.ingress import Ingress, RouterReplica
 
-    if config is None:
-        a = BuildArgs(**(args or {}))
-        config = load_config(a.config, {"model": a.model})
     config = resolve(config)
+    for warning in exposure_warnings(config):
+        log.warning(warning)
     s, pc = config.serve, config.pipeline
     router = serve.deployment(
         RouterReplica, name="Router", num_replicas=s.pipeline_replicas, max_ongoing_requests=100_000,
@@ -67,11 +106,10 @@ def build_app(args: dict | None = None, config: MoerayConfig | None = None) -> A
 def validate_serve_config(data: dict):
     """A Serve config checked as `serve deploy` checks it (ServeDeploySchema), and more strictly: Ray
     accepts unknown keys silently, so a typo like `max_replica` would be ignored; here it is an error
-    naming the key. Also checks each moeray application's `args`."""
+    naming the key. Also checks each moeray application's `args`. `moeray deploy` runs this before
+    deploying; `serve deploy` itself does not (the builder still refuses unknown `args` keys)."""
     from ray.serve import schema
     from ray.serve.config import AutoscalingConfig
-
-    from cluster.config import ConfigError
 
     def known(value, model, where):
         if isinstance(value, dict):
@@ -82,6 +120,7 @@ def validate_serve_config(data: dict):
     known(data, schema.ServeDeploySchema, "")
     known(data.get("http_options"), schema.HTTPOptionsSchema, "http_options.")
     known(data.get("grpc_options"), schema.gRPCOptionsSchema, "grpc_options.")
+    known(data.get("logging_config"), schema.LoggingConfig, "logging_config.")
     for i, app in enumerate(data.get("applications") or []):
         known(app, schema.ServeApplicationSchema, f"applications[{i}].")
         for j, d in enumerate(app.get("deployments") or []):
@@ -89,12 +128,20 @@ def validate_serve_config(data: dict):
             known(d, schema.DeploymentSchema, where)
             known(d.get("autoscaling_config"), AutoscalingConfig, where + "autoscaling_config.")
         if app.get("import_path") == "cluster.app:build_app":
-            BuildArgs(**(app.get("args") or {}))
+            try:
+                BuildArgs.model_validate(app.get("args") or {})
+            except ValidationError as e:
+                raise ConfigError(f"applications[{i}].args: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
     return schema.ServeDeploySchema.model_validate(data)
 
 
+QUIET = {"log_level": "WARNING", "enable_access_log": False}  # Serve's logging for `moeray serve` unless --verbose
+
+
 def serve_options(config: MoerayConfig) -> dict:
-    """serve.start() keyword arguments for the HTTP and gRPC proxies."""
+    """serve.start() keyword arguments for the HTTP and (only when serve.grpc_port is set) gRPC proxies."""
     s = config.serve
-    return {"http_options": {"host": s.host, "port": s.http_port},
-            "grpc_options": {"port": s.grpc_port, "grpc_servicer_functions": GRPC_SERVICERS}}
+    options: dict = {"http_options": {"host": s.host, "port": s.http_port}}
+    if s.grpc_port is not None:
+        options["grpc_options"] = {"port": s.grpc_port, "grpc_servicer_functions": GRPC_SERVICERS}
+    return options
