@@ -89,7 +89,8 @@ class Ingress(GrpcApi):
 
     def __init__(self, router, config: MoerayConfig):
         self.service = Service(HandleBackend(router), Tokenizer.from_dir(config.model), model_card(config),
-                               api_key=config.serve.api_key)
+                               api_key=config.serve.api_key,
+                               allow_remote_without_key=config.serve.allow_remote_without_key)
         super().__init__(self.service)
 
     def __serve_build_asgi_app__(self):

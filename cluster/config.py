@@ -5,6 +5,7 @@ key's dotted path in the message. Sections are dataclasses; kernels' EngineConfi
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import types
 import typing
@@ -43,15 +44,20 @@ class IngressConfig:
 @dataclass
 class ServeConfig:
     model_name: str | None = None  # the name clients send as "model"; default: the checkpoint directory's name
-    host: str = "127.0.0.1"  # HTTP bind address; 0.0.0.0 to serve other machines
+    host: str = "127.0.0.1"  # HTTP bind address; 0.0.0.0 to let other machines connect (they need the API key)
     http_port: int = 8000
-    grpc_port: int = 9000
+    # The public gRPC API's port; None: no gRPC proxy. Ray Serve's gRPC proxy listens on every interface whatever
+    # `host` says, so it is off unless asked for, and then refuses other machines without the API key.
+    grpc_port: int | None = None
     pipeline_replicas: int = 1  # routers, each with its own attention actors and expert shards
     ingress: IngressConfig = field(default_factory=IngressConfig)
     # Clients must send `Authorization: Bearer <api_key>` (HTTP; gRPC metadata `authorization`) on every
     # API call but /health and grpc.health.v1. None here: the MOERAY_API_KEY environment variable of the
     # process that builds the app, if set and non-empty; else no key. The YAML's value wins over the variable.
     api_key: str | None = field(default=None, repr=False)
+    # With no API key, a client on another machine gets 403 / PERMISSION_DENIED (HTTP and gRPC alike) unless this
+    # is true: only for a network that is itself trusted (a warning says so at start).
+    allow_remote_without_key: bool = False
 
     def __post_init__(self):
         if self.api_key is not None and not self.api_key.strip():
@@ -59,6 +65,18 @@ class ServeConfig:
 
 
 API_KEY_ENV = "MOERAY_API_KEY"
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """Whether `host` (an IP address or "localhost") is this machine's loopback; False for anything else."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address((host or "").strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, as a dual-stack socket reports IPv4 peers
+    return (mapped or address).is_loopback
 
 
 def api_key_of(serve: ServeConfig) -> str | None:

@@ -8,13 +8,19 @@ context has no `abort`, so a failed call sets its status with `set_code`/`set_de
     so a stream that just ended would report OK; on a plain server, add_to_server's adapter turns
     StatusSet back into a normal end, and gRPC sends the status that was set.
 
-With an API key (Service(api_key=...)), every moeray.v1 call must carry the metadata
-`authorization: Bearer <key>` (UNAUTHENTICATED otherwise, before the request is looked at);
-grpc.health.v1 Check stays open, as HTTP's /health does.
+Requests arrive as bytes and are decoded here (`rpc`), under Serve (whose proxy forwards them undecoded:
+see add_GenerationService_to_serve) and on a plain server alike, so bytes that are no valid request fail
+with INVALID_ARGUMENT, not the UNKNOWN a generated deserializer gives.
+
+Before a request is looked at, the caller is admitted: with an API key (Service(api_key=...)), every
+moeray.v1 call must carry the metadata `authorization: Bearer <key>` (UNAUTHENTICATED otherwise);
+without one, a peer that is not on this machine gets PERMISSION_DENIED (unless the service allows it).
+grpc.health.v1 Check needs no key, but is refused to other machines on the same terms.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import uuid
@@ -64,6 +70,65 @@ def authorization(grpc_context) -> str | None:
     return None
 
 
+def peer_host(grpc_context) -> str | None:
+    """The caller's address from gRPC's peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000",
+    "unix:/path"); "localhost" for a Unix socket (only this machine can reach one)."""
+    kind, _, rest = (grpc_context.peer() or "").partition(":")
+    if kind in ("unix", "unix-abstract"):
+        return "localhost"
+    if kind == "ipv6":
+        return rest.rpartition("]")[0].lstrip("[") or None
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or None
+    return None
+
+
+def admit(service: Service, grpc_context, key: bool = True) -> None:
+    """Refuses a caller the service does not serve: another machine's without an API key, or (when `key`)
+    one without the right key."""
+    service.check_peer(peer_host(grpc_context))
+    if key:
+        service.authorize(authorization(grpc_context))
+
+
+def rpc(method):
+    """A GenerationService method (named as its RPC) that takes the request as bytes (or already decoded):
+    admits the caller, then decodes; either failure ends the call with its status before `method` runs."""
+    spec = SERVICE.methods_by_name[method.__name__]
+    request_type, response_type = getattr(pb, spec.input_type.name), getattr(pb, spec.output_type.name)
+
+    def request_of(self, data, grpc_context):
+        admit(self.service, grpc_context)
+        if isinstance(data, request_type):
+            return data
+        try:
+            return request_type.FromString(data)
+        except (DecodeError, TypeError) as e:
+            raise InvalidRequest(f"the request is not a valid {request_type.DESCRIPTOR.full_name}: {e}") from None
+
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self, data, grpc_context):
+            try:
+                request = request_of(self, data, grpc_context)
+            except ApiError as e:
+                raise fail(grpc_context, e) from None
+            async with aclosing(method(self, request, grpc_context)) as messages:
+                async for message in messages:
+                    yield message
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, data, grpc_context):
+        try:
+            request = request_of(self, data, grpc_context)
+        except ApiError as e:
+            fail(grpc_context, e)
+            return response_type()
+        return await method(self, request, grpc_context)
+    return unary
+
+
 def messages_of(request) -> list[dict]:
     return [{"role": m.role, "content": m.content} for m in request.messages]
 
@@ -79,28 +144,32 @@ class GrpcApi:
         self._model_answered = False  # health: SERVING once one generation came back
 
     # -- generation ---------------------------------------------------------------------------------
+    @rpc
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         return await self._complete(grpc_context, self._generate_args, request)
 
+    @rpc
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> Stream:
         async with aclosing(self._stream(grpc_context, self._generate_args, request)) as stream:
             async for message in stream:
                 yield message
 
+    @rpc
     async def Chat(self, request: pb.ChatRequest, grpc_context) -> pb.GenerateResponse:
         return await self._complete(grpc_context, self._chat_args, request)
 
+    @rpc
     async def ChatStream(self, request: pb.ChatRequest, grpc_context) -> Stream:
         async with aclosing(self._stream(grpc_context, self._chat_args, request)) as stream:
             async for message in stream:
                 yield message
 
     # -- the rest -----------------------------------------------------------------------------------
+    @rpc
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context) -> pb.TokenizeResponse:
         """The ids Generate (text) or Chat (messages) would run on: the same code builds them."""
         s = self.service
         try:
-            s.authorize(authorization(grpc_context))
             s.check_model(request.model)
             if request.text and request.messages:
                 raise InvalidRequest("set either text or messages, not both", "messages")
@@ -113,10 +182,10 @@ class GrpcApi:
             return pb.TokenizeResponse()
         return pb.TokenizeResponse(token_ids=ids, pieces=[s.tokenizer.id_to_piece(i) for i in ids])
 
+    @rpc
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context) -> pb.ModelInfoResponse:
         card, tok = self.service.card, self.service.tokenizer
         try:
-            self.service.authorize(authorization(grpc_context))
             self.service.check_model(request.model)
         except Exception as e:
             fail(grpc_context, e)
@@ -133,6 +202,11 @@ class GrpcApi:
         if request.service not in ("", SERVICE_NAME):
             grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
             grpc_context.set_details(f"unknown service {request.service!r}; this server has {SERVICE_NAME!r}")
+            return health_pb2.HealthCheckResponse()
+        try:
+            admit(self.service, grpc_context, key=False)
+        except ApiError as e:
+            fail(grpc_context, e)
             return health_pb2.HealthCheckResponse()
         backend = self.service.backend
         try:
@@ -174,7 +248,6 @@ class GrpcApi:
                                      ignore_eos=p.ignore_eos, **optional)
 
     async def _open(self, grpc_context, prepare, request) -> tuple[AsyncIterator[TokenEvent], SamplingParams, int]:
-        self.service.authorize(authorization(grpc_context))
         ids, params = prepare(request)
         request_id = request.request_id if request.HasField("request_id") else None
         chat = isinstance(request, pb.ChatRequest)  # a reply drops the continuation's leading space, as over HTTP
@@ -254,34 +327,27 @@ class _Health(health_pb2_grpc.HealthServicer):
         self.Check = api.Check
 
 
-def _decoding(method, request_type):
-    """`method` taking the request's raw bytes: bytes that are no `request_type` fail the call with
-    INVALID_ARGUMENT (with the generated deserializer, grpc.aio would answer UNKNOWN and log a traceback)."""
-    async def decode(data: bytes, context):
-        try:
-            return request_type.FromString(data)
-        except DecodeError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid "
-                                f"{request_type.DESCRIPTOR.full_name}: {e}")
+def _handlers(methods, serialize: bool) -> grpc.GenericRpcHandler:
+    """GenerationService's handlers over `methods` (name -> callable), with no request deserializer: the
+    methods get the request bytes and decode them (`rpc`)."""
+    handlers = {}
+    for m in SERVICE.methods:
+        kind = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
+        serializer = getattr(pb, m.output_type.name).SerializeToString if serialize else None
+        handlers[m.name] = kind(methods(m), response_serializer=serializer)
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
-    async def unary(data, context):
-        return await method(await decode(data, context), context)
 
-    async def stream(data, context):
-        async for message in method(await decode(data, context), context):
-            yield message
-
-    return stream if inspect.isasyncgenfunction(method) else unary
+def add_GenerationService_to_serve(servicer, server) -> None:  # noqa: N802 (named as grpc's add_*_to_server)
+    """For Ray Serve's `grpc_servicer_functions`: GenerationService with no request deserializer, so Serve's
+    proxy forwards each request's bytes to the Ingress, which decodes them (see `rpc`). Serve replaces the
+    handlers' functions with its own routing, keyed by method name."""
+    server.add_generic_rpc_handlers((_handlers(lambda m: getattr(servicer, m.name), serialize=False),))
 
 
 def add_to_server(api: GrpcApi, server: grpc.aio.Server) -> None:
-    """Registers GenerationService and grpc.health.v1.Health on a grpc.aio server; the same handlers as
-    the generated add_GenerationServiceServicer_to_server, but decoding requests themselves."""
-    handlers = {}
-    for m in SERVICE.methods:
-        method = _ending_on_status(getattr(api, m.name)) if m.server_streaming else getattr(api, m.name)
-        kind = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[m.name] = kind(_decoding(method, getattr(pb, m.input_type.name)),
-                                response_serializer=getattr(pb, m.output_type.name).SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    """Registers GenerationService and grpc.health.v1.Health on a plain grpc.aio server."""
+    server.add_generic_rpc_handlers((_handlers(
+        lambda m: _ending_on_status(getattr(api, m.name)) if m.server_streaming else getattr(api, m.name),
+        serialize=True),))
     health_pb2_grpc.add_HealthServicer_to_server(_Health(api), server)

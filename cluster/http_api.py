@@ -41,8 +41,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from cluster.service import (MAX_STOP, ApiError, InvalidRequest, PayloadTooLarge, Service, TokenStream,
-                             Unauthorized, Unavailable)
+from cluster.service import (MAX_REQUEST_BYTES, MAX_STOP, ApiError, InvalidRequest, PayloadTooLarge, Service,
+                             TokenStream, Unauthorized, Unavailable)
 from kernels.engine import TokenEvent
 from kernels.sampling import SamplingParams
 
@@ -52,7 +52,6 @@ TGI_PATHS = ("/", "/generate", "/generate_stream")
 # traffic, and Prometheus sends the key natively (scrape_config `authorization: {credentials: <key>}`).
 # FastAPI's own /docs, /redoc and /openapi.json stay open too: they describe the public API and run nothing.
 OPEN_PATHS = ("/health",)
-MAX_BODY_BYTES = 16 << 20  # far above any prompt that fits a context; a larger body is refused (413) unread
 
 
 # -- request bodies ----------------------------------------------------------------------------
@@ -142,7 +141,7 @@ def _field(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if isinstance(p, int) or (p.isidentifier() and p not in _UNION_TAGS))
 
 
-async def _body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+async def _body(request: Request, limit: int = MAX_REQUEST_BYTES) -> bytes:
     """The request body, refused as soon as it is known to exceed `limit` bytes (by its Content-Length, or
     while it arrives), so a hostile client cannot make this process hold an arbitrarily large one."""
     declared = request.headers.get("content-length", "")
@@ -245,6 +244,24 @@ class _EventStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
+class PeerCheck:
+    """ASGI middleware: with no API key, a client on another machine is refused on every path (/health, /docs
+    and unknown ones too), before routing, so nothing else answers it (Service.check_peer)."""
+
+    def __init__(self, app, service: Service, refuse):
+        self.app, self.service, self.refuse = app, service, refuse
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            client = scope.get("client")
+            try:
+                self.service.check_peer(client[0] if client else None)
+            except ApiError as e:
+                await self.refuse(Request(scope), e)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 # -- the app -------------------------------------------------------------------------------
 def build_http_app(service: Service) -> FastAPI:
     """The FastAPI app serving `service` (a Serve ingress wraps it; tests run it under uvicorn)."""
@@ -262,11 +279,14 @@ def build_http_app(service: Service) -> FastAPI:
 
     def error_response(request: Request, e: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(e, Unauthorized) else None
-        if getattr(request.scope.get("route"), "path", None) in TGI_PATHS:  # the route, whatever the mount prefix
+        route = getattr(request.scope.get("route"), "path", None)  # the route, whatever the mount prefix
+        if (route or request.url.path.removeprefix(request.scope.get("root_path", ""))) in TGI_PATHS:
             return JSONResponse({"error": e.message, "error_type": e.tgi_type},
                                 422 if e.http_status == 400 else e.http_status, headers)
         return JSONResponse({"error": {"message": e.message, "type": e.openai_type, "param": e.param, "code": e.code}},
                             e.http_status, headers)
+
+    app.add_middleware(PeerCheck, service=service, refuse=error_response)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, e: ApiError) -> JSONResponse:

@@ -18,6 +18,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
+from cluster.config import is_loopback_host
 from cluster.loop import EngineLoop
 from kernels.engine import Overloaded as EngineOverloaded
 from kernels.engine import Request, TokenEvent
@@ -58,6 +59,15 @@ class Unauthorized(ApiError):
         super().__init__(message, None, "invalid_api_key")
 
 
+class Forbidden(ApiError):
+    """A peer on another machine, and no API key to admit it with."""
+
+    http_status, grpc_code, openai_type, tgi_type = 403, "PERMISSION_DENIED", "invalid_request_error", "authentication"
+
+    def __init__(self, message: str):
+        super().__init__(message, None, "remote_client_without_api_key")
+
+
 class PayloadTooLarge(ApiError):
     http_status, grpc_code, openai_type, tgi_type = 413, "RESOURCE_EXHAUSTED", "invalid_request_error", "validation"
 
@@ -67,6 +77,9 @@ class PayloadTooLarge(ApiError):
 # one 1 MB stop string stalls the whole batch for seconds per token.
 MAX_STOP = 4
 MAX_STOP_CHARS = 512
+# A request body (HTTP) or message (gRPC) at most: far above any prompt that fits a context. HTTP refuses a larger
+# body unread (413); `moeray serve` sets Ray Serve's gRPC proxy to refuse a larger message (RESOURCE_EXHAUSTED).
+MAX_REQUEST_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -195,19 +208,29 @@ class TokenStream:
 
 
 class Service:
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, card: ModelCard, api_key: str | None = None):
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, card: ModelCard, api_key: str | None = None,
+                 allow_remote_without_key: bool = False):
         """api_key: when set, every API call must present it (`Authorization: Bearer <key>` over HTTP, the
-        same as gRPC metadata); None: no key (the default, for a server on loopback)."""
+        same as gRPC metadata); None: no key, and then only clients on this machine are served, unless
+        allow_remote_without_key."""
         if api_key is not None and not api_key.strip():
             raise ValueError("api_key is empty; give None for no key")
         self.backend, self.tokenizer, self.card = backend, tokenizer, card
         self._key = None if api_key is None else api_key.strip().encode()  # a key file's newline is no part of it
+        self._any_peer = self._key is not None or allow_remote_without_key
         self.metrics = Metrics(self)
 
     # -- access ------------------------------------------------------------------------------------
     @property
     def requires_key(self) -> bool:
         return self._key is not None
+
+    def check_peer(self, host: str | None) -> None:
+        """Forbidden for a client on another machine (`host`: its address; None: unknown) when there is no API
+        key to check: Ray Serve's gRPC proxy listens on every interface, and an HTTP host may be opened too."""
+        if not self._any_peer and not is_loopback_host(host):
+            raise Forbidden(f"this server has no API key, so it serves only clients on its own machine (not {host}); "
+                            "set serve.api_key or MOERAY_API_KEY to serve other machines")
 
     def authorize(self, authorization: str | None) -> None:
         """Checks an `Authorization` header value (or gRPC `authorization` metadata) against the API key,

@@ -469,7 +469,7 @@ def test_no_api_key_configured_accepts_any_header(api):
 
 
 def test_oversized_body_is_413_unread(api):
-    from cluster.http_api import MAX_BODY_BYTES
+    from cluster.service import MAX_REQUEST_BYTES as MAX_BODY_BYTES
 
     url, _ = api
     r = httpx.post(f"{url}/v1/completions", content=b" " * (MAX_BODY_BYTES + 1),
