@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -74,50 +75,128 @@ def _say(msg: str) -> None:
     print(f"[moeray] {msg}", file=sys.stderr, flush=True)
 
 
+def _running_serve_options() -> dict | None:
+    """The HTTP and gRPC options of the Serve instance already running on the connected cluster; None if none."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return None
+    http, grpc_ = ray.get([controller.get_http_config.remote(), controller.get_grpc_config.remote()])
+    return {"host": http.host, "http_port": http.port, "grpc_port": grpc_.port if grpc_.grpc_servicer_functions else None}
+
+
+def _serving(url: str, timeout: float = 5.0) -> bool:
+    """Whether Serve's HTTP proxy answers its own health route at `url`."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/-/healthz", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def cmd_serve(a) -> int:
+    import logging
     import signal
 
     import ray
     from ray import serve
 
-    from cluster.app import build_app, resolve, serve_options
+    from cluster.app import QUIET, exposure_warnings, moeray_app, resolve, serve_options
     from cluster.config import load_config
+    from cluster.service import MAX_REQUEST_BYTES
 
     overrides = {"model": a.model, "serve": {k: v for k, v in {"host": a.host, "http_port": a.http_port,
                                                                "grpc_port": a.grpc_port}.items() if v is not None}}
     cfg = resolve(load_config(a.config, overrides))
+    s, p = cfg.serve, cfg.pipeline
+    # Warnings only by default: the app's, and errors only from Serve's controller and proxies, whose warnings
+    # on a healthy start and a clean stop (slow readiness checks, deregistering state) alarm more than they tell.
+    logging_config = None if a.verbose else QUIET
+    system_logging = None if a.verbose else {**QUIET, "log_level": "ERROR"}
+    if not a.verbose:  # the driver's own Serve logger: "Started Serve", "Connecting to existing Serve app", ...
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    address = a.address or os.environ.get("RAY_ADDRESS")
     t0 = time.perf_counter()
-    try:
-        ray.init(address=a.address or "auto", logging_level="ERROR", configure_logging=False)
-        _say(f"connected to the Ray cluster at {a.address or 'auto'}")
-    except ConnectionError:
-        if a.address:
-            raise
-        ray.init(logging_level="ERROR", configure_logging=False)
-        _say("no Ray cluster reachable: started a local one")
-    p = cfg.pipeline
-    _say(f"model {cfg.model}: starting {p.attention.actors} attention actor(s), {p.experts.shards} expert shard(s) "
-         f"x {p.experts.replicas} replica(s) and {cfg.serve.pipeline_replicas} router(s); loading weights...")
-    serve.start(**serve_options(cfg), logging_config={"log_level": "DEBUG" if a.verbose else "WARNING"})
-    serve.run(build_app(config=cfg), name="moeray", route_prefix="/")
-    s = cfg.serve
-    base = f"http://{s.host}:{s.http_port}"
-    _say(f"ready in {time.perf_counter() - t0:.1f} s, serving {s.model_name or cfg.model}")
-    print(f"  HTTP (OpenAI, TGI): {base}/v1/chat/completions  {base}/generate  {base}/metrics\n"
-          f"  gRPC (moeray.v1.GenerationService, grpc.health.v1): {s.host}:{s.grpc_port}\n"
-          f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
-          "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is moeray?\"}]}'\n"
-          "  Ctrl-C to stop.", flush=True)
-    stop = []
+    stop: list[int] = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    ours = address in (None, "local")  # a private Ray instance: it goes when we go
+    deployed = False
     try:
-        while not stop:
-            time.sleep(0.5)
+        if ours:
+            # Ray Serve's gRPC proxy takes messages up to 2 GiB unless told otherwise, and it reads this variable in
+            # its own process: it inherits our environment only on a Ray instance started from here.
+            os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(MAX_REQUEST_BYTES))
+            ray.init(address="local", logging_level="ERROR", configure_logging=False,  # never someone else's
+                     include_dashboard=a.dashboard_port is not None,
+                     dashboard_port=a.dashboard_port, namespace="moeray")
+            _say("started a local Ray instance for this server" + (f" (dashboard on 127.0.0.1:{a.dashboard_port})"
+                                                                   if a.dashboard_port is not None else ""))
+        else:
+            ray.init(address=address, logging_level="ERROR", configure_logging=False)
+            _say(f"connected to the Ray cluster at {address}")
+            running = _running_serve_options()
+            wanted = {"host": s.host, "http_port": s.http_port, "grpc_port": s.grpc_port}
+            if running and running != wanted:
+                raise ValueError(f"Ray Serve already runs on this cluster with {running}, and a running Serve "
+                                 f"keeps its proxies' options: ask for the same ({wanted} here), or stop it first "
+                                 "(`serve shutdown`)")
+        for warning in exposure_warnings(cfg, s.host, s.grpc_port is not None):
+            _say(f"WARNING: {warning}")
+        _say(f"model {cfg.model}: starting {p.attention.actors} attention actor(s), {p.experts.shards} expert shard(s) "
+             f"x {p.experts.replicas} replica(s) and {s.pipeline_replicas} router(s); loading weights...")
+        serve.start(**serve_options(cfg), logging_config=system_logging)
+        deployed = True
+        serve.run(moeray_app(cfg), name="moeray", route_prefix="/", logging_config=logging_config)
+        base = f"http://{s.host}:{s.http_port}"
+        _say(f"ready in {time.perf_counter() - t0:.1f} s, serving {s.model_name or cfg.model}")
+        grpc_line = (f"  gRPC (moeray.v1.GenerationService, grpc.health.v1): port {s.grpc_port} on every interface "
+                     "(Ray Serve's proxy); other machines need the API key\n" if s.grpc_port is not None else "")
+        print(f"  HTTP (OpenAI, TGI): {base}/v1/chat/completions  {base}/generate  {base}/metrics\n{grpc_line}"
+              f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
+              "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is moeray?\"}]}'\n"
+              "  Ctrl-C to stop.", flush=True)
+        failures = 0
+        while not stop:  # watch the proxy: if the cluster under us dies, say so and exit rather than sit on dead ports
+            time.sleep(1.0)
+            failures = 0 if _serving(base) else failures + 1
+            if failures >= 5:
+                _say(f"Ray Serve stopped answering at {base} (the Ray cluster may be gone); exiting")
+                return 1
     except KeyboardInterrupt:
         pass
-    _say("shutting down")
-    serve.shutdown()
-    ray.shutdown()
+    finally:
+        _say("shutting down")
+        if ray.is_initialized():
+            try:
+                if deployed:  # drains our app; a shared cluster keeps its Serve instance, a private one goes below
+                    serve.delete("moeray")
+            except Exception as e:  # noqa: BLE001 (the cluster may be gone: nothing left to stop)
+                _say(f"could not stop the app: {e}")
+            ray.shutdown()
+    return 0
+
+
+def cmd_deploy(a) -> int:
+    """`serve deploy`, after a strict check of the file: Ray ignores unknown keys, so a typo would be ignored."""
+    import yaml
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    from cluster.app import validate_serve_config
+
+    try:
+        data = yaml.safe_load(open(a.file))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{a.file}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{a.file}: expected a Serve config (a mapping with `applications:`)")
+    config = validate_serve_config(data)
+    ServeSubmissionClient(a.address).deploy_applications(config.model_dump(exclude_unset=True))
+    _say(f"{a.file}: checked and sent to {a.address}; `serve status --address {a.address}` shows its progress")
     return 0
 
 
@@ -195,13 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve a model over HTTP (OpenAI, TGI) and gRPC on Ray (the demo model by default)")
     sv.add_argument("--model", help="checkpoint directory (default: the built-in demo model)")
     sv.add_argument("--config", help="moeray YAML: engine, pipeline (placement) and serve sections")
-    sv.add_argument("--address", help="Ray cluster address (default: a running one, else start a local one; "
-                                      "'local' always starts a new one)")
-    sv.add_argument("--host", help="HTTP bind address (default: 127.0.0.1)")
+    sv.add_argument("--address", help="join this Ray cluster ('auto': the one running on this machine; default: "
+                                      "$RAY_ADDRESS, else start a private local Ray instance that stops with the server)")
+    sv.add_argument("--host", help="HTTP bind address (default: 127.0.0.1; other machines also need the API key)")
     sv.add_argument("--http-port", type=int, help="HTTP port (default: 8000)")
-    sv.add_argument("--grpc-port", type=int, help="gRPC port (default: 9000)")
+    sv.add_argument("--grpc-port", type=int, help="serve the gRPC API on this port (default: off; Ray Serve's gRPC "
+                                                  "proxy listens on every interface, other machines need the API key)")
+    sv.add_argument("--dashboard-port", type=int, help="the private Ray instance's dashboard port (default: no dashboard)")
     sv.add_argument("--verbose", action="store_true", help="Ray Serve's request logs (default: warnings only)")
     sv.set_defaults(func=cmd_serve)
+
+    dp = sub.add_parser("deploy", help="check a Serve config strictly (unknown keys are errors), then `serve deploy` it")
+    dp.add_argument("file", help="a Serve config, e.g. configs/serve.yaml")
+    dp.add_argument("--address", default=os.environ.get("RAY_DASHBOARD_ADDRESS", "http://localhost:8265"),
+                    help="the cluster's dashboard address, as `serve deploy --address` (default: %(default)s)")
+    dp.set_defaults(func=cmd_deploy)
 
     c = sub.add_parser("chat", help="chat with a model in this terminal (single process, streaming)")
     c.add_argument("--model", help="checkpoint directory (default: the built-in demo model)")
