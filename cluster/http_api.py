@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from cluster.service import (MAX_STOP, ApiError, InvalidRequest, PayloadTooLarge, Service, TokenStream,
-                             Unauthorized, Unavailable)
+                             Unauthorized, Unavailable, reason)
 from kernels.engine import TokenEvent
 from kernels.sampling import SamplingParams
 
@@ -284,7 +284,7 @@ def build_http_app(service: Service) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, e: Exception) -> JSONResponse:
-        return error_response(request, ApiError(f"internal error: {type(e).__name__}: {e}"))
+        return error_response(request, ApiError(f"internal error: {type(e).__name__}: {reason(e)}"))
 
     def token_entry(t: int, lp: float) -> dict:
         text = service.token_text(t)
@@ -378,8 +378,8 @@ def build_http_app(service: Service) -> FastAPI:
             except ApiError as e:
                 yield _sse({"error": {"message": e.message, "type": e.openai_type, "param": e.param, "code": e.code}})
             except Exception as e:  # the backend failed mid-stream: headers are gone, so say it in the stream
-                yield _sse({"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None,
-                                      "code": None}})
+                yield _sse({"error": {"message": f"generation failed: {reason(e)}", "type": "server_error",
+                                      "param": None, "code": None}})
             finally:
                 await _close(streams)
             yield "data: [DONE]\n\n"
@@ -506,7 +506,7 @@ def build_http_app(service: Service) -> FastAPI:
             except ApiError as e:
                 yield _sse({"error": e.message, "error_type": e.tgi_type}, "data:")
             except Exception as e:
-                yield _sse({"error": f"generation failed: {e}", "error_type": "generation"}, "data:")
+                yield _sse({"error": f"generation failed: {reason(e)}", "error_type": "generation"}, "data:")
             finally:
                 await s.aclose()
 
@@ -538,7 +538,7 @@ def build_http_app(service: Service) -> FastAPI:
                 healthy = True
             await service.backend.stats()
         except Exception as e:
-            err = e if isinstance(e, ApiError) else Unavailable(f"backend unavailable: {e}")
+            err = e if isinstance(e, ApiError) else Unavailable(f"backend unavailable: {reason(e)}")
             return JSONResponse({"error": {"message": f"not ready: {err.message}", "type": "server_error",
                                            "param": None, "code": "unavailable"}}, 503)
         return JSONResponse({"status": "ok", "model": card.id})
