@@ -15,6 +15,9 @@ Decisions clients can rely on:
   would stop at 16). Note the engine reserves KV cache for prompt + max_tokens when it admits a request.
 - echo (completions) prepends the prompt text; echo with logprobs is refused (no prompt logprobs).
 - Extra OpenAI fields, as vLLM's: top_k, repetition_penalty, ignore_eos.
+- response_format: only absent, null or {"type": "text"}; JSON modes are refused (400), not ignored.
+- model: absent, this server's model name, or huggingface_hub's placeholder ("dummy", "tgi"); others are 400.
+- NaN and Infinity (which Python's json writes) are refused in every number field.
 - temperature below 1e-5 decodes greedily (vLLM's rule; smaller ones overflow the sampler);
   repetition_penalty must be >= 0.01 (kernels/sampling.py) and stop strings at most 512 characters (cluster/service.py).
 - With an API key (Service(api_key=...)), every route but /health needs `Authorization: Bearer <key>`,
@@ -53,6 +56,9 @@ TGI_PATHS = ("/", "/generate", "/generate_stream")
 # FastAPI's own /docs, /redoc and /openapi.json stay open too: they describe the public API and run nothing.
 OPEN_PATHS = ("/health",)
 MAX_BODY_BYTES = 16 << 20  # far above any prompt that fits a context; a larger body is refused (413) unread
+# The "model" that huggingface_hub's InferenceClient(base_url).chat_completion sends when it knows no model name
+# ("dummy"; "tgi" in older versions): TGI ignores the field on its OpenAI routes, so these name no model here.
+HF_PLACEHOLDER_MODELS = ("dummy", "tgi")
 
 
 # -- request bodies ----------------------------------------------------------------------------
@@ -62,9 +68,10 @@ def _opt(kind: type = float, **limits: float) -> Any:
 
 
 class _Body(BaseModel):
-    """JSON types as sent (no "1" for 1, no 1 for true); unknown fields ignored, as OpenAI and TGI do."""
+    """JSON types as sent (no "1" for 1, no 1 for true); no NaN or Infinity (Python's json writes them, and a NaN
+    fails a range check with a message about the range); unknown fields ignored, as OpenAI and TGI do."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -90,6 +97,7 @@ class _OpenAIBody(_Body):
     logit_bias: dict[str, Any] | None = None
     suffix: str | None = None
     best_of: int | None = None
+    response_format: Any = None
 
 
 class ChatBody(_OpenAIBody):
@@ -299,11 +307,13 @@ def build_http_app(service: Service) -> FastAPI:
 
     def openai_jobs(body: _OpenAIBody, prompts: list[list[int]], max_tokens: int | None, param: str,
                     top: int | None) -> list[tuple[list[int], SamplingParams]]:
-        service.check_model(body.model)
+        service.check_model(None if body.model in HF_PLACEHOLDER_MODELS else body.model)
         _refuse(("presence_penalty", bool(body.presence_penalty), "only 0 is supported; use repetition_penalty"),
                 ("frequency_penalty", bool(body.frequency_penalty), "only 0 is supported; use repetition_penalty"),
                 ("logit_bias", bool(body.logit_bias), "not supported"), ("suffix", bool(body.suffix), "not supported"),
-                ("best_of", (body.best_of or 1) > 1, "not supported; use n"))
+                ("best_of", (body.best_of or 1) > 1, "not supported; use n"),
+                ("response_format", body.response_format not in (None, {"type": "text"}),
+                 'structured output is not supported; only {"type": "text"}'))
         n, seed, stop = body.n or 1, body.seed, stops(body)
         kw = dict(temperature=1.0 if body.temperature is None else body.temperature, top_p=body.top_p or 1.0,
                   top_k=body.top_k or 0, repetition_penalty=body.repetition_penalty or 1.0, stop=stop,
