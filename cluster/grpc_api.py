@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.rpc import moeray_pb2 as pb
-from cluster.service import ApiError, InvalidRequest, Service
+from cluster.service import ApiError, InvalidRequest, Service, reason
 from kernels.engine import TokenEvent
 from kernels.sampling import SamplingParams
 
@@ -56,7 +56,7 @@ def fail(grpc_context, error: Exception) -> StatusSet:
         code, details = error.grpc_code, error.message
     else:
         log.exception("gRPC request failed", exc_info=error)
-        code, details = "INTERNAL", f"internal error: {error}"
+        code, details = "INTERNAL", f"internal error: {reason(error)}"
     grpc_context.set_code(grpc.StatusCode[code])
     grpc_context.set_details(details)
     return StatusSet(details)

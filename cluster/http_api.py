@@ -15,6 +15,9 @@ Decisions clients can rely on:
   would stop at 16). Note the engine reserves KV cache for prompt + max_tokens when it admits a request.
 - echo (completions) prepends the prompt text; echo with logprobs is refused (no prompt logprobs).
 - Extra OpenAI fields, as vLLM's: top_k, repetition_penalty, ignore_eos.
+- response_format: only absent, null or {"type": "text"}; JSON modes are refused (400), not ignored.
+- model: absent, this server's model name, or huggingface_hub's placeholder ("dummy", "tgi"); others are 400.
+- NaN and Infinity (which Python's json writes) are refused in every number field.
 - temperature below 1e-5 decodes greedily (vLLM's rule; smaller ones overflow the sampler);
   repetition_penalty must be >= 0.01 (kernels/sampling.py) and stop strings at most 512 characters (cluster/service.py).
 - With an API key (Service(api_key=...)), every route but /health needs `Authorization: Bearer <key>`,
@@ -42,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from cluster.service import (MAX_REQUEST_BYTES, MAX_STOP, ApiError, InvalidRequest, PayloadTooLarge, Service,
-                             TokenStream, Unauthorized, Unavailable)
+                             TokenStream, Unauthorized, Unavailable, reason)
 from kernels.engine import TokenEvent
 from kernels.sampling import SamplingParams
 
@@ -52,6 +55,9 @@ TGI_PATHS = ("/", "/generate", "/generate_stream")
 # traffic, and Prometheus sends the key natively (scrape_config `authorization: {credentials: <key>}`).
 # FastAPI's own /docs, /redoc and /openapi.json stay open too: they describe the public API and run nothing.
 OPEN_PATHS = ("/health",)
+# The "model" that huggingface_hub's InferenceClient(base_url).chat_completion sends when it knows no model name
+# ("dummy"; "tgi" in older versions): TGI ignores the field on its OpenAI routes, so these name no model here.
+HF_PLACEHOLDER_MODELS = ("dummy", "tgi")
 
 
 # -- request bodies ----------------------------------------------------------------------------
@@ -61,9 +67,10 @@ def _opt(kind: type = float, **limits: float) -> Any:
 
 
 class _Body(BaseModel):
-    """JSON types as sent (no "1" for 1, no 1 for true); unknown fields ignored, as OpenAI and TGI do."""
+    """JSON types as sent (no "1" for 1, no 1 for true); no NaN or Infinity (Python's json writes them, and a NaN
+    fails a range check with a message about the range); unknown fields ignored, as OpenAI and TGI do."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -89,6 +96,7 @@ class _OpenAIBody(_Body):
     logit_bias: dict[str, Any] | None = None
     suffix: str | None = None
     best_of: int | None = None
+    response_format: Any = None
 
 
 class ChatBody(_OpenAIBody):
@@ -304,7 +312,7 @@ def build_http_app(service: Service) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, e: Exception) -> JSONResponse:
-        return error_response(request, ApiError(f"internal error: {type(e).__name__}: {e}"))
+        return error_response(request, ApiError(f"internal error: {type(e).__name__}: {reason(e)}"))
 
     def token_entry(t: int, lp: float) -> dict:
         text = service.token_text(t)
@@ -319,11 +327,13 @@ def build_http_app(service: Service) -> FastAPI:
 
     def openai_jobs(body: _OpenAIBody, prompts: list[list[int]], max_tokens: int | None, param: str,
                     top: int | None) -> list[tuple[list[int], SamplingParams]]:
-        service.check_model(body.model)
+        service.check_model(None if body.model in HF_PLACEHOLDER_MODELS else body.model)
         _refuse(("presence_penalty", bool(body.presence_penalty), "only 0 is supported; use repetition_penalty"),
                 ("frequency_penalty", bool(body.frequency_penalty), "only 0 is supported; use repetition_penalty"),
                 ("logit_bias", bool(body.logit_bias), "not supported"), ("suffix", bool(body.suffix), "not supported"),
-                ("best_of", (body.best_of or 1) > 1, "not supported; use n"))
+                ("best_of", (body.best_of or 1) > 1, "not supported; use n"),
+                ("response_format", body.response_format not in (None, {"type": "text"}),
+                 'structured output is not supported; only {"type": "text"}'))
         n, seed, stop = body.n or 1, body.seed, stops(body)
         kw = dict(temperature=1.0 if body.temperature is None else body.temperature, top_p=body.top_p or 1.0,
                   top_k=body.top_k or 0, repetition_penalty=body.repetition_penalty or 1.0, stop=stop,
@@ -398,8 +408,8 @@ def build_http_app(service: Service) -> FastAPI:
             except ApiError as e:
                 yield _sse({"error": {"message": e.message, "type": e.openai_type, "param": e.param, "code": e.code}})
             except Exception as e:  # the backend failed mid-stream: headers are gone, so say it in the stream
-                yield _sse({"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None,
-                                      "code": None}})
+                yield _sse({"error": {"message": f"generation failed: {reason(e)}", "type": "server_error",
+                                      "param": None, "code": None}})
             finally:
                 await _close(streams)
             yield "data: [DONE]\n\n"
@@ -526,7 +536,7 @@ def build_http_app(service: Service) -> FastAPI:
             except ApiError as e:
                 yield _sse({"error": e.message, "error_type": e.tgi_type}, "data:")
             except Exception as e:
-                yield _sse({"error": f"generation failed: {e}", "error_type": "generation"}, "data:")
+                yield _sse({"error": f"generation failed: {reason(e)}", "error_type": "generation"}, "data:")
             finally:
                 await s.aclose()
 
@@ -558,7 +568,7 @@ def build_http_app(service: Service) -> FastAPI:
                 healthy = True
             await service.backend.stats()
         except Exception as e:
-            err = e if isinstance(e, ApiError) else Unavailable(f"backend unavailable: {e}")
+            err = e if isinstance(e, ApiError) else Unavailable(f"backend unavailable: {reason(e)}")
             return JSONResponse({"error": {"message": f"not ready: {err.message}", "type": "server_error",
                                            "param": None, "code": "unavailable"}}, 503)
         return JSONResponse({"status": "ok", "model": card.id})

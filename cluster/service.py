@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily
 from cluster.config import is_loopback_host
 from cluster.loop import EngineLoop
 from kernels.engine import Overloaded as EngineOverloaded
-from kernels.engine import Request, TokenEvent
+from kernels.engine import Request, RequestIdInUse, TokenEvent
 from kernels.sampling import SamplingParams
 from kernels.tokenizer import ChatTemplateError, Tokenizer
 
@@ -40,6 +40,13 @@ class ApiError(Exception):
 
 class InvalidRequest(ApiError):
     http_status, grpc_code, openai_type, tgi_type = 400, "INVALID_ARGUMENT", "invalid_request_error", "validation"
+
+
+class Conflict(ApiError):
+    """A valid request that clashes with one in progress (its request_id is taken): the same request succeeds
+    once the other has ended, so not INVALID_ARGUMENT but ALREADY_EXISTS (HTTP 409)."""
+
+    http_status, grpc_code, openai_type, tgi_type = 409, "ALREADY_EXISTS", "invalid_request_error", "validation"
 
 
 class Overloaded(ApiError):
@@ -156,9 +163,16 @@ class Metrics:
             self.expert_replicas.labels(*key.split(":")).set(n)
 
 
-def _reason(e: Exception) -> str:
-    """What went wrong, without the traceback a Ray task error carries or a repeated prefix."""
-    return str(getattr(e, "cause", None) or e).removeprefix("generation failed: ")
+def reason(e: BaseException) -> str:
+    """What went wrong, in words a client may see. A Ray task error's own text is the remote traceback (file
+    paths, pid, ip, actor id): this is its cause's (a cause may be a task error again), first line only (a
+    RayActorError lists the actor's pid and ip on the next lines), without a repeated prefix."""
+    for _ in range(8):  # bounded: a cause chain is short, and a cycle must not hang the request
+        if not isinstance(getattr(e, "cause", None), BaseException):
+            break
+        e = e.cause
+    text = str(e).strip().split("\n", 1)[0] or type(e).__name__
+    return text.removeprefix("generation failed: ")
 
 
 class TokenStream:
@@ -185,7 +199,7 @@ class TokenStream:
             except (StopAsyncIteration, ApiError):
                 raise
             except Exception as e:  # the backend failed mid-generation (a worker gave up, a replica died)
-                raise Unavailable(f"generation failed: {_reason(e)}; retry the request") from None
+                raise Unavailable(f"generation failed: {reason(e)}; retry the request") from None
             now = time.perf_counter()
             self._metrics.itl.observe(now - self._t)
             self._t = now
@@ -259,9 +273,12 @@ class Service:
     def prompt_from_ids(self, ids, param: str = "prompt") -> list[int]:
         if not isinstance(ids, list) or not ids:
             raise InvalidRequest(f"{param} must be a non-empty list of token ids", param)
+        self._check_ids(ids, param)
+        return ids
+
+    def _check_ids(self, ids: list, param: str) -> None:
         if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.card.vocab_size for i in ids):
             raise InvalidRequest(f"{param}: token ids must be integers in [0, {self.card.vocab_size})", param)
-        return ids
 
     def prompt_from_chat(self, messages, param: str = "messages") -> list[int]:
         try:
@@ -288,6 +305,7 @@ class Service:
         if len(stop) > MAX_STOP or any(isinstance(x, str) and len(x) > MAX_STOP_CHARS for x in stop):
             raise InvalidRequest(f"stop: at most {MAX_STOP} stop sequences of at most {MAX_STOP_CHARS} characters",
                                  "stop")
+        self._check_ids(kwargs.get("stop_token_ids") or [], "stop_token_ids")
         try:
             return SamplingParams(max_tokens=max_tokens, **kwargs)
         except (ValueError, TypeError) as e:
@@ -308,12 +326,16 @@ class Service:
             await stream.aclose()
             if isinstance(e, StopAsyncIteration):
                 raise ApiError("the backend ended the stream without a token") from None
+            # behind Serve, an engine error arrives as a RayTaskError that is also an instance of it
             if isinstance(e, EngineOverloaded):
-                raise Overloaded(str(e)) from None
+                raise Overloaded(reason(e)) from None
+            if isinstance(e, RequestIdInUse):
+                raise Conflict(f"request_id {request_id!r} is in use by a generation in progress", "request_id",
+                               "request_id_in_use") from None
             if isinstance(e, ValueError):  # the engine's own checks (context, KV cache, ids)
-                raise InvalidRequest(str(e)) from None
+                raise InvalidRequest(reason(e)) from None
             if isinstance(e, Exception) and not isinstance(e, ApiError):
-                raise Unavailable(f"generation failed: {_reason(e)}") from None
+                raise Unavailable(f"generation failed: {reason(e)}") from None
             raise
         self.metrics.ttft.observe(time.perf_counter() - started)
         self.metrics.prompt_tokens.inc(len(prompt_ids))

@@ -107,6 +107,10 @@ class Overloaded(RuntimeError):
     """The waiting queue is full: retry later (HTTP 429, gRPC RESOURCE_EXHAUSTED)."""
 
 
+class RequestIdInUse(ValueError):
+    """A queued or running request already has this id (HTTP 409, gRPC ALREADY_EXISTS)."""
+
+
 @dataclass
 class Request:
     request_id: str
@@ -303,7 +307,7 @@ class Engine:
     def add_request(self, req: Request) -> None:
         """Queues a request; ValueError (naming the problem) if it can never run."""
         if req.request_id in self.seqs:
-            raise ValueError(f"request id {req.request_id!r} is already in use")
+            raise RequestIdInUse(f"request id {req.request_id!r} is already in use")
         if not req.prompt_ids:
             raise ValueError("prompt is empty")
         if not all(isinstance(t, int) and 0 <= t < self.args.vocab_size for t in req.prompt_ids):

@@ -7,6 +7,8 @@ filters), as vLLM reports them by default. Shapes: B rows, V vocab.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +35,12 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; n: the chosen token's logprob and the n most likely
 
     def __post_init__(self):
-        if isinstance(self.temperature, (int, float)) and 0 < self.temperature < MIN_TEMPERATURE:
+        # before the ranges: NaN (a float field can hold it) fails every range check, which blames the range
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
             self.temperature = 0.0
         checks = [
             ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
@@ -44,6 +51,7 @@ class SamplingParams:
              f"in [{MIN_REPETITION_PENALTY}, 10]"),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
+            ("stop_token_ids", all(type(i) is int and i >= 0 for i in self.stop_token_ids), "a list of integers >= 0"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]"),
         ]
         for name, ok, want in checks:

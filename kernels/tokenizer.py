@@ -15,7 +15,8 @@ from pathlib import Path
 import sentencepiece as spm
 
 _MODEL_NAMES = ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1")  # HF, then Mistral native
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "developer", "user", "assistant")
+_SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system message
 _CORPUS = Path(__file__).parent / "assets" / "corpus.txt"
 
 
@@ -63,8 +64,9 @@ class Tokenizer:
             <s>[INST] {system}\\n\\n{user 1} [/INST] {answer 1}</s>[INST] {user 2} [/INST]
 
         Each segment is encoded on its own (so each gets SentencePiece's dummy-prefix space), which is
-        why this is not `encode(one_big_string)`. The system prompt goes into the FIRST user turn, as in
-        mistral-common's InstructTokenizerV1. (v3 tokenizer files make [INST] a control token; not handled here.)
+        why this is not `encode(one_big_string)`. The system prompt (role "system" or OpenAI's "developer")
+        goes into the FIRST user turn, as in mistral-common's InstructTokenizerV1. (v3 tokenizer files make
+        [INST] a control token; not handled here.)
         """
         system, turns = _validate(messages)
         ids = [self.bos_id]
@@ -103,9 +105,9 @@ def _validate(messages: list[dict]) -> tuple[str, list[str]]:
         if role not in _ROLES:
             raise ChatTemplateError(f"messages[{i}].role: expected one of {_ROLES}, got {role!r}")
         text = _content(m, i)
-        if role == "system":
+        if role in _SYSTEM_ROLES:
             if i != 0:
-                raise ChatTemplateError(f"messages[{i}].role: a system message is only allowed at position 0")
+                raise ChatTemplateError(f"messages[{i}].role: a {role} message is only allowed at position 0")
             system = text
             continue
         expected = ("user", "assistant")[len(turns) % 2]

@@ -191,6 +191,12 @@ BAD = [
     ("Chat", chat("user", "user"), "messages[1].role"),
     ("Tokenize", pb.TokenizeRequest(text="hi", model="gpt-4"), "model"),
     ("ModelInfo", pb.ModelInfoRequest(model="gpt-4"), "model"),
+    ("Generate", generate(text="hi", temperature=float("nan")), "temperature must be a finite number, got nan"),
+    ("Generate", generate(text="hi", top_p=float("nan")), "top_p must be a finite number, got nan"),
+    ("Generate", generate(text="hi", repetition_penalty=float("inf")), "repetition_penalty must be a finite number"),
+    ("Generate", generate(text="hi", stop_token_ids=[2, 512]), "stop_token_ids"),
+    ("Generate", generate(text="hi", stop_token_ids=[2**31 - 1]), "stop_token_ids"),
+    ("Generate", generate(text="hi", stop_token_ids=[-1]), "stop_token_ids"),
 ]
 
 
@@ -206,6 +212,29 @@ def test_bad_requests_are_invalid_argument_naming_the_field(server, engine, meth
     assert field in e.value.details()
     good = generate(ids=[1, 296, 454], max_tokens=3, temperature=0)
     assert list(server.stub.Generate(good).token_ids) == reference(engine, [1, 296, 454], good.params).token_ids
+
+
+def test_request_id_in_use_is_already_exists(server, engine):
+    """A request_id that a running generation holds: ALREADY_EXISTS naming the field (the request is valid; it
+    succeeds once the other has ended), and the running generation goes on."""
+    held = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 5, 6]), params=LONG, request_id="job-7")
+    running = server.stub.GenerateStream(held)
+    again = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 296, 454]), params=GREEDY, request_id="job-7")
+    chat_ = pb.ChatRequest(messages=[pb.Message(role="user", content="hi")], params=GREEDY, request_id="job-7")
+    try:
+        assert next(running).request_id == "job-7"
+        for method, request_ in [("Generate", again), ("GenerateStream", again), ("Chat", chat_),
+                                 ("ChatStream", chat_)]:
+            with pytest.raises(grpc.RpcError) as e:
+                call(server.stub, method, request_, None)
+            assert (e.value.code(), e.value.details()) == \
+                (grpc.StatusCode.ALREADY_EXISTS, "request_id 'job-7' is in use by a generation in progress"), method
+        assert next(running).request_id == "job-7"  # unharmed
+    finally:
+        running.cancel()
+    assert server.wait_for(lambda st: st["running"] == 0)["running"] == 0
+    reply = server.stub.Generate(again)
+    assert (reply.request_id, list(reply.token_ids)) == ("job-7", reference(engine, [1, 296, 454], GREEDY).token_ids)
 
 
 def test_overload_is_resource_exhausted(tiny_model):

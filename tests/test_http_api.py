@@ -188,6 +188,28 @@ def test_tgi_client_matches_engine(api, oracle):
         assert [e["token"]["id"] for e in sse(r)] == want.token_ids
 
 
+def test_huggingface_chat_completion(api, oracle):
+    """InferenceClient(url).chat_completion sends a placeholder model name (TGI ignores the field there): served."""
+    url, service = api
+    reply = oracle(service.tokenizer.encode_chat(CHAT), 6).text.removeprefix(" ")
+    client = InferenceClient(url)
+    out = client.chat_completion(CHAT, max_tokens=6, temperature=0)
+    assert (out.choices[0].message.content, out.choices[0].finish_reason, out.model) == (reply, "length", "tiny")
+    chunks = list(client.chat_completion(CHAT, max_tokens=6, temperature=0, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == reply
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_response_format_text_is_plain_output(api, oracle):
+    """Absent, null and {"type": "text"} mean prose, so they generate; JSON modes are refused (BAD_OPENAI)."""
+    url, service = api
+    want = oracle(service.tokenizer.encode_chat(CHAT), 4).text.removeprefix(" ")
+    for response_format in (None, {"type": "text"}):
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4, "temperature": 0,
+                                                             "response_format": response_format})
+        assert r.json()["choices"][0]["message"]["content"] == want, r.text
+
+
 OK_CHAT = {"model": "tiny", "messages": CHAT, "max_tokens": 2}
 OK_TEXT = {"model": "tiny", "prompt": "Hi", "max_tokens": 2}
 BAD_OPENAI = [  # (route, body, the field the error must name)
@@ -207,6 +229,11 @@ BAD_OPENAI = [  # (route, body, the field the error must name)
     ("chat", {**OK_CHAT, "max_tokens": 5000}, "max_tokens"),
     ("chat", {**OK_CHAT, "max_completion_tokens": 5000}, "max_completion_tokens"),
     ("chat", {**OK_CHAT, "model": "gpt-4"}, "model"),
+    ("chat", {**OK_CHAT, "model": "tgi-x"}, "model"),  # only huggingface_hub's exact placeholders pass
+    ("chat", {**OK_CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {**OK_CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+     "response_format"),
+    ("chat", {**OK_CHAT, "response_format": "json"}, "response_format"),
     ("chat", {**OK_CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("chat", {**OK_CHAT, "stop": 5}, "stop"),
     ("chat", {**OK_CHAT, "stream": "yes"}, "stream"),
@@ -224,6 +251,7 @@ BAD_OPENAI = [  # (route, body, the field the error must name)
     ("completions", {**OK_TEXT, "logprobs": 6}, "logprobs"),
     ("completions", {**OK_TEXT, "echo": True, "logprobs": 1}, "echo"),
     ("completions", {**OK_TEXT, "stream": True, "seed": 1.5}, "seed"),
+    ("completions", {**OK_TEXT, "response_format": {"type": "json_object"}}, "response_format"),
 ]
 
 
@@ -258,6 +286,25 @@ def test_bad_tgi_requests_are_422(api, path, body, word):
     url, _ = api
     r = httpx.post(url + path, json=body)
     assert (r.status_code, r.json()["error_type"]) == (422, "validation") and word in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}', "temperature"),
+    ("/v1/completions", '{"prompt": "Hi", "top_p": NaN}', "top_p"),
+    ("/v1/completions", '{"prompt": "Hi", "repetition_penalty": Infinity}', "repetition_penalty"),
+    ("/generate", '{"inputs": "Hi", "parameters": {"temperature": Infinity}}', "parameters.temperature"),
+    ("/generate", '{"inputs": "Hi", "parameters": {"repetition_penalty": NaN}}', "parameters.repetition_penalty"),
+])
+def test_non_finite_numbers_are_refused_as_such(api, path, body, param):
+    """Python's json writes and reads NaN and Infinity; the answer says that is the problem (a NaN temperature
+    was refused as not "<= 2", an infinite TGI one as not "in [0, 100]")."""
+    url, _ = api
+    r = httpx.post(url + path, content=body, headers={"content-type": "application/json"})
+    message = f"{param}: Input should be a finite number"
+    if path == "/generate":
+        assert (r.status_code, r.json()) == (422, {"error": message, "error_type": "validation"})
+    else:
+        assert (r.status_code, r.json()["error"]["message"], r.json()["error"]["param"]) == (400, message, param)
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/generate"])

@@ -1,5 +1,7 @@
 """Sampling: filters and penalty against transformers' logits processors; seeds; stops and streaming."""
 
+import re
+
 import pytest
 import torch
 
@@ -61,9 +63,18 @@ def test_logprobs_are_the_raw_distribution():
 
 
 @pytest.mark.parametrize("field, value", [("temperature", -1), ("top_p", 0), ("top_k", -2), ("max_tokens", 0),
-                                          ("repetition_penalty", 0), ("logprobs", 21), ("stop", [""])])
+                                          ("repetition_penalty", 0), ("logprobs", 21), ("stop", [""]),
+                                          ("stop_token_ids", [2, -1]), ("stop_token_ids", [2.0])])
 def test_bad_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "0.5", True])
+@pytest.mark.parametrize("field", ["temperature", "top_p", "repetition_penalty"])
+def test_non_finite_or_non_numbers_are_named_as_such(field, value):
+    """Not "must be in [0, 100], got nan": that blames the range."""
+    with pytest.raises(ValueError, match=rf"^{field} must be a finite number, got {re.escape(repr(value))}$"):
         SamplingParams(**{field: value})
 
 

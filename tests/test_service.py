@@ -1,12 +1,15 @@
 """The Service layer shared by the HTTP and gRPC APIs, on a real EngineLoop with the tiny model."""
 
 import asyncio
+import traceback
+from contextlib import aclosing
 
 import pytest
+from ray.exceptions import RayTaskError
 
 from cluster.loop import EngineLoop
-from cluster.service import InvalidRequest, LocalBackend, ModelCard, Overloaded, Service
-from kernels.engine import Engine, EngineConfig
+from cluster.service import Conflict, InvalidRequest, LocalBackend, ModelCard, Overloaded, Service, Unavailable
+from kernels.engine import Engine, EngineConfig, RequestIdInUse
 from kernels.sampling import SamplingParams
 
 
@@ -40,6 +43,10 @@ def test_stream_matches_engine_and_counts_metrics(service, tiny_model):
     (lambda s: s.check_model("gpt-4"), "model"),
     (lambda s: s.sampling([1] * 2000, 100), "max_tokens"),
     (lambda s: s.sampling([1, 2], 5, temperature=-1), "temperature"),
+    (lambda s: s.sampling([1, 2], 5, temperature=float("nan")), "temperature"),
+    (lambda s: s.sampling([1, 2], 5, stop_token_ids=[2, 10**12]), "stop_token_ids"),
+    (lambda s: s.sampling([1, 2], 5, stop_token_ids=[2, 512]), "stop_token_ids"),
+    (lambda s: s.sampling([1, 2], 5, stop_token_ids=[-1]), "stop_token_ids"),
 ])
 def test_invalid_requests_name_the_field(service, call, param):
     with pytest.raises(InvalidRequest) as e:
@@ -88,3 +95,58 @@ def test_a_stream_closed_before_iterating_aborts_at_once(service):
             gc.enable()
 
     assert asyncio.run(run())
+
+
+# -- errors from behind Ray: a Serve handle raises a replica's exception as a RayTaskError -------------
+def ray_task_error(cause: BaseException, where: str = "Router.generate") -> Exception:
+    """What a Serve handle raises for an exception in a replica, built as Ray builds it: a RayTaskError that is
+    also an instance of the cause's class, whose text is the remote traceback (file paths, pid, ip)."""
+    try:
+        raise cause
+    except BaseException:
+        err = RayTaskError(where, traceback.format_exc(), cause).as_instanceof_cause()
+    assert 'File "' in str(err) and "pid=" in str(err)  # what must not reach a client
+    return err
+
+
+class FailingBackend(LocalBackend):
+    """Streams `tokens` real tokens, then raises `error`."""
+
+    def __init__(self, loop: EngineLoop, error: BaseException, tokens: int = 0):
+        super().__init__(loop)
+        self.error, self.tokens = error, tokens
+
+    async def stream(self, prompt_ids, params, request_id):
+        async with aclosing(super().stream(prompt_ids, params, request_id)) as events:
+            for _ in range(self.tokens):
+                yield await anext(events)
+        raise self.error
+
+
+nested = ray_task_error(ray_task_error(RuntimeError("expert shard 3 is gone"), "ExpertShard.forward"))
+
+
+@pytest.mark.parametrize("error, tokens, kind, message", [
+    (ray_task_error(ValueError("request needs 900 tokens of KV cache; the cache holds 512")), 0, InvalidRequest,
+     "request needs 900 tokens of KV cache; the cache holds 512"),
+    (ray_task_error(RequestIdInUse("request id 'job-7' is already in use")), 0, Conflict,
+     "request_id 'job-7' is in use by a generation in progress"),
+    (ray_task_error(RuntimeError("expert shard 3 is gone")), 0, Unavailable,
+     "generation failed: expert shard 3 is gone"),
+    (nested, 0, Unavailable, "generation failed: expert shard 3 is gone"),
+    (nested, 2, Unavailable, "generation failed: expert shard 3 is gone; retry the request"),  # mid-stream
+], ids=["value error", "request id in use", "runtime error", "nested", "nested mid-stream"])
+def test_ray_task_errors_reach_the_client_as_their_cause(service, error, tokens, kind, message):
+    """The client gets the cause's message with the right status, never Ray's traceback."""
+    backend = FailingBackend(service.backend.loop, error, tokens)
+    s = Service(backend, service.tokenizer, service.card)
+
+    async def run():
+        stream = await s.open_stream([1, 5, 6], SamplingParams(max_tokens=10, temperature=0), "job-7")
+        async with aclosing(stream):
+            return [ev async for ev in stream]
+
+    with pytest.raises(kind) as e:
+        asyncio.run(run())
+    assert e.value.message == message
+    assert "Traceback" not in e.value.message and 'File "' not in e.value.message

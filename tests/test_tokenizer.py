@@ -103,6 +103,13 @@ def test_system_prompt_goes_into_first_user_turn(v1):
     assert v1.decode(ids) == "[INST] Be kind.\n\na [/INST] b [INST] c [/INST] d [INST] e [/INST]"
 
 
+@pytest.mark.parametrize("name", ["system", "system_five"])
+def test_developer_role_is_a_system_message(v1, name):
+    """OpenAI's newer name for the system role gives the tokens of the same conversation with "system"."""
+    messages = CONVERSATIONS[name]
+    assert v1.encode_chat([{**messages[0], "role": "developer"}, *messages[1:]]) == v1.encode_chat(messages)
+
+
 @pytest.mark.parametrize(
     "messages, message",
     [
@@ -118,6 +125,8 @@ def test_system_prompt_goes_into_first_user_turn(v1):
         ([user("a"), assistant("b")], "messages[1].role: conversation must end with role 'user'"),
         ([system("s")], "messages[0].role: conversation must end with role 'user'"),
         ([user("a"), system("s"), user("b")], "messages[1].role: a system message is only allowed at position 0"),
+        ([user("a"), {"role": "developer", "content": "s"}, user("b")],
+         "messages[1].role: a developer message is only allowed at position 0"),
         ([user("a"), assistant(""), user("b")], "messages[1].content: assistant message is empty"),
     ],
 )
