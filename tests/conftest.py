@@ -97,6 +97,19 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny"), "mixtral")
 
 
+@pytest.fixture(scope="session")
+def remote_address() -> str:
+    """This machine's first non-loopback IPv4 address, to reach our servers as another machine would (skips the
+    test where there is none)."""
+    import psutil
+
+    for addresses in psutil.net_if_addrs().values():
+        for a in addresses:
+            if a.family.name == "AF_INET" and not a.address.startswith("127."):
+                return a.address
+    pytest.skip("this machine has no non-loopback IPv4 address")
+
+
 @contextlib.contextmanager
 def four_nodes():
     """A real Ray cluster on this machine (ray.cluster_utils.Cluster), connected: a head, one node with

@@ -26,15 +26,6 @@ ANSWER = "Moeray is a server for mixture of experts"
 CHAT = {"messages": [{"role": "user", "content": "What is moeray?"}], "max_tokens": 40, "temperature": 0}
 
 
-def nonloopback_address() -> str:
-    """This machine's first non-loopback IPv4 address (skips the test where there is none)."""
-    for addresses in psutil.net_if_addrs().values():
-        for a in addresses:
-            if a.family.name == "AF_INET" and not a.address.startswith("127."):
-                return a.address
-    pytest.skip("this machine has no non-loopback IPv4 address")
-
-
 def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen(["moeray", "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=ENV)
@@ -71,12 +62,12 @@ def answers(url: str) -> bool:
         return False
 
 
-def test_moeray_serve_secure_by_default_quiet_and_stops_on_ctrl_c():
+def test_moeray_serve_secure_by_default_quiet_and_stops_on_ctrl_c(remote_address):
     """The default: HTTP on 127.0.0.1 only; gRPC (asked for) answers loopback and refuses this machine's other
     address; a 50 MB gRPC request is refused at once while a normal one is served beside it; garbage bytes are
     INVALID_ARGUMENT; a client that disconnects mid-stream costs no traceback; no INFO line, warning or
     traceback on the console from start to stop."""
-    http, grpc_port, remote = free_port(), free_port(), nonloopback_address()
+    http, grpc_port, remote = free_port(), free_port(), remote_address
     proc = start("--http-port", str(http), "--grpc-port", str(grpc_port))
     try:
         banner = wait_for(proc, "Ctrl-C to stop")
