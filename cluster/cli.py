@@ -255,6 +255,10 @@ def cmd_bench(a) -> int:
 
         runs = bench_faults(a.model, a.concurrency, a.max_tokens, a.out)
         return 1 if any(r.lost for r in runs) else 0
+    elif a.bench == "startup":
+        from cluster.startup import bench_startup
+
+        bench_startup(a.runs, a.idle, a.out)
     elif a.bench == "soak":
         from cluster import soak
 
@@ -371,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--max-extra", type=int, default=2, help="extra replicas over all experts (default: %(default)s)")
     sc.add_argument("--out", default="bench-results/scaling.json", help="JSON results (default: %(default)s)")
     sc.set_defaults(func=cmd_bench)
+    su = bsub.add_parser("startup", help="moeray serve and serve run configs/serve.yaml: seconds to the first answer "
+                                         "(cold, warm) and idle memory by process, against Serve with a one-line app")
+    su.add_argument("--runs", type=int, default=3, help="starts of each; the first is cold (default: %(default)s)")
+    su.add_argument("--idle", type=float, default=5.0, help="seconds idle before memory is read (default: %(default)s)")
+    su.add_argument("--out", default="bench-results/startup.json", help="JSON results (default: %(default)s)")
+    su.set_defaults(func=cmd_bench)
     sk = bsub.add_parser(
         "soak", help="soak test: many streaming clients against moeray serve's app over loopback, a burst past "
                      "the waiting queue, then idle; exit 1 if an invariant fails",
