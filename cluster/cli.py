@@ -32,7 +32,7 @@ def _progress(label: str):
 def cmd_make_tiny(a) -> int:
     from kernels.tiny import make_tiny
 
-    path = make_tiny(a.dir, arch=a.arch, seed=a.seed)
+    path = make_tiny(a.dir, arch=a.arch, seed=a.seed, force=a.force)
     print(f"wrote a tiny random {a.arch} checkpoint (HF format) to {path}")
     return 0
 
@@ -200,8 +200,29 @@ def cmd_deploy(a) -> int:
     return 0
 
 
+def fit_chat(messages: list[dict], encode_chat, max_tokens: int, context: int) -> tuple[list[dict], list[int], int]:
+    """The conversation cut to fit a context of `context` tokens with room for the reply: (messages, prompt ids,
+    max_tokens). The oldest user/assistant pairs go first, never the system prompt nor the last (user) message;
+    if that message alone leaves less room than max_tokens, max_tokens shrinks to what is left; ValueError if it
+    leaves none. `messages` is not modified."""
+    first = 1 if messages[0]["role"] == "system" else 0
+    ids = encode_chat(messages)
+    while len(ids) + max_tokens > context and len(messages) - first > 1:
+        messages = messages[:first] + messages[first + 2:]
+        ids = encode_chat(messages)
+    if len(ids) >= context:
+        raise ValueError(f"your message is {len(ids)} tokens in the chat template"
+                         f"{' with the system prompt' if first else ''}: no room for a reply in the model's "
+                         f"context of {context} tokens")
+    return messages, ids, min(max_tokens, context - len(ids))
+
+
 def cmd_chat(a) -> int:
-    """An interactive conversation with the single-process engine, streaming each reply."""
+    """An interactive conversation with the single-process engine, streaming each reply. When the conversation
+    outgrows the model's context, its oldest turns are dropped (saying so); a failed turn is reported and left
+    out of the conversation, which goes on."""
+    import itertools
+
     from cluster.app import resolve
     from cluster.config import load_config
     from kernels.engine import Engine, Request
@@ -209,27 +230,44 @@ def cmd_chat(a) -> int:
 
     cfg = resolve(load_config(a.config, {"model": a.model}))
     engine = Engine.from_dir(cfg.model, cfg.engine, progress=_progress("loading weights"))
-    messages = [{"role": "system", "content": a.system}] if a.system else []
+    history = [{"role": "system", "content": a.system}] if a.system else []
     print(f"chatting with {cfg.model} (empty line or Ctrl-D to quit)", file=sys.stderr)
-    while True:
+    for turn in itertools.count():
         try:
             line = input("you> ").strip()
         except EOFError:
             break
         if not line:
             break
-        messages.append({"role": "user", "content": line})
-        engine.add_request(Request(f"chat-{len(messages)}", engine.tokenizer.encode_chat(messages),
-                                   SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed)))
-        reply = ""
+        try:
+            kept, prompt, max_tokens = fit_chat(history + [{"role": "user", "content": line}],
+                                                engine.tokenizer.encode_chat, a.max_tokens, engine.args.max_seq_len)
+        except ValueError as e:
+            print(f"moeray chat: {e}; not sent, the conversation goes on", file=sys.stderr, flush=True)
+            continue
+        for _ in range((len(history) + 1 - len(kept)) // 2):
+            print("[context full: dropped the oldest turn]", file=sys.stderr, flush=True)
+        if max_tokens < a.max_tokens:
+            print(f"[context full: this reply can be {max_tokens} tokens at most]", file=sys.stderr, flush=True)
+        history = kept[:-1]
+        request_id, reply = f"chat-{turn}", ""
         print("bot> ", end="", flush=True)
-        while engine.has_unfinished():
-            for ev in engine.step():
-                delta = ev.text.lstrip() if not reply else ev.text
-                reply += delta
-                print(delta, end="", flush=True)
+        try:
+            engine.add_request(Request(request_id, prompt, SamplingParams(max_tokens=max_tokens,
+                                                                          temperature=a.temperature, seed=a.seed)))
+            while engine.has_unfinished():
+                for ev in engine.step():
+                    delta = ev.text.lstrip() if not reply else ev.text
+                    reply += delta
+                    print(delta, end="", flush=True)
+        except Exception as e:  # a turn that fails (engine error, bad sampling value) must not end the conversation
+            engine.abort(request_id)
+            print(flush=True)
+            print(f"moeray chat: error: {e}; this turn is left out, the conversation goes on",
+                  file=sys.stderr, flush=True)
+            continue
         print()
-        messages.append({"role": "assistant", "content": reply or " "})
+        history = kept + [{"role": "assistant", "content": reply or " "}]
     return 0
 
 
@@ -308,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", choices=["mixtral", "mistral"], default="mixtral",
                    help="mixtral: 8 experts, top-2; mistral: dense FFN, sliding window (default: %(default)s)")
     t.add_argument("--seed", type=int, default=0, help="weight init seed (default: %(default)s)")
+    t.add_argument("--force", action="store_true", help="write into DIR even if it is not empty")
     t.set_defaults(func=cmd_make_tiny)
 
     g = sub.add_parser("generate", help="generate text in this process (the single-process engine)")
@@ -444,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, not a traceback
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: a clear message, not a traceback
         print(f"moeray {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -47,9 +47,13 @@ def random_weights(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def make_tiny(path: str | Path, arch: str = "mixtral", seed: int = 0, **overrides) -> Path:
-    """Writes config.json, model.safetensors and tokenizer.model to `path`."""
+def make_tiny(path: str | Path, arch: str = "mixtral", seed: int = 0, force: bool = False, **overrides) -> Path:
+    """Writes config.json, model.safetensors and tokenizer.model to `path`, which must not exist or be
+    empty unless `force` (a typo must not silently replace a real checkpoint's files)."""
     path = Path(path)
+    if not force and path.is_dir() and any(path.iterdir()):
+        raise FileExistsError(f"{path} is not empty: refusing to overwrite what is there "
+                              "(--force, or force=True, writes into it anyway)")
     path.mkdir(parents=True, exist_ok=True)
     args = tiny_args(arch, **overrides)
     save_hf(path, args, random_weights(args, seed))

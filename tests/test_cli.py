@@ -1,16 +1,24 @@
 """The `moeray` console script, run as a user runs it."""
 
+import io
 import json
 import subprocess
 
 import pytest
 
-from kernels.engine import Engine
+from cluster import cli
+from kernels.engine import Engine, load_tokenizer
 from kernels.sampling import SamplingParams
+from kernels.train import demo_dir
 
 
-def moeray(*args, check=True):
-    return subprocess.run(["moeray", *args], capture_output=True, text=True, timeout=120, check=check)
+def moeray(*args, check=True, input=None):
+    return subprocess.run(["moeray", *args], capture_output=True, text=True, timeout=300, check=check, input=input)
+
+
+def replies(stdout: str) -> list[str]:
+    """What `moeray chat` answered (or began to), turn by turn: its stdout is `you> bot> {reply}\\n` per turn."""
+    return [turn[len("bot> "):-1] for turn in stdout.split("you> ") if turn.startswith("bot> ")]
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +63,112 @@ def test_errors_are_one_clear_line(tiny_dir, args, message):
 def test_help_explains_itself():
     assert "make-tiny" in moeray("--help").stdout
     assert "--max-tokens" in moeray("generate", "--help").stdout
+
+
+def test_make_tiny_refuses_a_non_empty_dir_unless_forced(tmp_path):
+    mine = tmp_path / "model.safetensors"
+    mine.write_bytes(b"someone's real checkpoint")
+    out = moeray("make-tiny", str(tmp_path), check=False)
+    assert out.returncode == 2 and "--force" in out.stderr and "Traceback" not in out.stderr
+    assert mine.read_bytes() == b"someone's real checkpoint"
+    moeray("make-tiny", str(tmp_path), "--force")
+    assert Engine.from_dir(tmp_path).args.vocab_size == 512
+
+
+# -- moeray chat: the demo model's context is 512 tokens ------------------------------------------------------
+DEMO_CONTEXT = 512
+SYSTEM = {"role": "system", "content": "Answer briefly."}
+TURNS = [{"role": "user", "content": "What is the KV cache?"}, {"role": "assistant", "content": "Memory."},
+         {"role": "user", "content": "Why do cats purr?"}, {"role": "assistant", "content": "They are happy."},
+         {"role": "user", "content": "What is Ray?"}]
+
+
+@pytest.fixture(scope="module")
+def encode_chat():
+    return load_tokenizer(demo_dir()).encode_chat
+
+
+@pytest.mark.parametrize("system", [False, True])
+def test_fit_chat_drops_the_oldest_pairs_then_shrinks_the_reply(encode_chat, system):
+    head = [SYSTEM] if system else []
+    msgs = head + TURNS
+    whole, last_pair, newest = (len(encode_chat(head + m)) for m in (TURNS, TURNS[2:], TURNS[4:]))
+    assert cli.fit_chat(msgs, encode_chat, 10, whole + 10) == (msgs, encode_chat(msgs), 10)
+    # one token short: the oldest pair goes (the system prompt then joins the new first user turn)
+    assert cli.fit_chat(msgs, encode_chat, 10, whole + 9) == (head + TURNS[2:], encode_chat(head + TURNS[2:]), 10)
+    assert cli.fit_chat(msgs, encode_chat, 10, last_pair + 9)[0] == head + TURNS[4:]
+    # the newest message alone leaves 3 tokens: the reply shrinks to them
+    assert cli.fit_chat(msgs, encode_chat, 10, newest + 3) == (head + TURNS[4:], encode_chat(head + TURNS[4:]), 3)
+    with pytest.raises(ValueError, match=f"{newest} tokens.*context of {newest}"):
+        cli.fit_chat(msgs, encode_chat, 10, newest)
+    assert msgs == head + TURNS  # the caller's list is left alone
+
+
+def test_chat_outlives_its_context(encode_chat):
+    """Eight turns of up to 200 tokens overflow 512 tokens: the oldest turns go, the conversation stays."""
+    questions = ["What is the KV cache?", "Why do cats purr?", "What is Ray?", "What is an actor?",
+                 "What is batching?", "What is attention?", "What is a token?", "What is a cluster?"]
+    out = moeray("chat", "--max-tokens", "200", input="\n".join(questions) + "\n")
+    assert out.returncode == 0 and "error" not in out.stderr
+    answers = replies(out.stdout)
+    assert len(answers) == len(questions) and all(answers)
+    # replayed: the CLI dropped as many turns as fit_chat says, once each, and kept the newest ones
+    history, drops = [], 0
+    for question, answer in zip(questions, answers):
+        kept, prompt, max_tokens = cli.fit_chat(history + [{"role": "user", "content": question}], encode_chat,
+                                                200, DEMO_CONTEXT)
+        drops += (len(history) + 1 - len(kept)) // 2
+        history = kept + [{"role": "assistant", "content": answer}]
+    assert out.stderr.count("[context full: dropped the oldest turn]") == drops > 0
+    last = Engine.from_dir(demo_dir()).generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0))[0]
+    assert answers[-1] == last.text.lstrip()
+
+
+def test_chat_too_long_message_is_refused_and_a_long_one_gets_a_shorter_reply(encode_chat):
+    too_long, long = "cache " * 600, "cache " * 400
+    room = DEMO_CONTEXT - len(encode_chat([{"role": "user", "content": long.strip()}]))
+    assert 0 < room < 200
+    out = moeray("chat", "--max-tokens", "200", input=f"{too_long}\nWhat is the KV cache?\n{long}\n")
+    assert out.returncode == 0
+    assert "no room for a reply in the model's context of 512 tokens" in out.stderr
+    answers = replies(out.stdout)
+    assert len(answers) == 2
+    # the refused message left no trace: the first answer is the one to that question alone
+    engine = Engine.from_dir(demo_dir())
+    alone = encode_chat([{"role": "user", "content": "What is the KV cache?"}])
+    assert answers[0] == engine.generate([alone], SamplingParams(max_tokens=200, temperature=0))[0].text.lstrip()
+    assert f"[context full: this reply can be {room} tokens at most]" in out.stderr
+    assert out.stderr.count("[context full: dropped the oldest turn]") == 1
+
+
+def test_chat_turn_that_fails_is_reported_and_the_conversation_goes_on(monkeypatch, capsys, encode_chat):
+    """An engine error in the middle of a reply: the turn is left out, its request aborted, the session lives."""
+    added, failed = [], []
+    real_add, real_step = Engine.add_request, Engine.step
+
+    def add_request(self, req):
+        added.append(req)
+        return real_add(self, req)
+
+    def step(self):
+        events = real_step(self)
+        if len(added) == 2 and not failed:  # the second reply has begun
+            failed.append(events)
+            raise ValueError("the engine broke")
+        return events
+
+    monkeypatch.setattr(Engine, "add_request", add_request)
+    monkeypatch.setattr(Engine, "step", step)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the KV cache?\nWhy do cats purr?\nWhat is Ray?\n"))
+    assert cli.main(["chat", "--max-tokens", "60"]) == 0
+    out = capsys.readouterr()
+    assert "moeray chat: error: the engine broke" in out.err and failed
+    first, _, third = replies(out.out)
+    # the failed turn is not in the history, and its aborted request did not leak into the next reply
+    history = [{"role": "user", "content": "What is the KV cache?"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "What is Ray?"}]
+    assert added[-1].prompt_ids == encode_chat(history)
+    monkeypatch.undo()
+    [expected] = Engine.from_dir(demo_dir()).generate([encode_chat(history)],
+                                                      SamplingParams(max_tokens=60, temperature=0))
+    assert third == expected.text.lstrip()
