@@ -38,9 +38,9 @@ class AttentionActor:
 
     def forward(self, step: int, layer: int, seqs: list[StepSeq] | None, hidden: torch.Tensor) -> torch.Tensor:
         if layer not in self.blocks:
-            raise KeyError(f"layer {layer} is not on this attention actor (it has {sorted(self.blocks)})")
+            raise transport.BadRequest(f"layer {layer} is not on this attention actor (it has {sorted(self.blocks)})")
         if hidden.shape[1] != self.args.dim:
-            raise ValueError(f"hidden states have dim {hidden.shape[1]}, the model has {self.args.dim}")
+            raise transport.BadRequest(f"hidden states have dim {hidden.shape[1]}, the model has {self.args.dim}")
         with self._lock, torch.inference_mode():
             t0 = time.perf_counter()
             if seqs is not None:  # the first of this actor's layers in a step carries the step's block tables
@@ -49,9 +49,10 @@ class AttentionActor:
                 self.freqs = rope_freqs(self.meta.positions, self.args.head_dim, self.args.rope_theta)
                 self.step = step
             elif step != self.step:
-                raise ValueError(f"step {step} sent no block tables (this actor last saw step {self.step})")
+                raise transport.BadRequest(f"step {step} sent no block tables (this actor last saw step {self.step})")
             if hidden.shape[0] != self.meta.positions.shape[0]:
-                raise ValueError(f"{hidden.shape[0]} hidden rows for a step of {self.meta.positions.shape[0]} tokens")
+                raise transport.BadRequest(f"{hidden.shape[0]} hidden rows for a step of "
+                                           f"{self.meta.positions.shape[0]} tokens")
             # hidden arrives on CPU (the wire's bytes, or gloo's) or the GPU (nccl); the transport sends
             # the reply back from wherever it is
             x = hidden.to(self.device, self.dtype)

@@ -47,10 +47,10 @@ class ExpertShard:
         """rows [R, D]: for each (expert, n) in blocks, the next n rows are that expert's. They arrive on CPU
         (the wire's bytes, or gloo's) or the GPU (nccl); the transport sends the result back from where it is."""
         if rows.shape[1] != self.dim:
-            raise ValueError(f"rows have dim {rows.shape[1]}, the model has {self.dim}")
+            raise transport.BadRequest(f"rows have dim {rows.shape[1]}, the model has {self.dim}")
         missing = [e for e, _ in blocks if (layer, e) not in self.experts]
         if missing:
-            raise KeyError(f"experts {missing} of layer {layer} are not on this shard")
+            raise transport.BadRequest(f"experts {missing} of layer {layer} are not on this shard")
         starts, at = [], 0
         for e, n in blocks:
             starts.append((e, at, n))

@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-# A Mixtral-shaped model big enough that compute, not Python overhead, dominates on a laptop CPU:
-# 8 experts top-2, GQA 2:1, the real 32000 vocabulary. About 0.1 B parameters.
 REPEATS = 3
+
+
 def write_report(out: str | None, report) -> None:
     """A benchmark's results as JSON at `out` (no file when out is None)."""
     if out:
@@ -37,6 +37,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# "small": a Mixtral-shaped model big enough that compute, not Python overhead, dominates on a laptop
+# CPU: 8 experts top-2, GQA 2:1, the real 32000 vocabulary. About 0.1 B parameters.
 PRESETS = {
     "small": dict(dim=512, n_layers=4, head_dim=64, hidden_dim=1024, n_heads=8, n_kv_heads=4, vocab_size=32000),
     "tiny": dict(),  # kernels.tiny's defaults: seconds to run, for smoke tests

@@ -192,7 +192,6 @@ class GrpcApi:
             return pb.ModelInfoResponse()
         return pb.ModelInfoResponse(
             id=card.id, architecture=card.architecture, max_model_len=card.max_model_len, vocab_size=card.vocab_size,
-            # ModelCard has no expert counts yet: 0 ("dense") until it does
             num_experts=card.num_experts, num_experts_per_tok=card.num_experts_per_tok,
             bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, created=card.created)
 

@@ -1,17 +1,23 @@
 """Drives an Engine from a thread and streams each request's tokens to asyncio callers.
 
-The step loop is blocking torch and transport work, so it gets its own thread; requests arrive
-from an event loop (a Ray async actor, a Serve replica). Each request has an asyncio.Queue that the
-loop thread feeds with `call_soon_threadsafe`. A caller that stops listening (client gone, task
-cancelled) aborts its request, so its sequence leaves the batch at the next step and frees its KV.
+The step loop is blocking torch and transport work, so it gets its own thread, and only that thread
+touches the engine: requests arrive from an event loop (a Ray async actor, a Serve replica) as
+commands (add, abort) on a queue that the thread drains between steps, so the event loop never
+waits for a step. Each request has an asyncio.Queue that the thread feeds with
+`call_soon_threadsafe`; when add_request refuses a request, its exception is the queue's first and
+only item, so the caller of `generate` gets it before any token. A caller that stops listening
+(client gone, task cancelled) aborts its request, so its sequence leaves the batch before the next
+step and frees its KV. stats() reads a snapshot the thread publishes after each step, before it
+hands out the step's tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from kernels.engine import Engine, Request, TokenEvent
 
@@ -21,69 +27,99 @@ log = logging.getLogger(__name__)
 class EngineLoop:
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._lock = threading.Lock()  # the engine is not thread-safe: one holder at a time
-        self._wake = threading.Event()
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()  # run by the step thread
+        # request id -> (the caller's event loop, its queue); the step thread's alone
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
+        self._publish()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
     async def generate(self, req: Request) -> AsyncIterator[TokenEvent]:
-        """Streams the request's TokenEvents; the last has a finish_reason. ValueError for bad requests."""
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            self.engine.add_request(req)  # raises ValueError before anything is queued
-            self._queues[req.request_id] = (asyncio.get_running_loop(), queue)
-        self._wake.set()
-        finished = False
+        """Streams the request's TokenEvents; the last has a finish_reason. Before any event: ValueError
+        for a bad request, the engine's Overloaded when its waiting queue is full."""
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self._commands.put(lambda: self._add(req, loop, events))
+        done = False
         try:
-            while not finished:
-                item = await queue.get()
+            while not done:
+                item = await events.get()
                 if isinstance(item, BaseException):
+                    done = True  # refused, or failed and aborted: the engine holds nothing of it
                     raise item
-                finished = item.finish_reason is not None
+                done = item.finish_reason is not None
                 yield item
         finally:
-            self._queues.pop(req.request_id, None)
-            if not finished:
-                with self._lock:
-                    self.engine.abort(req.request_id)
+            if not done:
+                self._commands.put(lambda: self._abort(req.request_id))
 
     def stats(self) -> dict:
-        with self._lock:
-            e = self.engine
-            return {"running": e.num_running, "waiting": e.num_waiting, "kv_cache_usage": e.kv_cache_usage}
+        """Running and waiting requests and KV-cache use, as the step thread last published them (after
+        each step, or after commands while idle): never waits for a step."""
+        return dict(self._stats)
 
     def stop(self) -> None:
-        self._stopped = True
-        self._wake.set()
+        self._commands.put(self._halt)
         self._thread.join(timeout=5)
 
-    def _deliver(self, request_id: str, item) -> None:
-        target = self._queues.get(request_id)
+    # -- the step thread ------------------------------------------------------------------------
+    def _add(self, req: Request, loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> None:
+        try:
+            self.engine.add_request(req)
+        except Exception as e:  # not registered: a duplicate id must not take over the running one's queue
+            _send(loop, events, e)
+            return
+        self._queues[req.request_id] = (loop, events)
+
+    def _abort(self, request_id: str) -> None:
+        if self._queues.pop(request_id, None):  # not already finished, failed, or refused
+            self.engine.abort(request_id)
+
+    def _halt(self) -> None:
+        self._stopped = True
+
+    def _publish(self) -> None:
+        e = self.engine
+        self._stats = {"running": e.num_running, "waiting": e.num_waiting, "kv_cache_usage": e.kv_cache_usage}
+
+    def _deliver(self, request_id: str, item, last: bool) -> None:
+        target = self._queues.pop(request_id, None) if last else self._queues.get(request_id)
         if target:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            _send(*target, item)
+
+    def _step(self) -> None:
+        try:
+            events = [(ev.request_id, ev, ev.finish_reason is not None) for ev in self.engine.step()]
+        except Exception as e:  # a failed step fails the requests in it, not the loop
+            log.exception("engine step failed")
+            failed = list(self.engine.seqs)
+            for rid in failed:
+                self.engine.abort(rid)
+            events = [(rid, RuntimeError(f"generation failed: {e}"), True) for rid in failed]
+        self._publish()  # before the tokens: a caller that got its last token sees the request gone
+        for ev in events:
+            self._deliver(*ev)
 
     def _run(self) -> None:
-        while not self._stopped:
-            with self._lock:
-                busy = self.engine.has_unfinished()
-                if busy:
-                    try:
-                        events = self.engine.step()
-                    except Exception as e:  # a failed step fails the requests in it, not the loop
-                        log.exception("engine step failed")
-                        failed = list(self.engine.seqs)
-                        for rid in failed:
-                            self.engine.abort(rid)
-                        events = [(rid, RuntimeError(f"generation failed: {e}")) for rid in failed]
-            if not busy:
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            for ev in events:
-                if isinstance(ev, tuple):
-                    self._deliver(*ev)
-                else:
-                    self._deliver(ev.request_id, ev)
+        while True:
+            if not self.engine.has_unfinished():
+                self._commands.get()()  # idle: sleep until a command comes
+            while True:  # then every command that is waiting (those that came during the last step)
+                try:
+                    self._commands.get_nowait()()
+                except queue.Empty:
+                    break
+            if self._stopped:
+                return
+            if self.engine.has_unfinished():
+                self._step()
+            else:
+                self._publish()
+
+
+def _send(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, item) -> None:
+    try:
+        loop.call_soon_threadsafe(events.put_nowait, item)
+    except RuntimeError:  # the caller's event loop is closed: nobody listens (its abort may still be queued)
+        pass

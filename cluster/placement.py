@@ -70,9 +70,6 @@ class Placement:
     shards: list[list[tuple[int, int]]]  # (layer, expert) pairs of each shard
     replicas: int  # actors per shard; actor index = shard * replicas + replica
 
-    def experts_per_layer(self) -> int:
-        return 1 + max(e for shard in self.shards for _, e in shard)
-
     def actors_of(self) -> dict[tuple[int, int], list[int]]:
         """(layer, expert) -> indices of the expert actors that hold it (its replicas)."""
         return {pair: [s * self.replicas + r for r in range(self.replicas)]

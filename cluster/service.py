@@ -3,7 +3,7 @@ prompt building and validation, the error classes and their statuses, the token 
 backend, and the metrics. The API modules only translate wire formats to and from this.
 
 A backend is anything that streams TokenEvents for (prompt ids, sampling params): the router of a
-pipeline replica behind a Serve handle, or an EngineLoop in this process (tests, `moeray chat`).
+pipeline replica behind a Serve handle, or an EngineLoop in this process (LocalBackend: the API tests).
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class Metrics:
     """Prometheus metrics of one API replica (vLLM's names, with our prefix). A registry of its own,
     so several services in one process (tests) do not collide."""
 
-    def __init__(self, service: Service):
+    def __init__(self):
         self.registry = r = CollectorRegistry()
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("moeray:time_to_first_token_seconds", "Time to first token", registry=r, buckets=buckets)
@@ -232,13 +232,9 @@ class Service:
         self.backend, self.tokenizer, self.card = backend, tokenizer, card
         self._key = None if api_key is None else api_key.strip().encode()  # a key file's newline is no part of it
         self._any_peer = self._key is not None or allow_remote_without_key
-        self.metrics = Metrics(self)
+        self.metrics = Metrics()
 
     # -- access ------------------------------------------------------------------------------------
-    @property
-    def requires_key(self) -> bool:
-        return self._key is not None
-
     def check_peer(self, host: str | None) -> None:
         """Forbidden for a client on another machine (`host`: its address; None: unknown) when there is no API
         key to check: Ray Serve's gRPC proxy listens on every interface, and an HTTP host may be opened too."""

@@ -47,7 +47,7 @@ import grpc
 import torch
 
 from cluster import collective
-from cluster.codec import DTYPES, allocate, decode, describe, encode
+from cluster.codec import DTYPES, CodecError, allocate, decode, describe, encode
 from cluster.rpc import dataplane_pb2 as pb
 from cluster.rpc import dataplane_pb2_grpc as rpc
 from kernels.cache import StepSeq
@@ -126,6 +126,12 @@ class TransportError(RuntimeError):
 # ---- server ----------------------------------------------------------------------------------------
 
 
+class BadRequest(ValueError):
+    """What a handler raises for a request that is the caller's mistake (a layer or expert not served
+    here, a wrong hidden size): INVALID_ARGUMENT, which the router does not retry. Any other exception
+    from a handler (a ValueError or KeyError from a bug included) is the server's own fault: INTERNAL."""
+
+
 class Server:
     def __init__(self, server: grpc.Server, address: str, config: TransportConfig, box: SimpleNamespace):
         self._server, self._config, self._box = server, config, box
@@ -152,15 +158,17 @@ def _options(config: TransportConfig) -> list[tuple[str, int]]:
 
 
 def _unary(name: str, body: Callable):
-    """A gRPC method running `body(request) -> reply`, with exceptions turned into status codes:
-    ValueError (CodecError included) and KeyError mean the request was wrong -> INVALID_ARGUMENT;
-    anything else is this server's fault -> INTERNAL, logged. Either way the server keeps serving."""
+    """A gRPC method running `body(request) -> reply`, with exceptions turned into status codes: the
+    message's own checks (CodecError: dtype, shape, sizes; BadRequest: the rest) and a handler's
+    BadRequest mean the request was wrong -> INVALID_ARGUMENT; anything else is this server's fault ->
+    INTERNAL (which the router retries elsewhere), logged with its traceback. Either way the server
+    keeps serving."""
 
     def method(request, context):
         try:
             return body(request)
-        except (ValueError, KeyError) as e:
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, e.args[0] if isinstance(e, KeyError) and e.args else e
+        except (CodecError, BadRequest) as e:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, e
         except Exception as e:
             log.exception("%s failed", name)
             code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
@@ -212,9 +220,9 @@ def serve(config: TransportConfig, *, attention: AttentionHandler | None = None,
         def run(hidden: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
             if seqs is not None:
                 if any(s.start < 0 or s.n < 0 or min(s.block_table, default=0) < 0 for s in seqs):
-                    raise ValueError("seqs need start >= 0, n >= 0 and block ids >= 0")
+                    raise BadRequest("seqs need start >= 0, n >= 0 and block ids >= 0")
                 if (n := sum(s.n for s in seqs)) != hidden.shape[0]:
-                    raise ValueError(f"seqs have {n} new tokens in all, hidden has {hidden.shape[0]} rows")
+                    raise BadRequest(f"seqs have {n} new tokens in all, hidden has {hidden.shape[0]} rows")
             return attention(request.step, request.layer, seqs, hidden)
 
         reply = pb.AttentionReply()
@@ -227,7 +235,7 @@ def serve(config: TransportConfig, *, attention: AttentionHandler | None = None,
 
         def run(rows: torch.Tensor) -> torch.Tensor:  # [R, D] -> [R, D]
             if any(n < 0 for n in counts) or sum(counts) != rows.shape[0]:
-                raise ValueError(f"block row counts {counts} sum to {sum(counts)}, "
+                raise BadRequest(f"block row counts {counts} sum to {sum(counts)}, "
                                  f"rows tensor has {rows.shape[0]} rows")
             return experts(request.layer, blocks, rows)
 
@@ -265,7 +273,7 @@ def _exchange(config: TransportConfig, group: collective.Group | None, given: pb
         encode(_checked(run(x), x), reply)
         return
     if group is None or not group.usable(CALLER):
-        raise ValueError("tensor data sent over a collective group this server is not (or no longer) in")
+        raise BadRequest("tensor data sent over a collective group this server is not (or no longer) in")
     x = allocate(given, max_bytes=config.max_bytes, ndim=2, device=group.device)
     deadline = time.monotonic() + config.timeout_s
     try:

@@ -14,7 +14,7 @@ import torch
 
 from cluster.codec import CodecError, allocate, decode, describe, encode
 from cluster.rpc import dataplane_pb2 as pb
-from cluster.transport import CALLER, TransportConfig, TransportError, connect, join, rendezvous, serve
+from cluster.transport import CALLER, BadRequest, TransportConfig, TransportError, connect, join, rendezvous, serve
 from kernels.cache import StepSeq
 
 CONFIG = TransportConfig(kind="gloo", timeout_s=10, token="the-pipeline-token")
@@ -29,7 +29,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def experts(layer, blocks, rows):  # [R, D] -> [R, D]: each block scaled by its expert, plus the layer
     if layer == ERROR_LAYER:
-        raise ValueError("no such layer here")
+        raise BadRequest("no such layer here")
     out, at = rows.clone(), 0
     for e, n in blocks:
         out[at : at + n] = rows[at : at + n] * (e + 1) + layer

@@ -143,9 +143,11 @@ def test_half_precision_close_to_fp32(hf_mixtral, dtype):
     fp32 = Engine.from_dir(hf_mixtral).generate(ps, SamplingParams(max_tokens=4, temperature=0, logprobs=5))
     half = Engine.from_dir(hf_mixtral, EngineConfig(dtype=dtype)).generate(ps, SamplingParams(max_tokens=1, temperature=0, logprobs=5))
     assert half[0].token_ids[0] == fp32[0].token_ids[0]
-    for a, b in zip(fp32, half):  # the first token's top-5 logprobs agree to half-precision accuracy
+    for a, b in zip(fp32, half, strict=True):  # the first token's top-5 logprobs agree to half-precision accuracy
         top_a, top_b = dict(a.top_logprobs[0]), dict(b.top_logprobs[0])
-        for t in set(top_a) & set(top_b):
+        shared = set(top_a) & set(top_b)
+        assert len(shared) >= 4, (top_a, top_b)  # a near-tie may swap the fifth, no more
+        for t in shared:
             assert abs(top_a[t] - top_b[t]) < 0.15
 
 

@@ -77,8 +77,10 @@ def test_stuck_shard_cannot_freeze_the_router(cluster, hf_mixtral, reference):
     try:
         run, report = shard_stuck(pipe, prompts(), GREEDY)
         assert run.lost == 0 and run.failed == 5, run  # every request ended, with an error
-        assert run.worst_end_s < 30, f"requests on a stuck shard took {run.worst_end_s:.1f}s to fail"
-        assert any("not serving again" in e or "DEADLINE_EXCEEDED" in e for e in report.errors), report.errors
+        # each one the router's own giving up (a call past its deadline, then restart_timeout_s), which is
+        # what ends them within seconds; not the load's 120 s request timeout (that would count as lost)
+        assert len(report.errors) == 5, report.errors
+        assert all("not serving again" in e or "DEADLINE_EXCEEDED" in e for e in report.errors), report.errors
         assert [c.token_ids for c in pipe.generate(prompts(), GREEDY)] == reference
     finally:
         pipe.shutdown()

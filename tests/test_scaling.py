@@ -109,7 +109,7 @@ def test_metrics_export_the_windowed_rate():
 
     from cluster.service import Metrics
 
-    m = Metrics(None)
+    m = Metrics()
     m.update({"expert_tokens_per_s": {"0:3": 12.5}, "tokens_per_expert": {"0:3": 40}})
     text = generate_latest(m.registry).decode()
     assert 'moeray:expert_tokens_per_second{expert="3",layer="0"} 12.5' in text

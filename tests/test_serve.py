@@ -149,9 +149,26 @@ def test_disconnected_stream_frees_its_sequence(server):
         time.sleep(0.1)
 
 
-def test_health_and_metrics(server):
+def test_health_and_metrics(server, engine):
     assert httpx.get(server["http"] + "/health", timeout=30).status_code == 200
-    text = httpx.get(server["http"] + "/metrics", timeout=30).text
-    for name in ("moeray:time_to_first_token_seconds", "moeray:num_requests_running", "moeray:kv_cache_usage_perc",
-                 "moeray:expert_tokens"):
-        assert name in text
+
+    def metrics() -> dict[str, float]:
+        r = httpx.get(server["http"] + "/metrics", timeout=30)
+        assert r.status_code == 200
+        return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in r.text.splitlines() if line[:1] != "#")}
+
+    def expert_rows(m: dict[str, float]) -> float:  # the router's counts, summed over (layer, expert)
+        return sum(v for k, v in m.items() if k.startswith("moeray:expert_tokens_total{"))
+
+    before = metrics()
+    r = httpx.post(server["http"] + "/v1/completions", json={"prompt": "Count me", "max_tokens": 3, "temperature": 0},
+                   timeout=60)
+    usage = r.raise_for_status().json()["usage"]
+    after = metrics()
+    assert after["moeray:time_to_first_token_seconds_count"] == before["moeray:time_to_first_token_seconds_count"] + 1
+    generated = after["moeray:generation_tokens_total"] - before["moeray:generation_tokens_total"]
+    assert generated == usage["completion_tokens"]
+    # every token the model read (the prompt, then each sampled token but the last) went to top-k experts per layer
+    read = usage["prompt_tokens"] + usage["completion_tokens"] - 1
+    assert expert_rows(after) - expert_rows(before) == read * engine.args.n_layers * engine.args.moe.num_experts_per_tok
+    assert (after["moeray:num_requests_running"], after["moeray:kv_cache_usage_perc"]) == (0, 0)

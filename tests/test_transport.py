@@ -5,6 +5,7 @@ would send them; after each one the same server must still answer a good request
 here have a pipeline token, as every server of a real pipeline has; calls without it are refused.
 """
 
+import logging
 import threading
 from functools import partial
 from pathlib import Path
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from cluster.codec import CodecError, decode, encode
 from cluster.rpc import dataplane_pb2 as pb
 from cluster.rpc import dataplane_pb2_grpc as rpc
-from cluster.transport import TOKEN_METADATA, TransportConfig, TransportError, connect, serve, with_token
+from cluster.transport import TOKEN_METADATA, BadRequest, TransportConfig, TransportError, connect, serve, with_token
 from kernels.cache import StepSeq
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -27,7 +28,7 @@ BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: 
 MB = 1 << 20
 CONFIG = TransportConfig(max_message_mb=1, timeout_s=10, token="the-pipeline-token")
 TOKEN = ((TOKEN_METADATA, CONFIG.token),)
-SLOW_LAYER, VALUE_ERROR_LAYER, RUNTIME_ERROR_LAYER = 99, 98, 97
+SLOW_LAYER, BAD_REQUEST_LAYER, RUNTIME_ERROR_LAYER, KEY_ERROR_LAYER = 99, 98, 97, 96
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -53,10 +54,12 @@ class Shard:
     def _misbehave(self, layer):
         if layer == SLOW_LAYER:
             self.release.wait(5)
-        if layer == VALUE_ERROR_LAYER:
-            raise ValueError("layer 98 is not on this shard")
+        if layer == BAD_REQUEST_LAYER:
+            raise BadRequest("layer 98 is not on this shard")
         if layer == RUNTIME_ERROR_LAYER:
             raise RuntimeError("kernel exploded")
+        if layer == KEY_ERROR_LAYER:  # a bug: looking up something of its own that is not there
+            raise KeyError("layer 96's weights")
 
     def experts(self, layer, blocks, rows):
         self.seen.append((layer, blocks, rows.clone()))
@@ -182,7 +185,7 @@ BAD_EXPERT_REQUESTS = {
                                 rows=good_rows()), "block row counts [1, 2] sum to 3, rows tensor has 4 rows"),
     "negative count": (pb.ExpertRequest(blocks=[pb.ExpertBlock(rows=5), pb.ExpertBlock(rows=-1)], rows=good_rows()),
                        "block row counts [5, -1]"),
-    "handler ValueError": (pb.ExpertRequest(layer=VALUE_ERROR_LAYER, blocks=[pb.ExpertBlock(rows=4)], rows=good_rows()),
+    "handler BadRequest": (pb.ExpertRequest(layer=BAD_REQUEST_LAYER, blocks=[pb.ExpertBlock(rows=4)], rows=good_rows()),
                            "layer 98 is not on this shard"),
 }
 
@@ -226,7 +229,7 @@ def test_oversized_message_is_resource_exhausted(raw, client):
 
 def test_handler_errors_map_to_status_codes(client, raw):
     with pytest.raises(TransportError) as e:
-        client.experts(VALUE_ERROR_LAYER, [(0, 2)], torch.zeros(2, 8)).result()
+        client.experts(BAD_REQUEST_LAYER, [(0, 2)], torch.zeros(2, 8)).result()
     assert e.value.code == "INVALID_ARGUMENT" and "layer 98 is not on this shard" in e.value.message
     assert_still_serving(client)
     for send in (lambda: client.experts(RUNTIME_ERROR_LAYER, [(0, 2)], torch.zeros(2, 8)).result(),
@@ -235,6 +238,20 @@ def test_handler_errors_map_to_status_codes(client, raw):
             send()
         assert e.value.code == "INTERNAL" and "RuntimeError: kernel exploded" in e.value.message
         assert_still_serving(client)
+
+
+@pytest.mark.parametrize("service", ["experts", "attention"])
+def test_a_key_error_in_a_handler_is_internal_and_logged_not_a_bad_request(client, caplog, service):
+    """A KeyError (or ValueError) from a handler's own code is the server's bug, not the caller's: INTERNAL,
+    which the router retries elsewhere (INVALID_ARGUMENT it would not), with the traceback in the log."""
+    send = {"experts": lambda: client.experts(KEY_ERROR_LAYER, [(0, 2)], torch.zeros(2, 8)).result(),
+            "attention": lambda: client.attention(0, KEY_ERROR_LAYER, None, torch.zeros(2, 8)).result()}[service]
+    with caplog.at_level(logging.ERROR, logger="cluster.transport"), pytest.raises(TransportError) as e:
+        send()
+    assert e.value.code == "INTERNAL" and "KeyError" in e.value.message and "layer 96's weights" in e.value.message
+    [logged] = [r for r in caplog.records if r.name == "cluster.transport" and r.levelno >= logging.ERROR]
+    assert logged.exc_info[0] is KeyError and f"{service} failed" in logged.getMessage()
+    assert_still_serving(client)
 
 
 def test_handler_returning_a_wrong_shape_is_internal():
