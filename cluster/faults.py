@@ -228,7 +228,7 @@ def bench_faults(model: str | None, concurrency: int, max_tokens: int, out: str 
     import ray
     from ray import serve
 
-    from cluster.app import build_app, resolve, serve_options
+    from cluster.app import moeray_app, resolve, serve_options
     from cluster.config import MoerayConfig
     from cluster.pipeline import Pipeline
     from kernels.engine import Engine
@@ -268,7 +268,7 @@ def bench_faults(model: str | None, concurrency: int, max_tokens: int, out: str 
 
         config.serve.http_port, config.serve.grpc_port = free_port(), free_port()
         serve.start(**serve_options(config))
-        serve.run(build_app(config=config), name="moeray", route_prefix="/")
+        serve.run(moeray_app(config), name="moeray", route_prefix="/")
         url, name = f"http://127.0.0.1:{config.serve.http_port}", config.serve.model_name
         for fault, cls in (("router-replica-killed", "Router"), ("ingress-replica-killed", "Ingress")):
             pid = serve_pid(f"ServeReplica:moeray:{cls}")

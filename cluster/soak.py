@@ -226,7 +226,7 @@ class Server:
         import ray
         from ray import serve
 
-        from cluster.app import build_app, serve_options
+        from cluster.app import moeray_app, serve_options
 
         if ray.is_initialized():
             raise RuntimeError("the soak starts its own Ray instance: call it from a process not connected to Ray")
@@ -237,7 +237,7 @@ class Server:
         self.logs = ray._private.worker._global_node.get_logs_dir_path()
         quiet = {"log_level": "WARNING"}
         serve.start(**serve_options(self.config), logging_config=quiet)
-        serve.run(build_app(config=self.config), name="moeray", route_prefix="/", logging_config=quiet)
+        serve.run(moeray_app(self.config), name="moeray", route_prefix="/", logging_config=quiet)
 
     def stop(self) -> None:
         import ray

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from ray import serve
 
-from cluster.app import build_app, serve_options
+from cluster.app import moeray_app, serve_options
 from cluster.bench import free_port
 from cluster.config import MoerayConfig
 from cluster.placement import PipelineConfig
@@ -33,7 +33,7 @@ def server(tiny_model):
                            engine=EngineConfig(max_num_seqs=16, kv_cache_tokens=16384, max_queued_requests=64))
         cfg.serve.model_name, cfg.serve.http_port, cfg.serve.grpc_port = "tiny", free_port(), free_port()
         serve.start(**serve_options(cfg))
-        serve.run(build_app(config=cfg), name="moeray", route_prefix="/")
+        serve.run(moeray_app(cfg), name="moeray", route_prefix="/")
         yield {"http": f"http://127.0.0.1:{cfg.serve.http_port}", "grpc": f"127.0.0.1:{cfg.serve.grpc_port}"}
         serve.shutdown()
 
