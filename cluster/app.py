@@ -97,10 +97,19 @@ def moeray_app(config: MoerayConfig) -> Application:
     ingress = serve.deployment(  # past capacity, Serve queues up to as many more, then answers 503
         Ingress, name="Ingress", max_ongoing_requests=capacity, max_queued_requests=capacity,
         autoscaling_config={"min_replicas": s.ingress.min_replicas, "max_replicas": s.ingress.max_replicas,
-                            "target_ongoing_requests": s.ingress.target_ongoing_requests},
+                            "target_ongoing_requests": s.ingress.target_ongoing_requests,
+                            "upscale_delay_s": s.ingress.upscale_delay_s,
+                            "downscale_delay_s": s.ingress.downscale_delay_s},
         ray_actor_options={"num_cpus": 0},
     )
     return ingress.bind(router, config)
+
+
+# Deployment options moeray derives from its config (one home for each, whichever way the app is started): a
+# Serve config's `deployments:` entry would silently override them, and the ingress capacity follows the routers.
+OWNED_BY_MOERAY = {"num_replicas": "serve.pipeline_replicas", "autoscaling_config": "serve.ingress",
+                   "max_ongoing_requests": "serve.ingress.max_ongoing_requests",
+                   "max_queued_requests": "serve.ingress.max_ongoing_requests"}
 
 
 def validate_serve_config(data: dict):
@@ -128,6 +137,11 @@ def validate_serve_config(data: dict):
             known(d, schema.DeploymentSchema, where)
             known(d.get("autoscaling_config"), AutoscalingConfig, where + "autoscaling_config.")
         if app.get("import_path") == "cluster.app:build_app":
+            for j, d in enumerate(app.get("deployments") or []):
+                for key in OWNED_BY_MOERAY.keys() & d.keys():
+                    raise ConfigError(f"applications[{i}].deployments[{j}].{key}: moeray sets it from its own config "
+                                      f"({OWNED_BY_MOERAY[key]} in the file args.config names), for moeray serve and "
+                                      "serve run alike; set it there")
             try:
                 BuildArgs.model_validate(app.get("args") or {})
             except ValidationError as e:

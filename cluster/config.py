@@ -29,6 +29,8 @@ class IngressConfig:
     min_replicas: int = 1
     max_replicas: int = 4
     target_ongoing_requests: int = 16  # Serve adds a replica when replicas average more than this
+    upscale_delay_s: float = 10.0  # how long demand must stay above target before Serve adds a replica
+    downscale_delay_s: float = 120.0  # ... below target before Serve removes one
     # Requests one replica holds at once (a stream holds its slot to the end). None: enough for every
     # router's batch and waiting queue, so the routers' bounded queue answers 429 before Serve queues.
     max_ongoing_requests: int | None = None

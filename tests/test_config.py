@@ -55,12 +55,27 @@ def test_serve_config_typos_are_refused(where, key):
     from cluster.app import validate_serve_config
 
     broken = yaml.safe_load(SERVE[0].read_text())
+    if "deployments" in where:  # the shipped file has none (moeray's config sets replicas and autoscaling)
+        broken["applications"][0]["deployments"] = [{"name": "Ingress", "autoscaling_config": {}}]
     node = broken
     for k in where:
         node = node[k]
     node[key] = 3
     with pytest.raises(Exception, match=key):
         validate_serve_config(broken)
+
+
+@pytest.mark.parametrize("key, value, home", [("num_replicas", 2, "serve.pipeline_replicas"),
+                                              ("autoscaling_config", {"max_replicas": 8}, "serve.ingress")])
+def test_replica_counts_have_one_home(key, value, home):
+    """The moeray config sets replicas and autoscaling for moeray serve and serve run alike; a Serve config's
+    deployments entry would override them silently (and the ingress capacity follows the routers)."""
+    from cluster.app import validate_serve_config
+
+    config = yaml.safe_load(SERVE[0].read_text())
+    config["applications"][0]["deployments"] = [{"name": "Router", key: value}]
+    with pytest.raises(Exception, match=f"deployments.0.?.{key}.*{home}"):
+        validate_serve_config(config)
 
 
 def test_values_and_overrides(tmp_path):
