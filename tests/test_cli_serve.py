@@ -90,6 +90,16 @@ def test_moeray_serve_secure_by_default_quiet_and_stops_on_ctrl_c(remote_address
                 local.unary_unary("/moeray.v1.GenerationService/Generate")(b"\xff\xff\xffnot a message", timeout=60)
             assert garbage.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
+            # a request_id still in use, through Serve (the router raises; Ray wraps it with its traceback)
+            running = rpc.GenerationServiceStub(local).GenerateStream(pb.GenerateRequest(
+                text="Hello", request_id="twice", params=pb.SamplingParameters(max_tokens=400, ignore_eos=True)))
+            next(running)
+            with pytest.raises(grpc.RpcError) as twice:
+                rpc.GenerationServiceStub(local).Generate(pb.GenerateRequest(text="Hi", request_id="twice"), timeout=60)
+            running.cancel()
+            assert twice.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert "Traceback" not in twice.value.details() and ".py" not in twice.value.details()
+
             normal: list = []
             beside = threading.Thread(target=lambda: normal.append(
                 rpc.GenerationServiceStub(local).Generate(hello, timeout=60)))
