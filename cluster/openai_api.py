@@ -1,0 +1,282 @@
+"""OpenAI's /v1 routes over one Service: chat completions, completions, and the model list.
+
+Decisions clients can rely on:
+- usage.completion_tokens counts every sampled token, the EOS included (it took a decode step; vLLM
+  counts it too), so it equals the number of logprob entries. prompt_tokens counts each prompt once,
+  whatever n.
+- presence/frequency_penalty: only 0. They are additive OpenAI penalties; our sampler has transformers'
+  multiplicative `repetition_penalty`, accepted as an extra field (with `top_k`), as vLLM does.
+- n > 1 runs n generations; with a seed, choice j samples with seed + j (distinct, and reproducible).
+- max_tokens / max_completion_tokens absent: up to the context (also on /v1/completions, where OpenAI
+  would stop at 16). Note the engine reserves KV cache for prompt + max_tokens when it admits a request.
+- echo (completions) prepends the prompt text; echo with logprobs is refused (no prompt logprobs).
+- Extra OpenAI fields, as vLLM's: top_k, repetition_penalty, ignore_eos.
+- response_format: only absent, null or {"type": "text"}; JSON modes are refused (400), not ignored.
+- model: absent, this server's model name, or huggingface_hub's placeholder ("dummy", "tgi"); others are 400.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from cluster.http_common import Body, EventStream, close_all, open_all, opt, parse, refuse, sse, stream_error
+from cluster.service import MAX_STOP, ApiError, InvalidRequest, Service, TokenStream
+from kernels.engine import TokenEvent
+from kernels.sampling import SamplingParams
+
+# The "model" that huggingface_hub's InferenceClient(base_url).chat_completion sends when it knows no model name
+# ("dummy"; "tgi" in older versions): TGI ignores the field on its OpenAI routes, so these name no model here.
+HF_PLACEHOLDER_MODELS = ("dummy", "tgi")
+
+
+# -- request bodies ----------------------------------------------------------------------------
+class StreamOptions(Body):
+    include_usage: bool | None = False
+
+
+class _OpenAIBody(Body):
+    model: str | None = None  # optional, as in vLLM: this server has one model
+    max_tokens: opt(int, ge=1) = None
+    temperature: opt(ge=0, le=2) = None
+    top_p: opt(le=1, gt=0) = None
+    n: opt(int, ge=1, le=8) = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: opt(ge=-2, le=2) = None
+    frequency_penalty: opt(ge=-2, le=2) = None
+    user: str | None = None
+    top_k: opt(int, ge=0) = None  # extensions, as in vLLM
+    repetition_penalty: opt(le=10, gt=0) = None
+    ignore_eos: bool | None = False
+    logit_bias: dict[str, Any] | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+    response_format: Any = None
+
+
+class ChatBody(_OpenAIBody):
+    messages: list[Any]
+    max_completion_tokens: opt(int, ge=1) = None
+    logprobs: bool | None = False
+    top_logprobs: opt(int, ge=0, le=20) = None
+    tools: list[Any] | None = None
+
+
+class CompletionBody(_OpenAIBody):
+    prompt: Any  # str | list[str] | list[int] | list[list[int]]: checked in _prompts, with clearer messages
+    logprobs: opt(int, ge=0, le=5) = None
+    echo: bool | None = False
+
+
+def error_body(e: ApiError) -> dict:
+    """`e` in OpenAI's shape: an error response's body, or the last event of a stream that failed."""
+    return {"error": {"message": e.message, "type": e.openai_type, "param": e.param, "code": e.code}}
+
+
+# -- the routes ------------------------------------------------------------------------------
+def routes(service: Service) -> APIRouter:
+    """/v1/chat/completions, /v1/completions, /v1/models and /v1/models/{id}, serving `service`."""
+    router = APIRouter()
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await parse(request, ChatBody)
+        refuse(("tools", bool(body.tools), "tool calls are not supported"),
+               ("top_logprobs", bool(body.top_logprobs) and not body.logprobs, "requires logprobs: true"))
+        prompt = service.prompt_from_chat(body.messages)
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        top = body.top_logprobs if body.logprobs else None
+        try:
+            jobs = _jobs(service, body, [prompt], max_tokens, param, top)
+        except InvalidRequest as e:  # the service calls a too-long prompt "prompt"; here it is the messages
+            if e.param != "prompt":
+                raise
+            raise InvalidRequest(f"messages: {e.message}", "messages") from None
+        return await _respond(service, body, [prompt], jobs, chat=True, logprobs=bool(body.logprobs))
+
+    @router.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await parse(request, CompletionBody)
+        refuse(("echo", bool(body.echo and body.logprobs is not None), "echo with logprobs is not supported"))
+        prompts, texts = _prompts(service, body.prompt)
+        jobs = _jobs(service, body, prompts, body.max_tokens, "max_tokens", body.logprobs)
+        return await _respond(service, body, prompts, jobs, chat=False, logprobs=body.logprobs is not None,
+                              echo=texts if body.echo else None)
+
+    @router.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [_model_card(service)]}
+
+    @router.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != service.card.id:
+            raise HTTPException(404, f"model {model_id!r} does not exist; this server serves {service.card.id!r}")
+        return _model_card(service)
+
+    return router
+
+
+def _model_card(service: Service) -> dict:
+    card = service.card
+    return {"id": card.id, "object": "model", "created": card.created, "owned_by": "moeray",
+            "max_model_len": card.max_model_len}
+
+
+# -- requests --------------------------------------------------------------------------------
+def _prompts(service: Service, prompt: Any) -> tuple[list[list[int]], list[str]]:
+    """(prompt ids, prompt texts) for each prompt of str | list[str] | list[int] | list[list[int]]."""
+    if isinstance(prompt, str):
+        return [service.prompt_from_text(prompt)], [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return [service.prompt_from_text(p, f"prompt.{i}") for i, p in enumerate(prompt)], prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+        ids = [service.prompt_from_ids(p, f"prompt.{i}") for i, p in enumerate(prompt)]
+        return ids, [service.tokenizer.decode(p) for p in ids]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        return [service.prompt_from_ids(prompt)], [service.tokenizer.decode(prompt)]
+    raise InvalidRequest("prompt must be a non-empty string, list of strings, list of token ids, or list of "
+                         "lists of token ids", "prompt")
+
+
+def _stops(body: _OpenAIBody) -> list[str]:
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    refuse(("stop", len(stop) > MAX_STOP, f"at most {MAX_STOP} stop sequences, got {len(stop)}"),
+           ("stop", not all(stop), "stop sequences must be non-empty"))
+    return stop
+
+
+def _jobs(service: Service, body: _OpenAIBody, prompts: list[list[int]], max_tokens: int | None, param: str,
+          top: int | None) -> list[tuple[list[int], SamplingParams]]:
+    """(prompt ids, sampling params) for each choice: n per prompt, prompt-major."""
+    service.check_model(None if body.model in HF_PLACEHOLDER_MODELS else body.model)
+    refuse(("presence_penalty", bool(body.presence_penalty), "only 0 is supported; use repetition_penalty"),
+           ("frequency_penalty", bool(body.frequency_penalty), "only 0 is supported; use repetition_penalty"),
+           ("logit_bias", bool(body.logit_bias), "not supported"), ("suffix", bool(body.suffix), "not supported"),
+           ("best_of", (body.best_of or 1) > 1, "not supported; use n"),
+           ("response_format", body.response_format not in (None, {"type": "text"}),
+            'structured output is not supported; only {"type": "text"}'))
+    n, seed, stop = body.n or 1, body.seed, _stops(body)
+    kw = dict(temperature=1.0 if body.temperature is None else body.temperature, top_p=body.top_p or 1.0,
+              top_k=body.top_k or 0, repetition_penalty=body.repetition_penalty or 1.0, stop=stop,
+              logprobs=top or None, ignore_eos=bool(body.ignore_eos))
+    return [(ids, service.sampling(ids, max_tokens, param, seed=None if seed is None else (seed + j) % 2**63, **kw))
+            for ids in prompts for j in range(n)]
+
+
+# -- responses -------------------------------------------------------------------------------
+async def _respond(service: Service, body: _OpenAIBody, prompts: list[list[int]],
+                   jobs: list[tuple[list[int], SamplingParams]], chat: bool, logprobs: bool,
+                   echo: list[str] | None = None) -> Response:
+    """Runs the jobs (one per choice, prompt-major) and answers in OpenAI's shape, streamed or not."""
+    reply = _Reply(service, prompts, await open_all(service, jobs, chat), chat, logprobs, echo)
+    if not body.stream:
+        return await reply.whole()
+    return EventStream(reply.events(include_usage=bool(body.stream_options and body.stream_options.include_usage)))
+
+
+class _Choice:
+    """One generation's output as its events arrive. `add` returns the text to send: an echoed prompt
+    goes before the first delta."""
+
+    def __init__(self, index: int, prefix: str = ""):
+        self.index, self.pending = index, prefix
+        self.text, self.events = "", []
+        self.offsets: list[int] = []  # where each event's text starts in self.text: completions' text_offset
+
+    def add(self, ev: TokenEvent) -> str:
+        delta, self.pending = self.pending + ev.text, ""
+        self.offsets.append(len(self.text) + len(delta) - len(ev.text))
+        self.events.append(ev)
+        self.text += delta
+        return delta
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.events[-1].finish_reason if self.events else None
+
+
+class _Reply:
+    """One response's choices, one per open stream (prompt-major, `echo` holding each prompt's text), and
+    the fields that the response, or each chunk of a stream, starts with."""
+
+    def __init__(self, service: Service, prompts: list[list[int]], streams: list[TokenStream], chat: bool,
+                 logprobs: bool, echo: list[str] | None):
+        self.service, self.prompts, self.streams, self.chat, self.logprobs = service, prompts, streams, chat, logprobs
+        per_prompt = len(streams) // len(prompts)
+        self.choices = [_Choice(i, prefix=echo[i // per_prompt] if echo else "") for i in range(len(streams))]
+        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        self.head = {"id": rid, "object": obj, "created": created, "model": service.card.id}
+
+    async def whole(self) -> JSONResponse:
+        chat = self.chat
+        try:
+            for s, c in zip(self.streams, self.choices):
+                async for ev in s:
+                    c.add(ev)
+        finally:
+            await close_all(self.streams)
+        out = [{"index": c.index, **({"message": {"role": "assistant", "content": c.text}} if chat
+                                     else {"text": c.text}),
+                "logprobs": self.logprobs_of(c.events, c.offsets), "finish_reason": c.finish_reason}
+               for c in self.choices]
+        return JSONResponse({**self.head, "choices": out, "usage": self.usage(), "system_fingerprint": None})
+
+    async def events(self, include_usage: bool) -> AsyncIterator[str]:
+        chat = self.chat
+        head = {**self.head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(c: _Choice, delta: dict | str, ev: TokenEvent | None = None) -> str:
+            choice = {"index": c.index, ("delta" if chat else "text"): delta,
+                      "logprobs": self.logprobs_of([ev], c.offsets[-1:]) if ev else None,
+                      "finish_reason": ev.finish_reason if ev else None}
+            return sse({**head, "choices": [choice], **extra})
+
+        try:
+            for s, c in zip(self.streams, self.choices):
+                if chat:
+                    yield chunk(c, {"role": "assistant", "content": ""})
+                async for ev in s:
+                    text = c.add(ev)
+                    delta = {"content": text} if text or not ev.finish_reason else {}
+                    yield chunk(c, delta if chat else text, ev)
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": self.usage()})
+        except Exception as e:  # the backend failed mid-stream: headers are gone, so say it in the stream
+            yield sse(error_body(stream_error(e)))
+        finally:
+            await close_all(self.streams)
+        yield "data: [DONE]\n\n"
+
+    def usage(self) -> dict:
+        p, c = sum(map(len, self.prompts)), sum(len(ch.events) for ch in self.choices)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def logprobs_of(self, events: list[TokenEvent], offsets: list[int]) -> dict | None:
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return {"content": [{**self._entry(ev.token, ev.logprob),
+                                 "top_logprobs": [self._entry(t, lp) for t, lp in ev.top_logprobs or []]}
+                                for ev in events],
+                    "refusal": None}
+        text = self.service.token_text
+        return {"tokens": [text(ev.token) for ev in events], "token_logprobs": [ev.logprob for ev in events],
+                "top_logprobs": [{text(t): lp for t, lp in [*(ev.top_logprobs or []), (ev.token, ev.logprob)]}
+                                 for ev in events],
+                "text_offset": offsets}
+
+    def _entry(self, t: int, lp: float) -> dict:
+        text = self.service.token_text(t)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
