@@ -123,15 +123,18 @@ def sse(data: Any, prefix: str = "data: ") -> str:
 
 
 class EventStream(StreamingResponse):
-    """An SSE response that closes its generator however it ends. On a client disconnect Starlette
-    cancels the sending task, which can leave the generator suspended at a `yield`; closing it runs its
-    `finally`, which closes the service streams, which abort their generations and free the KV cache."""
+    """An SSE response over the generations in `streams` that closes them however it ends: they abort and
+    free their KV cache. On a client disconnect Starlette cancels the sending task, which can leave the
+    generator suspended at a `yield` (closing it runs its `finally`) or not started at all (then closing
+    it runs nothing, so the streams are closed here too; closing twice is a no-op)."""
 
-    def __init__(self, events: AsyncIterator[str]):
+    def __init__(self, events: AsyncIterator[str], streams: list[TokenStream]):
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.streams = streams
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+            await close_all(self.streams)

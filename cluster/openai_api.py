@@ -181,7 +181,8 @@ async def _respond(service: Service, body: _OpenAIBody, prompts: list[list[int]]
     reply = _Reply(service, prompts, await open_all(service, jobs, chat), chat, logprobs, echo)
     if not body.stream:
         return await reply.whole()
-    return EventStream(reply.events(include_usage=bool(body.stream_options and body.stream_options.include_usage)))
+    return EventStream(reply.events(include_usage=bool(body.stream_options and body.stream_options.include_usage)),
+                       reply.streams)
 
 
 class _Choice:

@@ -103,7 +103,7 @@ async def _generate(service: Service, request: Request, stream: bool | None) -> 
     if not stream:
         out = await _whole(service, s, p, prefix, seed)
         return JSONResponse([out] if request.scope["route"].path == "/" else out)  # TGI's `/` answers a list
-    return EventStream(_events(service, s, p, prefix, seed, len(ids)))
+    return EventStream(_events(service, s, p, prefix, seed, len(ids)), [s])
 
 
 async def _whole(service: Service, s: TokenStream, p: TgiParameters, prefix: str, seed: int | None) -> dict:

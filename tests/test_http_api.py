@@ -529,3 +529,38 @@ def test_oversized_body_is_413_unread(api):
 
     r = httpx.post(f"{url}/generate", content=chunks(), headers={"content-type": "application/json"})
     assert (r.status_code, r.json()["error_type"]) == (413, "validation")
+
+
+def test_a_stream_whose_client_left_before_its_first_event_is_aborted(tiny_model):
+    """A client that goes away between the SSE headers and the first event: the response's generator never
+    started, so its `finally` cannot close the generation; the response closes it (KV freed, nothing running)."""
+    from cluster.http_common import EventStream
+
+    service, loop, server = serve(tiny_model)
+
+    async def run():
+        stream = await service.open_stream(service.tokenizer.encode("Hello", bos=True),
+                                           SamplingParams(max_tokens=300, ignore_eos=True))
+
+        async def events():
+            async for ev in stream:
+                yield ev.text
+
+        async def gone(message):
+            raise OSError("the client went away")
+
+        async def no_message():
+            await asyncio.Event().wait()
+
+        aborted = service.metrics.requests.labels("abort")
+        before = aborted._value.get()
+        with pytest.raises((OSError, ExceptionGroup)):
+            await EventStream(events(), [stream])({"type": "http"}, no_message, gone)
+        assert aborted._value.get() == before + 1  # closed by the time the response returned, not left to run
+        return await wait_idle(service)
+
+    try:
+        assert asyncio.run(run()) == {"running": 0, "waiting": 0, "kv_cache_usage": 0}
+    finally:
+        server.stop()
+        loop.stop()
