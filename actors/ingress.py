@@ -24,6 +24,7 @@ from kernels.engine import Overloaded as EngineOverloaded
 from kernels.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+REFUSALS = (EngineOverloaded, ValueError)  # what the engine refuses a request with before it starts (RequestIdInUse too)
 
 
 class RouterReplica(Router):
@@ -34,12 +35,13 @@ class RouterReplica(Router):
         super().__init__(config, start_workers(config))
 
     async def generate(self, request_id, prompt_ids, params):
-        """Router.generate, with a full queue sent back as a value rather than raised: Serve logs every
-        exception a replica raises, with its traceback (~10 KB a 429), and a 429 is routine under load."""
+        """Router.generate, with a refusal sent back as a value rather than raised: Serve logs every exception
+        a replica raises, with its traceback (~10 KB a 429), and a full queue (429) or a client's bad request
+        (a request_id in use: 409; the engine's own checks: 400) is routine, not a server error."""
         try:
             async for event in super().generate(request_id, prompt_ids, params):
                 yield event
-        except EngineOverloaded as e:
+        except REFUSALS as e:
             yield e
 
 
@@ -58,7 +60,7 @@ class HandleBackend:
             started = False
             try:
                 async for event in response:
-                    if isinstance(event, EngineOverloaded):  # RouterReplica.generate's refusal
+                    if isinstance(event, REFUSALS):  # RouterReplica.generate's refusal
                         raise event
                     started = True
                     yield event
