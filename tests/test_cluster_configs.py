@@ -20,7 +20,7 @@ import jsonschema  # Ray's validator needs it; fail here, not skip, when it is m
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CLUSTERS = sorted((ROOT / "cluster").glob("*.yaml"))
+CLUSTERS = sorted((ROOT / "configs" / "ray-up").glob("*.yaml"))
 GPU_CLUSTERS = [p for p in CLUSTERS if "cpu" not in p.name]
 PLACEMENT = ("attention_node", "expert_node")  # the custom resources moeray's actors ask for
 BUILTIN = {"CPU", "GPU", "memory", "object_store_memory"}
