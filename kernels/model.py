@@ -14,8 +14,9 @@ is decided outside `forward`). Each layer has two seams, filled by whoever build
 - experts: the MoE layer's experts stage `experts(rows, blocks)`: FeedForward modules here (Experts),
   the fused kernel (kernels/fused_moe.py), or a stand-in given by Transformer(experts=...) (the router:
   expert shards). A dense FFN given a stage is that stage's one expert.
-A role builds the whole Transformer on the meta device and loads only the tensors it holds
-(load_into(names=...)); the rest stay shapes, never allocated.
+A role builds the Transformer on the meta device and loads only the tensors it holds: the router's,
+built with stand-ins, has no attention or expert weights at all; an attention actor's loads its
+layers' attention (load_into(names=...)) and the rest stay shapes, never allocated.
 """
 
 from __future__ import annotations
