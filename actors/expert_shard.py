@@ -13,6 +13,7 @@ from kernels.checkpoint import Checkpoint
 from kernels.engine import DTYPES, QUANT_BITS, resolve_device
 from kernels.fused_moe import expert_runner
 from kernels.model import FeedForward, build, expert_prefix, load_into
+from kernels.moe import blocks_of
 from kernels.quant import quantize_experts
 
 
@@ -44,20 +45,17 @@ class ExpertShard:
         self.server = transport.serve(net, experts=self.forward)
 
     def forward(self, layer: int, blocks: list[tuple[int, int]], rows: torch.Tensor) -> torch.Tensor:
-        """rows [R, D]: for each (expert, n) in blocks, the next n rows are that expert's. They arrive on CPU
+        """rows [R, D] -> [R, D]: this shard's share of a layer's rows (one per token and chosen expert, not
+        per token); for each (expert, n) in blocks, the next n rows are that expert's. They arrive on CPU
         (the wire's bytes, or gloo's) or the GPU (nccl); the transport sends the result back from where it is."""
         if rows.shape[1] != self.dim:
             raise transport.BadRequest(f"rows have dim {rows.shape[1]}, the model has {self.dim}")
         missing = [e for e, _ in blocks if (layer, e) not in self.experts]
         if missing:
             raise transport.BadRequest(f"experts {missing} of layer {layer} are not on this shard")
-        starts, at = [], 0
-        for e, n in blocks:
-            starts.append((e, at, n))
-            at += n
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = self.run[layer](rows.to(self.device, self.dtype), starts)
+            out = self.run[layer](rows.to(self.device, self.dtype), blocks_of(blocks))  # [R, D]
         self.busy_s += time.perf_counter() - t0
         return out
 

@@ -1,13 +1,16 @@
 """Router: owns one pipeline replica's batch. The same Engine as the single-process one (scheduling,
-KV block tables, sampling, stops) with a PipelineExecutor that runs each layer across actors:
+KV block tables, sampling, stops) with a PipelineExecutor that runs the same Transformer.forward, its
+layers' two seams filled with stand-ins that call the replica's workers:
 
-    h = embed(tokens)
+    h = embed(tokens)                                     # here; h [T, D], one row per token
     for each layer l:
         h = attention_actor(l).forward(h)                 # h + attention(attention_norm(h)), KV cache there
-        x = ffn_norm(h); route x with the gate            # here
+        x = ffn_norm(h); route x with the gate            # here: rows [R, D], one per (token, chosen expert)
         one message per expert actor holding rows for l  # concurrently, then wait for all
-        h = h + combine(results)                          # here
+        h = h + combine(results)                          # here: rows back to tokens [T, D]
     logits = output(norm(h))                             # here, only for rows being sampled
+
+A dense model's FFN is the layer's one expert: all T rows to expert 0, weight 1.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import ray
@@ -31,8 +36,8 @@ from cluster.placement import Placement
 from kernels.cache import StepSeq
 from kernels.checkpoint import Checkpoint
 from kernels.engine import DTYPES, CacheLost, Engine, EngineConfig, Request, load_tokenizer, resolve_device
-from kernels.model import RouterPart, build, load_into
-from kernels.moe import Blocks, moe
+from kernels.model import Transformer, build, load_into
+from kernels.moe import Blocks
 from kernels.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -46,8 +51,22 @@ FATAL = {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED", "PERMISSIO
 MAX_FAILED_STEPS = 3  # attention failures in a row before the step's requests fail
 
 
+@dataclass
+class RemoteStep:
+    """What the attention stand-ins need of a step (the `step` Transformer.forward hands every layer): its
+    number, its sequences, and the attention actors that have its block tables already (the first call of a
+    step to each actor carries them)."""
+
+    number: int
+    seqs: list[StepSeq]
+    told: set[int] = field(default_factory=set)  # id() of the clients called this step
+
+
 class PipelineExecutor:
-    """`table` maps each (layer, expert) to the clients of the expert actors holding it. The expert scaler
+    """Runs kernels.model's Transformer with every layer's seams filled by stand-ins that call workers:
+    attention by `_attention` (the attention actor holding the layer), experts by `_experts` (the expert
+    shards holding them). The model here holds only embeddings, ffn_norm and gates, final norm and LM head.
+    `table` maps each (layer, expert) to the clients of the expert actors holding it. The expert scaler
     replaces it with `update_placement`; the new table is swapped in between steps, never within one.
     The router's weights and the step's hidden states are on engine.device; tensors leave through the
     transport (which copies them to the host) and what comes back, on CPU, is moved to the device.
@@ -60,7 +79,9 @@ class PipelineExecutor:
                  ranks: dict[str, int] | None = None):
         self.args = a = ckpt.args
         self.device = resolve_device(engine.device)
-        self.part = load_into(build(RouterPart, a), ckpt, dtype=DTYPES[engine.dtype], device=self.device)
+        model = build(Transformer, a, attention=lambda l: partial(self._attention, l),
+                      experts=lambda l: partial(self._experts, l))
+        self.model = load_into(model, ckpt, dtype=DTYPES[engine.dtype], device=self.device)  # what stays here
         self.net = net
         self.group, self.ranks = group, dict(ranks or {})  # the collective group; worker address -> rank
         self.resolve = resolve  # address of a lost worker -> its address once Ray has restarted it (None: not ours)
@@ -131,12 +152,16 @@ class PipelineExecutor:
         return {pair: n / self.window_s for pair, n in totals.items()}
 
     # -- the step ----------------------------------------------------------------------------------
+    @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, seqs: list[StepSeq], logits_index: torch.Tensor) -> torch.Tensor:
         with self._busy:
             self._swap()
             self._step_counts = defaultdict(int)
             try:
-                logits = self._forward(tokens, seqs, logits_index)
+                t0 = time.perf_counter()
+                self.step += 1
+                logits = self.model(tokens.to(self.device), RemoteStep(self.step, seqs), logits_index.to(self.device))
+                self.seconds["total"] += time.perf_counter() - t0
                 self._failed_steps = 0
                 return logits
             finally:
@@ -146,38 +171,28 @@ class PipelineExecutor:
                     while self._window[0][0] < now - self.window_s:
                         self._window.popleft()
 
-    @torch.inference_mode()
-    def _forward(self, tokens: torch.Tensor, seqs: list[StepSeq], logits_index: torch.Tensor) -> torch.Tensor:
-        t0 = time.perf_counter()
-        self.step += 1
-        h = self.part.tok_embeddings(tokens.to(self.device))  # [T, D]
-        told = set()  # attention actors that already have this step's block tables
-        for l, layer in enumerate(self.part.layers):
-            actor = self.attention_of[l]
-            t = time.perf_counter()
-            try:
-                h = actor.attention(self.step, l, None if id(actor) in told else seqs, h).result().to(self.device)
-            except transport.TransportError as err:
-                raise self._attention_failed(actor, err) from err
-            self.seconds["attention"] += time.perf_counter() - t
-            told.add(id(actor))
-            x = layer.ffn_norm(h)
-            if self.args.moe:
-                h = h + moe(x, layer.feed_forward.gate.weight, self.args.moe.num_experts_per_tok,
-                            lambda rows, blocks: self._experts(l, rows, blocks))
-            else:  # dense: the layer's FFN is its one expert, with weight 1
-                h = h + self._experts(l, x, [(0, 0, x.shape[0])])
-        logits = self.part.output(self.part.norm(h[logits_index.to(self.device)])).float()  # [S, V]
-        self.seconds["total"] += time.perf_counter() - t0
-        return logits
+    def _attention(self, layer: int, h: torch.Tensor, step: RemoteStep) -> torch.Tensor:
+        """Layer `layer`'s attention seam: h [T, D] (one row per token of the step) -> h + attention(
+        attention_norm(h)) [T, D], on the attention actor that holds the layer and its KV cache."""
+        actor = self.attention_of[layer]
+        t = time.perf_counter()
+        try:
+            h = actor.attention(step.number, layer, None if id(actor) in step.told else step.seqs, h).result()
+        except transport.TransportError as err:
+            raise self._attention_failed(actor, err) from err
+        self.seconds["attention"] += time.perf_counter() - t
+        step.told.add(id(actor))
+        return h.to(self.device)  # [T, D]
 
     def _experts(self, layer: int, rows: torch.Tensor, blocks: Blocks) -> torch.Tensor:
-        """Runs the experts of `blocks` on their rows: ONE message per expert actor, all in flight at once.
-        An expert's rows are split evenly over its replicas. A failed call is re-sent to another actor
-        holding the same experts (at last the base shard), and the failed actor leaves this router's
-        table until the next update: a lost replica costs latency, not a request."""
+        """Layer `layer`'s experts seam: rows [R, D], one per (token, chosen expert) in dispatch order (each
+        expert's rows one block; a dense layer's: every token, expert 0) -> [R, D], each row through its
+        expert. ONE message per expert actor, all in flight at once. An expert's rows are split evenly over
+        its replicas. A failed call is re-sent to another actor holding the same experts (at last the base
+        shard), and the failed actor leaves this router's table until the next update: a lost replica costs
+        latency, not a request."""
         t = time.perf_counter()
-        parts: dict[transport.Client, list[tuple[int, int, int]]] = defaultdict(list)  # actor -> (expert, row, count)
+        parts: dict[transport.Client, Blocks] = defaultdict(list)  # actor -> its blocks of `rows`
         for e, start, n in blocks:
             self.tokens_per_expert[layer, e] += n
             self._step_counts[layer, e] += n
@@ -186,14 +201,17 @@ class PipelineExecutor:
                 lo, hi = start + n * r // len(actors), start + n * (r + 1) // len(actors)
                 if hi > lo:
                     parts[actor].append((e, lo, hi - lo))
-        out = torch.empty_like(rows)
+        out = torch.empty_like(rows)  # [R, D]
         failed: set[transport.Client] = set()
         for attempt in range(4):
-            pending = [(actor, ps, self._send(actor, layer, ps, rows)) for actor, ps in parts.items()]
-            retry: dict[transport.Client, list[tuple[int, int, int]]] = defaultdict(list)
-            for actor, ps, p in pending:
+            pending = []
+            for actor, ps in parts.items():  # send all, then wait for all
+                index = torch.cat([torch.arange(s, s + m) for _, s, m in ps]).to(rows.device)  # [R_a]: its rows
+                pending.append((actor, ps, index, actor.experts(layer, [(e, m) for e, _, m in ps], rows[index])))
+            retry: dict[transport.Client, Blocks] = defaultdict(list)
+            for actor, ps, index, p in pending:
                 try:
-                    y = p.result().to(out.device)
+                    out[index] = p.result().to(out.device)  # [R_a, D], in the order sent
                 except transport.TransportError as err:
                     if err.code in FATAL or attempt == 3:
                         raise
@@ -204,22 +222,12 @@ class PipelineExecutor:
                         self._recover(actor)
                     for e, s, m in ps:
                         retry[self._holder(layer, e, failed)].append((e, s, m))
-                    continue
-                at = 0
-                for _, s, m in ps:
-                    out[s : s + m] = y[at : at + m]
-                    at += m
             if not retry:
                 break
             self.retries += 1
             parts = retry
         self.seconds["experts"] += time.perf_counter() - t
         return out
-
-    @staticmethod
-    def _send(actor: transport.Client, layer: int, ps: list[tuple[int, int, int]], rows: torch.Tensor):
-        index = torch.cat([torch.arange(s, s + m) for _, s, m in ps]).to(rows.device)
-        return actor.experts(layer, [(e, m) for e, _, m in ps], rows[index])
 
     def _holder(self, layer: int, e: int, failed: set[transport.Client]) -> transport.Client:
         """Another actor holding (layer, e): a live replica from the table, else a base shard."""

@@ -148,7 +148,11 @@ class KVCache:
         shape = (n_layers, num_blocks * block_size, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.first_layer = first_layer
+        self.block_size, self.first_layer = block_size, first_layer
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The pools of global layer i: ([S, KV, hd], [S, KV, hd])."""

@@ -26,10 +26,10 @@ from typing import Protocol
 import torch
 
 from kernels.args import ModelArgs
-from kernels.cache import AttentionMetadata, BlockAllocator, KVCache, StepSeq, blocks_for
+from kernels.cache import BlockAllocator, KVCache, StepSeq, blocks_for
 from kernels.checkpoint import Checkpoint
 from kernels.fused_moe import KERNELS, use_kernel
-from kernels.model import Transformer
+from kernels.model import Step, Transformer
 from kernels.quant import quantize_experts
 from kernels.sampling import SamplingParams, make_generator, sample
 from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -257,14 +257,14 @@ class LocalExecutor:
     go there; the logits stay there (the engine samples on CPU)."""
 
     def __init__(self, model: Transformer, config: EngineConfig):
-        a, self.model, self.config = model.args, model, config
+        a, self.model = model.args, model
         self.device = model.device
         self.cache = KVCache(a.n_layers, config.num_blocks, config.block_size, a.n_kv_heads, a.head_dim,
                              dtype=model.dtype, device=self.device)
 
     def forward(self, tokens, seqs, logits_index):
-        meta = AttentionMetadata.build(seqs, self.config.block_size, self.model.args.sliding_window).to(self.device)
-        return self.model(tokens.to(self.device), meta, self.cache, logits_index.to(self.device))
+        step = Step.begin(seqs, self.model.args, self.cache)
+        return self.model(tokens.to(self.device), step, logits_index.to(self.device))
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | None:

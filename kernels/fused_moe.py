@@ -8,8 +8,9 @@ weights once per tile of rows, accumulates in fp32, and takes bf16, fp16 or fp32
 
 `StackedExperts` holds the weights it needs, stacked once from FeedForward modules; by default the
 modules' weights become views of the stack, so memory is not doubled and both paths stay usable.
-`expert_runner(experts, kernel)` returns either path as `run(rows, blocks)`, the callable that
-kernels.moe.moe and MoeLayer take; `use_kernel(model, kernel)` sets it on every MoeLayer.
+`expert_runner(experts, kernel)` returns either path as `run(rows, blocks)`, the experts stage that
+kernels.moe.moe takes (an expert shard's, over the experts it holds); `use_kernel(model, kernel)` gives
+every MoeLayer of a model the stage FusedExperts, the same FeedForward modules on the fused kernels.
 
 Triton is optional: it is imported only when the fused path runs. `available(device)` tells whether
 it can: triton importable and a CUDA device, or TRITON_INTERPRET=1 (Triton's interpreter, which runs
@@ -31,7 +32,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from kernels.model import FeedForward, MoeLayer
+from kernels.model import Experts, FeedForward, MoeLayer
 from kernels.moe import Blocks, expert_rows
 
 KERNELS = ("reference", "triton")
@@ -122,6 +123,19 @@ def fused_expert_rows(rows: torch.Tensor, blocks: Blocks, experts: StackedExpert
     return grouped_swiglu(rows.contiguous(), work, experts.w13, experts.w2)
 
 
+def _check_available(device: torch.device) -> None:
+    """Before stacking, which re-points the modules' weights: RuntimeError if the kernels cannot run here."""
+    if not available(device):
+        raise RuntimeError(f"moe kernel 'triton' needs triton and a CUDA device (or TRITON_INTERPRET=1); "
+                           f"weights are on {device}, triton "
+                           f"{'found' if importlib.util.find_spec('triton') else 'not installed'}")
+
+
+def _device(experts: Mapping[int, nn.Module] | Sequence[nn.Module]) -> torch.device:
+    first = next(iter(experts.values() if isinstance(experts, Mapping) else experts))
+    return next(itertools.chain(first.parameters(), first.buffers())).device
+
+
 def expert_runner(experts: Mapping[int, nn.Module] | Sequence[nn.Module],
                   kernel: str = "reference") -> Callable[[torch.Tensor, Blocks], torch.Tensor]:
     """`run(rows, blocks) -> out` for these experts (one layer's, keyed by expert id) with `kernel`:
@@ -130,20 +144,30 @@ def expert_runner(experts: Mapping[int, nn.Module] | Sequence[nn.Module],
     if kernel == "reference":
         return partial(expert_rows, experts=experts)
     if kernel == "triton":
-        first = next(iter(experts.values() if isinstance(experts, Mapping) else experts))
-        device = next(itertools.chain(first.parameters(), first.buffers())).device
-        if not available(device):  # before stacking, which re-points the modules' weights
-            raise RuntimeError(f"moe kernel 'triton' needs triton and a CUDA device (or TRITON_INTERPRET=1); "
-                               f"weights are on {device}, triton "
-                               f"{'found' if importlib.util.find_spec('triton') else 'not installed'}")
+        _check_available(_device(experts))
         return partial(fused_expert_rows, experts=StackedExperts.from_experts(experts))
     raise ValueError(f"moe kernel must be one of {KERNELS}, got {kernel!r}")
 
 
+class FusedExperts(Experts):
+    """A MoE layer's experts stage on the fused kernels: the same FeedForward modules (so checkpoint names
+    and the reference path still work on them), their weights views of one stack."""
+
+    def __init__(self, experts: Experts):
+        _check_available(_device(experts))
+        super().__init__(experts)
+        self.stacked = StackedExperts.from_experts(list(self))
+
+    def forward(self, rows: torch.Tensor, blocks: Blocks) -> torch.Tensor:  # [R, D] -> [R, D]
+        return fused_expert_rows(rows, blocks, self.stacked)
+
+
 def use_kernel(model: nn.Module, kernel: str) -> nn.Module:
-    """Sets every MoeLayer of `model` to run its experts with `kernel` (see expert_runner); returns model.
-    Call it after the weights are loaded (and not before quantizing: quantized experts stay reference)."""
-    for m in model.modules():
-        if isinstance(m, MoeLayer):
-            m.run_experts = expert_runner(m.experts, kernel)
+    """Gives every MoeLayer of `model` its experts on `kernel` ("reference": Experts, "triton": FusedExperts);
+    returns model. Call it after the weights are loaded (and not before quantizing: quantized experts stay
+    reference)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"moe kernel must be one of {KERNELS}, got {kernel!r}")
+    for m in [m for m in model.modules() if isinstance(m, MoeLayer)]:
+        m.experts = FusedExperts(m.experts) if kernel == "triton" else Experts(m.experts)
     return model

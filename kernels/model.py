@@ -4,24 +4,56 @@ kernels/checkpoint.py loads as is.
 Block: h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)); feed_forward is a
 MoeLayer (Mixtral) or a dense SwiGLU FeedForward (Mistral-7B). No biases anywhere.
 Tokens of all sequences in a step are flat: [T, D]; attention un-flattens them through
-AttentionMetadata. Shapes: T tokens, D dim, H heads, KV kv-heads, hd head_dim, V vocab, S sampled rows.
+AttentionMetadata. Shapes: T tokens, D dim, H heads, KV kv-heads, hd head_dim, V vocab, S sampled rows,
+R expert rows (T * k: one per token and chosen expert, in dispatch order).
+
+This forward is the only one, however the model is spread (gpt-fast's tp.py idea: where the parts run
+is decided outside `forward`). Each layer has two seams, filled by whoever builds the model:
+- attention: the attention half `attend(x, step)`, here by default; Transformer(attention=...) gives
+  a stand-in instead (the pipeline's router: a call to the attention actor holding the layer);
+- experts: the MoE layer's experts stage `experts(rows, blocks)`: FeedForward modules here (Experts),
+  the fused kernel (kernels/fused_moe.py), or a stand-in given by Transformer(experts=...) (the router:
+  expert shards). A dense FFN given a stage is that stage's one expert.
+A role builds the Transformer on the meta device and loads only the tensors it holds: the router's,
+built with stand-ins, has no attention or expert weights at all; an attention actor's loads its
+layers' attention (load_into(names=...)) and the rest stay shapes, never allocated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.args import ModelArgs
+from kernels.args import ModelArgs, MoeArgs
 from kernels.attention import paged_attention
-from kernels.cache import AttentionMetadata, KVCache
+from kernels.cache import AttentionMetadata, KVCache, StepSeq
 from kernels.checkpoint import Checkpoint
-from kernels.moe import Blocks, expert_rows, moe
+from kernels.moe import Blocks, ExpertsStage, expert_rows, moe
 from kernels.rope import apply_rope, rope_freqs
+
+AttentionStage = Callable[[torch.Tensor, Any], torch.Tensor]  # (x [T, D], step) -> x + attention(attention_norm(x))
+
+
+@dataclass
+class Step:
+    """What every layer's attention reads in one step: where the step's tokens are (meta), their RoPE
+    rotations (freqs) and the KV pools (cache). Built once per step, by `begin`."""
+
+    meta: AttentionMetadata
+    freqs: torch.Tensor  # [T, hd/2]
+    cache: KVCache
+
+    @classmethod
+    def begin(cls, seqs: list[StepSeq], args: ModelArgs, cache: KVCache) -> Step:
+        """The per-step prologue, in the single-process engine and in an attention actor alike. The
+        metadata is built on CPU (many tiny ops) and copied to the cache's device once, not per layer."""
+        meta = AttentionMetadata.build(seqs, cache.block_size, args.sliding_window).to(cache.device)
+        return cls(meta, rope_freqs(meta.positions, args.head_dim, args.rope_theta), cache)  # [T, hd/2]
 
 
 class RMSNorm(nn.Module):
@@ -68,50 +100,90 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class Experts(nn.ModuleList):
+    """The experts stage in this process: expert e's FeedForward on its block of rows, one after another."""
+
+    def forward(self, rows: torch.Tensor, blocks: Blocks) -> torch.Tensor:  # [R, D] -> [R, D]
+        return expert_rows(rows, blocks, self)
+
+
 class MoeLayer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """route -> dispatch -> experts -> combine (kernels/moe.py). As in mistral-inference, the experts are
+    given: Experts, FusedExperts (kernels/fused_moe.py) or a stand-in for expert shards."""
+
+    def __init__(self, experts: ExpertsStage, gate: nn.Linear, args: MoeArgs):
         super().__init__()
-        self.k = args.moe.num_experts_per_tok
-        self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
-        self.experts = nn.ModuleList(FeedForward(args.dim, args.hidden_dim) for _ in range(args.moe.num_experts))
-        # run(rows, blocks) -> out: the experts stage; kernels.fused_moe.use_kernel swaps in the fused one
-        self.run_experts: Callable[[torch.Tensor, Blocks], torch.Tensor] = partial(expert_rows, experts=self.experts)
+        self.gate = gate
+        self.experts = experts
+        self.k = args.num_experts_per_tok
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return moe(x, self.gate.weight, self.k, self.run_experts)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
+        return moe(x, self.gate.weight, self.k, self.experts)
 
 
-class AttentionBlock(nn.Module):
-    """The attention half of a layer: h = x + attention(attention_norm(x)). What an attention actor hosts."""
+class SoleExpert(nn.Module):
+    """A dense FFN run by an experts stage (the pipeline's expert shards): the layer's one expert, 0, takes
+    every token as a row, with weight 1."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, experts: ExpertsStage):
         super().__init__()
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args)
+        self.experts = experts
 
-    def forward(self, x, freqs, kv, meta) -> torch.Tensor:
-        return x + self.attention(self.attention_norm(x), freqs, kv, meta)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]: here rows are tokens
+        return self.experts(x, [(0, 0, x.shape[0])])
 
 
-class TransformerBlock(AttentionBlock):
-    """A whole layer: the attention half, then h + feed_forward(ffn_norm(h))."""
+def feed_forward(args: ModelArgs, experts: ExpertsStage | None = None) -> nn.Module:
+    """A layer's FFN half: a MoeLayer (Mixtral) or a FeedForward (Mistral-7B), with its experts here unless
+    `experts` is given (then a dense FFN is that stage's sole expert)."""
+    if args.moe:
+        gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)  # before the experts: the order of random init
+        if experts is None:
+            experts = Experts(FeedForward(args.dim, args.hidden_dim) for _ in range(args.moe.num_experts))
+        return MoeLayer(experts, gate, args.moe)
+    return FeedForward(args.dim, args.hidden_dim) if experts is None else SoleExpert(experts)
 
-    def __init__(self, args: ModelArgs):
-        super().__init__(args)
+
+class TransformerBlock(nn.Module):
+    """Layer `layer_id`: the attention half, attend(x), then h + feed_forward(ffn_norm(h)).
+
+    Given `attention`, a stand-in for the attention half, the block holds no attention weights and calls
+    the stand-in instead; given `experts`, its FFN runs them (see feed_forward)."""
+
+    def __init__(self, args: ModelArgs, layer_id: int, attention: AttentionStage | None = None,
+                 experts: ExpertsStage | None = None):
+        super().__init__()
+        self.layer_id = layer_id
+        if attention is None:
+            self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+            self.attention = Attention(args)
+        else:
+            self.attend = attention  # shadows the method below: this layer's attention runs elsewhere
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = MoeLayer(args) if args.moe else FeedForward(args.dim, args.hidden_dim)
+        self.feed_forward = feed_forward(args, experts)
 
-    def forward(self, x, freqs, kv, meta) -> torch.Tensor:
-        h = super().forward(x, freqs, kv, meta)
+    def forward(self, x: torch.Tensor, step: Any) -> torch.Tensor:
+        h = self.attend(x, step)  # [T, D]
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def attend(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        """The attention half here, over the KV cache of `step`: x [T, D] -> x + attention(attention_norm(x)).
+        What an attention actor runs for each of its layers."""
+        kv = step.cache.layer(self.layer_id)
+        return x + self.attention(self.attention_norm(x), step.freqs, kv, step.meta)
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """`attention(i)` and `experts(i)`, when given, fill layer i's seams with stand-ins (see TransformerBlock)."""
+
+    def __init__(self, args: ModelArgs, attention: Callable[[int], AttentionStage] | None = None,
+                 experts: Callable[[int], ExpertsStage] | None = None):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(
+            TransformerBlock(args, i, attention(i) if attention else None, experts(i) if experts else None)
+            for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
@@ -123,13 +195,12 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.output.weight.device
 
-    def forward(self, tokens: torch.Tensor, meta: AttentionMetadata, cache: KVCache,
-                logits_index: torch.Tensor) -> torch.Tensor:
-        """tokens [T] new tokens of the step -> fp32 logits [S, V] of the rows in logits_index [S]."""
-        freqs = rope_freqs(meta.positions, self.args.head_dim, self.args.rope_theta)  # [T, hd/2]
+    def forward(self, tokens: torch.Tensor, step: Any, logits_index: torch.Tensor) -> torch.Tensor:
+        """tokens [T] new tokens of the step -> fp32 logits [S, V] of the rows in logits_index [S]. `step` goes
+        to every layer's attention: a Step (Step.begin) for attention here, what the stand-ins take otherwise."""
         h = self.tok_embeddings(tokens)  # [T, D]
-        for i, layer in enumerate(self.layers):
-            h = layer(h, freqs, cache.layer(i), meta)
+        for layer in self.layers:
+            h = layer(h, step)  # [T, D]
         return self.output(self.norm(h[logits_index])).float()  # [S, V]: the LM head only where we sample
 
     @classmethod
@@ -137,29 +208,6 @@ class Transformer(nn.Module):
                         progress: Callable[[int, int], None] | None = None,
                         device: torch.device | str = "cpu") -> Transformer:
         return load_into(build(cls, checkpoint.args), checkpoint, dtype=dtype, progress=progress, device=device)
-
-
-class RouterLayer(nn.Module):
-    """What the router needs of a layer: ffn_norm and, for MoE, the gate (names as in the checkpoint)."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = nn.Module()
-        if args.moe:
-            self.feed_forward.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
-
-
-class RouterPart(nn.Module):
-    """The weights of the model that are neither attention nor experts: embeddings, per-layer ffn_norm
-    and gate, final norm and LM head. The pipeline's router holds these."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(RouterLayer(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
 
 def expert_prefix(args: ModelArgs, layer: int, expert: int) -> str:
@@ -171,19 +219,25 @@ def expert_prefix(args: ModelArgs, layer: int, expert: int) -> str:
     return f"layers.{layer}.feed_forward."
 
 
-def build(cls: type[nn.Module], *args) -> nn.Module:
+def build(cls: type[nn.Module], *args, **kwargs) -> nn.Module:
     """A module on the meta device: shapes only, to be filled by load_into."""
     with torch.device("meta"):
-        return cls(*args)
+        return cls(*args, **kwargs)
 
 
 def load_into(module: nn.Module, checkpoint: Checkpoint, prefix: str = "", dtype: torch.dtype = torch.float32,
-              progress: Callable[[int, int], None] | None = None, device: torch.device | str = "cpu") -> nn.Module:
+              progress: Callable[[int, int], None] | None = None, device: torch.device | str = "cpu",
+              names: Iterable[str] | None = None) -> nn.Module:
     """Fills a module built on the meta device (no random init, no double memory) with the checkpoint's
     tensors `prefix + name`, reading only those, straight to `device`. Any module whose names are
-    checkpoint names works: the whole model, one AttentionBlock (prefix "layers.3."), one expert
-    (prefix ".../experts.5.")."""
-    names = list(module.state_dict())
-    tensors = checkpoint.load([prefix + n for n in names], dtype=dtype, progress=progress, device=device)
-    module.load_state_dict({n: tensors[prefix + n] for n in names}, strict=True, assign=True)
+    checkpoint names works: the whole model, one expert (prefix ".../experts.5."). `names`: only these
+    of the module's names (a role holding part of a model): the others stay on the meta device."""
+    held = list(module.state_dict())
+    if names is not None:
+        names = list(names)
+        if unknown := sorted(set(names) - set(held)):
+            raise KeyError(f"{type(module).__name__} has no tensors {unknown}")
+        held = names
+    tensors = checkpoint.load([prefix + n for n in held], dtype=dtype, progress=progress, device=device)
+    module.load_state_dict({n: tensors[prefix + n] for n in held}, strict=names is None, assign=True)
     return module.eval()

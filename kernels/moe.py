@@ -1,15 +1,16 @@
 """Mixture of experts as four stages: route -> dispatch -> experts -> combine.
 
-The single-process MoeLayer runs the four in a row. The pipeline runs route, dispatch and combine
-in the router and `expert_rows` in expert shards, with a transport in between: each shard receives,
-per expert it holds, one contiguous block of rows (the dispatch order is sorted by expert).
+`moe` runs the four in a row; the experts stage is whatever the MoE layer was given (an
+ExpertsStage): FeedForward modules in this process (`expert_rows`), the fused kernel, or, in the
+pipeline, expert shards behind a transport, each receiving per expert it holds one contiguous block of
+rows (the dispatch order is sorted by expert).
 
 Shapes: T tokens, D model dim, F expert hidden dim, E experts, k experts per token, R = T * k rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,18 @@ import torch.nn.functional as F
 
 
 Blocks = list[tuple[int, int, int]]  # (expert, first row, row count): one expert's contiguous rows
+ExpertsStage = Callable[[torch.Tensor, Blocks], torch.Tensor]  # rows [R, D] in blocks -> [R, D], same order
+
+
+def blocks_of(counts: Iterable[tuple[int, int]], first: int = 0) -> Blocks:
+    """(expert, row count) of consecutive blocks -> (expert, first row, row count), the first block at
+    row `first`: [(3, 2), (0, 4)] -> [(3, 0, 2), (0, 2, 4)]. Dispatch order, and an expert shard's
+    message (which names its blocks by count only), both lay rows out this way."""
+    out = []
+    for e, n in counts:
+        out.append((e, first, n))
+        first += n
+    return out
 
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,12 +53,7 @@ class Dispatch:
 
     def blocks(self) -> Blocks:
         """(expert, first row, row count) for each expert that has rows."""
-        out, start = [], 0
-        for e, n in enumerate(self.counts):
-            if n:
-                out.append((e, start, n))
-            start += n
-        return out
+        return [b for b in blocks_of(enumerate(self.counts)) if b[2]]
 
 
 def dispatch(weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> Dispatch:
@@ -80,13 +88,12 @@ def combine(y: torch.Tensor, plan: Dispatch, num_tokens: int) -> torch.Tensor:
     return torch.zeros(num_tokens, y.shape[1], dtype=y.dtype, device=y.device).index_add_(0, plan.token, weighted)
 
 
-def moe(x: torch.Tensor, gate_weight: torch.Tensor, k: int,
-        run: Callable[[torch.Tensor, Blocks], torch.Tensor]) -> torch.Tensor:
-    """The whole MoE layer: route, dispatch, `run` the experts on their blocks of rows, combine.
+def moe(x: torch.Tensor, gate_weight: torch.Tensor, k: int, experts: ExpertsStage) -> torch.Tensor:
+    """The whole MoE layer: route, dispatch, run `experts` on their blocks of rows, combine.
 
-    `run(rows [R, D], blocks) -> [R, D]` is where the experts are: local modules in one process,
+    `experts(rows [R, D], blocks) -> [R, D]` is where the experts are: local modules in one process,
     expert shards behind a transport in the pipeline. x [T, D] -> [T, D].
     """
-    weights, experts = route(x, gate_weight, k)  # [T, k] each
-    plan = dispatch(weights, experts, gate_weight.shape[0])
-    return combine(run(x[plan.token], plan.blocks()), plan, x.shape[0])
+    weights, chosen = route(x, gate_weight, k)  # [T, k] each
+    plan = dispatch(weights, chosen, gate_weight.shape[0])
+    return combine(experts(x[plan.token], plan.blocks()), plan, x.shape[0])  # rows [R, D] -> tokens [T, D]

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels.args import ModelArgs, MoeArgs
-from kernels.cache import AttentionMetadata, KVCache, StepSeq
+from kernels.cache import KVCache, StepSeq
 from kernels.checkpoint import save_hf
-from kernels.model import MoeLayer, Transformer
+from kernels.model import MoeLayer, Step, Transformer
 from kernels.tokenizer import Tokenizer, default_corpus, train_tokenizer
 
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
@@ -134,9 +134,8 @@ def lm_loss(model: Transformer, batch: list[list[int]]) -> torch.Tensor:
     blocks = [-(-len(x) // BLOCK) for x in inputs]
     starts = [sum(blocks[:i]) for i in range(len(blocks))]
     seqs = [StepSeq(list(range(s, s + b)), 0, len(x)) for s, b, x in zip(starts, blocks, inputs)]
-    meta = AttentionMetadata.build(seqs, BLOCK, a.sliding_window)
     cache = KVCache(a.n_layers, sum(blocks), BLOCK, a.n_kv_heads, a.head_dim)  # fresh: nothing cached
-    logits = model(torch.cat(inputs), meta, cache, torch.arange(len(targets)))  # [T, V]
+    logits = model(torch.cat(inputs), Step.begin(seqs, a, cache), torch.arange(len(targets)))  # [T, V]
     return F.cross_entropy(logits, targets)
 
 

@@ -21,7 +21,7 @@ from cluster.placement import ExpertPlacement, PipelineConfig, plan, ray_options
 from cluster.transport import TransportConfig
 from kernels.checkpoint import Checkpoint
 from kernels.engine import Engine, EngineConfig, load_tokenizer
-from kernels.fused_moe import available, fused_expert_rows, interpreting
+from kernels.fused_moe import FusedExperts, available, fused_expert_rows, interpreting
 from kernels.moe import expert_rows
 from kernels.sampling import SamplingParams
 
@@ -131,7 +131,7 @@ def test_triton_kernel_gives_the_same_greedy_tokens(hf_mixtral, reference):
     interpreted on CPU), and greedy tokens equal the reference kernel's."""
     engine = Engine.from_dir(hf_mixtral, EngineConfig(device=DEVICE, moe_kernel="triton", **SMALL))
     layers = [layer.feed_forward for layer in engine.executor.model.layers]
-    assert all(ff.run_experts.func is fused_expert_rows for ff in layers)
+    assert all(isinstance(ff.experts, FusedExperts) for ff in layers)
     assert tokens(engine) == reference[0]
 
 

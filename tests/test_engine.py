@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from kernels.cache import AttentionMetadata, KVCache, StepSeq, blocks_for
+from kernels.cache import KVCache, StepSeq, blocks_for
 from kernels.checkpoint import Checkpoint
 from kernels.engine import CacheLost, Engine, EngineConfig, Request
-from kernels.model import Transformer
+from kernels.model import Step, Transformer
 from kernels.sampling import SamplingParams
 
 from conftest import mistral_copy
@@ -43,10 +43,10 @@ def test_prefill_logits_close(hf_tiny):
         n = blocks_for(len(p), 4, model.args.sliding_window)
         tables.append(list(range(first, first + n)))
         first += n
-    meta = AttentionMetadata.build([StepSeq(t, 0, len(p)) for t, p in zip(tables, ps)], 4, model.args.sliding_window)
+    step = Step.begin([StepSeq(t, 0, len(p)) for t, p in zip(tables, ps)], model.args, cache)
     tokens = torch.tensor([t for p in ps for t in p])
     with torch.no_grad():
-        ours = model(tokens, meta, cache, torch.arange(len(tokens))).split([len(p) for p in ps])
+        ours = model(tokens, step, torch.arange(len(tokens))).split([len(p) for p in ps])
         ref = hf_model(hf_tiny)
         for p, logits in zip(ps, ours):
             expected = ref(torch.tensor([p])).logits[0]

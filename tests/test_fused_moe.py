@@ -22,7 +22,7 @@ import torch
 
 from kernels.engine import Engine, EngineConfig
 from kernels.fused_moe import StackedExperts, available, expert_runner, fused_expert_rows, use_kernel
-from kernels.model import FeedForward, MoeLayer
+from kernels.model import FeedForward, feed_forward
 from kernels.moe import dispatch, expert_rows, moe, route
 from kernels.quant import quantize_experts
 from kernels.sampling import SamplingParams
@@ -131,12 +131,12 @@ def test_moe_layer_uses_the_fused_kernel_and_shares_weights():
     """MoeLayer through use_kernel: same output as its reference; the experts' weights become views of
     the stack (one copy in memory), and the reference path on those views is unchanged, bit for bit."""
     torch.manual_seed(0)
-    layer = MoeLayer(tiny_args(dim=48, hidden_dim=64)).to(DEVICE)
+    layer = feed_forward(tiny_args(dim=48, hidden_dim=64)).to(DEVICE)
     x = torch.randn(23, 48).to(DEVICE)
     with torch.inference_mode():
         ref = layer(x)
         use_kernel(layer, "triton")
-        stacked = layer.run_experts.keywords["experts"]
+        stacked = layer.experts.stacked
         assert all(ff.w1.weight.data_ptr() == stacked.w13[i, :64].data_ptr() and
                    ff.w2.weight.data_ptr() == stacked.w2[i].data_ptr() for i, ff in enumerate(layer.experts))
         torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)

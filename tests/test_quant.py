@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from kernels.cache import AttentionMetadata, KVCache, StepSeq, blocks_for
+from kernels.cache import KVCache, StepSeq, blocks_for
 from kernels.engine import Engine, EngineConfig, LocalExecutor
-from kernels.model import FeedForward, Transformer
+from kernels.model import FeedForward, Step, Transformer
 from kernels.quant import QuantLinear, pack_int4, quantize_experts, unpack_int4
 from kernels.sampling import SamplingParams
 from kernels.tiny import random_weights, tiny_args
@@ -193,10 +193,10 @@ def path_logits(model: Transformer, seqs: list[list[int]]) -> list[torch.Tensor]
         tables.append(list(range(first, first + n)))
         first += n
     cache = KVCache(model.args.n_layers, first, 16, model.args.n_kv_heads, model.args.head_dim)
-    meta = AttentionMetadata.build([StepSeq(t, 0, len(s)) for t, s in zip(tables, seqs)], 16, None)
+    step = Step.begin([StepSeq(t, 0, len(s)) for t, s in zip(tables, seqs)], model.args, cache)
     tokens = torch.tensor([t for s in seqs for t in s])
     with torch.no_grad():
-        return list(model(tokens, meta, cache, torch.arange(len(tokens))).split([len(s) for s in seqs]))
+        return list(model(tokens, step, torch.arange(len(tokens))).split([len(s) for s in seqs]))
 
 
 @pytest.fixture(scope="module")
