@@ -9,7 +9,7 @@ import time
 import torch
 
 from actors.common import advertised, node_id, set_threads
-from cluster import transport
+from cluster.dataplane import transport
 from kernels.cache import KVCache, StepSeq
 from kernels.checkpoint import Checkpoint, attention_names
 from kernels.engine import DTYPES, EngineConfig, resolve_device

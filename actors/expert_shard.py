@@ -8,7 +8,7 @@ import time
 import torch
 
 from actors.common import advertised, node_id, set_threads
-from cluster import transport
+from cluster.dataplane import transport
 from kernels.checkpoint import Checkpoint
 from kernels.engine import DTYPES, QUANT_BITS, resolve_device
 from kernels.fused_moe import expert_runner

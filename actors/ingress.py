@@ -14,11 +14,11 @@ import ray
 from ray import serve
 
 from actors.router import Router
+from actors.workers import start_workers
+from cluster.api.grpc_api import GrpcApi
+from cluster.api.http_api import build_http_app
+from cluster.api.service import ModelCard, Service, Unavailable
 from cluster.config import MoerayConfig
-from cluster.grpc_api import GrpcApi
-from cluster.http_api import build_http_app
-from cluster.pipeline import start_workers
-from cluster.service import ModelCard, Service, Unavailable
 from kernels.args import ModelArgs
 from kernels.engine import Overloaded as EngineOverloaded
 from kernels.tokenizer import Tokenizer

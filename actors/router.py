@@ -29,8 +29,8 @@ import ray
 import torch
 
 from actors.common import node_id, set_threads
-from cluster import collective, transport
 from cluster.config import MoerayConfig
+from cluster.dataplane import collective, transport
 from cluster.loop import EngineLoop
 from cluster.placement import Placement
 from kernels.cache import StepSeq
@@ -41,7 +41,7 @@ from kernels.moe import Blocks
 from kernels.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from cluster.pipeline import Workers
+    from actors.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class Router:
         self.loop = EngineLoop(self.engine)
         self.scaler = None
         if config.scaling.enabled:
-            from cluster.scaler import ExpertScaler
+            from actors.scaler import ExpertScaler
 
             self.scaler = ExpertScaler(config, self, workers.placement)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cluster.transport import TransportConfig
+from cluster.dataplane.transport import TransportConfig
 from kernels.args import ModelArgs
 
 

@@ -21,7 +21,6 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-
 # TRITON_INTERPRET as it is when triton is first imported decides, for the whole process, whether
 # kernels are compiled or interpreted: triton's own @jit library functions (tl.zeros, tl.sigmoid) are
 # fixed one way or the other then, and the two ways do not mix in one process.

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
 Blocks = list[tuple[int, int, int]]  # (expert, first row, row count): one expert's contiguous rows
 ExpertsStage = Callable[[torch.Tensor, Blocks], torch.Tensor]  # rows [R, D] in blocks -> [R, D], same order
 

@@ -19,12 +19,10 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_grpc_api import Server as GrpcServer
-from test_http_api import CHAT
-from test_http_api import serve as serve_http
+from servers import CHAT, GrpcServer, serve_http
 
+from cluster.api.service import LocalBackend
 from cluster.rpc import moeray_pb2 as pb
-from cluster.service import LocalBackend
 from kernels.engine import Engine, EngineConfig
 from kernels.sampling import SamplingParams
 

@@ -1,5 +1,5 @@
 """Where the API key comes from and how it reaches the servers: `serve.api_key` in the YAML, else
-$MOERAY_API_KEY; cluster.app.resolve (which `moeray serve` and the Serve builder both call) puts it in
+$MOERAY_API_KEY; actors.app.resolve (which `moeray serve` and the Serve builder both call) puts it in
 the config that the Ingress replicas receive. The checks themselves are in test_http_api.py and
 test_grpc_api.py, through real servers and clients."""
 
@@ -8,7 +8,7 @@ import asyncio
 import httpx
 import pytest
 
-from cluster.app import resolve
+from actors.app import resolve
 from cluster.config import API_KEY_ENV, ConfigError, MoerayConfig, load_config
 
 KEY = "sk-from-config"

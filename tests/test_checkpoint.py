@@ -20,8 +20,18 @@ from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding,
 
 from kernels import checkpoint as ck
 from kernels.args import ModelArgs, MoeArgs
-from kernels.checkpoint import (Checkpoint, all_names, attention_names, embed_names, expert_names, ffn_names,
-                                head_names, router_names, save_hf, save_mistral)
+from kernels.checkpoint import (
+    Checkpoint,
+    all_names,
+    attention_names,
+    embed_names,
+    expert_names,
+    ffn_names,
+    head_names,
+    router_names,
+    save_hf,
+    save_mistral,
+)
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from cluster import cli
+from actors import cli
 from kernels.engine import Engine, load_tokenizer
 from kernels.sampling import SamplingParams
 from kernels.train import demo_dir

@@ -15,7 +15,7 @@ import grpc
 import psutil
 import pytest
 
-from cluster.bench import free_port
+from cluster.ports import free_port
 from cluster.rpc import moeray_pb2 as pb
 from cluster.rpc import moeray_pb2_grpc as rpc
 

@@ -13,10 +13,9 @@ import copy
 import socket
 from pathlib import Path
 
+import jsonschema  # Ray's validator needs it; fail here, not skip, when it is missing
 import pytest
 import yaml
-
-import jsonschema  # Ray's validator needs it; fail here, not skip, when it is missing
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,9 +12,18 @@ import signal
 import pytest
 import torch
 
-from cluster.codec import CodecError, allocate, decode, describe, encode
+from cluster.dataplane.codec import CodecError, allocate, decode, describe, encode
+from cluster.dataplane.transport import (
+    CALLER,
+    BadRequest,
+    TransportConfig,
+    TransportError,
+    connect,
+    join,
+    rendezvous,
+    serve,
+)
 from cluster.rpc import dataplane_pb2 as pb
-from cluster.transport import CALLER, BadRequest, TransportConfig, TransportError, connect, join, rendezvous, serve
 from kernels.cache import StepSeq
 
 CONFIG = TransportConfig(kind="gloo", timeout_s=10, token="the-pipeline-token")

@@ -33,12 +33,12 @@ def test_shipped_configs_load(path):
 def test_serve_configs_validate(path, monkeypatch):
     """What `serve deploy` checks (ServeDeploySchema), unknown keys, our builder's args, and the
     moeray YAML they name."""
-    from cluster.app import BuildArgs, validate_serve_config
+    from actors.app import BuildArgs, validate_serve_config
 
     schema = validate_serve_config(yaml.safe_load(path.read_text()))
     monkeypatch.chdir(ROOT)  # paths in args are relative to where `serve run` is started
     for app in schema.applications:
-        assert app.import_path == "cluster.app:build_app"
+        assert app.import_path == "actors.app:build_app"
         args = BuildArgs(**app.args)
         if args.config:
             load_config(args.config)
@@ -52,7 +52,7 @@ def test_serve_configs_validate(path, monkeypatch):
     ((), "http_option"),
 ])
 def test_serve_config_typos_are_refused(where, key):
-    from cluster.app import validate_serve_config
+    from actors.app import validate_serve_config
 
     broken = yaml.safe_load(SERVE[0].read_text())
     if "deployments" in where:  # the shipped file has none (moeray's config sets replicas and autoscaling)
@@ -70,7 +70,7 @@ def test_serve_config_typos_are_refused(where, key):
 def test_replica_counts_have_one_home(key, value, home):
     """The moeray config sets replicas and autoscaling for moeray serve and serve run alike; a Serve config's
     deployments entry would override them silently (and the ingress capacity follows the routers)."""
-    from cluster.app import validate_serve_config
+    from actors.app import validate_serve_config
 
     config = yaml.safe_load(SERVE[0].read_text())
     config["applications"][0]["deployments"] = [{"name": "Router", key: value}]

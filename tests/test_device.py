@@ -15,10 +15,10 @@ import torch
 from actors.attention import AttentionActor
 from actors.expert_shard import ExpertShard
 from actors.router import PipelineExecutor
+from actors.workers import start_workers
 from cluster.config import ConfigError, load_config
-from cluster.pipeline import start_workers
+from cluster.dataplane.transport import TransportConfig
 from cluster.placement import ExpertPlacement, PipelineConfig, plan, ray_options
-from cluster.transport import TransportConfig
 from kernels.checkpoint import Checkpoint
 from kernels.engine import Engine, EngineConfig, load_tokenizer
 from kernels.fused_moe import FusedExperts, available, fused_expert_rows, interpreting

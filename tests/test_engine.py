@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from conftest import mistral_copy
 
 from kernels.cache import KVCache, StepSeq, blocks_for
 from kernels.checkpoint import Checkpoint
 from kernels.engine import CacheLost, Engine, EngineConfig, Request
 from kernels.model import Step, Transformer
 from kernels.sampling import SamplingParams
-
-from conftest import mistral_copy
 
 NEW = 32
 GREEDY = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=0)

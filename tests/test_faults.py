@@ -5,16 +5,15 @@ single-process engine's tokens. A stuck (SIGSTOPped) shard cannot freeze the rou
 fail within the deadlines, and once it runs again so do new requests."""
 
 import pytest
+from conftest import four_nodes
+from servers import prompts
 
+from actors.cli.faults import shard_stuck, worker_killed
+from actors.pipeline import Pipeline
 from cluster.config import MoerayConfig
-from cluster.faults import shard_stuck, worker_killed
-from cluster.pipeline import Pipeline
 from cluster.placement import PipelineConfig
 from kernels.engine import Engine, EngineConfig
 from kernels.sampling import SamplingParams
-
-from conftest import four_nodes
-from test_pipeline import prompts
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 

@@ -38,9 +38,10 @@ def load_kernels() -> str | None:
     triton in interpreter mode, which conftest.py chooses before anything imports triton."""
     if not HAS_TRITON:
         return "triton is not installed"
-    import kernels.fused_moe_triton as kernels_triton
     from triton.language import standard
     from triton.runtime.interpreter import InterpretedFunction
+
+    import kernels.fused_moe_triton as kernels_triton
 
     if isinstance(standard.cdiv, InterpretedFunction) != kernels_triton.INTERPRETED:
         return "triton was imported before TRITON_INTERPRET was set (or unset): its modes are mixed"
@@ -234,7 +235,7 @@ def test_fused_matches_reference_cuda(shape, dtype):
 def test_bench_moe_without_a_gpu(capsys):
     """`moeray bench moe` on a machine without CUDA says so and exits 0; with --interpret it checks the
     kernel on tiny shapes through the interpreter (exit 0 only if within the bf16 tolerance)."""
-    from cluster.cli import main
+    from actors.cli import main
 
     assert main(["bench", "moe"]) == 0
     assert "no CUDA device" in capsys.readouterr().out

@@ -3,21 +3,15 @@ tiny model: tokens equal the single-process engine's, errors carry the right sta
 field, overload is RESOURCE_EXHAUSTED, a cancelled stream frees its sequence, and the stubs are fresh.
 """
 
-import asyncio
-import threading
-import time
 from contextlib import aclosing
-from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
+from servers import GrpcServer
 
-from cluster.grpc_api import GrpcApi, add_to_server
-from cluster.loop import EngineLoop
+from cluster.api.service import LocalBackend
 from cluster.rpc import moeray_pb2 as pb
-from cluster.rpc import moeray_pb2_grpc
-from cluster.service import LocalBackend, ModelCard, Service
 from kernels.engine import Engine, EngineConfig
 from kernels.sampling import SamplingParams
 
@@ -25,55 +19,9 @@ FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 LONG = pb.SamplingParameters(max_tokens=1500, ignore_eos=True)  # over a minute of tokens here: never ends in a test
 
 
-class Server:
-    """A Service over an EngineLoop, served by grpc.aio from an event loop in a thread of its own."""
-
-    def __init__(self, model_dir: Path, config: EngineConfig, backend=LocalBackend, api_key: str | None = None,
-                 max_model_len: int | None = None):
-        engine = Engine.from_dir(model_dir, config)
-        self.loop_thread = EngineLoop(engine)
-        card = ModelCard("tiny-mixtral", max_model_len or engine.args.max_seq_len, engine.args.vocab_size, "mixtral",
-                         created=1700000000)
-        self.service = Service(backend(self.loop_thread), engine.tokenizer, card, api_key=api_key)
-        self.aio = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.aio.run_forever, daemon=True)
-        self.thread.start()
-        self.server = self.run(self._start())
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self.stub = moeray_pb2_grpc.GenerationServiceStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    async def _start(self) -> grpc.aio.Server:
-        server = grpc.aio.server()
-        add_to_server(GrpcApi(self.service), server)
-        self.port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server
-
-    def run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.aio).result(timeout=30)
-
-    def stats(self) -> dict:
-        return self.run(self.service.backend.stats())
-
-    def wait_for(self, check, timeout: float = 10) -> dict:
-        """Polls the engine's stats until check(stats); returns the last stats either way."""
-        deadline = time.monotonic() + timeout
-        while not check(stats := self.stats()) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return stats
-
-    def close(self):
-        self.channel.close()
-        self.run(self.server.stop(None))
-        self.aio.call_soon_threadsafe(self.aio.stop)
-        self.thread.join(5)
-        self.loop_thread.stop()
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    s = Server(tiny_model, EngineConfig(max_num_seqs=4))
+    s = GrpcServer(tiny_model, EngineConfig(max_num_seqs=4))
     yield s
     s.close()
 
@@ -238,7 +186,7 @@ def test_request_id_in_use_is_already_exists(server, engine):
 
 
 def test_overload_is_resource_exhausted(tiny_model):
-    s = Server(tiny_model, EngineConfig(max_num_seqs=1, max_queued_requests=1))
+    s = GrpcServer(tiny_model, EngineConfig(max_num_seqs=1, max_queued_requests=1))
     try:
         running = s.stub.GenerateStream(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 5, 6]), params=LONG))
         next(running)  # holds the only batch slot
@@ -278,7 +226,7 @@ class BreaksAfterTwo(LocalBackend):
 
 def test_backend_failure_mid_stream_ends_it_with_unavailable(tiny_model):
     """A backend that fails after tokens were sent: UNAVAILABLE (retryable), the cause in the details."""
-    s = Server(tiny_model, EngineConfig(max_num_seqs=2), backend=BreaksAfterTwo)
+    s = GrpcServer(tiny_model, EngineConfig(max_num_seqs=2), backend=BreaksAfterTwo)
     try:
         stream = s.stub.GenerateStream(pb.GenerateRequest(text="Experts", params=LONG))
         assert len([next(stream), next(stream)]) == 2
@@ -302,7 +250,7 @@ CALLS = {"Generate": generate(ids=[1, 296, 454], max_tokens=3, temperature=0),
 
 @pytest.fixture(scope="module")
 def keyed(tiny_model):
-    s = Server(tiny_model, EngineConfig(max_num_seqs=4), api_key=KEY)
+    s = GrpcServer(tiny_model, EngineConfig(max_num_seqs=4), api_key=KEY)
     yield s
     s.close()
 

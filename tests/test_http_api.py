@@ -4,13 +4,9 @@ httpx), every greedy result compared token for token with Engine.generate on the
 import asyncio
 import contextlib
 import json
-import socket
-import threading
-import time
 
 import openai
 import pytest
-import uvicorn
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import TextGenerationError
 
@@ -19,45 +15,18 @@ try:
 except ImportError:  # some environments ship httpx as "httpx2" (what openai and huggingface_hub import there)
     import httpx2 as httpx
 
-from cluster.http_api import build_http_app
-from cluster.loop import EngineLoop
-from cluster.service import LocalBackend, ModelCard, Service
-from kernels.engine import Engine, EngineConfig
+from servers import CHAT, serve_http
+
+from cluster.api.http_api import build_http_app
+from cluster.api.service import ModelCard, Service
+from kernels.engine import Engine
 from kernels.sampling import SamplingParams
 from kernels.tokenizer import Tokenizer
-
-CHAT = [{"role": "user", "content": "Hello"}]
-
-
-class Server:
-    """uvicorn serving `app` from a background thread, on a free port of 127.0.0.1."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
-def serve(tiny_model, api_key=None, max_model_len=None, backend=LocalBackend, **config):
-    engine = Engine.from_dir(tiny_model, EngineConfig(**config))
-    loop = EngineLoop(engine)
-    card = ModelCard("tiny", max_model_len or engine.args.max_seq_len, engine.args.vocab_size, "mixtral")
-    service = Service(backend(loop), engine.tokenizer, card, api_key=api_key)
-    return service, loop, Server(build_http_app(service))
 
 
 @pytest.fixture(scope="module")
 def api(tiny_model):
-    service, loop, server = serve(tiny_model)
+    service, loop, server = serve_http(tiny_model)
     yield server.url, service
     server.stop()
     loop.stop()
@@ -375,7 +344,7 @@ def test_disconnect_frees_the_sequence(api, path, body):
 
 
 def test_overload_is_429(tiny_model):
-    service, loop, server = serve(tiny_model, max_num_seqs=1, max_queued_requests=1)
+    service, loop, server = serve_http(tiny_model, max_num_seqs=1, max_queued_requests=1)
     long = {"prompt": "Hi", "stream": True, "temperature": 0, "ignore_eos": True}
 
     async def run():
@@ -447,7 +416,7 @@ KEY = "sk-moeray-test-0123456789"
 
 @pytest.fixture(scope="module")
 def keyed(tiny_model):
-    service, loop, server = serve(tiny_model, api_key=KEY)
+    service, loop, server = serve_http(tiny_model, api_key=KEY)
     yield server.url, service
     server.stop()
     loop.stop()
@@ -517,7 +486,7 @@ def test_no_api_key_configured_accepts_any_header(api):
 
 
 def test_oversized_body_is_413_unread(api):
-    from cluster.service import MAX_REQUEST_BYTES as MAX_BODY_BYTES
+    from cluster.api.service import MAX_REQUEST_BYTES as MAX_BODY_BYTES
 
     url, _ = api
     r = httpx.post(f"{url}/v1/completions", content=b" " * (MAX_BODY_BYTES + 1),
@@ -535,9 +504,9 @@ def test_oversized_body_is_413_unread(api):
 def test_a_stream_whose_client_left_before_its_first_event_is_aborted(tiny_model):
     """A client that goes away between the SSE headers and the first event: the response's generator never
     started, so its `finally` cannot close the generation; the response closes it (KV freed, nothing running)."""
-    from cluster.http_common import EventStream
+    from cluster.api.http_common import EventStream
 
-    service, loop, server = serve(tiny_model)
+    service, loop, server = serve_http(tiny_model)
 
     async def run():
         stream = await service.open_stream(service.tokenizer.encode("Hello", bos=True),

@@ -9,15 +9,15 @@ import time
 import pytest
 import ray
 import torch
+from conftest import four_nodes
+from servers import prompts
 
-from cluster import transport
+from actors.pipeline import Pipeline
 from cluster.config import MoerayConfig
-from cluster.pipeline import Pipeline
+from cluster.dataplane import transport
 from cluster.placement import PipelineConfig
 from kernels.engine import Engine, EngineConfig
 from kernels.sampling import SamplingParams
-
-from conftest import four_nodes
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
@@ -33,11 +33,6 @@ def config(model, shards=1, replicas=1, attention_actors=1, **engine) -> MoerayC
     pc.attention.actors, pc.attention.resources = attention_actors, {"attention_node": 0.01}
     pc.experts.shards, pc.experts.replicas, pc.experts.resources = shards, replicas, {"expert_node": 0.01}
     return MoerayConfig(model=str(model), engine=EngineConfig(kv_cache_tokens=4096, **engine), pipeline=pc)
-
-
-def prompts(seed=5, lengths=(3, 8, 15, 21, 6)):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 512, (n,), generator=g).tolist() for n in lengths]
 
 
 @pytest.fixture(scope="module")

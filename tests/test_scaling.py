@@ -7,16 +7,15 @@ import time
 
 import pytest
 import ray
+from conftest import four_nodes
 
+from actors.cli.loadgen import run_load, skewed_prompts
+from actors.pipeline import Pipeline
+from actors.scaler import ExpertScaler, Policy
 from cluster.config import MoerayConfig, ScalingConfig
-from cluster.loadgen import run_load, skewed_prompts
-from cluster.pipeline import Pipeline
 from cluster.placement import PipelineConfig
-from cluster.scaler import ExpertScaler, Policy
 from kernels.engine import Engine, EngineConfig
 from kernels.sampling import SamplingParams
-
-from conftest import four_nodes
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
@@ -62,8 +61,8 @@ def test_config_rejects_bad_bounds():
 @pytest.fixture
 def executor(hf_mixtral):
     from actors.router import PipelineExecutor
+    from cluster.dataplane.transport import TransportConfig, serve
     from cluster.placement import plan
-    from cluster.transport import TransportConfig, serve
     from kernels.args import ModelArgs
     from kernels.checkpoint import Checkpoint
 
@@ -107,7 +106,7 @@ def test_a_failed_expert_call_is_retried_on_another_holder(executor):
 def test_metrics_export_the_windowed_rate():
     from prometheus_client import generate_latest
 
-    from cluster.service import Metrics
+    from cluster.api.service import Metrics
 
     m = Metrics()
     m.update({"expert_tokens_per_s": {"0:3": 12.5}, "tokens_per_expert": {"0:3": 40}})
@@ -119,7 +118,7 @@ def test_metrics_export_the_windowed_rate():
 
 def test_load_generator_drives_an_http_server(tiny_model):
     """`moeray bench load --url`: streaming completions over HTTP, timed per token."""
-    from test_http_api import serve  # the HTTP API's own test server: uvicorn on a free port
+    from servers import serve_http as serve  # the HTTP API's own test server: uvicorn on a free port
 
     service, loop, server = serve(tiny_model)
     try:

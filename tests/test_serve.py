@@ -9,18 +9,17 @@ import time
 import grpc
 import httpx
 import pytest
+from conftest import four_nodes
 from ray import serve
 
-from cluster.app import moeray_app, serve_options
-from cluster.bench import free_port
+from actors.app import moeray_app, serve_options
 from cluster.config import MoerayConfig
 from cluster.placement import PipelineConfig
+from cluster.ports import free_port
 from cluster.rpc import moeray_pb2 as pb
 from cluster.rpc import moeray_pb2_grpc as rpc
 from kernels.engine import Engine, EngineConfig
 from kernels.sampling import SamplingParams
-
-from conftest import four_nodes
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import openai
 import pytest
 import yaml
 
-from cluster.app import GRPC_SERVICERS
-from cluster.bench import free_port
+from actors.app import GRPC_SERVICERS
+from cluster.ports import free_port
 from cluster.rpc import moeray_pb2 as pb
 from cluster.rpc import moeray_pb2_grpc as rpc
 

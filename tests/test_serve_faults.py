@@ -10,19 +10,17 @@ import time
 
 import httpx
 import pytest
+from conftest import four_nodes
 from ray import serve
 
-from cluster.app import moeray_app, serve_options
-from cluster.bench import free_port
+from actors.app import moeray_app, serve_options
+from actors.cli.faults import in_flight, serve_pid, serves_again
+from actors.cli.loadgen import http_stream, run_load
 from cluster.config import MoerayConfig, ScalingConfig
-from cluster.faults import in_flight, serve_pid, serves_again
-from cluster.loadgen import http_stream, run_load
 from cluster.placement import PipelineConfig
+from cluster.ports import free_port
 from kernels.engine import Engine, EngineConfig
 from kernels.sampling import SamplingParams
-
-
-from conftest import four_nodes
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 

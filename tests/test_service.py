@@ -7,8 +7,8 @@ from contextlib import aclosing
 import pytest
 from ray.exceptions import RayTaskError
 
+from cluster.api.service import Conflict, InvalidRequest, LocalBackend, ModelCard, Overloaded, Service, Unavailable
 from cluster.loop import EngineLoop
-from cluster.service import Conflict, InvalidRequest, LocalBackend, ModelCard, Overloaded, Service, Unavailable
 from kernels.engine import Engine, EngineConfig, RequestIdInUse
 from kernels.sampling import SamplingParams
 

@@ -1,11 +1,11 @@
-"""The soak (cluster/soak.py), bounded: `moeray serve`'s Serve app on a fresh local Ray instance over
+"""The soak (actors/cli/soak.py), bounded: `moeray serve`'s Serve app on a fresh local Ray instance over
 loopback, streaming clients on every API (OpenAI chat and completions SSE, TGI stream, gRPC) with a
 burst past a small waiting queue, then idle. Under a minute on 2 cores.
 
 What makes it fail:
   - a sequence that outlives its client: one HTTP request in seven asks for a long answer and
     disconnects after 2 tokens (not gRPC ones: Ray Serve's gRPC proxy can lose that cancel, see
-    cluster.soak.jobs; `moeray bench soak --grpc-disconnects` shows it). If the abort did not reach
+    actors.cli.soak.jobs; `moeray bench soak --grpc-disconnects` shows it). If the abort did not reach
     the engine (Serve's cancel lost, EngineLoop not calling engine.abort) the sequence would still be
     decoding at the idle check, and if it were aborted but its blocks not freed they would stay in
     use: `idle` would not be all zeros. (Checked: with EngineLoop's abort removed this test fails with
@@ -17,7 +17,7 @@ What makes it fail:
   - memory that grows with requests: RSS after the soak above RSS after the warm-up by RSS_TOLERANCE.
 """
 
-from cluster.soak import RSS_TOLERANCE, soak
+from actors.cli.soak import RSS_TOLERANCE, soak
 
 MAX_QUEUED = 3
 

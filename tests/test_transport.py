@@ -17,10 +17,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.codec import CodecError, decode, encode
+from cluster.dataplane.codec import CodecError, decode, encode
+from cluster.dataplane.transport import (
+    TOKEN_METADATA,
+    BadRequest,
+    TransportConfig,
+    TransportError,
+    connect,
+    serve,
+    with_token,
+)
 from cluster.rpc import dataplane_pb2 as pb
 from cluster.rpc import dataplane_pb2_grpc as rpc
-from cluster.transport import TOKEN_METADATA, BadRequest, TransportConfig, TransportError, connect, serve, with_token
 from kernels.cache import StepSeq
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -246,10 +254,10 @@ def test_a_key_error_in_a_handler_is_internal_and_logged_not_a_bad_request(clien
     which the router retries elsewhere (INVALID_ARGUMENT it would not), with the traceback in the log."""
     send = {"experts": lambda: client.experts(KEY_ERROR_LAYER, [(0, 2)], torch.zeros(2, 8)).result(),
             "attention": lambda: client.attention(0, KEY_ERROR_LAYER, None, torch.zeros(2, 8)).result()}[service]
-    with caplog.at_level(logging.ERROR, logger="cluster.transport"), pytest.raises(TransportError) as e:
+    with caplog.at_level(logging.ERROR, logger="cluster.dataplane.transport"), pytest.raises(TransportError) as e:
         send()
     assert e.value.code == "INTERNAL" and "KeyError" in e.value.message and "layer 96's weights" in e.value.message
-    [logged] = [r for r in caplog.records if r.name == "cluster.transport" and r.levelno >= logging.ERROR]
+    [logged] = [r for r in caplog.records if r.name == "cluster.dataplane.transport" and r.levelno >= logging.ERROR]
     assert logged.exc_info[0] is KeyError and f"{service} failed" in logged.getMessage()
     assert_still_serving(client)
 

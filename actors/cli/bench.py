@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,13 +27,6 @@ def write_report(out: str | None, report) -> None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=2))
         print(f"wrote {out}")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now, on loopback (for servers a benchmark or test starts)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # "small": a Mixtral-shaped model big enough that compute, not Python overhead, dominates on a laptop
@@ -94,7 +86,7 @@ def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out
         make_tiny(tmp, "mixtral", seed=0, **PRESETS[preset])
         res = {}
         for system in ("transformers", "moeray"):
-            cmd = [sys.executable, "-m", "cluster.bench", "_worker", system, tmp, ",".join(map(str, batches)),
+            cmd = [sys.executable, "-m", "actors.cli.bench", "_worker", system, tmp, ",".join(map(str, batches)),
                    str(prompt_len), str(new)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             res[system] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -137,9 +129,9 @@ def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, s
     import ray
     import torch
 
+    from actors.pipeline import Pipeline
     from cluster.config import MoerayConfig
-    from cluster.pipeline import Pipeline
-    from cluster.transport import connect
+    from cluster.dataplane.transport import connect
     from kernels.cache import StepSeq
     from kernels.engine import Engine, EngineConfig
     from kernels.tiny import make_tiny

@@ -1,4 +1,4 @@
-"""What the OpenAI and TGI routes (cluster/openai_api.py, cluster/tgi_api.py) share: strict request bodies read
+"""What the OpenAI and TGI routes (cluster/api/openai_api.py, cluster/api/tgi_api.py) share: strict request bodies read
 under a size limit, refusals that name the field, opening a request's generations, and server-sent events.
 
 Every generation is opened (its first token awaited) before a response starts, so a bad or refused
@@ -8,7 +8,7 @@ Decisions clients can rely on, in both APIs:
 - NaN and Infinity (which Python's json writes) are refused in every number field.
 - Bodies over 16 MiB: 413.
 - temperature below 1e-5 decodes greedily (vLLM's rule; smaller ones overflow the sampler);
-  repetition_penalty must be >= 0.01 (kernels/sampling.py) and stop strings at most 512 characters (cluster/service.py).
+  repetition_penalty must be >= 0.01 (kernels/sampling.py) and stop strings at most 512 characters (cluster/api/service.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,15 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cluster.service import MAX_REQUEST_BYTES, ApiError, InvalidRequest, PayloadTooLarge, Service, TokenStream, reason
+from cluster.api.service import (
+    MAX_REQUEST_BYTES,
+    ApiError,
+    InvalidRequest,
+    PayloadTooLarge,
+    Service,
+    TokenStream,
+    reason,
+)
 from kernels.sampling import SamplingParams
 
 

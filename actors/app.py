@@ -1,9 +1,9 @@
-"""The Serve application: `import_path: cluster.app:build_app` in a Serve config (configs/serve.yaml), or
+"""The Serve application: `import_path: actors.app:build_app` in a Serve config (configs/serve.yaml), or
 `moeray serve`, which builds the same application with `moeray_app`.
 
     applications:
     - name: moeray
-      import_path: cluster.app:build_app
+      import_path: actors.app:build_app
       args: {config: configs/pipeline-local.yaml}   # and/or model: /models/Mixtral-8x7B-Instruct-v0.1
 """
 
@@ -23,7 +23,7 @@ from cluster.placement import ray_options
 log = logging.getLogger(__name__)
 
 GRPC_SERVICERS = [
-    "cluster.grpc_api.add_GenerationService_to_serve",
+    "cluster.api.grpc_api.add_GenerationService_to_serve",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 REPO = Path(__file__).resolve().parents[1]  # where a relative `config:` path is also looked up
@@ -136,7 +136,7 @@ def validate_serve_config(data: dict):
             where = f"applications[{i}].deployments[{j}]."
             known(d, schema.DeploymentSchema, where)
             known(d.get("autoscaling_config"), AutoscalingConfig, where + "autoscaling_config.")
-        if app.get("import_path") == "cluster.app:build_app":
+        if app.get("import_path") == "actors.app:build_app":
             for j, d in enumerate(app.get("deployments") or []):
                 for key in OWNED_BY_MOERAY.keys() & d.keys():
                     raise ConfigError(f"applications[{i}].deployments[{j}].{key}: moeray sets it from its own config "

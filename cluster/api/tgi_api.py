@@ -18,8 +18,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
-from cluster.http_common import Body, EventStream, open_all, opt, parse, refuse, sse, stream_error
-from cluster.service import MAX_STOP, ApiError, Service, TokenStream
+from cluster.api.http_common import Body, EventStream, open_all, opt, parse, refuse, sse, stream_error
+from cluster.api.service import MAX_STOP, ApiError, Service, TokenStream
 from kernels.engine import TokenEvent
 
 TGI_PATHS = ("/", "/generate", "/generate_stream")

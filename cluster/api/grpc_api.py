@@ -31,8 +31,8 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cluster.api.service import ApiError, InvalidRequest, Service, reason
 from cluster.rpc import moeray_pb2 as pb
-from cluster.service import ApiError, InvalidRequest, Service, reason
 from kernels.engine import TokenEvent
 from kernels.sampling import SamplingParams
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from cluster.bench import free_port, write_report
+from actors.cli.bench import write_report
+from cluster.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HELLO = """from ray import serve

@@ -5,7 +5,7 @@ The ONE module that knows the wire. Actors call `serve` with plain-torch handler
 
 gRPC here means: one channel per peer, reused by every call (HTTP/2 multiplexes concurrent calls over
 it); unary calls issued as futures, so a router fans out to all the shards of a layer and then waits
-for all; tensors as raw bytes (cluster.codec, never pickle); a deadline on every call; the same
+for all; tensors as raw bytes (cluster.dataplane.codec, never pickle); a deadline on every call; the same
 message-size limit on both ends. Servers check every request before their handler sees it.
 
 Peers prove they belong to the same pipeline with a shared secret, `TransportConfig.token`: the Client
@@ -15,7 +15,7 @@ actors, the expert shards and the router through Ray's control plane. An empty t
 servers by hand) checks nothing. The token authenticates; it does not encrypt: the channels are
 plaintext, so on a network where others can read the traffic the data plane also needs TLS (not built).
 
-Kinds "nccl" and "gloo" (cluster/collective.py) keep every call on gRPC (metadata, errors, deadline,
+Kinds "nccl" and "gloo" (cluster/dataplane/collective.py) keep every call on gRPC (metadata, errors, deadline,
 token) but move its tensors over a process group: the request announces dtype and shape with no bytes,
 the Client has posted a send of the input and a receive of the output (same shape and dtype: the server
 casts its result) to the peer's rank before the call, and the server receives the input from rank 0,
@@ -46,8 +46,8 @@ from types import SimpleNamespace
 import grpc
 import torch
 
-from cluster import collective
-from cluster.codec import DTYPES, CodecError, allocate, decode, describe, encode
+from cluster.dataplane import collective
+from cluster.dataplane.codec import DTYPES, CodecError, allocate, decode, describe, encode
 from cluster.rpc import dataplane_pb2 as pb
 from cluster.rpc import dataplane_pb2_grpc as rpc
 from kernels.cache import StepSeq

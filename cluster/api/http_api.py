@@ -1,8 +1,8 @@
-"""The HTTP API over one Service: OpenAI's /v1 routes (cluster/openai_api.py), Hugging Face TGI's routes
-(cluster/tgi_api.py), /health and /metrics, in one FastAPI app that decides for every route who may connect,
+"""The HTTP API over one Service: OpenAI's /v1 routes (cluster/api/openai_api.py), Hugging Face TGI's routes
+(cluster/api/tgi_api.py), /health and /metrics, in one FastAPI app that decides for every route who may connect,
 whether the API key is needed, and what shape an error has.
 
-Only wire formats live in the HTTP modules; prompts, limits, errors and the token stream come from cluster/service.py.
+Only wire formats live in the HTTP modules; prompts, limits, errors and the token stream come from cluster/api/service.py.
 
 Decisions clients can rely on:
 - With an API key (Service(api_key=...)), every route but /health needs `Authorization: Bearer <key>`,
@@ -18,9 +18,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from cluster import openai_api, tgi_api
-from cluster.http_common import invalid
-from cluster.service import ApiError, InvalidRequest, Service, Unauthorized, Unavailable, reason
+from cluster.api import openai_api, tgi_api
+from cluster.api.http_common import invalid
+from cluster.api.service import ApiError, InvalidRequest, Service, Unauthorized, Unavailable, reason
 from kernels.sampling import SamplingParams
 
 # Routes that answer without the API key. /health: load balancers and Serve probe it with no credentials,

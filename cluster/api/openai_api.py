@@ -26,8 +26,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from cluster.http_common import Body, EventStream, close_all, open_all, opt, parse, refuse, sse, stream_error
-from cluster.service import MAX_STOP, ApiError, InvalidRequest, Service, TokenStream
+from cluster.api.http_common import Body, EventStream, close_all, open_all, opt, parse, refuse, sse, stream_error
+from cluster.api.service import MAX_STOP, ApiError, InvalidRequest, Service, TokenStream
 from kernels.engine import TokenEvent
 from kernels.sampling import SamplingParams
 

@@ -24,8 +24,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cluster.bench import free_port, write_report
-from cluster.loadgen import Report, run_load
+from actors.cli.bench import write_report
+from actors.cli.loadgen import Report, run_load
+from cluster.ports import free_port
 from kernels.sampling import SamplingParams
 
 
@@ -228,9 +229,9 @@ def bench_faults(model: str | None, concurrency: int, max_tokens: int, out: str 
     import ray
     from ray import serve
 
-    from cluster.app import moeray_app, resolve, serve_options
+    from actors.app import moeray_app, resolve, serve_options
+    from actors.pipeline import Pipeline
     from cluster.config import MoerayConfig
-    from cluster.pipeline import Pipeline
     from kernels.engine import Engine
 
     config = resolve(MoerayConfig(model=model))

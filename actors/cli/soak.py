@@ -1,9 +1,9 @@
 """Soak: many concurrent streaming clients against a real server over loopback for a bounded time, a
 burst past the router's waiting queue, then idle, then checks (`moeray bench soak`, tests/test_soak.py).
 
-The server is what `moeray serve` runs: a fresh local Ray instance and the Serve app of cluster.app (an
+The server is what `moeray serve` runs: a fresh local Ray instance and the Serve app of actors.app (an
 Ingress for HTTP and gRPC; a Router with its attention actor and expert shard), on free 127.0.0.1 ports.
-The clients (cluster.loadgen.run_load) take turns at OpenAI chat and completions over SSE, TGI
+The clients (actors.cli.loadgen.run_load) take turns at OpenAI chat and completions over SSE, TGI
 /generate_stream and gRPC GenerateStream. One HTTP request in seven asks for a long answer and closes
 its stream after two tokens (a user who stops reading); gRPC clients do that only with
 `grpc_disconnects` (see `jobs`: Ray Serve's gRPC proxy can lose the cancel). A rejected client backs
@@ -37,8 +37,9 @@ import time
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from cluster.bench import free_port, write_report
-from cluster.loadgen import Cancelled, Incomplete, Rejected, Report, _percentile, run_load
+from actors.cli.bench import write_report
+from actors.cli.loadgen import Cancelled, Incomplete, Rejected, Report, _percentile, run_load
+from cluster.ports import free_port
 
 # Weights and the KV cache are allocated up front, and the warm-up runs the same mix (burst, rejections,
 # disconnects) so allocator pools and caches reach their high-water mark before the baseline. What is
@@ -226,7 +227,7 @@ class Server:
         import ray
         from ray import serve
 
-        from cluster.app import moeray_app, serve_options
+        from actors.app import moeray_app, serve_options
 
         if ray.is_initialized():
             raise RuntimeError("the soak starts its own Ray instance: call it from a process not connected to Ray")
@@ -333,7 +334,7 @@ def soak(model: str | None = None, concurrency: int = 64, burst: int = 64, durat
     """Runs the soak (see the module docstring) and returns its figures and checks."""
     import httpx
 
-    from cluster.app import resolve
+    from actors.app import resolve
     from cluster.config import load_config
     from kernels.args import ModelArgs
 

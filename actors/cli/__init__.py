@@ -38,11 +38,10 @@ def cmd_make_tiny(a) -> int:
 
 
 def cmd_generate(a) -> int:
+    from actors.app import resolve
     from cluster.config import load_config
     from kernels.engine import Engine, Request
     from kernels.sampling import SamplingParams
-
-    from cluster.app import resolve
 
     engine_overrides = {k: v for k, v in {"dtype": a.dtype}.items() if v is not None}
     cfg = resolve(load_config(a.config, {"model": a.model, "engine": engine_overrides}))
@@ -106,9 +105,9 @@ def cmd_serve(a) -> int:
     import ray
     from ray import serve
 
-    from cluster.app import QUIET, exposure_warnings, moeray_app, resolve, serve_options
+    from actors.app import QUIET, exposure_warnings, moeray_app, resolve, serve_options
+    from cluster.api.service import MAX_REQUEST_BYTES
     from cluster.config import load_config
-    from cluster.service import MAX_REQUEST_BYTES
 
     overrides = {"model": a.model, "serve": {k: v for k, v in {"host": a.host, "http_port": a.http_port,
                                                                "grpc_port": a.grpc_port}.items() if v is not None}}
@@ -186,7 +185,7 @@ def cmd_deploy(a) -> int:
     import yaml
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    from cluster.app import validate_serve_config
+    from actors.app import validate_serve_config
 
     try:
         data = yaml.safe_load(open(a.file))
@@ -223,7 +222,7 @@ def cmd_chat(a) -> int:
     out of the conversation, which goes on."""
     import itertools
 
-    from cluster.app import resolve
+    from actors.app import resolve
     from cluster.config import load_config
     from kernels.engine import Engine, Request
     from kernels.sampling import SamplingParams
@@ -272,33 +271,33 @@ def cmd_chat(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from cluster import bench
+    from actors.cli import bench
 
     if a.bench == "engine":
         bench.bench_engine(a.preset, a.batch, a.prompt_len, a.new_tokens, a.out)
     elif a.bench == "moe":
         return bench.bench_moe(a.batch, a.repeats, a.interpret, a.out)
     elif a.bench == "load":
-        from cluster import loadgen
+        from actors.cli import loadgen
 
         loadgen.bench_load(a.url, a.config, a.model, a.preset, a.concurrency, a.duration, a.max_tokens, a.prompt_len,
                            a.skew, a.out)
     elif a.bench == "scaling":
-        from cluster import loadgen
+        from actors.cli import loadgen
 
         loadgen.bench_scaling(a.preset, a.concurrency, a.duration, a.max_tokens, a.prompt_len, a.shards, a.max_extra,
                               a.out)
     elif a.bench == "faults":
-        from cluster.faults import bench_faults
+        from actors.cli.faults import bench_faults
 
         runs = bench_faults(a.model, a.concurrency, a.max_tokens, a.out)
         return 1 if any(r.lost for r in runs) else 0
     elif a.bench == "startup":
-        from cluster.startup import bench_startup
+        from actors.cli.startup import bench_startup
 
         bench_startup(a.runs, a.idle, a.out)
     elif a.bench == "soak":
-        from cluster import soak
+        from actors.cli import soak
 
         result = soak.bench_soak(a.model, a.config, a.concurrency, a.burst, a.duration, a.warmup, a.max_num_seqs,
                                  a.max_queued, a.grpc_disconnects, a.out)

@@ -1,5 +1,5 @@
 """The tensor half of transport kinds "gloo" and "nccl": one pipeline replica's process group and the
-point-to-point sends its data-plane calls make. Only cluster/transport.py uses this module.
+point-to-point sends its data-plane calls make. Only cluster/dataplane/transport.py uses this module.
 
 The group is a torch.distributed process-group object of its own, not torch's process-global default
 group: a process may hold several (tests do), and nothing here reads global parallel state. Rank 0 is

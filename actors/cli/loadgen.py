@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cluster.bench import write_report
+from actors.cli.bench import write_report
 from kernels.sampling import SamplingParams
 
 Pair = tuple[int, int]
@@ -255,7 +255,7 @@ async def run_load(target, prompts: list, params: SamplingParams | None, concurr
 
 # -- benchmarks (`moeray bench load`, `moeray bench scaling`) ------------------------------------------
 def _model(preset: str, tmp: str) -> str:
-    from cluster.bench import PRESETS
+    from actors.cli.bench import PRESETS
     from kernels.tiny import make_tiny
 
     make_tiny(tmp, "mixtral", seed=0, **PRESETS[preset])
@@ -290,8 +290,8 @@ def bench_load(url: str | None, config_path: str | None, model: str | None, pres
         else:
             import ray
 
+            from actors.pipeline import Pipeline
             from cluster.config import load_config
-            from cluster.pipeline import Pipeline
 
             cfg = load_config(config_path)
             cfg.model = model or cfg.model or _model(preset, tmp)
@@ -326,8 +326,8 @@ def bench_scaling(preset: str, concurrency: int, duration: float, max_tokens: in
 
     import ray
 
+    from actors.pipeline import Pipeline
     from cluster.config import MoerayConfig, ScalingConfig
-    from cluster.pipeline import Pipeline
     from kernels.engine import Engine, EngineConfig
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
