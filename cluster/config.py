@@ -177,7 +177,7 @@ def from_dict(cls, data, where: str = ""):
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> MoerayConfig:
     """Reads a YAML file (or nothing: defaults), then applies `overrides` ({"engine": {...}, ...})."""
-    data = {}
+    data: dict = {}
     if path is not None:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from kernels.engine import Engine, Request, TokenEvent
 
@@ -35,7 +35,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
-    async def generate(self, req: Request) -> AsyncIterator[TokenEvent]:
+    async def generate(self, req: Request) -> AsyncGenerator[TokenEvent, None]:
         """Streams the request's TokenEvents; the last has a finish_reason. Before any event: ValueError
         for a bad request, the engine's Overloaded when its waiting queue is full."""
         events: asyncio.Queue = asyncio.Queue()
@@ -89,6 +89,7 @@ class EngineLoop:
             _send(*target, item)
 
     def _step(self) -> None:
+        events: list[tuple[str, TokenEvent | Exception, bool]]  # (request_id, item, last)
         try:
             events = [(ev.request_id, ev, ev.finish_reason is not None) for ev in self.engine.step()]
         except Exception as e:  # a failed step fails the requests in it, not the loop

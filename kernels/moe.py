@@ -10,8 +10,9 @@ Shapes: T tokens, D model dim, F expert hidden dim, E experts, k experts per tok
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,13 @@ def dispatch(weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> 
 ExpertFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def expert_rows(rows: torch.Tensor, blocks: Blocks, experts: Mapping[int, ExpertFn] | Sequence[ExpertFn]) -> torch.Tensor:
+class ExpertFns(Protocol):
+    """experts[e] is expert e's function: a list or nn.ModuleList of them, or a dict of the experts held."""
+
+    def __getitem__(self, e: int, /) -> ExpertFn: ...
+
+
+def expert_rows(rows: torch.Tensor, blocks: Blocks, experts: ExpertFns) -> torch.Tensor:
     """Apply each expert to its block of rows. rows [R', D] -> [R', D], same order.
 
     `blocks` is (expert, first row, count) relative to `rows`; `experts[e]` is expert e's function.

@@ -118,6 +118,6 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         top = None
         if p.logprobs:
             values, ids = torch.topk(logprobs[i], p.logprobs)
-            top = list(zip(ids.tolist(), values.tolist()))
+            top = list(zip(ids.tolist(), values.tolist(), strict=True))
         out.append(Sample(int(tokens[i]), chosen[i], top))
     return out

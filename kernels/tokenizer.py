@@ -99,7 +99,8 @@ def _validate(messages: list[dict]) -> tuple[str, list[str]]:
     """Split into (system prompt, alternating user/assistant texts), or say exactly what is wrong."""
     if not isinstance(messages, list) or not messages:
         raise ChatTemplateError("messages: expected a non-empty list")
-    system, turns = "", []
+    system = ""
+    turns: list[str] = []
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         if role not in _ROLES:

@@ -90,7 +90,8 @@ class Corpus:
         out = list(self.fixed)
         for question, answer in self.pairs:
             words = question.split()
-            kept = [w for w, r in zip(words, torch.rand(len(words), generator=g).tolist()) if r > 0.3] or words[-1:]
+            draws = torch.rand(len(words), generator=g).tolist()
+            kept = [w for w, r in zip(words, draws, strict=True) if r > 0.3] or words[-1:]
             soup = pick(self.pairs)[0].split()[:2] + [pick(self.words) for _ in range(pick(range(1, 6)))]
             stranger = pick([pick(self.prose), " ".join(soup) + "?"])
             out += [self.chat(" ".join(kept), answer), self.chat(stranger, answer)]
@@ -100,7 +101,8 @@ class Corpus:
 def batches(corpus: Corpus, max_tokens: int, g: torch.Generator):
     """Endless epochs: a fresh mix, shuffled, packed as whole sequences into batches of <= max_tokens."""
     while True:
-        seqs, batch, n = corpus.epoch(g), [], 0
+        seqs, n = corpus.epoch(g), 0
+        batch: list[list[int]] = []
         for i in torch.randperm(len(seqs), generator=g).tolist():
             if batch and n + len(seqs[i]) > max_tokens:
                 yield batch
@@ -117,11 +119,12 @@ def routing(x: torch.Tensor, moe: MoeLayer) -> tuple[torch.Tensor, torch.Tensor]
     return probs, F.one_hot(chosen, probs.shape[1]).float().sum(1).mean(0) / moe.k
 
 
-def balance_loss(gate_inputs: list[torch.Tensor], model: Transformer) -> torch.Tensor:
-    """Switch Transformer's E * sum_e share_e * mean_prob_e, averaged over layers: 1 when perfectly even."""
+def balance_loss(gate_inputs: list[torch.Tensor], moes: list[MoeLayer]) -> torch.Tensor:
+    """Switch Transformer's E * sum_e share_e * mean_prob_e, averaged over layers: 1 when perfectly even.
+    gate_inputs[i] is the input of moes[i]."""
     losses = []
-    for x, layer in zip(gate_inputs, model.layers):
-        probs, share = routing(x, layer.feed_forward)
+    for x, moe in zip(gate_inputs, moes, strict=True):
+        probs, share = routing(x, moe)
         losses.append(probs.shape[1] * (share * probs.mean(0)).sum())
     return torch.stack(losses).mean()
 
@@ -133,7 +136,7 @@ def lm_loss(model: Transformer, batch: list[list[int]]) -> torch.Tensor:
     targets = torch.cat([torch.tensor(s[1:]) for s in batch])  # [T]
     blocks = [-(-len(x) // BLOCK) for x in inputs]
     starts = [sum(blocks[:i]) for i in range(len(blocks))]
-    seqs = [StepSeq(list(range(s, s + b)), 0, len(x)) for s, b, x in zip(starts, blocks, inputs)]
+    seqs = [StepSeq(list(range(s, s + b)), 0, len(x)) for s, b, x in zip(starts, blocks, inputs, strict=True)]
     cache = KVCache(a.n_layers, sum(blocks), BLOCK, a.n_kv_heads, a.head_dim)  # fresh: nothing cached
     logits = model(torch.cat(inputs), Step.begin(seqs, a, cache), torch.arange(len(targets)))  # [T, V]
     return F.cross_entropy(logits, targets)
@@ -160,19 +163,21 @@ def _train(out, steps, seed, args, lr, batch_tokens, balance, log_every, text) -
     args = args or demo_args(tok.vocab_size)
     corpus = Corpus(text, tok)
     model = Transformer(args).train()
-    gate_inputs: list[torch.Tensor] = []
-    for m in model.modules():
-        if isinstance(m, MoeLayer):
-            m.register_forward_pre_hook(lambda _, inp: gate_inputs.append(inp[0]))
+    moes = [m for m in model.modules() if isinstance(m, MoeLayer)]  # one per layer, in layer order
+    gate_inputs: list[torch.Tensor] = []  # each forward's MoE layer inputs, in moes' order
+    for m in moes:
+        m.register_forward_pre_hook(lambda _, inp: gate_inputs.append(inp[0]))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, steps // 20)  # linear warmup, then cosine down to a tenth of lr
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
     losses = []
-    for step, batch in zip(range(1, steps + 1), batches(corpus, batch_tokens, torch.Generator().manual_seed(seed))):
+    # batches() is endless: the range ends the loop
+    for step, batch in zip(range(1, steps + 1), batches(corpus, batch_tokens, torch.Generator().manual_seed(seed)),
+                           strict=False):
         gate_inputs.clear()
         loss = lm_loss(model, batch)
-        total = loss + balance * balance_loss(gate_inputs, model)
+        total = loss + balance * balance_loss(gate_inputs, moes)
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -183,10 +188,11 @@ def _train(out, steps, seed, args, lr, batch_tokens, balance, log_every, text) -
             print(f"step {step}/{steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
                   f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     with torch.no_grad():  # rows per expert in the last batch, per layer: 1/8 each would be perfectly even
-        load = [routing(x, layer.feed_forward)[1] for x, layer in zip(gate_inputs, model.layers)]
+        load = [routing(x, moe)[1] for x, moe in zip(gate_inputs, moes, strict=True)]
     params = {n: p.detach().to(torch.bfloat16) for n, p in model.state_dict().items()}
     save_hf(out, args, params)
-    summary = dict(out=out, steps=steps, seed=seed, first_loss=losses[0], final_loss=sum(losses[-20:]) / len(losses[-20:]),
+    summary = dict(out=out, steps=steps, seed=seed, first_loss=losses[0],
+                   final_loss=sum(losses[-20:]) / len(losses[-20:]),
                    params=sum(p.numel() for p in model.parameters()), seconds=round(time.time() - t0, 1),
                    examples=len(corpus.fixed) + 2 * len(corpus.pairs),
                    tokens=sum(map(len, corpus.epoch(torch.Generator()))),

@@ -46,8 +46,8 @@ def test_paged_attention_equals_full_attention(window):
     alloc = BlockAllocator(200)
     tables = [alloc.allocate(blocks_for(n, bs, window)) for n in lengths]
     done, out = [0] * len(lengths), [[] for _ in lengths]
-    while any(d < n for d, n in zip(done, lengths)):
-        live = [i for i, (d, n) in enumerate(zip(done, lengths)) if d < n and rnd.random() < 0.8]
+    while any(d < n for d, n in zip(done, lengths, strict=True)):
+        live = [i for i, (d, n) in enumerate(zip(done, lengths, strict=True)) if d < n and rnd.random() < 0.8]
         if not live:
             continue
         chunk = {i: rnd.randint(1, lengths[i] - done[i]) for i in live}
@@ -55,7 +55,7 @@ def test_paged_attention_equals_full_attention(window):
         sl = {i: slice(done[i], done[i] + chunk[i]) for i in live}
         o = paged_attention(torch.cat([q_all[i][sl[i]] for i in live]), torch.cat([k_all[i][sl[i]] for i in live]),
                             torch.cat([v_all[i][sl[i]] for i in live]), pool_k, pool_v, meta)
-        for i, part in zip(live, o.split([chunk[i] for i in live])):
+        for i, part in zip(live, o.split([chunk[i] for i in live]), strict=True):
             out[i].append(part)
             done[i] += chunk[i]
     for i, n in enumerate(lengths):

@@ -41,7 +41,8 @@ KINDS = ["mixtral", "mistral"]
 def make_model(kind: str, tie: bool = False):
     torch.manual_seed({"mixtral": 0, "mistral": 1}[kind] + 10 * tie)
     if kind == "mixtral":
-        model = MixtralForCausalLM(MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=tie))
+        model = MixtralForCausalLM(MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2,
+                                                 tie_word_embeddings=tie))
     else:
         model = MistralForCausalLM(MistralConfig(**TINY, sliding_window=16, tie_word_embeddings=tie))
     with torch.no_grad():
@@ -220,7 +221,8 @@ def test_mistral_native_loads_same_as_hf(hf, kind, tmp_path):
     # save_mistral writes the same file from our tensors
     save_mistral(tmp_path / "again", native.args, expected)
     assert json.loads((tmp_path / "again/params.json").read_text()) == params
-    assert_same(load_file(tmp_path / "again/consolidated.safetensors"), load_file(tmp_path / "consolidated.safetensors"))
+    assert_same(load_file(tmp_path / "again/consolidated.safetensors"),
+                load_file(tmp_path / "consolidated.safetensors"))
     shutil.copy(hf[kind]["single"] / "config.json", tmp_path)  # a config.json without HF weights: still native
     assert Checkpoint.open(tmp_path).format == "mistral"
     shutil.copy(hf[kind]["single"] / "model.safetensors", tmp_path)  # both complete, as in some HF repos: HF

@@ -36,7 +36,8 @@ def test_generate_json_equals_engine(tiny_dir, chat):
     got = json.loads(moeray(*args, *(["--chat"] if chat else [])).stdout)
     engine = Engine.from_dir(tiny_dir)
     tok = engine.tokenizer
-    prompt = tok.encode_chat([{"role": "user", "content": "Experts and routers"}]) if chat else tok.encode("Experts and routers")
+    text = "Experts and routers"
+    prompt = tok.encode_chat([{"role": "user", "content": text}]) if chat else tok.encode(text)
     assert got["prompt_ids"] == prompt
     if chat:  # [BOS] [INST] ... [/INST], each segment on its own
         assert prompt[:1] == [tok.bos_id] and prompt[1:] == tok.encode("[INST] Experts and routers [/INST]", bos=False)
@@ -114,7 +115,7 @@ def test_chat_outlives_its_context(encode_chat):
     assert len(answers) == len(questions) and all(answers)
     # replayed: the CLI dropped as many turns as fit_chat says, once each, and kept the newest ones
     history, drops = [], 0
-    for question, answer in zip(questions, answers):
+    for question, answer in zip(questions, answers, strict=True):
         kept, prompt, max_tokens = cli.fit_chat(history + [{"role": "user", "content": question}], encode_chat,
                                                 200, DEMO_CONTEXT)
         drops += (len(history) + 1 - len(kept)) // 2

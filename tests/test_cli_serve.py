@@ -113,7 +113,8 @@ def test_moeray_serve_secure_by_default_quiet_and_stops_on_ctrl_c(remote_address
 
         # a streaming client that goes away after its first event
         request = urllib.request.Request(f"http://127.0.0.1:{http}/v1/chat/completions", json.dumps(
-            {**CHAT, "stream": True, "max_tokens": 400, "ignore_eos": True}).encode(), {"Content-Type": "application/json"})
+            {**CHAT, "stream": True, "max_tokens": 400, "ignore_eos": True}).encode(),
+            {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as stream:
             stream.readline()
         time.sleep(2)

@@ -55,7 +55,8 @@ def check(cfg: dict) -> dict:
             if res not in BUILTIN and (type(amount) is not int or amount < 0):
                 raise ValueError(f"node type {name!r}: custom resource {res}={amount!r} must be a non-negative int")
         if node_type["min_workers"] > node_type["max_workers"]:
-            raise ValueError(f"node type {name!r}: min_workers {node_type['min_workers']} > max_workers {node_type['max_workers']}")
+            raise ValueError(f"node type {name!r}: min_workers {node_type['min_workers']} > "
+                             f"max_workers {node_type['max_workers']}")
     return prepared
 
 
@@ -121,7 +122,8 @@ def test_pipeline_placement_fits_the_cluster(path, pipeline):
     for role, resources in wants.items():
         for res, fraction in resources.items():
             name, node_type = by_resource(cfg, res)
-            assert 0 < fraction <= node_type["resources"][res], f"{role} asks {res}={fraction}; {name} has {node_type['resources'][res]}"
+            has = node_type["resources"][res]
+            assert 0 < fraction <= has, f"{role} asks {res}={fraction}; {name} has {has}"
 
 
 @pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.name)
@@ -165,6 +167,7 @@ def rename_top(old, new):
     return edit
 
 
+EXPERT_NODE = ("available_node_types", "expert", "resources", "expert_node")  # the expert nodes' custom resource
 # (what is broken, the edit, caught by Ray's validator itself?)
 BROKEN = [
     ("typo'd top-level key", rename_top("max_workers", "max_worker"), True),
@@ -172,11 +175,11 @@ BROKEN = [
     ("head_node_type names no node type", set_key("head_node_type", value="ray.head.default"), True),
     ("node type without node_config", set_key("available_node_types", "expert", "node_config", delete=True), True),
     ("node type without resources", set_key("available_node_types", "attention", "resources", delete=True), True),
-    ("fractional custom resource", set_key("available_node_types", "expert", "resources", "expert_node", value=0.5), True),
-    ("negative custom resource", set_key("available_node_types", "expert", "resources", "expert_node", value=-1), True),
-    ("custom resource as a string", set_key("available_node_types", "expert", "resources", "expert_node", value="1"), True),
+    ("fractional custom resource", set_key(*EXPERT_NODE, value=0.5), True),
+    ("negative custom resource", set_key(*EXPERT_NODE, value=-1), True),
+    ("custom resource as a string", set_key(*EXPERT_NODE, value="1"), True),
     ("min_workers past the global max", set_key("available_node_types", "expert", "min_workers", value=50), True),
-    ("custom resource as 1.0", set_key("available_node_types", "expert", "resources", "expert_node", value=1.0), False),
+    ("custom resource as 1.0", set_key(*EXPERT_NODE, value=1.0), False),
     ("min_workers > the type's max_workers", set_key("available_node_types", "expert", "min_workers", value=9), False),
 ]
 

@@ -42,12 +42,12 @@ def test_prefill_logits_close(hf_tiny):
         n = blocks_for(len(p), 4, model.args.sliding_window)
         tables.append(list(range(first, first + n)))
         first += n
-    step = Step.begin([StepSeq(t, 0, len(p)) for t, p in zip(tables, ps)], model.args, cache)
+    step = Step.begin([StepSeq(t, 0, len(p)) for t, p in zip(tables, ps, strict=True)], model.args, cache)
     tokens = torch.tensor([t for p in ps for t in p])
     with torch.no_grad():
         ours = model(tokens, step, torch.arange(len(tokens))).split([len(p) for p in ps])
         ref = hf_model(hf_tiny)
-        for p, logits in zip(ps, ours):
+        for p, logits in zip(ps, ours, strict=True):
             expected = ref(torch.tensor([p])).logits[0]
             torch.testing.assert_close(logits, expected, atol=5e-5, rtol=1e-4)
 
@@ -57,7 +57,7 @@ def test_greedy_tokens_identical(hf_tiny):
     ps = prompts()
     results = engine.generate(ps, GREEDY)
     ref = hf_model(hf_tiny)
-    for p, r in zip(ps, results):
+    for p, r in zip(ps, results, strict=True):
         tokens, logprobs = hf_greedy(ref, p)
         assert r.token_ids == tokens
         assert r.finish_reason == "length"
@@ -140,7 +140,8 @@ def test_bad_requests_are_refused(hf_mixtral, bad, match):
 def test_half_precision_close_to_fp32(hf_mixtral, dtype):
     ps = prompts((6, 11))
     fp32 = Engine.from_dir(hf_mixtral).generate(ps, SamplingParams(max_tokens=4, temperature=0, logprobs=5))
-    half = Engine.from_dir(hf_mixtral, EngineConfig(dtype=dtype)).generate(ps, SamplingParams(max_tokens=1, temperature=0, logprobs=5))
+    half = Engine.from_dir(hf_mixtral, EngineConfig(dtype=dtype)).generate(
+        ps, SamplingParams(max_tokens=1, temperature=0, logprobs=5))
     assert half[0].token_ids[0] == fp32[0].token_ids[0]
     for a, b in zip(fp32, half, strict=True):  # the first token's top-5 logprobs agree to half-precision accuracy
         top_a, top_b = dict(a.top_logprobs[0]), dict(b.top_logprobs[0])
@@ -189,5 +190,5 @@ def test_lost_kv_cache_is_recomputed_and_output_unchanged(hf_tiny):
     got = engine.generate(ps, [GREEDY, GREEDY, seeded, seeded])
     assert engine.recomputes == 3 and engine.scheduler.allocator.num_free == engine.config.num_blocks
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
-    for a, b in zip(got[:2], expected[:2]):
+    for a, b in zip(got[:2], expected[:2], strict=True):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)

@@ -116,7 +116,7 @@ def test_shard_subset_with_empty_and_offset_blocks(dtype):
     """An expert shard's call: it holds experts 2, 5, 7 of a layer (ids, not positions); blocks name
     them out of order, one with zero rows, and start past row 0 (rows 0-2 belong to no block)."""
     g = torch.Generator().manual_seed(7)
-    held = dict(zip([2, 5, 7], random_experts(3, 48, 40, dtype, g, DEVICE)))
+    held = dict(zip([2, 5, 7], random_experts(3, 48, 40, dtype, g, DEVICE), strict=True))
     oracle = {e: copy.deepcopy(ff).double() for e, ff in held.items()}
     rows = torch.randn(40, 48, generator=g).to(DEVICE, dtype)
     blocks = [(7, 3, 20), (2, 23, 0), (5, 23, 17)]

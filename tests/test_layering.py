@@ -61,7 +61,8 @@ def test_the_substrate_never_imports_the_roles():
 
 def test_the_roles_never_import_the_command_line():
     """actors/cli (the `moeray` command and the benchmark harnesses) sits on top of the roles, not under them."""
-    roles = {name: deps for name, deps in GRAPH.items() if name.startswith("actors.") and not name.startswith("actors.cli")}
+    roles = {name: deps for name, deps in GRAPH.items()
+             if name.startswith("actors.") and not name.startswith("actors.cli")}
     assert {name: sorted(d for d in deps if d.startswith("actors.cli")) for name, deps in roles.items()
             if any(d.startswith("actors.cli") for d in deps)} == {}
 

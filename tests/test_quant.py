@@ -105,7 +105,8 @@ def test_int4_packing_order():
     assert torch.equal(unpack_int4(pack_int4(codes)), codes)
 
 
-@pytest.mark.parametrize("scale_dtype, int4_ratio", [(torch.float32, 0.5 / 4 + 8 / 128 / 4), (torch.bfloat16, 0.5 / 4 + 4 / 128 / 4)])
+@pytest.mark.parametrize("scale_dtype, int4_ratio", [(torch.float32, 0.5 / 4 + 8 / 128 / 4),
+                                                     (torch.bfloat16, 0.5 / 4 + 4 / 128 / 4)])
 def test_storage_sizes(scale_dtype, int4_ratio):
     """Against fp32 (4 bytes a weight): int8 = 1/4 + one scale a row; int4 = 1/8 + scale and offset a group."""
     out_f, in_f = 256, 1024
@@ -162,8 +163,9 @@ ENGINE = EngineConfig(max_num_seqs=8, max_num_batched_tokens=256, kv_cache_token
 # Greedy paths are identical under int8 only where each step's top-2 logit gap exceeds twice the logit
 # error; a random-init model has near-ties (gaps of 1e-3 where int8 moves logits by ~0.03, and a
 # moved hidden state can flip a later layer's top-2 routing). So these prompts were picked (from 200
-# seeded candidates) for gaps >= 0.068 (> 2 x INT8_LOGIT_ATOL) on every one of their 16 steps; test_int8_greedy_tokens_identical
-# asserts that premise before the tokens, so a change of the tiny model's weights shows as such.
+# seeded candidates) for gaps >= 0.068 (> 2 x INT8_LOGIT_ATOL) on every one of their 16 steps;
+# test_int8_greedy_tokens_identical asserts that premise before the tokens, so a change of the tiny model's
+# weights shows as such.
 PROMPTS = [
     [433, 428, 409, 374, 360, 506, 507, 504, 117, 437, 93, 330, 308, 128, 96, 422, 294, 274, 212, 323],
     [326, 81, 140, 484, 507, 231, 212, 187, 132, 135, 81, 199, 392, 181, 432, 434, 311, 28, 295, 384, 142, 493, 21],
@@ -182,7 +184,8 @@ def mixtral() -> Transformer:
 
 
 def greedy(model: Transformer) -> list[list[int]]:
-    return [c.token_ids for c in Engine(LocalExecutor(model, ENGINE), model.args, None, ENGINE).generate(PROMPTS, GREEDY)]
+    engine = Engine(LocalExecutor(model, ENGINE), model.args, None, ENGINE)
+    return [c.token_ids for c in engine.generate(PROMPTS, GREEDY)]
 
 
 def path_logits(model: Transformer, seqs: list[list[int]]) -> list[torch.Tensor]:
@@ -193,19 +196,23 @@ def path_logits(model: Transformer, seqs: list[list[int]]) -> list[torch.Tensor]
         tables.append(list(range(first, first + n)))
         first += n
     cache = KVCache(model.args.n_layers, first, 16, model.args.n_kv_heads, model.args.head_dim)
-    step = Step.begin([StepSeq(t, 0, len(s)) for t, s in zip(tables, seqs)], model.args, cache)
+    step = Step.begin([StepSeq(t, 0, len(s)) for t, s in zip(tables, seqs, strict=True)], model.args, cache)
     tokens = torch.tensor([t for s in seqs for t in s])
     with torch.no_grad():
         return list(model(tokens, step, torch.arange(len(tokens))).split([len(s) for s in seqs]))
+
+
+def continuation_logits(model: Transformer, seqs: list[list[int]]) -> list[torch.Tensor]:
+    """The logits [NEW, V] that chose each continuation, where seqs[i] is PROMPTS[i] and its continuation."""
+    return [l[len(p) - 1 : -1] for p, l in zip(PROMPTS, path_logits(model, seqs), strict=True)]
 
 
 @pytest.fixture(scope="module")
 def reference(mixtral):
     """Unquantized greedy tokens, and the logits that chose them ([NEW, V] per prompt)."""
     tokens = greedy(mixtral)
-    seqs = [p + t for p, t in zip(PROMPTS, tokens)]
-    logits = [l[len(p) - 1 : -1] for p, l in zip(PROMPTS, path_logits(mixtral, seqs))]
-    return tokens, seqs, logits
+    seqs = [p + t for p, t in zip(PROMPTS, tokens, strict=True)]
+    return tokens, seqs, continuation_logits(mixtral, seqs)
 
 
 def test_quantize_experts_replaces_exactly_the_expert_linears(mixtral):
@@ -216,7 +223,8 @@ def test_quantize_experts_replaces_exactly_the_expert_linears(mixtral):
     assert quantized == {f"layers.{l}.feed_forward.experts.{e}.{w}"
                          for l in range(a.n_layers) for e in range(a.moe.num_experts) for w in ("w1", "w2", "w3")}
     assert linears == {"output"} | {f"layers.{l}.{n}" for l in range(a.n_layers)
-                                    for n in ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.gate")}
+                                    for n in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                                              "feed_forward.gate")}
     # a standalone FeedForward and ExpertShard's {(layer, expert): FeedForward} mapping
     ff = FeedForward(64, 128)
     assert quantize_experts(ff, 4) is ff and isinstance(ff.w2, QuantLinear) and ff.w2.bits == 4
@@ -231,12 +239,13 @@ def test_quantize_experts_replaces_exactly_the_expert_linears(mixtral):
 def test_int8_greedy_tokens_identical(mixtral, reference):
     tokens, seqs, ref_logits = reference
     model = quantize_experts(copy.deepcopy(mixtral), 8)
-    for p, ref, got in zip(PROMPTS, ref_logits, [l[len(p) - 1 : -1] for p, l in zip(PROMPTS, path_logits(model, seqs))]):
+    for p, ref, got in zip(PROMPTS, ref_logits, continuation_logits(model, seqs), strict=True):
         top2 = ref.topk(2, dim=-1).values  # [NEW, 2]
         gap = (top2[:, 0] - top2[:, 1]).min().item()
         err = (got - ref).abs().max().item()
         assert err <= INT8_LOGIT_ATOL, f"int8 moved a logit by {err:.4f} on prompt {p[:4]}..."
-        assert gap > 2 * INT8_LOGIT_ATOL, f"premise: prompt {p[:4]}... has a top-2 gap of {gap:.4f}; pick prompts with margin"
+        assert gap > 2 * INT8_LOGIT_ATOL, \
+            f"premise: prompt {p[:4]}... has a top-2 gap of {gap:.4f}; pick prompts with margin"
     assert greedy(model) == tokens
 
 
@@ -246,8 +255,8 @@ def test_int4_logits_close(mixtral, reference):
     rel = {}
     for bits in (8, 4):
         model = quantize_experts(copy.deepcopy(mixtral), bits)
-        got = [l[len(p) - 1 : -1] for p, l in zip(PROMPTS, path_logits(model, seqs))]
-        rel[bits] = max(((g - r).norm() / r.norm()).item() for g, r in zip(got, ref_logits))
+        got = continuation_logits(model, seqs)
+        rel[bits] = max(((g - r).norm() / r.norm()).item() for g, r in zip(got, ref_logits, strict=True))
     assert rel[4] < 0.2
     assert rel[8] < 0.01
     assert rel[8] < rel[4] / 5  # 4 bits fewer: ~16x coarser steps; anything near parity is a bug
@@ -282,4 +291,4 @@ def test_expert_quant_is_selectable_per_deployment(tmp_path):
     assert not isinstance(int8.executor.model.layers[0].attention.wq, QuantLinear)
     params = SamplingParams(max_tokens=4, temperature=0, logprobs=2, ignore_eos=True)
     a, b = plain.generate([[1, 20, 30]], params)[0], int8.generate([[1, 20, 30]], params)[0]
-    assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 0.05
+    assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 0.05

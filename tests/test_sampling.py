@@ -49,7 +49,8 @@ def test_same_seed_same_tokens_whatever_the_batch():
     p = SamplingParams(temperature=1.0, seed=7)
     alone = [sample(rows[2:3], [p], [make_generator(7)], [torch.tensor([])])[0].token for _ in range(1)]
     gens = [make_generator(i) for i in (1, 2, 7, 3)]
-    batched = sample(rows[[0, 1, 2, 3]], [SamplingParams(temperature=1.0)] * 2 + [p, SamplingParams()], gens, [torch.tensor([])] * 4)
+    batched = sample(rows[[0, 1, 2, 3]], [SamplingParams(temperature=1.0)] * 2 + [p, SamplingParams()], gens,
+                     [torch.tensor([])] * 4)
     assert batched[2].token == alone[0]
 
 
@@ -96,7 +97,8 @@ def test_seeded_sampling_is_reproducible(engine):
     p = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=123, ignore_eos=True)
     a = [e.token for e in run(engine, "The router", p)]
     b = [e.token for e in run(engine, "The router", p)]
-    c = [e.token for e in run(engine, "The router", SamplingParams(max_tokens=20, temperature=1.0, seed=124, ignore_eos=True))]
+    other_seed = SamplingParams(max_tokens=20, temperature=1.0, seed=124, ignore_eos=True)
+    c = [e.token for e in run(engine, "The router", other_seed)]
     assert a == b and a != c
 
 
@@ -116,7 +118,8 @@ def test_stop_token_and_length(engine):
     full = run(engine, "Tokens", SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
     assert len(full) == 10 and full[-1].finish_reason == "length"
     stop_tok = full[4].token
-    events = run(engine, "Tokens", SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, stop_token_ids=[stop_tok]))
+    events = run(engine, "Tokens",
+                 SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, stop_token_ids=[stop_tok]))
     first = next(i for i, e in enumerate(full) if e.token == stop_tok)
     assert len(events) == first + 1 and (events[-1].finish_reason, events[-1].stop_reason) == ("stop", stop_tok)
 

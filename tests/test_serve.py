@@ -59,13 +59,15 @@ def test_openai_chat_and_completions(server, engine):
     chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
     assert chat.choices[0].message.content == want.text.lstrip()
     assert chat.usage.completion_tokens == len(want.token_ids)
-    streamed = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True)
+    streamed = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                              stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == want.text.lstrip()
 
     want = greedy(engine, engine.tokenizer.encode("The router sends"))
     done = client.completions.create(model="tiny", prompt="The router sends", max_tokens=12, temperature=0)
     assert done.choices[0].text == want.text and done.choices[0].finish_reason == want.finish_reason
-    streamed = client.completions.create(model="tiny", prompt="The router sends", max_tokens=12, temperature=0, stream=True)
+    streamed = client.completions.create(model="tiny", prompt="The router sends", max_tokens=12, temperature=0,
+                                         stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == want.text
     assert [m.id for m in client.models.list()] == ["tiny"]
 
@@ -107,7 +109,8 @@ def test_grpc_unary_and_stream_through_the_serve_proxy(server, engine):
 @pytest.mark.parametrize("path, body, status, needle", [
     ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 400, "model"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400,
+     "temperature"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 10 ** 6}, 400, "max_tokens"),
     ("/generate", {"inputs": "", "parameters": {"max_new_tokens": 4}}, 422, "inputs"),
 ])

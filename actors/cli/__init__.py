@@ -84,7 +84,8 @@ def _running_serve_options() -> dict | None:
     except ValueError:
         return None
     http, grpc_ = ray.get([controller.get_http_config.remote(), controller.get_grpc_config.remote()])
-    return {"host": http.host, "http_port": http.port, "grpc_port": grpc_.port if grpc_.grpc_servicer_functions else None}
+    return {"host": http.host, "http_port": http.port,
+            "grpc_port": grpc_.port if grpc_.grpc_servicer_functions else None}
 
 
 def _serving(url: str, timeout: float = 5.0) -> bool:
@@ -312,20 +313,25 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sv = sub.add_parser("serve", help="serve a model over HTTP (OpenAI, TGI) and gRPC on Ray (the demo model by default)")
+    sv = sub.add_parser("serve",
+                        help="serve a model over HTTP (OpenAI, TGI) and gRPC on Ray (the demo model by default)")
     sv.add_argument("--model", help="checkpoint directory (default: the built-in demo model)")
     sv.add_argument("--config", help="moeray YAML: engine, pipeline (placement) and serve sections")
     sv.add_argument("--address", help="join this Ray cluster ('auto': the one running on this machine; default: "
-                                      "$RAY_ADDRESS, else start a private local Ray instance that stops with the server)")
+                                      "$RAY_ADDRESS, else start a private local Ray instance that stops with the "
+                                      "server)")
     sv.add_argument("--host", help="HTTP bind address (default: 127.0.0.1; other machines also need the API key)")
     sv.add_argument("--http-port", type=int, help="HTTP port (default: 8000)")
     sv.add_argument("--grpc-port", type=int, help="serve the gRPC API on this port (default: off; Ray Serve's gRPC "
-                                                  "proxy listens on every interface, other machines need the API key)")
-    sv.add_argument("--dashboard-port", type=int, help="the private Ray instance's dashboard port (default: no dashboard)")
+                                                  "proxy listens on every interface, other machines need the API "
+                                                  "key)")
+    sv.add_argument("--dashboard-port", type=int,
+                    help="the private Ray instance's dashboard port (default: no dashboard)")
     sv.add_argument("--verbose", action="store_true", help="Ray Serve's request logs (default: warnings only)")
     sv.set_defaults(func=cmd_serve)
 
-    dp = sub.add_parser("deploy", help="check a Serve config strictly (unknown keys are errors), then `serve deploy` it")
+    dp = sub.add_parser("deploy",
+                        help="check a Serve config strictly (unknown keys are errors), then `serve deploy` it")
     dp.add_argument("file", help="a Serve config, e.g. configs/serve.yaml")
     dp.add_argument("--address", default=os.environ.get("RAY_DASHBOARD_ADDRESS", "http://localhost:8265"),
                     help="the cluster's dashboard address, as `serve deploy --address` (default: %(default)s)")
@@ -394,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--url", help="an HTTP server's base URL (OpenAI API); default: start a pipeline here")
     ld.add_argument("--config", help="moeray YAML for the pipeline started here (its scaling section included)")
     ld.add_argument("--model", help="checkpoint directory (default: a generated --preset model)")
-    ld.add_argument("--preset", choices=["small", "tiny"], default="tiny", help="generated model size (default: %(default)s)")
+    ld.add_argument("--preset", choices=["small", "tiny"], default="tiny",
+                    help="generated model size (default: %(default)s)")
     ld.add_argument("--concurrency", type=int, default=8, help="streams in flight (default: %(default)s)")
     ld.add_argument("--duration", type=float, default=20.0, help="seconds of load (default: %(default)s)")
     ld.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default: %(default)s)")

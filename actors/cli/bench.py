@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 REPEATS = 3
@@ -136,8 +137,10 @@ def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, s
     from kernels.engine import Engine, EngineConfig
     from kernels.tiny import make_tiny
 
-    report = {"preset": preset, "shards": shards, "threads": threads, "prompt_len": prompt_len, "new_tokens": new, "batches": {}}
-    engine_cfg = EngineConfig(max_num_seqs=max(batches), kv_cache_tokens=-(-max(batches) * (prompt_len + new) // 16) * 16)
+    report = {"preset": preset, "shards": shards, "threads": threads, "prompt_len": prompt_len, "new_tokens": new,
+              "batches": {}}
+    engine_cfg = EngineConfig(max_num_seqs=max(batches),
+                              kv_cache_tokens=-(-max(batches) * (prompt_len + new) // 16) * 16)
     with tempfile.TemporaryDirectory() as tmp:
         make_tiny(tmp, "mixtral", seed=0, **PRESETS[preset])
         cfg = MoerayConfig(model=tmp, engine=engine_cfg)
@@ -150,17 +153,20 @@ def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, s
             pipe = Pipeline.start(cfg)
             a = engine.args
             print(f"preset {preset}: Mixtral-shaped {a.n_layers} layers, dim {a.dim}, {a.num_experts} experts on "
-                  f"{shards} shards, {threads} torch thread(s) per actor; fp32 CPU; prompt {prompt_len}, {new} new tokens greedy, best of {REPEATS}")
+                  f"{shards} shards, {threads} torch thread(s) per actor; fp32 CPU; prompt {prompt_len}, "
+                  f"{new} new tokens greedy, best of {REPEATS}")
             print("| batch | single process tok/s | pipeline tok/s | pipeline / single |")
             print("| --- | --- | --- | --- |")
             for b in batches:
                 single = _decode_rate(lambda p, sp: engine.generate(p, sp), a.vocab_size, b, prompt_len, new)
-                before = pipe.stats()["seconds"], [x["busy_s"] for x in pipe.info()["attention"] + pipe.info()["experts"]]
+                before = (pipe.stats()["seconds"],
+                          [x["busy_s"] for x in pipe.info()["attention"] + pipe.info()["experts"]])
                 piped = _decode_rate(pipe.generate, a.vocab_size, b, prompt_len, new)
-                after = pipe.stats()["seconds"], [x["busy_s"] for x in pipe.info()["attention"] + pipe.info()["experts"]]
+                after = (pipe.stats()["seconds"],
+                         [x["busy_s"] for x in pipe.info()["attention"] + pipe.info()["experts"]])
                 runs = REPEATS + 1
                 sec = {k: (after[0][k] - before[0][k]) / runs for k in after[0]}
-                busy = [(y - x) / runs for x, y in zip(before[1], after[1])]
+                busy = [(y - x) / runs for x, y in zip(before[1], after[1], strict=True)]  # the same actors
                 att_busy, exp_busy = sum(busy[: len(pipe.attention)]), sum(busy[len(pipe.attention):])
                 split = {"attention compute": att_busy, "expert compute": exp_busy,
                          "transport and waiting": sec["attention"] + sec["experts"] - att_busy - exp_busy,
@@ -186,11 +192,12 @@ def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, s
             for b in batches:
                 x = torch.randn(b, a.dim)
                 seqs = [StepSeq([i], 0, 1) for i in range(b)]  # one token each, in blocks the pipeline has freed
-                echo = _mean(lambda: client.echo(x.numpy().tobytes()))
+                echo = _mean(lambda x=x: client.echo(x.numpy().tobytes()))
                 step = 1 << 40 | b
                 client.attention(step, 0, seqs, x).result()  # a step's first call carries its block tables ...
                 busy0 = ray.get(pipe.attention[0].info.remote())["busy_s"]
-                call = _mean(lambda: client.attention(step, 0, None, x).result())  # ... the others do not
+                call = _mean(lambda step=step, x=x:
+                             client.attention(step, 0, None, x).result())  # ... the others do not
                 busy = (ray.get(pipe.attention[0].info.remote())["busy_s"] - busy0) / (N_CALLS + 1)
                 report["data_plane"][b] = {"bytes": x.numel() * 4, "echo_ms": echo * 1e3, "call_ms": call * 1e3,
                                            "compute_ms": busy * 1e3}
@@ -291,8 +298,8 @@ def bench_moe(batches: list[int], repeats: int, interpret: bool, out: str | None
                     expert_rows(rows, blocks, experts), fused_expert_rows(rows, blocks, stacked)
                 t_ref = t_fused = float("inf")
                 for _ in range(repeats):  # alternating, best of: the least disturbed run of each
-                    t_ref = min(t_ref, timed(lambda: expert_rows(rows, blocks, experts)))
-                    t_fused = min(t_fused, timed(lambda: fused_expert_rows(rows, blocks, stacked)))
+                    t_ref = min(t_ref, timed(partial(expert_rows, rows, blocks, experts)))
+                    t_fused = min(t_fused, timed(partial(fused_expert_rows, rows, blocks, stacked)))
             rows_out.append(dict(tokens=b, rows=rows.shape[0], experts=len(blocks), reference_s=t_ref, fused_s=t_fused,
                                  speedup=t_ref / t_fused, reference_gb_s=weight_bytes / t_ref / 1e9,
                                  fused_gb_s=weight_bytes / t_fused / 1e9, max_rel_diff=diff))

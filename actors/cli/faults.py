@@ -23,6 +23,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from actors.cli.bench import write_report
 from actors.cli.loadgen import Report, run_load
@@ -273,7 +274,7 @@ def bench_faults(model: str | None, concurrency: int, max_tokens: int, out: str 
         url, name = f"http://127.0.0.1:{config.serve.http_port}", config.serve.model_name
         for fault, cls in (("router-replica-killed", "Router"), ("ingress-replica-killed", "Ingress")):
             pid = serve_pid(f"ServeReplica:moeray:{cls}")
-            record(serve_fault(fault, url, lambda: os.kill(pid, signal.SIGKILL), name)[0])
+            record(serve_fault(fault, url, partial(os.kill, pid, signal.SIGKILL), name)[0])
         serve.shutdown()
     finally:
         ray.shutdown()

@@ -152,7 +152,8 @@ class Report:
                 **{f"itl_p{q}_ms": round(_percentile(self.itl, q) * 1e3, 1) for q in (50, 90, 99)}}
 
 
-HEADER = f"{'run':<22} {'req':>5} {'fail':>4} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} {'p90':>7} {'p99':>7}"
+HEADER = (f"{'run':<22} {'req':>5} {'fail':>4} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} {'p90':>7} "
+          f"{'p99':>7}")
 
 
 def table_row(name: str, r: Report) -> str:
@@ -317,6 +318,19 @@ def bench_load(url: str | None, config_path: str | None, model: str | None, pres
     return result
 
 
+def _scaler_settled(pipe, limit_s: float = 60.0) -> Callable[[], bool]:
+    """A `stop` for run_load: true once the pipeline's scaler has every target replica up and has ticked
+    more than 10 times, or `limit_s` after this call."""
+    t0, seen = time.monotonic(), {"at": 0.0, "done": False}
+
+    def settled() -> bool:  # polled by every stream between requests: ask the scaler 2x/s
+        if time.monotonic() - seen["at"] > 0.5:
+            s, seen["at"] = pipe.scaler_status(), time.monotonic()
+            seen["done"] = time.monotonic() - t0 > limit_s or (s["replicas"] == s["targets"] and s["ticks"] > 10)
+        return seen["done"]
+    return settled
+
+
 def bench_scaling(preset: str, concurrency: int, duration: float, max_tokens: int, prompt_len: int,
                   shards: int, max_extra: int, out: str | None) -> dict:
     """The same skewed load with expert scaling off, then on, in one run. The 'off' run measures the hot
@@ -356,17 +370,9 @@ def bench_scaling(preset: str, concurrency: int, duration: float, max_tokens: in
                 say(f"scaling {mode}: starting the pipeline")
                 pipe = Pipeline.start(cfg)
                 try:
-                    if mode == "on":
-                        say("scaling on: load until the scaler settles")  # warm-up: the same load until the scaler has settled
-                        t0, seen = time.monotonic(), {"at": 0.0, "done": False}
-
-                        def settled() -> bool:  # polled by every stream between requests: ask the scaler 2x/s
-                            if time.monotonic() - seen["at"] > 0.5:
-                                s, seen["at"] = pipe.scaler_status(), time.monotonic()
-                                seen["done"] = time.monotonic() - t0 > 60 or (s["replicas"] == s["targets"]
-                                                                              and s["ticks"] > 10)
-                            return seen["done"]
-                        asyncio.run(run_load(pipe, prompts, params, concurrency, stop=settled))
+                    if mode == "on":  # warm-up: the same load until the scaler has settled
+                        say("scaling on: load until the scaler settles")
+                        asyncio.run(run_load(pipe, prompts, params, concurrency, stop=_scaler_settled(pipe)))
                     asyncio.run(run_load(pipe, prompts, params, concurrency, duration_s=2))  # warm caches
                     say(f"scaling {mode}: measuring")
                     report = asyncio.run(run_load(pipe, prompts, params, concurrency, duration_s=duration))
@@ -384,8 +390,8 @@ def bench_scaling(preset: str, concurrency: int, duration: float, max_tokens: in
                                         "target_tokens_per_s": target if mode == "on" else None}
         finally:
             ray.shutdown()
-    print(f"preset {preset}, {shards} expert shards, {concurrency} concurrent streams, {duration:.0f}s measured per run, "
-          f"{max_tokens} tokens each; prompts skewed to {hot} ({100 * share:.0f}% of layer {pair[0]}'s rows); "
+    print(f"preset {preset}, {shards} expert shards, {concurrency} concurrent streams, {duration:.0f}s measured "
+          f"per run, {max_tokens} tokens each; prompts skewed to {hot} ({100 * share:.0f}% of layer {pair[0]}'s rows); "
           f"scaling on: target {target:.1f} tokens/s per replica (a third of the hot rate measured with it off)")
     print(HEADER + "  same tokens  extra replicas")
     for name, report, extra, same in rows:

@@ -145,7 +145,8 @@ def bench_startup(runs: int, idle_s: float, out: str | None) -> dict:
         commands = {
             "moeray serve": lambda port: ["moeray", "serve", "--http-port", str(port)],
             "serve run configs/serve.yaml": lambda port: ["serve", "run", _serve_config(tmp, port)],
-            "baseline: serve run of a one-line app": lambda port: ["serve", "run", _serve_config(tmp, port, "hello_app:app")],
+            "baseline: serve run of a one-line app":
+                lambda port: ["serve", "run", _serve_config(tmp, port, "hello_app:app")],
         }
         for i in range(runs):
             for name, command in commands.items():
@@ -166,7 +167,8 @@ def bench_startup(runs: int, idle_s: float, out: str | None) -> dict:
         base_warm = min(r["first_answer_s"] for r in base[1:]) if len(base) > 1 else base[0]["first_answer_s"]
         rss = rs[-1]["idle_rss_mb"]
         row = {"cold_s": rs[0]["first_answer_s"], "warm_s": warm, "idle_rss_mb": rss,
-               "warm_vs_baseline": round(warm / base_warm, 2), "rss_vs_baseline": round(rss / base[-1]["idle_rss_mb"], 2)}
+               "warm_vs_baseline": round(warm / base_warm, 2),
+               "rss_vs_baseline": round(rss / base[-1]["idle_rss_mb"], 2)}
         report["summary"][name] = row
         print(f"{name:40s} {row['cold_s']:8.1f} {warm:8.1f} {rss:12d} {row['warm_vs_baseline']:13.2f}x "
               f"{row['rss_vs_baseline']:6.2f}x")

@@ -24,14 +24,14 @@ import functools
 import inspect
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster.api.service import ApiError, InvalidRequest, Service, reason
+from cluster.api.service import ApiError, InvalidRequest, Service, TokenStream, reason
 from cluster.rpc import moeray_pb2 as pb
 from kernels.engine import TokenEvent
 from kernels.sampling import SamplingParams
@@ -42,7 +42,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"]  # its RPCs are Gr
 SERVICE_NAME = SERVICE.full_name  # "moeray.v1.GenerationService"
 OPTIONAL = ("temperature", "top_p", "repetition_penalty", "seed", "logprobs")  # unset: SamplingParams' default
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
-Stream = AsyncIterator[pb.GenerateStreamResponse]
+Stream = AsyncGenerator[pb.GenerateStreamResponse, None]
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -246,7 +246,7 @@ class GrpcApi:
                                      top_k=p.top_k, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
                                      ignore_eos=p.ignore_eos, **optional)
 
-    async def _open(self, grpc_context, prepare, request) -> tuple[AsyncIterator[TokenEvent], SamplingParams, int]:
+    async def _open(self, grpc_context, prepare, request) -> tuple[TokenStream, SamplingParams, int]:
         ids, params = prepare(request)
         request_id = request.request_id if request.HasField("request_id") else None
         chat = isinstance(request, pb.ChatRequest)  # a reply drops the continuation's leading space, as over HTTP
@@ -260,6 +260,7 @@ class GrpcApi:
     @staticmethod
     def _finish(message, ev: TokenEvent, prompt_tokens: int, completion_tokens: int) -> None:
         """Sets the end-of-generation fields that GenerateResponse and the last stream message share."""
+        assert ev.finish_reason is not None, "only a generation's last event ends it"
         message.finish_reason = FINISH[ev.finish_reason]
         if isinstance(ev.stop_reason, str):
             message.stop_sequence = ev.stop_reason

@@ -2,7 +2,8 @@
 (cluster/api/tgi_api.py), /health and /metrics, in one FastAPI app that decides for every route who may connect,
 whether the API key is needed, and what shape an error has.
 
-Only wire formats live in the HTTP modules; prompts, limits, errors and the token stream come from cluster/api/service.py.
+Only wire formats live in the HTTP modules; prompts, limits, errors and the token stream come from
+cluster/api/service.py.
 
 Decisions clients can rely on:
 - With an API key (Service(api_key=...)), every route but /health needs `Authorization: Bearer <key>`,
@@ -94,7 +95,9 @@ def build_http_app(service: Service) -> FastAPI:
     app.add_middleware(PeerCheck, service=service, refuse=_error_response)
     for exc, handler in ((ApiError, _on_api_error), (RequestValidationError, _on_validation_error),
                          (HTTPException, _on_http_error), (Exception, _on_crash)):
-        app.add_exception_handler(exc, handler)
+        # Starlette types every handler as taking any Exception, not the class it is registered for
+        # (Kludex/starlette#2417)
+        app.add_exception_handler(exc, handler)  # type: ignore[arg-type]
     app.include_router(openai_api.routes(service))
     app.include_router(tgi_api.routes(service))
 

@@ -8,18 +8,19 @@ Decisions clients can rely on, in both APIs:
 - NaN and Infinity (which Python's json writes) are refused in every number field.
 - Bodies over 16 MiB: 413.
 - temperature below 1e-5 decodes greedily (vLLM's rule; smaller ones overflow the sampler);
-  repetition_penalty must be >= 0.01 (kernels/sampling.py) and stop strings at most 512 characters (cluster/api/service.py).
+  repetition_penalty must be >= 0.01 (kernels/sampling.py) and stop strings at most 512 characters
+  (cluster/api/service.py).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from typing import Annotated, Any, TypeVar
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cluster.api.service import (
     MAX_REQUEST_BYTES,
@@ -34,11 +35,6 @@ from kernels.sampling import SamplingParams
 
 
 # -- request bodies ----------------------------------------------------------------------------
-def opt(kind: type = float, **limits: float) -> Any:
-    """An optional JSON number within `limits` (ge, le, gt)."""
-    return Annotated[kind, Field(**limits)] | None
-
-
 class Body(BaseModel):
     """JSON types as sent (no "1" for 1, no 1 for true); no NaN or Infinity (Python's json writes them, and a NaN
     fails a range check with a message about the range); unknown fields ignored, as OpenAI and TGI do."""
@@ -83,9 +79,9 @@ async def parse(request: Request, model: type[B]) -> B:
         raise invalid(e.errors()) from None
 
 
-def invalid(errors: list[dict]) -> InvalidRequest:
+def invalid(errors: Sequence[Mapping[str, Any]]) -> InvalidRequest:
     """One InvalidRequest for pydantic's `errors`: the first four messages, the first field as its param."""
-    msgs = {}
+    msgs: dict[str, str] = {}  # message -> field
     for err in errors:
         name = _field(err["loc"])
         msgs.setdefault(f"{name or 'request body'}: {err['msg']}", name)
@@ -136,7 +132,9 @@ class EventStream(StreamingResponse):
     generator suspended at a `yield` (closing it runs its `finally`) or not started at all (then closing
     it runs nothing, so the streams are closed here too; closing twice is a no-op)."""
 
-    def __init__(self, events: AsyncIterator[str], streams: list[TokenStream]):
+    body_iterator: AsyncGenerator[str, None]  # `events`, as given: closable
+
+    def __init__(self, events: AsyncGenerator[str, None], streams: list[TokenStream]):
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self.streams = streams
 

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import Field
 from starlette.exceptions import HTTPException
 
-from cluster.api.http_common import Body, EventStream, close_all, open_all, opt, parse, refuse, sse, stream_error
+from cluster.api.http_common import Body, EventStream, close_all, open_all, parse, refuse, sse, stream_error
 from cluster.api.service import MAX_STOP, ApiError, InvalidRequest, Service, TokenStream
 from kernels.engine import TokenEvent
 from kernels.sampling import SamplingParams
@@ -43,19 +44,19 @@ class StreamOptions(Body):
 
 class _OpenAIBody(Body):
     model: str | None = None  # optional, as in vLLM: this server has one model
-    max_tokens: opt(int, ge=1) = None
-    temperature: opt(ge=0, le=2) = None
-    top_p: opt(le=1, gt=0) = None
-    n: opt(int, ge=1, le=8) = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(le=1, gt=0)] | None = None
+    n: Annotated[int, Field(ge=1, le=8)] | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: opt(ge=-2, le=2) = None
-    frequency_penalty: opt(ge=-2, le=2) = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     user: str | None = None
-    top_k: opt(int, ge=0) = None  # extensions, as in vLLM
-    repetition_penalty: opt(le=10, gt=0) = None
+    top_k: Annotated[int, Field(ge=0)] | None = None  # extensions, as in vLLM
+    repetition_penalty: Annotated[float, Field(le=10, gt=0)] | None = None
     ignore_eos: bool | None = False
     logit_bias: dict[str, Any] | None = None
     suffix: str | None = None
@@ -65,15 +66,15 @@ class _OpenAIBody(Body):
 
 class ChatBody(_OpenAIBody):
     messages: list[Any]
-    max_completion_tokens: opt(int, ge=1) = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False
-    top_logprobs: opt(int, ge=0, le=20) = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: list[Any] | None = None
 
 
 class CompletionBody(_OpenAIBody):
     prompt: Any  # str | list[str] | list[int] | list[list[int]]: checked in _prompts, with clearer messages
-    logprobs: opt(int, ge=0, le=5) = None
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: bool | None = False
 
 
@@ -191,7 +192,8 @@ class _Choice:
 
     def __init__(self, index: int, prefix: str = ""):
         self.index, self.pending = index, prefix
-        self.text, self.events = "", []
+        self.text = ""
+        self.events: list[TokenEvent] = []
         self.offsets: list[int] = []  # where each event's text starts in self.text: completions' text_offset
 
     def add(self, ev: TokenEvent) -> str:
@@ -222,7 +224,7 @@ class _Reply:
     async def whole(self) -> JSONResponse:
         chat = self.chat
         try:
-            for s, c in zip(self.streams, self.choices):
+            for s, c in zip(self.streams, self.choices, strict=True):  # a choice per stream
                 async for ev in s:
                     c.add(ev)
         finally:
@@ -233,7 +235,7 @@ class _Reply:
                for c in self.choices]
         return JSONResponse({**self.head, "choices": out, "usage": self.usage(), "system_fingerprint": None})
 
-    async def events(self, include_usage: bool) -> AsyncIterator[str]:
+    async def events(self, include_usage: bool) -> AsyncGenerator[str, None]:
         chat = self.chat
         head = {**self.head, "object": "chat.completion.chunk" if chat else "text_completion"}
         extra = {"usage": None} if include_usage else {}
@@ -245,7 +247,7 @@ class _Reply:
             return sse({**head, "choices": [choice], **extra})
 
         try:
-            for s, c in zip(self.streams, self.choices):
+            for s, c in zip(self.streams, self.choices, strict=True):  # a choice per stream
                 if chat:
                     yield chunk(c, {"role": "assistant", "content": ""})
                 async for ev in s:

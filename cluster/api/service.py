@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -101,7 +101,9 @@ class ModelCard:
 
 
 class Backend(Protocol):
-    def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]: ...
+    # a generator, not any iterator: a TokenStream closes it (aclose) to abort the request
+    def stream(self, prompt_ids: list[int], params: SamplingParams,
+               request_id: str) -> AsyncGenerator[TokenEvent, None]: ...
 
     async def stats(self) -> dict: ...
 
@@ -139,13 +141,14 @@ class Metrics:
                                  "over the router's sliding window (the expert scaler's signal)", ["layer", "expert"],
                                  registry=r)
         self.expert_replicas = Gauge("moeray:expert_replicas", "Actors serving each expert: base shards plus the "
-                                     "expert scaler's ready replicas (absent while scaling is off)", ["layer", "expert"],
-                                     registry=r)
+                                     "expert scaler's ready replicas (absent while scaling is off)",
+                                     ["layer", "expert"], registry=r)
         self._expert_tokens: dict[str, int] = {}
         r.register(self)  # collect() below: tokens per (layer, expert), as the router last reported them
 
     def collect(self):
-        family = CounterMetricFamily("moeray:expert_tokens", "Token rows routed to each expert", labels=["layer", "expert"])
+        family = CounterMetricFamily("moeray:expert_tokens", "Token rows routed to each expert",
+                                     labels=["layer", "expert"])
         for key, n in sorted(self._expert_tokens.items()):
             family.add_metric(key.split(":"), n)
         yield family
@@ -168,9 +171,10 @@ def reason(e: BaseException) -> str:
     paths, pid, ip, actor id): this is its cause's (a cause may be a task error again), first line only (a
     RayActorError lists the actor's pid and ip on the next lines), without a repeated prefix."""
     for _ in range(8):  # bounded: a cause chain is short, and a cycle must not hang the request
-        if not isinstance(getattr(e, "cause", None), BaseException):
+        cause = getattr(e, "cause", None)
+        if not isinstance(cause, BaseException):
             break
-        e = e.cause
+        e = cause
     text = str(e).strip().split("\n", 1)[0] or type(e).__name__
     return text.removeprefix("generation failed: ")
 

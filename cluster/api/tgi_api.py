@@ -11,14 +11,14 @@ Decisions clients can rely on:
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
-from cluster.api.http_common import Body, EventStream, open_all, opt, parse, refuse, sse, stream_error
+from cluster.api.http_common import Body, EventStream, open_all, parse, refuse, sse, stream_error
 from cluster.api.service import MAX_STOP, ApiError, Service, TokenStream
 from kernels.engine import TokenEvent
 
@@ -26,20 +26,20 @@ TGI_PATHS = ("/", "/generate", "/generate_stream")
 
 
 class TgiParameters(Body):
-    max_new_tokens: opt(int, ge=1) = 20  # TGI's default; null means "up to the context"
-    temperature: opt(gt=0) = None
-    top_p: opt(le=1, gt=0) = None
-    top_k: opt(int, gt=0) = None
-    repetition_penalty: opt(gt=0) = None
+    max_new_tokens: Annotated[int, Field(ge=1)] | None = 20  # TGI's default; null means "up to the context"
+    temperature: Annotated[float, Field(gt=0)] | None = None
+    top_p: Annotated[float, Field(le=1, gt=0)] | None = None
+    top_k: Annotated[int, Field(gt=0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     do_sample: bool | None = False
-    seed: opt(int, ge=0, le=2**64 - 1) = None  # TGI's u64
+    seed: Annotated[int, Field(ge=0, le=2**64 - 1)] | None = None  # TGI's u64
     stop: Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     details: bool | None = False
     decoder_input_details: bool | None = False
     return_full_text: bool | None = False
-    truncate: opt(int, ge=1) = None
-    top_n_tokens: opt(int, ge=0, le=5) = None
-    best_of: opt(int, ge=1) = None
+    truncate: Annotated[int, Field(ge=1)] | None = None
+    top_n_tokens: Annotated[int, Field(ge=0, le=5)] | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
     frequency_penalty: float | None = None
     typical_p: float | None = None
     watermark: bool | None = False
@@ -122,7 +122,7 @@ async def _whole(service: Service, s: TokenStream, p: TgiParameters, prefix: str
 
 
 async def _events(service: Service, s: TokenStream, p: TgiParameters, prefix: str, seed: int | None,
-                  input_length: int) -> AsyncIterator[str]:
+                  input_length: int) -> AsyncGenerator[str, None]:
     events: list[TokenEvent] = []
     try:
         async for ev in s:
