@@ -32,7 +32,7 @@ class RouterReplica(Router):
     is enabled) are created by this process, so they live and die with it."""
 
     def __init__(self, config: MoerayConfig):
-        super().__init__(config, start_workers(config))
+        super().__init__(start_workers(config))
 
     async def generate(self, request_id, prompt_ids, params):
         """Router.generate, with a refusal sent back as a value rather than raised: Serve logs every exception

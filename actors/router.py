@@ -29,14 +29,13 @@ import ray
 import torch
 
 from actors.common import node_id, set_threads
-from cluster.config import MoerayConfig
 from cluster.dataplane import collective, transport
 from cluster.loop import EngineLoop
 from cluster.placement import Placement
+from kernels.build import Holds, build_role
 from kernels.cache import StepSeq
 from kernels.checkpoint import Checkpoint
-from kernels.engine import DTYPES, CacheLost, Engine, EngineConfig, Request, load_tokenizer, resolve_device
-from kernels.model import Transformer, build, load_into
+from kernels.engine import CacheLost, Engine, EngineConfig, Request, load_tokenizer
 from kernels.moe import Blocks
 from kernels.sampling import SamplingParams
 
@@ -77,11 +76,10 @@ class PipelineExecutor:
                  attention_addresses: list[str], expert_addresses: list[str], window_s: float = 10.0,
                  resolve: Callable[[str], str | None] | None = None, group: collective.Group | None = None,
                  ranks: dict[str, int] | None = None):
-        self.args = a = ckpt.args
-        self.device = resolve_device(engine.device)
-        model = build(Transformer, a, attention=lambda l: partial(self._attention, l),
-                      experts=lambda l: partial(self._experts, l))
-        self.model = load_into(model, ckpt, dtype=DTYPES[engine.dtype], device=self.device)  # what stays here
+        self.args = ckpt.args
+        built = build_role(ckpt, engine, Holds(stand_ins=(lambda l: partial(self._attention, l),
+                                                          lambda l: partial(self._experts, l))))
+        self.model, self.device = built.model, built.device
         self.net = net
         self.group, self.ranks = group, dict(ranks or {})  # the collective group; worker address -> rank
         self.resolve = resolve  # address of a lost worker -> its address once Ray has restarted it (None: not ours)
@@ -274,9 +272,11 @@ class Router:
     """One pipeline replica's engine: submit requests, stream their tokens. A Ray actor (Pipeline) or the
     base of a Serve replica (`moeray serve`). It keeps its workers serving: a lost attention actor or
     base expert shard is restarted by Ray (started with max_restarts), and the executor finds it again
-    here. With scaling enabled it runs the expert scaler in-process, on its own routing load."""
+    here. With scaling enabled it runs the expert scaler in-process, on its own routing load. Its config is
+    the one its workers run with (workers.config: the data plane carries the replica's token)."""
 
-    def __init__(self, config: MoerayConfig, workers: Workers):
+    def __init__(self, workers: Workers):
+        config = workers.config
         pc = config.pipeline
         set_threads(pc.router.threads)
         ckpt = Checkpoint.open(config.model)

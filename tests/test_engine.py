@@ -4,10 +4,11 @@ import pytest
 import torch
 from conftest import mistral_copy
 
+from kernels.build import Holds, build_role
 from kernels.cache import KVCache, StepSeq, blocks_for
 from kernels.checkpoint import Checkpoint
 from kernels.engine import CacheLost, Engine, EngineConfig, Request
-from kernels.model import Step, Transformer
+from kernels.model import Step
 from kernels.sampling import SamplingParams
 
 NEW = 32
@@ -34,7 +35,7 @@ def hf_greedy(model, prompt):
 
 def test_prefill_logits_close(hf_tiny):
     """All positions of a batch of prompts of different lengths, in one flat step."""
-    model = Transformer.from_checkpoint(Checkpoint.open(hf_tiny))
+    model = build_role(Checkpoint.open(hf_tiny), EngineConfig(), Holds(whole=True)).model
     ps = prompts()
     cache = KVCache(model.args.n_layers, 64, 4, model.args.n_kv_heads, model.args.head_dim)
     tables, first = [], 0
