@@ -74,7 +74,7 @@ class PipelineExecutor:
 
     def __init__(self, ckpt: Checkpoint, engine: EngineConfig, placement: Placement, net: transport.TransportConfig,
                  attention_addresses: list[str], expert_addresses: list[str], window_s: float = 10.0,
-                 resolve: Callable[[str], str | None] | None = None, group: collective.Group | None = None,
+                 find_restarted: Callable[[str], str | None] | None = None, group: collective.Group | None = None,
                  ranks: dict[str, int] | None = None):
         self.args = ckpt.args
         built = build_role(ckpt, engine, Holds(stand_ins=(lambda l: partial(self._attention, l),
@@ -82,7 +82,8 @@ class PipelineExecutor:
         self.model, self.device = built.model, built.device
         self.net = net
         self.group, self.ranks = group, dict(ranks or {})  # the collective group; worker address -> rank
-        self.resolve = resolve  # address of a lost worker -> its address once Ray has restarted it (None: not ours)
+        # address of a lost worker -> its address once Ray has restarted it (None: not ours)
+        self.find_restarted = find_restarted
         self._clients: dict[str, transport.Client] = {}  # by address: one channel per peer, reused across tables
         attention = [self._client(addr) for addr in attention_addresses]
         self.attention_of = {l: attention[i] for i, layers in enumerate(placement.attention) for l in layers}
@@ -239,7 +240,7 @@ class PipelineExecutor:
         its KV cache empty, or just slow: recomputing is right either way), so the engine recomputes the
         running sequences' caches; the error itself when it is not transient, not ours, or keeps failing."""
         self._failed_steps += 1
-        if err.code in FATAL or self.resolve is None or self._failed_steps > MAX_FAILED_STEPS:
+        if err.code in FATAL or self.find_restarted is None or self._failed_steps > MAX_FAILED_STEPS:
             return err
         log.warning("attention call to %s failed (%s); recomputing the KV cache once it serves", actor.address, err.code)
         self._recover(actor)
@@ -248,7 +249,7 @@ class PipelineExecutor:
     def _recover(self, actor: transport.Client) -> None:
         """Waits until the worker that served at actor.address serves again (Ray restarts a lost one: a new
         process on a new port) and puts its new client wherever the old one was. TransportError if it can't."""
-        address = self.resolve(actor.address) if self.resolve else None
+        address = self.find_restarted(actor.address) if self.find_restarted else None
         if address is None:
             raise transport.TransportError("UNAVAILABLE", f"{actor.address}: lost, and no one restarts it")
         if address == actor.address:
@@ -286,7 +287,7 @@ class Router:
         group, ranks = self._join_group(pc.transport, workers)
         self.executor = PipelineExecutor(ckpt, config.engine, workers.placement, pc.transport,
                                          workers.attention_addresses, workers.expert_addresses,
-                                         config.scaling.window_s, self._resolve, group, ranks)
+                                         config.scaling.window_s, self._find_restarted, group, ranks)
         self.engine = Engine(self.executor, ckpt.args, load_tokenizer(config.model), config.engine)
         self.loop = EngineLoop(self.engine)
         self.scaler = None
@@ -324,7 +325,7 @@ class Router:
                 group.break_pair(rank)
         return group, ranks
 
-    def _resolve(self, address: str) -> str | None:
+    def _find_restarted(self, address: str) -> str | None:
         """The current address of the worker that served at `address`, waiting while Ray restarts it."""
         handle = self._workers.get(address)
         if handle is None:
