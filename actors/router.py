@@ -72,15 +72,16 @@ class PipelineExecutor:
     With a collective group (transport kinds gloo, nccl) the workers at the addresses in `ranks` are
     called over it; any other address (an extra replica, a restarted worker) over plain gRPC."""
 
-    def __init__(self, ckpt: Checkpoint, engine: EngineConfig, placement: Placement, net: transport.TransportConfig,
-                 attention_addresses: list[str], expert_addresses: list[str], window_s: float = 10.0,
+    def __init__(self, ckpt: Checkpoint, engine: EngineConfig, placement: Placement,
+                 transport_config: transport.TransportConfig, attention_addresses: list[str],
+                 expert_addresses: list[str], window_s: float = 10.0,
                  find_restarted: Callable[[str], str | None] | None = None, group: collective.Group | None = None,
                  ranks: dict[str, int] | None = None):
         self.args = ckpt.args
         built = build_role(ckpt, engine, Holds(stand_ins=(lambda l: partial(self._attention, l),
                                                           lambda l: partial(self._experts, l))))
         self.model, self.device = built.model, built.device
-        self.net = net
+        self.transport_config = transport_config
         self.group, self.ranks = group, dict(ranks or {})  # the collective group; worker address -> rank
         # address of a lost worker -> its address once Ray has restarted it (None: not ours)
         self.find_restarted = find_restarted
@@ -106,7 +107,8 @@ class PipelineExecutor:
 
     def _client(self, address: str) -> transport.Client:
         if address not in self._clients:
-            self._clients[address] = transport.connect(self.net, address, self.group, self.ranks.get(address))
+            self._clients[address] = transport.connect(self.transport_config, address, self.group,
+                                                       self.ranks.get(address))
         return self._clients[address]
 
     def collective_calls(self) -> tuple[int, int]:
@@ -297,28 +299,29 @@ class Router:
             self.scaler = ExpertScaler(config, self, workers.placement)
 
     @staticmethod
-    def _join_group(net: transport.TransportConfig, workers: Workers) -> tuple[collective.Group | None, dict[str, int]]:
+    def _join_group(transport_config: transport.TransportConfig,
+                    workers: Workers) -> tuple[collective.Group | None, dict[str, int]]:
         """Transport kinds gloo and nccl: this replica's collective group, the router rank 0 and its workers
         1..N in Workers' order (attention actors, then expert shards); (group, {worker address: rank}).
         The rendezvous is a free port on this node. A worker that does not join is called over gRPC, and
         so is every worker when the group cannot form. kind grpc: (None, {})."""
-        if not transport.is_collective(net):
+        if not transport.is_collective(transport_config):
             return None, {}
         handles = workers.attention + workers.experts
         addresses = workers.attention_addresses + workers.expert_addresses
         world = len(handles) + 1
-        store, rendezvous = transport.rendezvous(net, ray.util.get_node_ip_address(), world)
+        store, rendezvous = transport.rendezvous(transport_config, ray.util.get_node_ip_address(), world)
         joins = [h.join_group.remote(rendezvous, world, rank) for rank, h in enumerate(handles, 1)]
         try:
-            group = transport.join(net, store, world, transport.CALLER)
+            group = transport.join(transport_config, store, world, transport.CALLER)
         except Exception as e:  # the workers' joins time out on their own
             log.warning("collective group (%s, %d ranks) did not form (%s): the data plane stays on gRPC",
-                        net.kind, world, e)
+                        transport_config.kind, world, e)
             return None, {}
         ranks = {}
         for rank, (address, ref) in enumerate(zip(addresses, joins), 1):
             try:
-                ray.get(ref, timeout=net.timeout_s)
+                ray.get(ref, timeout=transport_config.timeout_s)
                 ranks[address] = rank
             except Exception as e:
                 log.warning("worker %s did not join the collective group (%s): calling it over gRPC", address, e)

@@ -66,10 +66,10 @@ def executor(hf_mixtral):
     from kernels.args import ModelArgs
     from kernels.checkpoint import Checkpoint
 
-    net = TransportConfig(timeout_s=5)
-    doubling = serve(net, experts=lambda layer, blocks, rows: rows * 2)  # stands in for every expert shard
+    transport_config = TransportConfig(timeout_s=5)
+    doubling = serve(transport_config, experts=lambda layer, blocks, rows: rows * 2)  # stands in for every expert shard
     placement = plan(ModelArgs.from_dir(hf_mixtral), PipelineConfig())
-    yield PipelineExecutor(Checkpoint.open(hf_mixtral), EngineConfig(), placement, net, ["127.0.0.1:1"],
+    yield PipelineExecutor(Checkpoint.open(hf_mixtral), EngineConfig(), placement, transport_config, ["127.0.0.1:1"],
                            [doubling.address], window_s=2), doubling.address
     doubling.stop()
 
