@@ -20,11 +20,11 @@ from cluster.api.http_api import build_http_app
 from cluster.api.service import ModelCard, Service, Unavailable
 from cluster.config import MoerayConfig
 from kernels.args import ModelArgs
-from kernels.engine import Overloaded as EngineOverloaded
+from kernels.engine import QueueFull
 from kernels.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-REFUSALS = (EngineOverloaded, ValueError)  # what the engine refuses a request with before it starts (RequestIdInUse too)
+REFUSALS = (QueueFull, ValueError)  # what the engine refuses a request with before it starts (RequestIdInUse too)
 
 
 class RouterReplica(Router):

@@ -44,7 +44,7 @@ class EngineConfig:
     kv_cache_tokens: int = 65536  # KV-cache capacity, all sequences together, in tokens
     block_size: int = 16  # KV-cache block, in tokens
     dtype: str = "float32"  # weights, activations and KV cache: float32 | bfloat16 | float16
-    max_queued_requests: int = 256  # requests waiting for a batch slot at most; more -> Overloaded (HTTP 429)
+    max_queued_requests: int = 256  # requests waiting for a batch slot at most; more -> QueueFull (HTTP 429)
     expert_quant: str = "none"  # expert weights: none | int8 | int4 (weight-only; kernels/quant.py)
     # weights, KV cache and activations: cpu | cuda | cuda:N. Only the spelling is checked here; whether
     # this process has that GPU is checked where tensors are made (kernels.build): a config loads anywhere
@@ -79,7 +79,7 @@ class CacheLost(RuntimeError):
     recomputes every running sequence's cache, then goes on."""
 
 
-class Overloaded(RuntimeError):
+class QueueFull(RuntimeError):
     """The waiting queue is full: retry later (HTTP 429, gRPC RESOURCE_EXHAUSTED)."""
 
 
@@ -289,7 +289,7 @@ class Engine:
         if self.scheduler.blocks_needed(seq) > self.config.num_blocks:
             raise ValueError(f"request needs {total} tokens of KV cache; the cache holds {self.config.kv_cache_tokens}")
         if len(self.scheduler.waiting) >= self.config.max_queued_requests:
-            raise Overloaded(f"{len(self.scheduler.waiting)} requests are already waiting; retry later")
+            raise QueueFull(f"{len(self.scheduler.waiting)} requests are already waiting; retry later")
         self.seqs[req.request_id] = seq
         self.scheduler.waiting.append(seq)
 

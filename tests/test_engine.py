@@ -152,12 +152,12 @@ def test_half_precision_close_to_fp32(hf_mixtral, dtype):
 
 
 def test_waiting_queue_is_bounded(hf_mixtral):
-    from kernels.engine import Overloaded
+    from kernels.engine import QueueFull
 
     engine = Engine.from_dir(hf_mixtral, EngineConfig(max_num_seqs=1, max_queued_requests=2))
     for i in range(2):
         engine.add_request(Request(str(i), [5, 6], GREEDY))
-    with pytest.raises(Overloaded, match="2 requests are already waiting"):
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
         engine.add_request(Request("x", [5, 6], GREEDY))
     engine.step()  # one is admitted: room again
     engine.add_request(Request("y", [5, 6], GREEDY))
