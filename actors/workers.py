@@ -17,7 +17,7 @@ from actors.common import WorkerSpec
 from actors.expert_shard import ExpertShard
 from cluster.config import MoerayConfig
 from cluster.dataplane.transport import with_token
-from cluster.placement import Placement, plan, ray_options
+from cluster.placement import Placement, place, ray_options
 from kernels.args import ModelArgs
 
 
@@ -86,7 +86,7 @@ def start_workers(config: MoerayConfig, spawner: Spawner = RAY) -> Workers:
     pc = config.pipeline
     # this replica's actors accept only each other
     config = dataclasses.replace(config, pipeline=dataclasses.replace(pc, transport=with_token(pc.transport)))
-    p = plan(ModelArgs.from_dir(config.model), pc)
+    p = place(ModelArgs.from_dir(config.model), pc)
     for role in ("router", "attention", "experts"):  # checked before any worker starts
         ray_options(getattr(pc, role), role, config.engine.device)
     attention = [launch(config, "attention", layers, spawner, max_restarts=-1) for layers in p.attention]
