@@ -37,7 +37,7 @@ class BuildArgs(BaseModel):
     model: str | None = None  # checkpoint directory; overrides the YAML's; default: the built-in demo model
 
 
-def resolve(config: MoerayConfig) -> MoerayConfig:
+def with_defaults(config: MoerayConfig) -> MoerayConfig:
     """A copy of `config` with the demo model when no model is configured, and the API key from
     $MOERAY_API_KEY when the config has none (so it travels to the Ingress replicas inside the config,
     wherever they run)."""
@@ -85,7 +85,7 @@ def exposure_warnings(config: MoerayConfig, http_host: str | None = None, grpc_o
 def moeray_app(config: MoerayConfig) -> Application:
     from actors.ingress import Ingress, RouterReplica
 
-    config = resolve(config)
+    config = with_defaults(config)
     for warning in exposure_warnings(config):
         log.warning(warning)
     s, pc = config.serve, config.pipeline

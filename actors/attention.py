@@ -8,33 +8,29 @@ import time
 
 import torch
 
-from actors.common import advertised, node_id, set_threads
+from actors.common import WorkerSpec, advertised, node_id, set_threads
 from cluster.dataplane import transport
+from kernels.build import Holds, build_role
 from kernels.cache import KVCache, StepSeq
-from kernels.checkpoint import Checkpoint, attention_names
-from kernels.engine import DTYPES, EngineConfig, resolve_device
-from kernels.model import Step, Transformer, build, load_into
+from kernels.checkpoint import Checkpoint
+from kernels.model import Step
 
 
 class AttentionActor:
     """Holds the model with only its layers' attention weights loaded (the rest stays on the meta device)
     and runs TransformerBlock.attend, the attention half of the single-process forward, for the router."""
 
-    def __init__(self, model_dir: str, layers: list[int], engine: EngineConfig, net: transport.TransportConfig,
-                 threads: int = 0):
-        set_threads(threads)
-        self.device = resolve_device(engine.device)  # before loading anything: a missing GPU fails here, clearly
-        ckpt = Checkpoint.open(model_dir)
-        self.args = a = ckpt.args
-        self.layers, self.dtype = list(layers), DTYPES[engine.dtype]
-        self.model = load_into(build(Transformer, a), ckpt, dtype=self.dtype, device=self.device,
-                               names=[n for l in layers for n in attention_names(a, l)])
-        self.cache = KVCache(len(layers), engine.num_blocks, engine.block_size, a.n_kv_heads, a.head_dim, self.dtype,
+    def __init__(self, spec: WorkerSpec, layers: list[int]):
+        set_threads(spec.threads)
+        built = build_role(Checkpoint.open(spec.model), spec.engine, Holds(attention=layers))
+        self.model, self.args, self.device, self.dtype = built.model, built.model.args, built.device, built.dtype
+        self.layers, a, e = list(layers), self.args, spec.engine
+        self.cache = KVCache(len(layers), e.num_blocks, e.block_size, a.n_kv_heads, a.head_dim, self.dtype,
                              first_layer=layers[0], device=self.device)
         self.step, self.current = -1, None  # the step being run, and its Step (metadata, RoPE, cache)
         self.busy_s = 0.0  # compute time, for the benchmark's breakdown
         self._lock = threading.Lock()
-        self.server = transport.serve(net, attention=self.forward)
+        self.server = transport.serve(spec.transport_config, attention=self.forward)
 
     def forward(self, step: int, layer: int, seqs: list[StepSeq] | None, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, D] (one row per token of the step) -> hidden + attention(attention_norm(hidden)) [T, D]."""

@@ -1,9 +1,23 @@
-"""What every role actor shares: torch threads and where it runs."""
+"""What every role actor shares: what a worker is built from, torch threads and where it runs."""
 
 import os
+from dataclasses import dataclass
 
 import ray
 import torch
+
+from cluster.dataplane.transport import TransportConfig
+from kernels.engine import EngineConfig
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker (attention actor, expert shard) is built from, besides the layers or pairs it holds."""
+
+    model: str  # checkpoint directory
+    engine: EngineConfig  # device, dtype, expert_quant, moe_kernel: applied by kernels.build; the KV cache's size
+    transport_config: TransportConfig  # its data-plane server's, with its pipeline replica's token
+    threads: int  # torch threads (see set_threads)
 
 
 def set_threads(threads: int) -> None:

@@ -7,42 +7,25 @@ import time
 
 import torch
 
-from actors.common import advertised, node_id, set_threads
+from actors.common import WorkerSpec, advertised, node_id, set_threads
 from cluster.dataplane import transport
+from kernels.build import Holds, build_role
 from kernels.checkpoint import Checkpoint
-from kernels.engine import DTYPES, QUANT_BITS, resolve_device
-from kernels.fused_moe import expert_runner
-from kernels.model import FeedForward, build, expert_prefix, load_into
 from kernels.moe import blocks_of
-from kernels.quant import quantize_experts
 
 
 class ExpertShard:
-    """`device` and `kernel` are engine.device and engine.moe_kernel; as in Engine.from_dir, quantized
-    experts are quantized on CPU, then moved, and a dense model's FFN (its layer's one expert) stays on
-    the reference kernel, which is what the single-process engine runs for it."""
+    """Its experts are built by kernels.build (device, dtype, quantization, and their stage per layer on
+    engine.moe_kernel)."""
 
-    def __init__(self, model_dir: str, pairs: list[tuple[int, int]], dtype: str, net: transport.TransportConfig,
-                 threads: int = 0, quant: str = "none", device: str = "cpu", kernel: str = "reference"):
-        set_threads(threads)
-        self.device = resolve_device(device)  # before loading anything: a missing GPU fails here, clearly
-        ckpt = Checkpoint.open(model_dir)
-        a = ckpt.args
-        self.dim, self.dtype = a.dim, DTYPES[dtype]
-        bits = QUANT_BITS[quant]
-        load_to = "cpu" if bits else self.device
-        self.experts = {(l, e): load_into(build(FeedForward, a.dim, a.hidden_dim), ckpt, expert_prefix(a, l, e),
-                                          self.dtype, device=load_to)
-                        for l, e in pairs}
-        if bits:
-            for ff in quantize_experts(self.experts, bits).values():
-                ff.to(self.device)
-        # one runner per layer held: run(rows, blocks) over that layer's experts (kernels/fused_moe.py)
-        kernel = kernel if a.moe else "reference"
-        layers = sorted({l for l, _ in pairs})
-        self.run = {l: expert_runner({e: ff for (m, e), ff in self.experts.items() if m == l}, kernel) for l in layers}
+    def __init__(self, spec: WorkerSpec, pairs: list[tuple[int, int]]):
+        set_threads(spec.threads)
+        built = build_role(Checkpoint.open(spec.model), spec.engine, Holds(experts=pairs))
+        self.dim, self.device, self.dtype = built.model.args.dim, built.device, built.dtype
+        self.experts = built.experts  # {(layer, expert): FeedForward}
+        self.run = built.stages  # layer -> run(rows, blocks) over its experts here (kernels/fused_moe.py)
         self.busy_s = 0.0
-        self.server = transport.serve(net, experts=self.forward)
+        self.server = transport.serve(spec.transport_config, experts=self.forward)
 
     def forward(self, layer: int, blocks: list[tuple[int, int]], rows: torch.Tensor) -> torch.Tensor:
         """rows [R, D] -> [R, D]: this shard's share of a layer's rows (one per token and chosen expert, not

@@ -20,11 +20,11 @@ from cluster.api.http_api import build_http_app
 from cluster.api.service import ModelCard, Service, Unavailable
 from cluster.config import MoerayConfig
 from kernels.args import ModelArgs
-from kernels.engine import Overloaded as EngineOverloaded
+from kernels.engine import QueueFull
 from kernels.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-REFUSALS = (EngineOverloaded, ValueError)  # what the engine refuses a request with before it starts (RequestIdInUse too)
+REFUSALS = (QueueFull, ValueError)  # what the engine refuses a request with before it starts (RequestIdInUse too)
 
 
 class RouterReplica(Router):
@@ -32,7 +32,7 @@ class RouterReplica(Router):
     is enabled) are created by this process, so they live and die with it."""
 
     def __init__(self, config: MoerayConfig):
-        super().__init__(config, start_workers(config))
+        super().__init__(start_workers(config))
 
     async def generate(self, request_id, prompt_ids, params):
         """Router.generate, with a refusal sent back as a value rather than raised: Serve logs every exception

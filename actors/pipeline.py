@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterable
 import ray
 
 from actors.router import Router
-from actors.workers import start_workers
+from actors.workers import RAY, start_workers
 from cluster.config import MoerayConfig
 from cluster.placement import Placement, ray_options
 from kernels.engine import Completion, TokenEvent
@@ -39,10 +39,9 @@ class Pipeline:
         if not ray.is_initialized():
             ray.init(address=address, logging_level="ERROR", configure_logging=False)
         w = start_workers(config)
-        options = ray_options(config.pipeline.router, "router", config.engine.device)
-        router = ray.remote(Router).options(**options).remote(config, w)
+        router = RAY.start(Router, ray_options(config.pipeline.router, "router", config.engine.device), w)
         ray.get(router.info.remote())
-        return cls(config, w.placement, router, w.attention, w.experts)
+        return cls(w.config, w.placement, router, w.attention, w.experts)
 
     def _submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None):
         rid = request_id or f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"

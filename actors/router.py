@@ -29,14 +29,13 @@ import ray
 import torch
 
 from actors.common import node_id, set_threads
-from cluster.config import MoerayConfig
 from cluster.dataplane import collective, transport
 from cluster.loop import EngineLoop
 from cluster.placement import Placement
+from kernels.build import Holds, build_role
 from kernels.cache import StepSeq
 from kernels.checkpoint import Checkpoint
-from kernels.engine import DTYPES, CacheLost, Engine, EngineConfig, Request, load_tokenizer, resolve_device
-from kernels.model import Transformer, build, load_into
+from kernels.engine import CacheLost, Engine, EngineConfig, Request, load_tokenizer
 from kernels.moe import Blocks
 from kernels.sampling import SamplingParams
 
@@ -73,18 +72,19 @@ class PipelineExecutor:
     With a collective group (transport kinds gloo, nccl) the workers at the addresses in `ranks` are
     called over it; any other address (an extra replica, a restarted worker) over plain gRPC."""
 
-    def __init__(self, ckpt: Checkpoint, engine: EngineConfig, placement: Placement, net: transport.TransportConfig,
-                 attention_addresses: list[str], expert_addresses: list[str], window_s: float = 10.0,
-                 resolve: Callable[[str], str | None] | None = None, group: collective.Group | None = None,
+    def __init__(self, ckpt: Checkpoint, engine: EngineConfig, placement: Placement,
+                 transport_config: transport.TransportConfig, attention_addresses: list[str],
+                 expert_addresses: list[str], window_s: float = 10.0,
+                 find_restarted: Callable[[str], str | None] | None = None, group: collective.Group | None = None,
                  ranks: dict[str, int] | None = None):
-        self.args = a = ckpt.args
-        self.device = resolve_device(engine.device)
-        model = build(Transformer, a, attention=lambda l: partial(self._attention, l),
-                      experts=lambda l: partial(self._experts, l))
-        self.model = load_into(model, ckpt, dtype=DTYPES[engine.dtype], device=self.device)  # what stays here
-        self.net = net
+        self.args = ckpt.args
+        built = build_role(ckpt, engine, Holds(stand_ins=(lambda l: partial(self._attention, l),
+                                                          lambda l: partial(self._experts, l))))
+        self.model, self.device = built.model, built.device
+        self.transport_config = transport_config
         self.group, self.ranks = group, dict(ranks or {})  # the collective group; worker address -> rank
-        self.resolve = resolve  # address of a lost worker -> its address once Ray has restarted it (None: not ours)
+        # address of a lost worker -> its address once Ray has restarted it (None: not ours)
+        self.find_restarted = find_restarted
         self._clients: dict[str, transport.Client] = {}  # by address: one channel per peer, reused across tables
         attention = [self._client(addr) for addr in attention_addresses]
         self.attention_of = {l: attention[i] for i, layers in enumerate(placement.attention) for l in layers}
@@ -107,7 +107,8 @@ class PipelineExecutor:
 
     def _client(self, address: str) -> transport.Client:
         if address not in self._clients:
-            self._clients[address] = transport.connect(self.net, address, self.group, self.ranks.get(address))
+            self._clients[address] = transport.connect(self.transport_config, address, self.group,
+                                                       self.ranks.get(address))
         return self._clients[address]
 
     def collective_calls(self) -> tuple[int, int]:
@@ -241,7 +242,7 @@ class PipelineExecutor:
         its KV cache empty, or just slow: recomputing is right either way), so the engine recomputes the
         running sequences' caches; the error itself when it is not transient, not ours, or keeps failing."""
         self._failed_steps += 1
-        if err.code in FATAL or self.resolve is None or self._failed_steps > MAX_FAILED_STEPS:
+        if err.code in FATAL or self.find_restarted is None or self._failed_steps > MAX_FAILED_STEPS:
             return err
         log.warning("attention call to %s failed (%s); recomputing the KV cache once it serves", actor.address, err.code)
         self._recover(actor)
@@ -250,7 +251,7 @@ class PipelineExecutor:
     def _recover(self, actor: transport.Client) -> None:
         """Waits until the worker that served at actor.address serves again (Ray restarts a lost one: a new
         process on a new port) and puts its new client wherever the old one was. TransportError if it can't."""
-        address = self.resolve(actor.address) if self.resolve else None
+        address = self.find_restarted(actor.address) if self.find_restarted else None
         if address is None:
             raise transport.TransportError("UNAVAILABLE", f"{actor.address}: lost, and no one restarts it")
         if address == actor.address:
@@ -274,9 +275,11 @@ class Router:
     """One pipeline replica's engine: submit requests, stream their tokens. A Ray actor (Pipeline) or the
     base of a Serve replica (`moeray serve`). It keeps its workers serving: a lost attention actor or
     base expert shard is restarted by Ray (started with max_restarts), and the executor finds it again
-    here. With scaling enabled it runs the expert scaler in-process, on its own routing load."""
+    here. With scaling enabled it runs the expert scaler in-process, on its own routing load. Its config is
+    the one its workers run with (workers.config: the data plane carries the replica's token)."""
 
-    def __init__(self, config: MoerayConfig, workers: Workers):
+    def __init__(self, workers: Workers):
+        config = workers.config
         pc = config.pipeline
         set_threads(pc.router.threads)
         ckpt = Checkpoint.open(config.model)
@@ -286,7 +289,7 @@ class Router:
         group, ranks = self._join_group(pc.transport, workers)
         self.executor = PipelineExecutor(ckpt, config.engine, workers.placement, pc.transport,
                                          workers.attention_addresses, workers.expert_addresses,
-                                         config.scaling.window_s, self._resolve, group, ranks)
+                                         config.scaling.window_s, self._find_restarted, group, ranks)
         self.engine = Engine(self.executor, ckpt.args, load_tokenizer(config.model), config.engine)
         self.loop = EngineLoop(self.engine)
         self.scaler = None
@@ -296,35 +299,36 @@ class Router:
             self.scaler = ExpertScaler(config, self, workers.placement)
 
     @staticmethod
-    def _join_group(net: transport.TransportConfig, workers: Workers) -> tuple[collective.Group | None, dict[str, int]]:
+    def _join_group(transport_config: transport.TransportConfig,
+                    workers: Workers) -> tuple[collective.Group | None, dict[str, int]]:
         """Transport kinds gloo and nccl: this replica's collective group, the router rank 0 and its workers
         1..N in Workers' order (attention actors, then expert shards); (group, {worker address: rank}).
         The rendezvous is a free port on this node. A worker that does not join is called over gRPC, and
         so is every worker when the group cannot form. kind grpc: (None, {})."""
-        if not transport.is_collective(net):
+        if not transport.is_collective(transport_config):
             return None, {}
         handles = workers.attention + workers.experts
         addresses = workers.attention_addresses + workers.expert_addresses
         world = len(handles) + 1
-        store, rendezvous = transport.rendezvous(net, ray.util.get_node_ip_address(), world)
+        store, rendezvous = transport.rendezvous(transport_config, ray.util.get_node_ip_address(), world)
         joins = [h.join_group.remote(rendezvous, world, rank) for rank, h in enumerate(handles, 1)]
         try:
-            group = transport.join(net, store, world, transport.CALLER)
+            group = transport.join(transport_config, store, world, transport.CALLER)
         except Exception as e:  # the workers' joins time out on their own
             log.warning("collective group (%s, %d ranks) did not form (%s): the data plane stays on gRPC",
-                        net.kind, world, e)
+                        transport_config.kind, world, e)
             return None, {}
         ranks = {}
         for rank, (address, ref) in enumerate(zip(addresses, joins), 1):
             try:
-                ray.get(ref, timeout=net.timeout_s)
+                ray.get(ref, timeout=transport_config.timeout_s)
                 ranks[address] = rank
             except Exception as e:
                 log.warning("worker %s did not join the collective group (%s): calling it over gRPC", address, e)
                 group.break_pair(rank)
         return group, ranks
 
-    def _resolve(self, address: str) -> str | None:
+    def _find_restarted(self, address: str) -> str | None:
         """The current address of the worker that served at `address`, waiting while Ray restarts it."""
         handle = self._workers.get(address)
         if handle is None:

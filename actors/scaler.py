@@ -30,8 +30,9 @@ from dataclasses import dataclass
 
 import ray
 
+from actors.workers import launch
 from cluster.config import MoerayConfig, ScalingConfig
-from cluster.placement import Placement, ray_options
+from cluster.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +118,10 @@ class Event:
 
 
 class ExpertScaler:
-    """The controller, a thread in its router's process. `router`: stats() -> dict with
-    "expert_tokens_per_s" and "placement_version", update_placement(version, table); `placement`: the
-    pipeline's, whose shards hold each pair once per shard replica (the base)."""
+    """The controller, a thread in its router's process. `config`: the one its router's workers run with
+    (Workers.config: extra replicas are launched from it, with the replica's data-plane token); `router`:
+    stats() -> dict with "expert_tokens_per_s" and "placement_version", update_placement(version, table);
+    `placement`: the pipeline's, whose shards hold each pair once per shard replica (the base)."""
 
     def __init__(self, config: MoerayConfig, router, placement: Placement):
         self.config, self.cfg, self.router = config, config.scaling, router
@@ -204,13 +206,7 @@ class ExpertScaler:
             self.ticks += 1
 
     def _start(self, pair: Pair, now: float) -> None:
-        from actors.expert_shard import ExpertShard
-
-        c, x = self.config, self.config.pipeline.experts
-        handle = ray.remote(ExpertShard).options(
-            **ray_options(x, "experts", c.engine.device, scheduling_strategy="SPREAD")).remote(
-            c.model, [pair], c.engine.dtype, c.pipeline.transport, x.threads, c.engine.expert_quant,
-            c.engine.device, c.engine.moe_kernel)
+        handle = launch(self.config, "experts", [pair])
         self.replicas.append(Replica(pair, handle, handle.address.remote(), now))
         self._event("start", pair)
 

@@ -1,25 +1,74 @@
-"""The workers of one pipeline replica: its attention actors and expert shards, started on Ray where the
-placement puts them. The router (a Ray actor under the Pipeline API, a Serve replica in `moeray serve`)
-connects to their data-plane addresses."""
+"""The workers of one pipeline replica: its attention actors and expert shards, each started by `launch`
+through a spawner: Ray (the default: actors placed where the config's resources say, restarted when lost)
+or this process (InProcess: plain objects, for tests without Ray). The router (a Ray actor under the
+Pipeline API, a Serve replica in `moeray serve`) connects to their data-plane addresses; the expert
+scaler launches its extra replicas the same way."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import ray
 
 from actors.attention import AttentionActor
+from actors.common import WorkerSpec
 from actors.expert_shard import ExpertShard
 from cluster.config import MoerayConfig
 from cluster.dataplane.transport import with_token
-from cluster.placement import Placement, plan, ray_options
+from cluster.placement import Placement, place, ray_options
 from kernels.args import ModelArgs
+
+
+class Spawner(Protocol):
+    def start(self, cls: type, options: dict, *args) -> Any:
+        """Starts cls(*args) where the Ray actor options `options` place it; returns its handle."""
+        ...
+
+    def addresses(self, handles: list) -> list[str]:
+        """Each worker's data-plane address, once it serves."""
+        ...
+
+
+class RaySpawner:
+    def start(self, cls: type, options: dict, *args) -> Any:
+        return ray.remote(cls).options(**options).remote(*args)
+
+    def addresses(self, handles: list) -> list[str]:
+        return ray.get([h.address.remote() for h in handles])
+
+
+class InProcess:
+    """Workers built in this process as plain objects (the Ray options go unused): a pipeline in seconds."""
+
+    def start(self, cls: type, options: dict, *args) -> Any:
+        return cls(*args)
+
+    def addresses(self, handles: list) -> list[str]:
+        return [h.address() for h in handles]
+
+
+RAY = RaySpawner()
+ROLES = {"attention": AttentionActor, "experts": ExpertShard}
+
+
+def launch(config: MoerayConfig, role: str, holds: list, spawner: Spawner = RAY, **options) -> Any:
+    """Starts one worker of `role`: "attention" holding the layers `holds`, or "experts" holding the
+    (layer, expert) pairs `holds` (spread over the nodes that have the resources), built from `config`'s
+    checkpoint, engine section and data plane, on the Ray resources pipeline.<role> asks for plus `options`."""
+    placement = getattr(config.pipeline, role)
+    if role == "experts":
+        options = {"scheduling_strategy": "SPREAD", **options}
+    spec = WorkerSpec(config.model, config.engine, config.pipeline.transport, placement.threads)
+    return spawner.start(ROLES[role], ray_options(placement, role, config.engine.device, **options), spec, holds)
 
 
 @dataclass
 class Workers:
     """The attention and expert actors of one pipeline replica, with their data-plane addresses."""
 
+    config: MoerayConfig  # what they run with, the router too: the caller's, the data plane given the replica's token
     placement: Placement
     attention: list
     experts: list
@@ -27,23 +76,20 @@ class Workers:
     expert_addresses: list[str]
 
 
-def start_workers(config: MoerayConfig) -> Workers:
+def start_workers(config: MoerayConfig, spawner: Spawner = RAY) -> Workers:
     """Starts the attention actors and expert shards that `config` places, and waits until they serve.
-    The router (a Ray actor here, a Serve replica in `moeray serve`) connects to the addresses. Ray
-    restarts a worker that dies (its process, its node) for as long as its owner lives; the router
-    finds it again at its new address."""
+    `config` is left as it is: the workers run with a copy whose data plane has this replica's token (a
+    configured one, else a fresh one), Workers.config. Ray restarts a worker that dies (its process, its
+    node) for as long as its owner lives; the router finds it again at its new address."""
     if config.model is None:
         raise ValueError("config.model: give a checkpoint directory")
-    args = ModelArgs.from_dir(config.model)
-    config.pipeline.transport = with_token(config.pipeline.transport)  # this replica's actors accept only each other
-    p, pc, eng = plan(args, config.pipeline), config.pipeline, config.engine
-    ray_options(pc.router, "router", eng.device)  # checked before any worker starts
-    attention_options = ray_options(pc.attention, "attention", eng.device, max_restarts=-1)
-    expert_options = ray_options(pc.experts, "experts", eng.device, max_restarts=-1, scheduling_strategy="SPREAD")
-    attention = [ray.remote(AttentionActor).options(**attention_options).remote(
-        config.model, layers, eng, pc.transport, pc.attention.threads) for layers in p.attention]
-    experts = [ray.remote(ExpertShard).options(**expert_options).remote(
-        config.model, pairs, eng.dtype, pc.transport, pc.experts.threads, eng.expert_quant, eng.device, eng.moe_kernel)
-        for pairs in p.shards for _ in range(p.replicas)]
-    return Workers(p, attention, experts, ray.get([a.address.remote() for a in attention]),
-                   ray.get([e.address.remote() for e in experts]))
+    pc = config.pipeline
+    # this replica's actors accept only each other
+    config = dataclasses.replace(config, pipeline=dataclasses.replace(pc, transport=with_token(pc.transport)))
+    p = place(ModelArgs.from_dir(config.model), pc)
+    for role in ("router", "attention", "experts"):  # checked before any worker starts
+        ray_options(getattr(pc, role), role, config.engine.device)
+    attention = [launch(config, "attention", layers, spawner, max_restarts=-1) for layers in p.attention]
+    experts = [launch(config, "experts", pairs, spawner, max_restarts=-1)
+               for pairs in p.shards for _ in range(p.replicas)]
+    return Workers(config, p, attention, experts, spawner.addresses(attention), spawner.addresses(experts))

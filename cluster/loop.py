@@ -37,7 +37,7 @@ class EngineLoop:
 
     async def generate(self, req: Request) -> AsyncGenerator[TokenEvent, None]:
         """Streams the request's TokenEvents; the last has a finish_reason. Before any event: ValueError
-        for a bad request, the engine's Overloaded when its waiting queue is full."""
+        for a bad request, the engine's QueueFull when its waiting queue is full."""
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self._commands.put(lambda: self._add(req, loop, events))

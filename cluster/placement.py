@@ -81,7 +81,7 @@ def _split(n: int, parts: int) -> list[range]:
     return [range(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
 
 
-def plan(args: ModelArgs, cfg: PipelineConfig) -> Placement:
+def place(args: ModelArgs, cfg: PipelineConfig) -> Placement:
     L, E = args.n_layers, max(args.num_experts, 1)
     if not 1 <= cfg.attention.actors <= L:
         raise ValueError(f"pipeline.attention.actors must be in 1..{L} (the model has {L} layers)")

@@ -26,16 +26,14 @@ from typing import Protocol
 import torch
 
 from kernels.args import ModelArgs
+from kernels.build import DTYPES, QUANT_BITS, Holds, build_role
 from kernels.cache import BlockAllocator, KVCache, StepSeq, blocks_for
 from kernels.checkpoint import Checkpoint
-from kernels.fused_moe import KERNELS, use_kernel
+from kernels.fused_moe import KERNELS
 from kernels.model import Step, Transformer
-from kernels.quant import quantize_experts
 from kernels.sampling import SamplingParams, make_generator, sample
 from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
@@ -46,10 +44,10 @@ class EngineConfig:
     kv_cache_tokens: int = 65536  # KV-cache capacity, all sequences together, in tokens
     block_size: int = 16  # KV-cache block, in tokens
     dtype: str = "float32"  # weights, activations and KV cache: float32 | bfloat16 | float16
-    max_queued_requests: int = 256  # requests waiting for a batch slot at most; more -> Overloaded (HTTP 429)
+    max_queued_requests: int = 256  # requests waiting for a batch slot at most; more -> QueueFull (HTTP 429)
     expert_quant: str = "none"  # expert weights: none | int8 | int4 (weight-only; kernels/quant.py)
     # weights, KV cache and activations: cpu | cuda | cuda:N. Only the spelling is checked here; whether
-    # this process has that GPU is checked where tensors are made (resolve_device): a config loads anywhere
+    # this process has that GPU is checked where tensors are made (kernels.build): a config loads anywhere
     device: str = "cpu"
     moe_kernel: str = "reference"  # the MoE experts stage: reference (kernels/moe.py) | triton (kernels/fused_moe.py)
 
@@ -76,34 +74,12 @@ class EngineConfig:
         return self.kv_cache_tokens // self.block_size
 
 
-def resolve_device(device: str) -> torch.device:
-    """engine.device as the torch.device this process will use, or ValueError if it has no such GPU.
-
-    Called where weights and caches are made (Engine.from_dir, each pipeline actor, on the node it
-    runs on), not when the config is read: the driver that loads a config (a laptop, the Ray head) often
-    has no GPU while the actors' nodes do. "cuda" means the current GPU, which is the one Ray gave an
-    actor that asked for one (pipeline.<role>.num_gpus).
-    """
-    d = torch.device(device)
-    if d.type != "cuda":
-        return d
-    if not torch.cuda.is_available():
-        raise ValueError(f"engine.device is {device!r} but this process sees no CUDA device (torch "
-                         f"{torch.__version__}, CUDA {torch.version.cuda or 'not built in'}); use engine.device "
-                         f"'cpu', or run where a GPU is (in the pipeline: pipeline.<role>.num_gpus > 0)")
-    index = torch.cuda.current_device() if d.index is None else d.index
-    if index >= torch.cuda.device_count():
-        raise ValueError(f"engine.device is {device!r} but this process sees {torch.cuda.device_count()} "
-                         f"CUDA device(s)")
-    return torch.device("cuda", index)
-
-
 class CacheLost(RuntimeError):
     """Raised by an executor whose KV cache (or part of it) is gone, with the step undone: the engine
     recomputes every running sequence's cache, then goes on."""
 
 
-class Overloaded(RuntimeError):
+class QueueFull(RuntimeError):
     """The waiting queue is full: retry later (HTTP 429, gRPC RESOURCE_EXHAUSTED)."""
 
 
@@ -288,19 +264,10 @@ class Engine:
     @classmethod
     def from_dir(cls, path: str | Path, config: EngineConfig | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Engine:
-        """The single-process engine on a checkpoint directory (HF or Mistral format), on config.device.
-
-        Weights are read straight to the device, except for quantized experts: those are read and
-        quantized on CPU and then moved, so the device never holds the unquantized experts."""
+        """The single-process engine on a checkpoint directory (HF or Mistral format), the whole model built
+        as config says (device, dtype, expert_quant, moe_kernel: kernels/build.py)."""
         config = config or EngineConfig()
-        device = resolve_device(config.device)
-        bits = QUANT_BITS[config.expert_quant]
-        model = Transformer.from_checkpoint(Checkpoint.open(path), dtype=DTYPES[config.dtype], progress=progress,
-                                            device="cpu" if bits else device)
-        if bits:
-            quantize_experts(model, bits).to(device)
-        if config.moe_kernel != "reference":
-            use_kernel(model, config.moe_kernel)
+        model = build_role(Checkpoint.open(path), config, Holds(whole=True), progress).model
         return cls(LocalExecutor(model, config), model.args, load_tokenizer(path), config)
 
     # -- requests ------------------------------------------------------------------------------
@@ -322,7 +289,7 @@ class Engine:
         if self.scheduler.blocks_needed(seq) > self.config.num_blocks:
             raise ValueError(f"request needs {total} tokens of KV cache; the cache holds {self.config.kv_cache_tokens}")
         if len(self.scheduler.waiting) >= self.config.max_queued_requests:
-            raise Overloaded(f"{len(self.scheduler.waiting)} requests are already waiting; retry later")
+            raise QueueFull(f"{len(self.scheduler.waiting)} requests are already waiting; retry later")
         self.seqs[req.request_id] = seq
         self.scheduler.waiting.append(seq)
 

@@ -14,16 +14,16 @@ is decided outside `forward`). Each layer has two seams, filled by whoever build
 - experts: the MoE layer's experts stage `experts(rows, blocks)`: FeedForward modules here (Experts),
   the fused kernel (kernels/fused_moe.py), or a stand-in given by Transformer(experts=...) (the router:
   expert shards). A dense FFN given a stage is that stage's one expert.
-A role builds the Transformer on the meta device and loads only the tensors it holds: the router's,
-built with stand-ins, has no attention or expert weights at all; an attention actor's loads its
-layers' attention (load_into(names=...)) and the rest stay shapes, never allocated.
+Every role builds the Transformer on the meta device and loads only the tensors it holds (kernels/build.py):
+the router's, built with stand-ins, has no attention or expert weights at all; an attention actor's loads
+its layers' attention and the rest stay shapes, never allocated.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -203,12 +203,6 @@ class Transformer(nn.Module):
             h = layer(h, step)  # [T, D]
         return self.output(self.norm(h[logits_index])).float()  # [S, V]: the LM head only where we sample
 
-    @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
-                        progress: Callable[[int, int], None] | None = None,
-                        device: torch.device | str = "cpu") -> Transformer:
-        return load_into(build(cls, checkpoint.args), checkpoint, dtype=dtype, progress=progress, device=device)
-
 
 def expert_prefix(args: ModelArgs, layer: int, expert: int) -> str:
     """Checkpoint prefix of one expert's FeedForward; a dense model's FFN is its layer's only expert."""
@@ -219,7 +213,10 @@ def expert_prefix(args: ModelArgs, layer: int, expert: int) -> str:
     return f"layers.{layer}.feed_forward."
 
 
-def build(cls: type[nn.Module], *args, **kwargs) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def build(cls: type[M], *args, **kwargs) -> M:
     """A module on the meta device: shapes only, to be filled by load_into."""
     with torch.device("meta"):
         return cls(*args, **kwargs)

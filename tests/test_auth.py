@@ -1,5 +1,5 @@
 """Where the API key comes from and how it reaches the servers: `serve.api_key` in the YAML, else
-$MOERAY_API_KEY; actors.app.resolve (which `moeray serve` and the Serve builder both call) puts it in
+$MOERAY_API_KEY; actors.app.with_defaults (which `moeray serve` and the Serve builder both call) puts it in
 the config that the Ingress replicas receive. The checks themselves are in test_http_api.py and
 test_grpc_api.py, through real servers and clients."""
 
@@ -8,7 +8,7 @@ import asyncio
 import httpx
 import pytest
 
-from actors.app import resolve
+from actors.app import with_defaults
 from cluster.config import API_KEY_ENV, ConfigError, MoerayConfig, load_config
 
 KEY = "sk-from-config"
@@ -27,12 +27,12 @@ def keyed_config(tmp_path, yaml_key: str | None, model: str = "/m") -> MoerayCon
 
 
 def test_yaml_key_wins_over_the_environment(tmp_path, env):
-    assert resolve(keyed_config(tmp_path, None)).serve.api_key is None  # neither: no key
+    assert with_defaults(keyed_config(tmp_path, None)).serve.api_key is None  # neither: no key
     env.setenv(API_KEY_ENV, "sk-from-env\n")  # as `export MOERAY_API_KEY=$(cat keyfile)` might leave it
-    assert resolve(keyed_config(tmp_path, None)).serve.api_key == "sk-from-env"
-    assert resolve(keyed_config(tmp_path, KEY)).serve.api_key == KEY
+    assert with_defaults(keyed_config(tmp_path, None)).serve.api_key == "sk-from-env"
+    assert with_defaults(keyed_config(tmp_path, KEY)).serve.api_key == KEY
     env.setenv(API_KEY_ENV, "  ")
-    assert resolve(keyed_config(tmp_path, None)).serve.api_key is None
+    assert with_defaults(keyed_config(tmp_path, None)).serve.api_key is None
 
 
 @pytest.mark.parametrize("value, message", [("''", "serve.api_key is empty"), ("12345", "expected str")])
@@ -54,7 +54,7 @@ def test_the_ingress_enforces_the_configured_key(tiny_model, env):
     from actors.ingress import Ingress
 
     env.setenv(API_KEY_ENV, KEY)
-    config = resolve(MoerayConfig(model=str(tiny_model)))
+    config = with_defaults(MoerayConfig(model=str(tiny_model)))
 
     async def get(headers):
         ingress = object.__new__(Ingress)

@@ -2,23 +2,27 @@
 single-process engine, the pipeline's actors and the Ray options, without a GPU; plus GPU tests
 (skipped without CUDA) that a session with one runs as is: CUDA == CPU, token for token.
 
-The pipeline here runs in this process (an AttentionActor and two ExpertShards serving gRPC on
-loopback, a PipelineExecutor dialing them, no Ray), so the device path of every role is exercised in
-seconds. Without CUDA the Triton kernel runs in its interpreter (conftest.py sets TRITON_INTERPRET=1).
+The pipeline here runs in this process (start_workers with the InProcess spawner: an AttentionActor
+and two ExpertShards serving gRPC on loopback, a PipelineExecutor dialing them, no Ray), so the device
+path of every role is exercised in seconds. Without CUDA the Triton kernel runs in its interpreter
+(conftest.py sets TRITON_INTERPRET=1).
 """
 
+import copy
 import importlib.util
+from dataclasses import replace
 
 import pytest
 import torch
 
 from actors.attention import AttentionActor
+from actors.common import WorkerSpec
 from actors.expert_shard import ExpertShard
 from actors.router import PipelineExecutor
-from actors.workers import start_workers
-from cluster.config import ConfigError, load_config
+from actors.workers import InProcess, start_workers
+from cluster.config import ConfigError, MoerayConfig, load_config
 from cluster.dataplane.transport import TransportConfig
-from cluster.placement import ExpertPlacement, PipelineConfig, plan, ray_options
+from cluster.placement import AttentionPlacement, ExpertPlacement, PipelineConfig, RouterPlacement, ray_options
 from kernels.checkpoint import Checkpoint
 from kernels.engine import Engine, EngineConfig, load_tokenizer
 from kernels.fused_moe import FusedExperts, available, fused_expert_rows, interpreting
@@ -42,18 +46,25 @@ def tokens(engine: Engine, params=GREEDY) -> list[list[int]]:
     return [c.token_ids for c in engine.generate(PROMPTS, params)]
 
 
+def in_process_config(model, config: EngineConfig, shards: int = 2) -> MoerayConfig:
+    """A pipeline config for workers in this process: they keep its torch threads; every role asks for a GPU,
+    as a CUDA config must (start_workers checks the Ray options, which InProcess then leaves unused)."""
+    threads = torch.get_num_threads()
+    return MoerayConfig(model=str(model), engine=config, pipeline=PipelineConfig(
+        attention=AttentionPlacement(threads=threads, num_gpus=1),
+        experts=ExpertPlacement(shards=shards, threads=threads, num_gpus=1), router=RouterPlacement(num_gpus=1),
+        transport=TransportConfig(timeout_s=60)))
+
+
 class InProcessPipeline:
-    """One pipeline replica in this process: the role classes Ray would start, called directly."""
+    """One pipeline replica in this process: its workers started by start_workers with no Ray, and the
+    router's executor dialing them."""
 
     def __init__(self, model, config: EngineConfig, shards: int = 2):
-        ckpt, net = Checkpoint.open(model), TransportConfig(timeout_s=60)
-        pc = PipelineConfig(experts=ExpertPlacement(shards=shards))
-        p, threads = plan(ckpt.args, pc), torch.get_num_threads()
-        self.attention = [AttentionActor(str(model), layers, config, net, threads) for layers in p.attention]
-        self.experts = [ExpertShard(str(model), pairs, config.dtype, net, threads, config.expert_quant, config.device,
-                                    config.moe_kernel) for pairs in p.shards]
-        executor = PipelineExecutor(ckpt, config, p, net, [a.address() for a in self.attention],
-                                    [e.address() for e in self.experts])
+        ckpt, w = Checkpoint.open(model), start_workers(in_process_config(model, config, shards), InProcess())
+        self.attention, self.experts = w.attention, w.experts
+        executor = PipelineExecutor(ckpt, config, w.placement, w.config.pipeline.transport, w.attention_addresses,
+                                    w.expert_addresses)
         self.engine = Engine(executor, ckpt.args, load_tokenizer(model), config)
 
     def stop(self):
@@ -102,13 +113,28 @@ def test_a_cuda_config_loads_anywhere_and_asks_ray_for_gpus(hf_mixtral):
         start_workers(cfg)
 
 
+def test_start_workers_leaves_the_callers_config_alone(hf_mixtral):
+    """Each replica's workers run with a copy of the config whose data plane has a token of its own; the
+    caller's config is unchanged, so a second replica started from it gets another token."""
+    cfg = in_process_config(hf_mixtral, EngineConfig(**SMALL), shards=1)
+    before = copy.deepcopy(cfg)
+    started = [start_workers(cfg, InProcess()) for _ in range(2)]
+    try:
+        assert cfg == before
+        assert len({w.config.pipeline.transport.token for w in started} - {""}) == 2
+    finally:
+        for actor in [a for w in started for a in w.attention + w.experts]:
+            actor.server.stop()
+
+
 @no_cuda
 def test_cuda_without_cuda_fails_when_the_engine_or_an_actor_is_built(hf_mixtral):
     """Not at import or config load: at Engine.from_dir and in each role's constructor, before weights load."""
-    config, net, threads = EngineConfig(device="cuda", **SMALL), TransportConfig(), torch.get_num_threads()
+    config = EngineConfig(device="cuda", **SMALL)
+    spec = WorkerSpec(str(hf_mixtral), config, TransportConfig(), torch.get_num_threads())
     for build in (lambda: Engine.from_dir(hf_mixtral, config),
-                  lambda: AttentionActor(str(hf_mixtral), [0], config, net, threads),
-                  lambda: ExpertShard(str(hf_mixtral), [(0, 0)], "float32", net, threads, device="cuda:0"),
+                  lambda: AttentionActor(spec, [0]),
+                  lambda: ExpertShard(replace(spec, engine=replace(config, device="cuda:0")), [(0, 0)]),
                   lambda: InProcessPipeline(hf_mixtral, config)):
         with pytest.raises(ValueError, match=r"engine.device is 'cuda(:0)?' but this process sees no CUDA device"):
             build()
@@ -157,8 +183,9 @@ def test_pipeline_roles_give_the_same_tokens(hf_mixtral, reference, kernel):
 def test_expert_shard_fused_matches_reference(hf_mixtral):
     """One ExpertShard's forward (what a data-plane call runs), fused vs reference, on a shard that holds
     experts of two layers, blocks out of order: the same rows to fp32 rounding."""
-    pairs, net = [(0, 1), (0, 4), (0, 6), (1, 2)], TransportConfig()
-    shards = [ExpertShard(str(hf_mixtral), pairs, "float32", net, torch.get_num_threads(), device=DEVICE, kernel=k)
+    pairs = [(0, 1), (0, 4), (0, 6), (1, 2)]
+    shards = [ExpertShard(WorkerSpec(str(hf_mixtral), EngineConfig(device=DEVICE, moe_kernel=k), TransportConfig(),
+                                     torch.get_num_threads()), pairs)
               for k in ("reference", "triton")]
     try:
         rows = torch.randn(21, 64, generator=torch.Generator().manual_seed(3))

@@ -4,10 +4,11 @@ import pytest
 import torch
 from conftest import mistral_copy
 
+from kernels.build import Holds, build_role
 from kernels.cache import KVCache, StepSeq, blocks_for
 from kernels.checkpoint import Checkpoint
 from kernels.engine import CacheLost, Engine, EngineConfig, Request
-from kernels.model import Step, Transformer
+from kernels.model import Step
 from kernels.sampling import SamplingParams
 
 NEW = 32
@@ -34,7 +35,7 @@ def hf_greedy(model, prompt):
 
 def test_prefill_logits_close(hf_tiny):
     """All positions of a batch of prompts of different lengths, in one flat step."""
-    model = Transformer.from_checkpoint(Checkpoint.open(hf_tiny))
+    model = build_role(Checkpoint.open(hf_tiny), EngineConfig(), Holds(whole=True)).model
     ps = prompts()
     cache = KVCache(model.args.n_layers, 64, 4, model.args.n_kv_heads, model.args.head_dim)
     tables, first = [], 0
@@ -152,12 +153,12 @@ def test_half_precision_close_to_fp32(hf_mixtral, dtype):
 
 
 def test_waiting_queue_is_bounded(hf_mixtral):
-    from kernels.engine import Overloaded
+    from kernels.engine import QueueFull
 
     engine = Engine.from_dir(hf_mixtral, EngineConfig(max_num_seqs=1, max_queued_requests=2))
     for i in range(2):
         engine.add_request(Request(str(i), [5, 6], GREEDY))
-    with pytest.raises(Overloaded, match="2 requests are already waiting"):
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
         engine.add_request(Request("x", [5, 6], GREEDY))
     engine.step()  # one is admitted: room again
     engine.add_request(Request("y", [5, 6], GREEDY))

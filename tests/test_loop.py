@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from cluster.loop import EngineLoop
-from kernels.engine import Engine, EngineConfig, Overloaded, Request
+from kernels.engine import Engine, EngineConfig, QueueFull, Request
 from kernels.sampling import SamplingParams
 
 LONG = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
@@ -76,7 +76,7 @@ def test_refused_requests_raise_before_any_token_and_leave_the_others_alone(held
         await asyncio.sleep(0)  # c's add goes out first
         with pytest.raises(ValueError, match="already in use"):
             await anext(loop.generate(Request("a", PROMPT, SHORT)))
-        with pytest.raises(Overloaded):
+        with pytest.raises(QueueFull):
             await anext(loop.generate(Request("d", PROMPT, SHORT)))
         # the commands run in order, so whatever the refused duplicate did to "a" is done by now
         in_engine = sorted(engine.seqs)

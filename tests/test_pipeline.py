@@ -163,9 +163,9 @@ def test_cancelled_stream_frees_its_cache(replicated):
 
 
 def test_bad_data_plane_messages_are_refused_and_the_shard_keeps_serving(replicated, reference):
-    net = copy.deepcopy(replicated.config.pipeline.transport)
+    transport_config = copy.deepcopy(replicated.config.pipeline.transport)
     address = ray.get(replicated.experts[0].address.remote())
-    client = transport.connect(net, address)
+    client = transport.connect(transport_config, address)
     bad = [
         ((0, [(0, 2)], torch.zeros(2, 7)), "dim"),  # wrong hidden size
         ((0, [(7, 2)], torch.zeros(2, 64)), "not on this shard"),  # an expert this shard lacks
@@ -176,7 +176,7 @@ def test_bad_data_plane_messages_are_refused_and_the_shard_keeps_serving(replica
         with pytest.raises(transport.TransportError) as err:
             client.experts(layer, blocks, rows).result()
         assert err.value.code == "INVALID_ARGUMENT" and message in str(err.value)
-    too_big = torch.zeros((net.max_message_mb << 20) // (64 * 4) + 1, 64)
+    too_big = torch.zeros((transport_config.max_message_mb << 20) // (64 * 4) + 1, 64)
     with pytest.raises(transport.TransportError) as err:
         client.experts(0, [(0, too_big.shape[0])], too_big).result()
     assert err.value.code == "RESOURCE_EXHAUSTED"

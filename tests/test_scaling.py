@@ -62,14 +62,14 @@ def test_config_rejects_bad_bounds():
 def executor(hf_mixtral):
     from actors.router import PipelineExecutor
     from cluster.dataplane.transport import TransportConfig, serve
-    from cluster.placement import plan
+    from cluster.placement import place
     from kernels.args import ModelArgs
     from kernels.checkpoint import Checkpoint
 
-    net = TransportConfig(timeout_s=5)
-    doubling = serve(net, experts=lambda layer, blocks, rows: rows * 2)  # stands in for every expert shard
-    placement = plan(ModelArgs.from_dir(hf_mixtral), PipelineConfig())
-    yield PipelineExecutor(Checkpoint.open(hf_mixtral), EngineConfig(), placement, net, ["127.0.0.1:1"],
+    transport_config = TransportConfig(timeout_s=5)
+    doubling = serve(transport_config, experts=lambda layer, blocks, rows: rows * 2)  # stands in for every expert shard
+    placement = place(ModelArgs.from_dir(hf_mixtral), PipelineConfig())
+    yield PipelineExecutor(Checkpoint.open(hf_mixtral), EngineConfig(), placement, transport_config, ["127.0.0.1:1"],
                            [doubling.address], window_s=2), doubling.address
     doubling.stop()
 

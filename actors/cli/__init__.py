@@ -38,13 +38,13 @@ def cmd_make_tiny(a) -> int:
 
 
 def cmd_generate(a) -> int:
-    from actors.app import resolve
+    from actors.app import with_defaults
     from cluster.config import load_config
     from kernels.engine import Engine, Request
     from kernels.sampling import SamplingParams
 
     engine_overrides = {k: v for k, v in {"dtype": a.dtype}.items() if v is not None}
-    cfg = resolve(load_config(a.config, {"model": a.model, "engine": engine_overrides}))
+    cfg = with_defaults(load_config(a.config, {"model": a.model, "engine": engine_overrides}))
     engine = Engine.from_dir(cfg.model, cfg.engine, progress=_progress("loading weights"))
     if engine.tokenizer is None:
         raise SystemExit(f"moeray generate: {cfg.model} has no tokenizer.model")
@@ -106,13 +106,13 @@ def cmd_serve(a) -> int:
     import ray
     from ray import serve
 
-    from actors.app import QUIET, exposure_warnings, moeray_app, resolve, serve_options
+    from actors.app import QUIET, exposure_warnings, moeray_app, serve_options, with_defaults
     from cluster.api.service import MAX_REQUEST_BYTES
     from cluster.config import load_config
 
     overrides = {"model": a.model, "serve": {k: v for k, v in {"host": a.host, "http_port": a.http_port,
                                                                "grpc_port": a.grpc_port}.items() if v is not None}}
-    cfg = resolve(load_config(a.config, overrides))
+    cfg = with_defaults(load_config(a.config, overrides))
     s, p = cfg.serve, cfg.pipeline
     # Warnings only by default: the app's, and errors only from Serve's controller and proxies, whose warnings
     # on a healthy start and a clean stop (slow readiness checks, deregistering state) alarm more than they tell.
@@ -223,12 +223,12 @@ def cmd_chat(a) -> int:
     out of the conversation, which goes on."""
     import itertools
 
-    from actors.app import resolve
+    from actors.app import with_defaults
     from cluster.config import load_config
     from kernels.engine import Engine, Request
     from kernels.sampling import SamplingParams
 
-    cfg = resolve(load_config(a.config, {"model": a.model}))
+    cfg = with_defaults(load_config(a.config, {"model": a.model}))
     engine = Engine.from_dir(cfg.model, cfg.engine, progress=_progress("loading weights"))
     history = [{"role": "system", "content": a.system}] if a.system else []
     print(f"chatting with {cfg.model} (empty line or Ctrl-D to quit)", file=sys.stderr)

@@ -182,7 +182,7 @@ def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, s
             # one layer's data-plane cost in place: a decode step's attention call ([b, dim] each way) to the
             # real attention actor, minus the actor's own compute time, against a raw gRPC echo of those bytes
             addr = ray.get(pipe.attention[0].address.remote())
-            client = connect(cfg.pipeline.transport, addr)
+            client = connect(pipe.config.pipeline.transport, addr)  # with the replica's token
             print("\nper-layer data plane, a decode step's attention call (not the step's first) vs a raw gRPC echo "
                   "of the same bytes:")
             print("| rows x dim (fp32) | bytes each way | gRPC echo ms | attention call ms | of which compute ms "

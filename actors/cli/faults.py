@@ -230,12 +230,12 @@ def bench_faults(model: str | None, concurrency: int, max_tokens: int, out: str 
     import ray
     from ray import serve
 
-    from actors.app import moeray_app, resolve, serve_options
+    from actors.app import moeray_app, serve_options, with_defaults
     from actors.pipeline import Pipeline
     from cluster.config import MoerayConfig
     from kernels.engine import Engine
 
-    config = resolve(MoerayConfig(model=model))
+    config = with_defaults(MoerayConfig(model=model))
     config.pipeline.experts.shards = 2
     config.pipeline.restart_timeout_s = 60
     engine = Engine.from_dir(config.model)
@@ -259,7 +259,7 @@ def bench_faults(model: str | None, concurrency: int, max_tokens: int, out: str 
                 record(run, all(t == reference[i] for i, t in report.outputs))
         finally:
             pipe.shutdown()
-        stuck = resolve(MoerayConfig(model=model))
+        stuck = with_defaults(MoerayConfig(model=model))
         stuck.pipeline.experts.shards, stuck.pipeline.transport.timeout_s = 2, 2.0
         stuck.pipeline.restart_timeout_s = 3.0
         pipe = Pipeline.start(stuck)

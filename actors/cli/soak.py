@@ -334,11 +334,11 @@ def soak(model: str | None = None, concurrency: int = 64, burst: int = 64, durat
     """Runs the soak (see the module docstring) and returns its figures and checks."""
     import httpx
 
-    from actors.app import resolve
+    from actors.app import with_defaults
     from cluster.config import load_config
     from kernels.args import ModelArgs
 
-    cfg = resolve(load_config(config_path, {"model": model}))
+    cfg = with_defaults(load_config(config_path, {"model": model}))
     e, s = cfg.engine, cfg.serve
     e.max_num_seqs, e.max_queued_requests = max_num_seqs, max_queued
     e.max_num_batched_tokens = max(e.max_num_batched_tokens, max_num_seqs)

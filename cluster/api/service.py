@@ -20,8 +20,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from cluster.config import is_loopback_host
 from cluster.loop import EngineLoop
-from kernels.engine import Overloaded as EngineOverloaded
-from kernels.engine import Request, RequestIdInUse, TokenEvent
+from kernels.engine import QueueFull, Request, RequestIdInUse, TokenEvent
 from kernels.sampling import SamplingParams
 from kernels.tokenizer import ChatTemplateError, Tokenizer
 
@@ -327,7 +326,7 @@ class Service:
             if isinstance(e, StopAsyncIteration):
                 raise ApiError("the backend ended the stream without a token") from None
             # behind Serve, an engine error arrives as a RayTaskError that is also an instance of it
-            if isinstance(e, EngineOverloaded):
+            if isinstance(e, QueueFull):
                 raise Overloaded(reason(e)) from None
             if isinstance(e, RequestIdInUse):
                 raise Conflict(f"request_id {request_id!r} is in use by a generation in progress", "request_id",

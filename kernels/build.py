@@ -1,0 +1,134 @@
+"""What a role holds of a model, built from a checkpoint: the one way every role makes its modules.
+
+The single-process engine holds the whole model; an attention actor the attention halves of some layers;
+an expert shard some (layer, expert) pairs; the pipeline's router the rest (embeddings, ffn_norms, gates,
+final norm, LM head), its layers' attention and experts seams filled with stand-ins that call the others.
+Each builds kernels.model's Transformer on the meta device and loads only the tensors it holds: the rest
+stay shapes, never allocated (or, behind stand-ins, are not there at all). What the engine config says
+about the modules is applied here, once:
+
+    device        checked before anything loads, by the process that uses it (a missing GPU fails clearly)
+    dtype         the held weights' (activations follow them)
+    expert_quant  held experts are read and quantized on CPU, then moved: the device never holds them
+                  unquantized
+    moe_kernel    the experts stage: on the engine's MoE layers (use_kernel), or one stage per layer over
+                  the pairs an expert shard holds (expert_runner); a dense FFN stays on the reference path,
+                  which is what the single-process engine runs for it
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from kernels.checkpoint import Checkpoint, attention_names
+from kernels.fused_moe import expert_runner, use_kernel
+from kernels.model import AttentionStage, Transformer, build, expert_prefix, load_into
+from kernels.moe import ExpertsStage
+from kernels.quant import quantize_experts
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
+
+Pair = tuple[int, int]  # (layer, expert)
+
+
+class Building(Protocol):
+    """What building reads of the engine config (kernels.engine.EngineConfig)."""
+
+    device: str
+    dtype: str
+    expert_quant: str
+    moe_kernel: str
+
+
+def torch_device(device: str) -> torch.device:
+    """engine.device as the torch.device this process will use, or ValueError if it has no such GPU.
+
+    Called where weights and caches are made (build_role, on the node the role runs on), not when the
+    config is read: the driver that loads a config (a laptop, the Ray head) often has no GPU while the
+    actors' nodes do. "cuda" means the current GPU, which is the one Ray gave an actor that asked for
+    one (pipeline.<role>.num_gpus).
+    """
+    d = torch.device(device)
+    if d.type != "cuda":
+        return d
+    if not torch.cuda.is_available():
+        raise ValueError(f"engine.device is {device!r} but this process sees no CUDA device (torch "
+                         f"{torch.__version__}, CUDA {torch.version.cuda or 'not built in'}); use engine.device "
+                         f"'cpu', or run where a GPU is (in the pipeline: pipeline.<role>.num_gpus > 0)")
+    index = torch.cuda.current_device() if d.index is None else d.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"engine.device is {device!r} but this process sees {torch.cuda.device_count()} "
+                         f"CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+@dataclass
+class Holds:
+    """What a role holds, exactly one of:
+
+        whole      the whole model (the single-process engine)
+        attention  these layers' attention halves (an attention actor)
+        experts    these (layer, expert) pairs, run for others (an expert shard); a dense FFN is expert 0
+        stand_ins  (attention(l), experts(l)), the stand-ins for every layer's two seams: the role (the
+                   pipeline's router) holds all the rest
+    """
+
+    whole: bool = False
+    attention: Sequence[int] = ()
+    experts: Sequence[Pair] = ()
+    stand_ins: tuple[Callable[[int], AttentionStage], Callable[[int], ExpertsStage]] | None = None
+
+    def __post_init__(self):
+        if sum(map(bool, (self.whole, self.attention, self.experts, self.stand_ins))) != 1:
+            raise ValueError("a role holds exactly one of: the whole model, attention layers, expert pairs, "
+                             "or the rest around stand-ins")
+
+
+@dataclass
+class Built:
+    model: Transformer  # the held tensors on `device`; the others shapes on the meta device, or stand-ins
+    device: torch.device
+    dtype: torch.dtype  # of the held weights; a role casts what it receives to it
+    experts: dict[Pair, nn.Module]  # Holds.experts: each pair's FeedForward (QuantLinear inside when quantized)
+    stages: dict[int, ExpertsStage]  # Holds.experts: per layer, the experts stage over its pairs, on moe_kernel
+
+
+def build_role(ckpt: Checkpoint, engine: Building, holds: Holds,
+               progress: Callable[[int, int], None] | None = None) -> Built:
+    """The modules of a role that holds `holds` of the model in `ckpt`, as `engine` says (see the module
+    docstring). `progress(done, total)`: tensors read so far."""
+    device = torch_device(engine.device)  # before loading anything
+    a, dtype, bits = ckpt.args, DTYPES[engine.dtype], QUANT_BITS[engine.expert_quant]
+    model = build(Transformer, a, *(holds.stand_ins or ()))
+    pairs = [(l, e) for l in range(a.n_layers) for e in range(max(a.num_experts, 1))] if holds.whole else holds.experts
+    expert_names = [expert_prefix(a, l, e) + f"{w}.weight" for l, e in pairs for w in ("w1", "w2", "w3")]
+    if holds.whole or holds.stand_ins:
+        names = list(model.state_dict())  # with stand-ins, the model has only what the router holds
+    else:
+        names = [n for l in holds.attention for n in attention_names(a, l)] + expert_names
+    on_cpu = set(expert_names) if bits else set()  # to be quantized there first
+    done = 0
+    for where, part in ((device, [n for n in names if n not in on_cpu]), ("cpu", [n for n in names if n in on_cpu])):
+        if part:
+            report = None if progress is None else lambda n, _, before=done: progress(before + n, len(names))
+            load_into(model, ckpt, dtype=dtype, device=where, names=part, progress=report)
+            done += len(part)
+    experts = {(l, e): model.get_submodule(expert_prefix(a, l, e).rstrip(".")) for l, e in pairs}
+    if bits:
+        quantize_experts(experts, bits)
+        for ff in experts.values():
+            ff.to(device)
+    if holds.whole:
+        if engine.moe_kernel != "reference":
+            use_kernel(model, engine.moe_kernel)
+        return Built(model, device, dtype, {}, {})
+    kernel = engine.moe_kernel if a.moe else "reference"
+    stages = {l: expert_runner({e: ff for (m, e), ff in experts.items() if m == l}, kernel)
+              for l in sorted({l for l, _ in experts})}
+    return Built(model, device, dtype, experts, stages)
