@@ -4,9 +4,9 @@ The ONE module that knows the wire. Actors call `serve` with plain-torch handler
 `connect` and get a Client; neither sees gRPC, and `TransportConfig.kind` picks the transport.
 
 gRPC here means: one channel per peer, reused by every call (HTTP/2 multiplexes concurrent calls over
-it); unary calls issued as futures, so a router fans out to all the shards of a layer and then waits
-for all; tensors as raw bytes (cluster.codec, never pickle); a deadline on every call; the same
-message-size limit on both ends. Servers check every request before their handler sees it.
+it); unary calls that return a Pending, so a router fans out to all the shards of a layer and then
+waits for all (Pending says which thread sends each); tensors as raw bytes (cluster.codec, never
+pickle); a deadline on every call; the same message-size limit on both ends. Servers check every request before their handler sees it.
 
 Peers prove they belong to the same pipeline with a shared secret, `TransportConfig.token`: the Client
 sends it as metadata on every call, and the server refuses a call without it (UNAUTHENTICATED) before
@@ -36,8 +36,11 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import logging
+import os
 import secrets
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -302,22 +305,90 @@ def _exchange(config: TransportConfig, group: collective.Group | None, given: pb
 NOT_RESENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}  # a collective call failing so is not re-sent: peer down or slow
 
 
+class _Unsent(threading.local):
+    call: weakref.ref | None = None  # to this thread's latest call while it is unsent
+
+
+_unsent = _Unsent()
+_senders: futures.ThreadPoolExecutor | None = None  # sends the calls that overlap others; made on first use
+
+
+def _sender() -> futures.ThreadPoolExecutor:
+    global _senders
+    if _senders is None:
+        _senders = futures.ThreadPoolExecutor(64, thread_name_prefix="moeray-dataplane-call")
+    return _senders
+
+
+def _forget_senders() -> None:
+    global _senders
+    _senders = None  # a forked child has none of the pool's threads, and a pool that thinks it has hangs
+
+
+os.register_at_fork(after_in_child=_forget_senders)
+
+
 class Pending:
-    """A call in flight. result() waits for the reply and decodes it: decoding happens only there,
-    in the caller's thread, after the caller has issued all the calls it wants to overlap."""
+    """A call issued. result() waits for the reply and decodes it: decoding happens only there, in the
+    caller's thread, after the caller has issued all the calls it wants to overlap.
 
-    __slots__ = ("_future", "_field", "_shape", "_client", "_collective")
+    Each call is a blocking gRPC call in some thread, never a gRPC future: a future costs ~0.3 ms more
+    (a channel with no future in flight starts a new polling thread for the next one, and the reply then
+    crosses from it to the caller's thread). So the latest call a thread issued stays unsent until that
+    thread issues another call (then it is sent from a pool thread, in flight beside the next) or waits
+    for any result (then it runs in the waiting thread while the earlier ones are in flight): a call that
+    is waited for at once (a layer's attention) never leaves the caller's thread, and a fan-out to N
+    peers sends N - 1 calls from the pool. A call dropped unsent (nobody can wait for it) is never sent.
+    The deadline counts from the issue."""
 
-    def __init__(self, future: grpc.Future, field: str, shape: torch.Size, client: Client, collective=None):
-        self._future, self._field, self._shape, self._client = future, field, shape, client
+    __slots__ = ("__weakref__", "_call", "_client", "_collective", "_error", "_field", "_lock", "_reply", "_sent",
+                 "_shape")
+
+    def __init__(self, client: Client, method, request, field: str, shape: torch.Size, collective=None):
+        self._client, self._field, self._shape = client, field, shape
+        self._call = (method, request, time.monotonic() + client._timeout)  # until it is sent
+        self._lock = threading.Lock()  # one send, should two threads try
+        self._sent: futures.Future | None = None  # the pool's, when it was sent from there
+        self._reply = self._error = None  # when it ran in a waiting thread
         self._collective = collective  # (method, request, input, [send, recv], output, deadline) over the group
+        earlier = _unsent.call and _unsent.call()
+        _unsent.call = weakref.ref(self)
+        if earlier is not None:
+            earlier._send(here=False)
+
+    def _send(self, here: bool) -> None:
+        """Send the call unless it has gone: blocking in this thread (here), or from the pool."""
+        with self._lock:
+            call, self._call = self._call, None
+            if call is None:
+                return
+            if not here:
+                self._sent = _sender().submit(self._client._invoke, *call)
+                return
+            try:
+                self._reply = self._client._invoke(*call)
+            except grpc.RpcError as e:
+                self._error = e
+
+    def _wait(self):
+        """The reply message; grpc.RpcError if the call failed."""
+        latest = _unsent.call and _unsent.call()
+        _unsent.call = None
+        if latest is not None and latest is not self:  # runs while this one's reply comes in
+            latest._send(here=True)
+        self._send(here=True)
+        if self._sent is not None:
+            return self._sent.result()
+        if self._error is not None:
+            raise self._error
+        return self._reply
 
     def result(self) -> torch.Tensor:
         """The reply tensor, with the request's shape; TransportError if the call or its reply is bad."""
         if self._collective is not None:
             return self._collective_result()
         try:
-            reply = self._future.result()
+            reply = self._wait()
         except grpc.RpcError as e:
             raise TransportError(e.code().name, f"{self._client.address}: {e.details()}") from e
         try:
@@ -330,7 +401,7 @@ class Pending:
         method, request, x, works, out, deadline = self._collective
         client = self._client
         try:
-            got = getattr(self._future.result(), self._field)
+            got = getattr(self._wait(), self._field)
             if not got.collective or list(got.shape) != list(x.shape) or got.dtype != DTYPES[x.dtype]:
                 raise RuntimeError("the reply does not announce the request's tensor over the group")
             collective.Group.wait(works, deadline)
@@ -404,12 +475,15 @@ class Client:
             self._break(f"posting an op: {e}", (works, x, out))
             encode(x, getattr(request, field))
             return self._call(method, request, field, x.shape)
-        future = method.future(request, timeout=self._timeout, metadata=self._metadata)
-        return Pending(future, field, x.shape, self,
+        return Pending(self, method, request, field, x.shape,
                        (method, request, x, works, out, time.monotonic() + self._timeout))
 
     def _call(self, method, request, field: str, shape: torch.Size) -> Pending:
-        return Pending(method.future(request, timeout=self._timeout, metadata=self._metadata), field, shape, self)
+        return Pending(self, method, request, field, shape)
+
+    def _invoke(self, method, request, deadline: float):
+        """One blocking call (Pending says in which thread) with what is left of its deadline."""
+        return method(request, timeout=max(deadline - time.monotonic(), 0.0), metadata=self._metadata)
 
     def _break(self, why: str, unfinished: tuple) -> None:
         log.warning("data plane: collective pair with %s (rank %d) failed (%s); gRPC from now on",

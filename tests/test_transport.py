@@ -160,6 +160,54 @@ def test_fan_out_to_four_servers_runs_concurrently():
             s.stop()
 
 
+@pytest.fixture
+def threads_started_here(monkeypatch):
+    """The threads this test's own thread starts from now on (servers start theirs from their own)."""
+    caller, started = threading.current_thread(), []
+    start = threading.Thread.start
+
+    def recording(thread):
+        if threading.current_thread() is caller:
+            started.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", recording)
+    return started
+
+
+def test_calls_start_no_thread_per_call(shard, threads_started_here):
+    """A call waited for at once runs in the caller's thread, and a fan-out's overlapping calls go from a
+    pool started once; gRPC futures would start a polling thread per call (~0.3 ms each)."""
+    with connect(CONFIG, shard.address) as a, connect(CONFIG, shard.address) as b:
+        rows = torch.randn(3, 8)
+
+        def fan_out():
+            for p in [a.experts(1, [(0, 3)], rows), b.experts(2, [(0, 3)], rows)]:
+                p.result()
+
+        fan_out()  # may start the pool's thread
+        pool = list(threads_started_here)
+        for layer in range(10):
+            assert same_bits(a.experts(layer, [(0, 3)], rows).result(), expected_experts(layer, [(0, 3)], rows))
+            fan_out()
+    assert threads_started_here == pool and len(pool) <= 1, threads_started_here
+
+
+def test_a_call_dropped_unsent_is_never_sent_and_any_thread_may_wait(client, shard):
+    """The latest call a thread issued waits unsent for the next call or a wait: if its caller drops it
+    first, nobody can wait for it, so it never reaches the server."""
+    rows = torch.randn(2, 8)
+    seen = len(shard.seen)
+    client.experts(5, [(0, 2)], rows)  # dropped: not sent ...
+    pending = client.experts(6, [(0, 2)], rows)  # ... not even when the next call is issued
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pending.result()))
+    waiter.start()
+    waiter.join()
+    assert same_bits(got[0], expected_experts(6, [(0, 2)], rows))
+    assert [layer for layer, _, _ in shard.seen[seen:]] == [6]
+
+
 # ---- errors ----------------------------------------------------------------------------------------
 
 
