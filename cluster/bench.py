@@ -10,6 +10,7 @@ on a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import socket
@@ -183,10 +184,16 @@ def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, s
                 print(f"| {b} | " + " | ".join(f"{100 * v / total:.0f}%" for v in r["seconds_per_run"].values()) + " |")
             # one layer's data-plane cost in place: a decode step's attention call ([b, dim] each way) to the
             # real attention actor, minus the actor's own compute time, against a raw gRPC echo of those bytes
+            # (served by an actor of its own, so the baseline is gRPC whatever the pipeline's transport kind)
+            net = cfg.pipeline.transport  # with the token Pipeline.start gave this replica
             addr = ray.get(pipe.attention[0].address.remote())
-            client = connect(cfg.pipeline.transport, addr)
-            print("\nper-layer data plane, a decode step's attention call (not the step's first) vs a raw gRPC echo "
-                  "of the same bytes:")
+            client = connect(net, addr)
+            grpc_net = dataclasses.replace(net, kind="grpc")
+            echo_actor = ray.remote(num_cpus=0)(_GrpcEcho).remote(grpc_net)
+            echo_client = connect(grpc_net, ray.get(echo_actor.address.remote()))
+            report["transport"] = net.kind
+            print(f"\nper-layer data plane (transport kind {net.kind}), a decode step's attention call (not the "
+                  "step's first) vs a raw gRPC echo of the same bytes:")
             print("| rows x dim (fp32) | bytes each way | gRPC echo ms | attention call ms | of which compute ms "
                   "| transport ms | transport / echo |")
             print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -194,7 +201,7 @@ def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, s
             for b in batches:
                 x = torch.randn(b, a.dim)
                 seqs = [StepSeq([i], 0, 1) for i in range(b)]  # one token each, in blocks the pipeline has freed
-                echo = _mean(lambda: client.echo(x.numpy().tobytes()))
+                echo = _mean(lambda: echo_client.echo(x.numpy().tobytes()))
                 step = 1 << 40 | b
                 client.attention(step, 0, seqs, x).result()  # a step's first call carries its block tables ...
                 busy0 = ray.get(pipe.attention[0].info.remote())["busy_s"]
@@ -205,6 +212,8 @@ def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, s
                 print(f"| {b} x {a.dim} | {x.numel() * 4} | {echo * 1e3:.3f} | {call * 1e3:.3f} | {busy * 1e3:.3f} | "
                       f"{(call - busy) * 1e3:.3f} | {(call - busy) / echo:.2f}x |")
             client.close()
+            echo_client.close()
+            ray.kill(echo_actor)
             pipe.shutdown()
         finally:
             ray.shutdown()
@@ -213,6 +222,18 @@ def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, s
 
 
 N_CALLS = 200
+
+
+class _GrpcEcho:
+    """A Ray actor serving only the data plane's gRPC Echo: bench_pipeline's baseline for a layer's call."""
+
+    def __init__(self, net):
+        from cluster.transport import serve
+
+        self.server = serve(net)
+
+    def address(self) -> str:
+        return self.server.address
 
 
 def _mean(fn) -> float:
