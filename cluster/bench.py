@@ -134,7 +134,7 @@ def _decode_rate(generate, vocab: int, batch: int, prompt_len: int, new: int) ->
 
 
 def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, shards: int, threads: int,
-                   out: str | None) -> dict:
+                   out: str | None, transport: str | None = None) -> dict:
     import ray
     import torch
 
@@ -151,6 +151,8 @@ def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, s
         make_tiny(tmp, "mixtral", seed=0, **PRESETS[preset])
         cfg = MoerayConfig(model=tmp, engine=engine_cfg)
         cfg.pipeline.experts.shards = shards
+        if transport is not None:
+            cfg.pipeline.transport.kind = transport
         for role in (cfg.pipeline.attention, cfg.pipeline.experts, cfg.pipeline.router):
             role.threads = threads
         ray.init(logging_level="ERROR", configure_logging=False)

@@ -304,7 +304,7 @@ def cmd_bench(a) -> int:
                                  a.max_queued, a.grpc_disconnects, a.out)
         return 0 if result["ok"] else 1
     else:
-        bench.bench_pipeline(a.preset, a.batch, a.prompt_len, a.new_tokens, a.shards, a.threads, a.out)
+        bench.bench_pipeline(a.preset, a.batch, a.prompt_len, a.new_tokens, a.shards, a.threads, a.out, a.transport)
     return 0
 
 
@@ -388,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--new-tokens", type=int, default=32, help="generated tokens (default: %(default)s)")
     pl.add_argument("--shards", type=int, default=2, help="expert shards (default: %(default)s)")
     pl.add_argument("--threads", type=int, default=1, help="torch threads per actor (default: %(default)s)")
+    pl.add_argument("--transport", choices=["tcp", "grpc", "gloo"], help="the data plane's kind (default: the config's)")
     pl.add_argument("--out", default="bench-results/pipeline.json", help="JSON results (default: %(default)s)")
     pl.set_defaults(func=cmd_bench)
     ld = bsub.add_parser("load", help="concurrent streaming requests against a pipeline or an HTTP server: "
