@@ -324,7 +324,7 @@ def bench_dataplane(rows: list[int], rounds: int, out: str | None) -> dict:
         for c in clients.values():
             c.close()
         channel.close()
-        for here, proc in zip(pipes, procs):
+        for here, proc in zip(pipes, procs, strict=True):
             here.send(None)
             proc.join(10)
     write_report(out, report)

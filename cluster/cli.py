@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--new-tokens", type=int, default=32, help="generated tokens (default: %(default)s)")
     pl.add_argument("--shards", type=int, default=2, help="expert shards (default: %(default)s)")
     pl.add_argument("--threads", type=int, default=1, help="torch threads per actor (default: %(default)s)")
-    pl.add_argument("--transport", choices=["tcp", "grpc", "gloo"], help="the data plane's kind (default: the config's)")
+    pl.add_argument("--transport", choices=["tcp", "grpc", "gloo"],
+                    help="the data plane's kind (default: the config's)")
     pl.add_argument("--out", default="bench-results/pipeline.json", help="JSON results (default: %(default)s)")
     pl.set_defaults(func=cmd_bench)
     dp = bsub.add_parser("dataplane", help="one data-plane call of each transport kind vs a raw gRPC echo, no Ray")

@@ -34,7 +34,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 MAGIC = b"moeray-dataplane/1\n"  # a peer speaking something else fails here, not in a parser
 _TOKEN_LENGTH = struct.Struct("<H")
@@ -47,7 +47,7 @@ CODES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", 
 _NUMBER = {code: i for i, code in enumerate(CODES)}
 _CLOSING = ("UNAUTHENTICATED", "RESOURCE_EXHAUSTED", "UNAVAILABLE")  # the server closes the connection after these
 
-Handler = Callable[[int, bytearray], "tuple[str, bytes]"]
+Handler = Callable[[int, bytearray], "tuple[str, bytes | bytearray]"]
 """(method, request payload) -> (status code name, reply payload or UTF-8 error message)."""
 
 
@@ -80,7 +80,7 @@ def _left(deadline: float) -> float:
     return left
 
 
-def _send(sock: socket.socket, parts: list) -> None:
+def _send(sock: socket.socket, parts: Sequence[bytes | bytearray]) -> None:
     """All of `parts`, in one system call unless the socket's buffer fills."""
     sent = sock.sendmsg(parts)
     total = sum(len(p) for p in parts)
@@ -287,17 +287,19 @@ class Call:
 
     def __init__(self, channel: Channel, sock: socket.socket | None, deadline: float,
                  error: StreamError | None = None):
-        self._channel, self._sock, self._deadline, self._outcome = channel, sock, deadline, error
+        self._channel, self._sock, self._deadline = channel, sock, deadline
+        self._outcome: bytearray | StreamError | None = error  # None until the reply has come
 
     def reply(self) -> bytearray:
         if self._outcome is None:
-            self._outcome = self._receive()
+            sock, self._sock = self._sock, None
+            assert sock is not None  # a request that was sent, or _outcome would hold its error
+            self._outcome = self._receive(sock)
         if isinstance(self._outcome, StreamError):
             raise self._outcome
         return self._outcome
 
-    def _receive(self) -> bytearray | StreamError:
-        sock, self._sock = self._sock, None
+    def _receive(self, sock: socket.socket) -> bytearray | StreamError:
         try:
             n, status = FRAME.unpack(_read(sock, FRAME.size, self._deadline))
             if n > self._channel._max_bytes:

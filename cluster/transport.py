@@ -10,7 +10,8 @@ for a bare gRPC echo on a loaded 2-core machine. The rest of this docstring is a
 gRPC here means: one channel per peer, reused by every call (HTTP/2 multiplexes concurrent calls over
 it); unary calls that return a Pending, so a router fans out to all the shards of a layer and then
 waits for all (Pending says which thread sends each); tensors as raw bytes (cluster.codec, never
-pickle); a deadline on every call; the same message-size limit on both ends. Servers check every request before their handler sees it.
+pickle); a deadline on every call; the same message-size limit on both ends. Servers check every
+request before their handler sees it.
 
 Peers prove they belong to the same pipeline with a shared secret, `TransportConfig.token`: the Client
 sends it as metadata on every call, and the server refuses a call without it (UNAUTHENTICATED) before
@@ -49,6 +50,7 @@ from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import torch
@@ -195,11 +197,11 @@ def _unary(name: str, body: Callable):
     return method
 
 
-def _stream_handler(services: dict[str, tuple[type, Callable]]) -> stream.Handler:
+def _stream_handler(services: dict[str, tuple[Any, Callable]]) -> stream.Handler:
     """Kind tcp's server side of `services` {name: (request type, body)} and Echo (see _run)."""
     methods = {stream.ATTENTION: "attention", stream.EXPERTS: "experts"}
 
-    def handle(method: int, payload: bytearray) -> tuple[str, bytes]:
+    def handle(method: int, payload: bytearray) -> tuple[str, bytes | bytearray]:
         if method == stream.ECHO:
             return "OK", payload  # unparsed, as the gRPC Echo returns its request
         name = methods.get(method)
@@ -285,7 +287,7 @@ def serve(config: TransportConfig, *, attention: AttentionHandler | None = None,
     if not config.token and config.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("data plane on %s without a token: any peer that reaches it can call it", config.host)
     if config.kind == "tcp":
-        services = {}
+        services: dict[str, tuple[Any, Callable]] = {}
         if attention is not None:
             services["attention"] = (pb.AttentionRequest, forward_attention)
         if experts is not None:
@@ -355,6 +357,12 @@ class _Unsent(threading.local):
 
 
 _unsent = _Unsent()
+
+
+def _latest() -> Pending | None:
+    """This thread's latest call, while it is unsent and someone still holds it."""
+    return _unsent.call() if _unsent.call is not None else None
+
 _senders: futures.ThreadPoolExecutor | None = None  # sends the calls that overlap others; made on first use
 
 
@@ -389,14 +397,14 @@ class Pending:
     __slots__ = ("__weakref__", "_call", "_client", "_collective", "_error", "_field", "_lock", "_reply", "_sent",
                  "_shape")
 
-    def __init__(self, client: Client, method, request, field: str, shape: torch.Size, collective=None):
+    def __init__(self, client: GrpcClient, method, request, field: str, shape: torch.Size, collective=None):
         self._client, self._field, self._shape = client, field, shape
-        self._call = (method, request, time.monotonic() + client._timeout)  # until it is sent
+        self._call: tuple | None = (method, request, time.monotonic() + client._timeout)  # until it is sent
         self._lock = threading.Lock()  # one send, should two threads try
         self._sent: futures.Future | None = None  # the pool's, when it was sent from there
         self._reply = self._error = None  # when it ran in a waiting thread
         self._collective = collective  # (method, request, input, [send, recv], output, deadline) over the group
-        earlier = _unsent.call and _unsent.call()
+        earlier = _latest()
         _unsent.call = weakref.ref(self)
         if earlier is not None:
             earlier._send(here=False)
@@ -417,7 +425,7 @@ class Pending:
 
     def _wait(self):
         """The reply message; grpc.RpcError if the call failed."""
-        latest = _unsent.call and _unsent.call()
+        latest = _latest()
         _unsent.call = None
         if latest is not None and latest is not self:  # runs while this one's reply comes in
             latest._send(here=True)
@@ -474,6 +482,8 @@ class Client:
 
     address: str
     collective_calls = 0  # calls whose tensors went over a collective group
+    _timeout: float  # seconds: every call's deadline
+    _max_bytes: int  # the largest message either way
 
     def attention(self, step: int, layer: int, seqs: list[StepSeq] | None, hidden: torch.Tensor):
         """Send hidden [T, D] to layer `layer`; seqs None (or []) arrives as None."""
@@ -585,8 +595,14 @@ class StreamClient(Client):
 
     def echo(self, data: bytes) -> bytes:
         payload = pb.EchoMessage(data=data).SerializeToString()
-        reply = _StreamPending(self, self._channel.send(stream.ECHO, payload, time.monotonic() + self._timeout))
-        return pb.EchoMessage.FromString(reply.payload()).data
+        call = self._channel.send(stream.ECHO, payload, time.monotonic() + self._timeout)
+        return pb.EchoMessage.FromString(self._reply(call)).data
+
+    def _reply(self, call: stream.Call) -> bytearray:
+        try:
+            return call.reply()
+        except stream.StreamError as e:
+            raise TransportError(e.code, f"{self.address}: {e.message}") from None
 
     def _send(self, name: str, request, field: str, x: torch.Tensor) -> _StreamPending:
         encode(x, getattr(request, field))
@@ -603,18 +619,11 @@ class _StreamPending:
 
     __slots__ = ("_call", "_client", "_field", "_reply_type", "_shape")
 
-    def __init__(self, client: StreamClient, call: stream.Call, reply_type: type | None = None, field: str = "",
-                 shape: torch.Size | None = None):
+    def __init__(self, client: StreamClient, call: stream.Call, reply_type: Any, field: str, shape: torch.Size):
         self._client, self._call, self._reply_type, self._field, self._shape = client, call, reply_type, field, shape
 
-    def payload(self) -> bytearray:
-        try:
-            return self._call.reply()
-        except stream.StreamError as e:
-            raise TransportError(e.code, f"{self._client.address}: {e.message}") from None
-
     def result(self) -> torch.Tensor:
-        payload = self.payload()
+        payload = self._client._reply(self._call)
         try:
             reply = self._reply_type.FromString(payload)
         except DecodeError as e:

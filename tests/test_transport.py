@@ -108,7 +108,8 @@ class RawPeer:
     of its own (no serializers) or a TCP connection of its own per call, after a hello with `token`
     (None: no token at all; on TCP, no hello). Each call returns (status code name, details)."""
 
-    PATHS = {"experts": "/moeray.dataplane.v1.ExpertShard/Forward", "attention": "/moeray.dataplane.v1.Attention/Forward"}
+    PATHS = {"experts": "/moeray.dataplane.v1.ExpertShard/Forward",
+             "attention": "/moeray.dataplane.v1.Attention/Forward"}
     METHODS = {"experts": stream.EXPERTS, "attention": stream.ATTENTION}
 
     def __init__(self, kind: str, address: str):
