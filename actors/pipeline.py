@@ -6,8 +6,8 @@
     pipeline.shutdown()
 
 Ray places and starts the actors (the control plane); the per-layer traffic between them goes over
-the transport (gRPC; with kind gloo or nccl the tensors over a process group that the router forms
-with its workers), never through Ray.
+the transport (frames over plain TCP, or gRPC; with kind gloo or nccl the tensors over a process group
+that the router forms with its workers), never through Ray.
 """
 
 from __future__ import annotations

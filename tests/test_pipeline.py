@@ -1,6 +1,6 @@
 """The disaggregated pipeline on a real multi-node Ray cluster (ray.cluster_utils.Cluster): attention on
-one node, experts on two others, gRPC between them. Every result is compared with the
-single-process engine, token for token."""
+one node, experts on two others, the data plane between them (kind tcp, the default; gloo in one test).
+Every result is compared with the single-process engine, token for token."""
 
 import asyncio
 import copy

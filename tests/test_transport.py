@@ -1,22 +1,25 @@
-"""The data plane through real gRPC servers on loopback, the codec, and the committed stubs.
+"""The data plane through real servers on loopback, of both kinds that carry the tensors in their
+messages (gRPC, and frames over plain TCP: each test that starts a server runs for both), the codec,
+and the committed stubs.
 
-Malformed requests go through the raw generated stub, bypassing Client, as a buggy or hostile peer
+Malformed requests go straight to the server, bypassing Client (RawPeer), as a buggy or hostile peer
 would send them; after each one the same server must still answer a good request exactly. The servers
 here have a pipeline token, as every server of a real pipeline has; calls without it are refused.
 """
 
+import dataclasses
 import logging
+import socket
 import threading
-from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 import grpc
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cluster.dataplane import stream
 from cluster.dataplane.codec import CodecError, decode, encode
 from cluster.dataplane.transport import (
     TOKEN_METADATA,
@@ -28,14 +31,12 @@ from cluster.dataplane.transport import (
     with_token,
 )
 from cluster.rpc import dataplane_pb2 as pb
-from cluster.rpc import dataplane_pb2_grpc as rpc
 from kernels.cache import StepSeq
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 MB = 1 << 20
 CONFIG = TransportConfig(max_message_mb=1, timeout_s=10, token="the-pipeline-token")
-TOKEN = ((TOKEN_METADATA, CONFIG.token),)
 SLOW_LAYER, BAD_REQUEST_LAYER, RUNTIME_ERROR_LAYER, KEY_ERROR_LAYER = 99, 98, 97, 96
 
 
@@ -80,10 +81,16 @@ class Shard:
         return hidden - layer
 
 
+@pytest.fixture(scope="module", params=["grpc", "tcp"])
+def config(request):
+    """CONFIG, of each kind in turn."""
+    return dataclasses.replace(CONFIG, kind=request.param)
+
+
 @pytest.fixture(scope="module")
-def shard():
+def shard(config):
     shard = Shard()
-    server = serve(CONFIG, attention=shard.attention, experts=shard.experts)
+    server = serve(config, attention=shard.attention, experts=shard.experts)
     shard.address = server.address
     yield shard
     shard.release.set()
@@ -91,19 +98,56 @@ def shard():
 
 
 @pytest.fixture(scope="module")
-def client(shard):
-    with connect(CONFIG, shard.address) as client:
+def client(config, shard):
+    with connect(config, shard.address) as client:
         yield client
 
 
+class RawPeer:
+    """A peer we do not control: it sends the bytes it is given, with no size limit, on a gRPC channel
+    of its own (no serializers) or a TCP connection of its own per call, after a hello with `token`
+    (None: no token at all; on TCP, no hello). Each call returns (status code name, details)."""
+
+    PATHS = {"experts": "/moeray.dataplane.v1.ExpertShard/Forward",
+             "attention": "/moeray.dataplane.v1.Attention/Forward"}
+    METHODS = {"experts": stream.EXPERTS, "attention": stream.ATTENTION}
+
+    def __init__(self, kind: str, address: str):
+        self.kind, self.address = kind, address
+        self.channel = grpc.insecure_channel(address) if kind == "grpc" else None
+
+    def experts(self, request: pb.ExpertRequest) -> tuple[str, str]:
+        return self.send("experts", request.SerializeToString())
+
+    def attention(self, request: pb.AttentionRequest) -> tuple[str, str]:
+        return self.send("attention", request.SerializeToString())
+
+    def send(self, service: str, payload: bytes, token: str | None = CONFIG.token) -> tuple[str, str]:
+        if self.kind == "grpc":
+            metadata = None if token is None else ((TOKEN_METADATA, token),)
+            try:
+                self.channel.unary_unary(self.PATHS[service])(payload, timeout=10, metadata=metadata)
+            except grpc.RpcError as e:
+                return e.code().name, e.details()
+            return "OK", ""
+        host, port = self.address.rsplit(":", 1)
+        hello = b"" if token is None else stream.MAGIC + len(token).to_bytes(2, "little") + token.encode()
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(hello + stream.FRAME.pack(len(payload), self.METHODS[service]) + payload)
+            with sock.makefile("rb") as reader:
+                n, status = stream.FRAME.unpack(reader.read(stream.FRAME.size))
+                return stream.CODES[status], reader.read(n).decode()
+
+    def close(self):
+        if self.channel is not None:
+            self.channel.close()
+
+
 @pytest.fixture(scope="module")
-def raw(shard):
-    """The generated stubs on a channel of their own, with no send limit: a peer we do not control (but
-    that knows the token)."""
-    channel = grpc.insecure_channel(shard.address)
-    yield SimpleNamespace(experts=partial(rpc.ExpertShardStub(channel).Forward, metadata=TOKEN),
-                          attention=partial(rpc.AttentionStub(channel).Forward, metadata=TOKEN))
-    channel.close()
+def raw(config, shard):
+    peer = RawPeer(config.kind, shard.address)
+    yield peer
+    peer.close()
 
 
 # ---- round trips -----------------------------------------------------------------------------------
@@ -143,7 +187,7 @@ def test_echo_returns_the_same_bytes(client):
     assert client.echo(data) == data and client.echo(b"") == b""
 
 
-def test_fan_out_to_four_servers_runs_concurrently():
+def test_fan_out_to_four_servers_runs_concurrently(config):
     """Each handler waits on a 4-party barrier, so the calls only succeed if all 4 are in flight at
     once: the client must not block on a call before issuing the next (a deterministic check)."""
     barrier = threading.Barrier(4, timeout=5)
@@ -154,8 +198,8 @@ def test_fan_out_to_four_servers_runs_concurrently():
             return rows * k + layer
         return handler
 
-    servers = [serve(CONFIG, experts=scaled(k)) for k in range(1, 5)]
-    clients = [connect(CONFIG, s.address) for s in servers]
+    servers = [serve(config, experts=scaled(k)) for k in range(1, 5)]
+    clients = [connect(config, s.address) for s in servers]
     try:
         rows = [torch.randn(3, 4) for _ in servers]
         pending = [c.experts(7, [(0, 3)], r) for c, r in zip(clients, rows)]
@@ -166,6 +210,81 @@ def test_fan_out_to_four_servers_runs_concurrently():
             c.close()
         for s in servers:
             s.stop()
+
+
+@pytest.fixture
+def threads_started_here(monkeypatch):
+    """The threads this test's own thread starts from now on (servers start theirs from their own)."""
+    caller, started = threading.current_thread(), []
+    start = threading.Thread.start
+
+    def recording(thread):
+        if threading.current_thread() is caller:
+            started.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", recording)
+    return started
+
+
+def test_several_threads_share_a_client(config):
+    """Four threads call one server through one client at once; the handler waits on a 4-party barrier,
+    so they only succeed if all 4 calls are in flight together (gRPC: on one channel; tcp: on 4 pooled
+    connections)."""
+    barrier = threading.Barrier(4, timeout=5)
+
+    def handler(layer, blocks, rows):
+        barrier.wait()
+        return rows + layer
+
+    with serve(config, experts=handler) as server, connect(config, server.address) as shared:
+        got = {}
+
+        def call(k):
+            got[k] = shared.experts(k, [(0, 2)], torch.ones(2, 3)).result()
+
+        callers = [threading.Thread(target=call, args=(k,)) for k in range(4)]
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join()
+        assert sorted(got) == [0, 1, 2, 3] and all(same_bits(got[k], torch.ones(2, 3) + k) for k in got)
+
+
+def test_calls_start_no_thread_per_call(config, shard, threads_started_here):
+    """A call waited for at once runs in the caller's thread, and a fan-out's overlapping calls go from a
+    pool started once (kind tcp starts none); gRPC futures would start a polling thread per call
+    (~0.3 ms each)."""
+    with connect(config, shard.address) as a, connect(config, shard.address) as b:
+        rows = torch.randn(3, 8)
+
+        def fan_out():
+            for p in [a.experts(1, [(0, 3)], rows), b.experts(2, [(0, 3)], rows)]:
+                p.result()
+
+        fan_out()  # may start the pool's thread
+        pool = list(threads_started_here)
+        for layer in range(10):
+            assert same_bits(a.experts(layer, [(0, 3)], rows).result(), expected_experts(layer, [(0, 3)], rows))
+            fan_out()
+    assert threads_started_here == pool and len(pool) <= 1, threads_started_here
+
+
+def test_a_call_dropped_unsent_is_never_sent_and_any_thread_may_wait(config, client, shard):
+    """gRPC: the latest call a thread issued waits unsent for the next call or a wait: if its caller drops
+    it first, nobody can wait for it, so it never reaches the server."""
+    if config.kind != "grpc":
+        pytest.skip("kind tcp sends each call as it is issued")
+    rows = torch.randn(2, 8)
+    seen = len(shard.seen)
+    client.experts(5, [(0, 2)], rows)  # dropped: not sent ...
+    pending = client.experts(6, [(0, 2)], rows)  # ... not even when the next call is issued
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pending.result()))
+    waiter.start()
+    waiter.join()
+    assert same_bits(got[0], expected_experts(6, [(0, 2)], rows))
+    assert [layer for layer, _, _ in shard.seen[seen:]] == [6]
 
 
 # ---- errors ----------------------------------------------------------------------------------------
@@ -206,9 +325,8 @@ def assert_still_serving(client):
 @pytest.mark.parametrize("case", BAD_EXPERT_REQUESTS)
 def test_bad_expert_request_is_invalid_argument(raw, client, case):
     request, message = BAD_EXPERT_REQUESTS[case]
-    with pytest.raises(grpc.RpcError) as e:
-        raw.experts(request, timeout=10)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details(), e.value.details()
+    code, details = raw.experts(request)
+    assert code == "INVALID_ARGUMENT" and message in details, details
     assert_still_serving(client)
 
 
@@ -218,17 +336,15 @@ def test_bad_expert_request_is_invalid_argument(raw, client, case):
     ([pb.StepSeq(n=4, block_table=[1, -2])], "block ids >= 0"),
 ])
 def test_bad_attention_request_is_invalid_argument(raw, client, seqs, message):
-    with pytest.raises(grpc.RpcError) as e:
-        raw.attention(pb.AttentionRequest(seqs=seqs, hidden=good_rows()), timeout=10)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details(), e.value.details()
+    code, details = raw.attention(pb.AttentionRequest(seqs=seqs, hidden=good_rows()))
+    assert code == "INVALID_ARGUMENT" and message in details, details
     assert_still_serving(client)
 
 
 def test_oversized_message_is_resource_exhausted(raw, client):
     big = tensor([MB // 32 + 8, 8], bytes((MB // 32 + 8) * 32))  # just over 1 MiB of data
-    with pytest.raises(grpc.RpcError) as e:  # refused by the server
-        raw.experts(pb.ExpertRequest(blocks=[pb.ExpertBlock(rows=MB // 32 + 8)], rows=big), timeout=10)
-    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    code, _ = raw.experts(pb.ExpertRequest(blocks=[pb.ExpertBlock(rows=MB // 32 + 8)], rows=big))  # the server refuses
+    assert code == "RESOURCE_EXHAUSTED"
     with pytest.raises(TransportError) as e:  # refused by Client's own channel before sending
         client.experts(0, [(0, MB // 32 + 8)], torch.zeros(MB // 32 + 8, 8)).result()
     assert e.value.code == "RESOURCE_EXHAUSTED"
@@ -262,25 +378,25 @@ def test_a_key_error_in_a_handler_is_internal_and_logged_not_a_bad_request(clien
     assert_still_serving(client)
 
 
-def test_handler_returning_a_wrong_shape_is_internal():
-    with serve(CONFIG, experts=lambda layer, blocks, rows: rows[:1]) as server, connect(CONFIG, server.address) as c:
+def test_handler_returning_a_wrong_shape_is_internal(config):
+    with serve(config, experts=lambda layer, blocks, rows: rows[:1]) as server, connect(config, server.address) as c:
         with pytest.raises(TransportError) as e:
             c.experts(0, [(0, 3)], torch.zeros(3, 2)).result()
         assert e.value.code == "INTERNAL" and "handler returned torch.float32 [1, 2], expected" in e.value.message
 
 
-def test_deadline_exceeded_leaves_the_client_usable(shard):
-    with connect(TransportConfig(timeout_s=0.5, token=CONFIG.token), shard.address) as c:
+def test_deadline_exceeded_leaves_the_client_usable(config, shard):
+    with connect(dataclasses.replace(config, timeout_s=0.5), shard.address) as c:
         with pytest.raises(TransportError) as e:
             c.experts(SLOW_LAYER, [(0, 1)], torch.zeros(1, 8)).result()
         assert e.value.code == "DEADLINE_EXCEEDED"
         assert_still_serving(c)
 
 
-def test_unknown_peer_is_unavailable_and_unknown_kind_is_refused():
-    with serve(CONFIG) as server:
+def test_unknown_peer_is_unavailable_and_unknown_kind_is_refused(config):
+    with serve(config) as server:
         address = server.address
-    with connect(CONFIG, address) as c, pytest.raises(TransportError) as e:
+    with connect(config, address) as c, pytest.raises(TransportError) as e:
         c.echo(b"x")
     assert e.value.code == "UNAVAILABLE"
     with pytest.raises(ValueError, match="unknown transport kind 'mpi'"):
@@ -291,11 +407,11 @@ def test_unknown_peer_is_unavailable_and_unknown_kind_is_refused():
 
 
 @pytest.mark.parametrize("token", ["", "not-the-pipeline-token", CONFIG.token + "x", CONFIG.token[:-1]])
-def test_a_caller_without_the_pipeline_token_is_unauthenticated(shard, client, token):
+def test_a_caller_without_the_pipeline_token_is_unauthenticated(config, shard, client, token):
     """Client (Router's way of calling) with a missing or wrong token: every method refused with
     UNAUTHENTICATED (which the router does not retry); the server keeps serving its own pipeline."""
     seen = len(shard.seen)
-    with connect(TransportConfig(max_message_mb=1, timeout_s=10, token=token), shard.address) as stranger:
+    with connect(dataclasses.replace(config, token=token), shard.address) as stranger:
         for call in (lambda: stranger.experts(0, [(0, 2)], torch.zeros(2, 8)).result(),
                      lambda: stranger.attention(0, 0, None, torch.zeros(2, 8)).result(),
                      lambda: stranger.echo(b"hello")):
@@ -307,18 +423,46 @@ def test_a_caller_without_the_pipeline_token_is_unauthenticated(shard, client, t
     assert_still_serving(client)
 
 
-def test_the_token_is_checked_before_the_request_is_decoded(shard, client):
+def test_the_token_is_checked_before_the_request_is_decoded(config, raw, client):
     """Bytes that are no protobuf at all: without the token, UNAUTHENTICATED (they were never parsed);
-    with it, the server gets as far as parsing them and fails there."""
+    with it, the server gets as far as parsing them and fails there: gRPC's own "could not deserialize"
+    (INTERNAL), or kind tcp's INVALID_ARGUMENT."""
     garbage = b"\xff" * 64
-    with grpc.insecure_channel(shard.address) as channel:
-        forward = channel.unary_unary("/moeray.dataplane.v1.ExpertShard/Forward")  # no serializers: raw bytes
-        for metadata, code in ((None, grpc.StatusCode.UNAUTHENTICATED),
-                               (((TOKEN_METADATA, "wrong"),), grpc.StatusCode.UNAUTHENTICATED),
-                               (TOKEN, grpc.StatusCode.INTERNAL)):  # grpc's own "could not deserialize"
-            with pytest.raises(grpc.RpcError) as e:
-                forward(garbage, timeout=10, metadata=metadata)
-            assert e.value.code() == code, e.value.details()
+    parsed = {"grpc": "INTERNAL", "tcp": "INVALID_ARGUMENT"}[config.kind]
+    for token, expected in ((None, "UNAUTHENTICATED"), ("wrong", "UNAUTHENTICATED"), (CONFIG.token, parsed)):
+        code, details = raw.send("experts", garbage, token=token)
+        assert code == expected, details
+    assert_still_serving(client)
+
+
+def test_a_server_restarted_on_the_same_port_is_called_again(config):
+    """A client's channel (gRPC) or pooled connection (tcp) to a server that stopped is not reused as is:
+    a new server on the same port answers the next call."""
+    rows = torch.randn(2, 4)
+    with serve(config, experts=lambda layer, blocks, rows: rows + 1) as first, connect(config, first.address) as c:
+        assert same_bits(c.experts(0, [(0, 2)], rows).result(), rows + 1)
+        first.stop()
+        port = int(first.address.rsplit(":", 1)[1])
+        with serve(config, experts=lambda layer, blocks, rows: rows + 2, port=port):
+            assert same_bits(c.experts(0, [(0, 2)], rows).result(), rows + 2)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frames=st.binary(max_size=64))
+def test_tcp_server_survives_any_bytes_after_the_hello(shard, client, config, frames):
+    """kind tcp: whatever follows a good hello (truncated or huge lengths, unknown methods, bad payloads),
+    the server answers an error or drops that connection, and keeps serving others."""
+    if config.kind != "tcp":
+        pytest.skip("frames are kind tcp's")
+    host, port = shard.address.rsplit(":", 1)
+    hello = stream.MAGIC + len(CONFIG.token).to_bytes(2, "little") + CONFIG.token.encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(hello + frames)
+        sock.shutdown(socket.SHUT_WR)  # a truncated frame ends here: the server sees the end, not a stall
+        with sock.makefile("rb") as reader:
+            while len(header := reader.read(stream.FRAME.size)) == stream.FRAME.size:
+                n, status = stream.FRAME.unpack(header)
+                assert status < len(stream.CODES) and len(reader.read(n)) == n
     assert_still_serving(client)
 
 

@@ -278,6 +278,8 @@ def cmd_bench(a) -> int:
         bench.bench_engine(a.preset, a.batch, a.prompt_len, a.new_tokens, a.out)
     elif a.bench == "moe":
         return bench.bench_moe(a.batch, a.repeats, a.interpret, a.out)
+    elif a.bench == "dataplane":
+        bench.bench_dataplane(a.rows, a.rounds, a.out)
     elif a.bench == "load":
         from actors.cli import loadgen
 
@@ -304,7 +306,7 @@ def cmd_bench(a) -> int:
                                  a.max_queued, a.grpc_disconnects, a.out)
         return 0 if result["ok"] else 1
     else:
-        bench.bench_pipeline(a.preset, a.batch, a.prompt_len, a.new_tokens, a.shards, a.threads, a.out)
+        bench.bench_pipeline(a.preset, a.batch, a.prompt_len, a.new_tokens, a.shards, a.threads, a.out, a.transport)
     return 0
 
 
@@ -393,8 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--new-tokens", type=int, default=32, help="generated tokens (default: %(default)s)")
     pl.add_argument("--shards", type=int, default=2, help="expert shards (default: %(default)s)")
     pl.add_argument("--threads", type=int, default=1, help="torch threads per actor (default: %(default)s)")
+    pl.add_argument("--transport", choices=["tcp", "grpc", "gloo"],
+                    help="the data plane's kind (default: the config's)")
     pl.add_argument("--out", default="bench-results/pipeline.json", help="JSON results (default: %(default)s)")
     pl.set_defaults(func=cmd_bench)
+    dpl = bsub.add_parser("dataplane", help="one data-plane call of each transport kind vs a raw gRPC echo, no Ray")
+    dpl.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64], help="rows of 512 fp32 (default: 1 8 64: "
+                                                                            "2, 16, 128 KB)")
+    dpl.add_argument("--rounds", type=int, default=15, help="runs of 50 calls of each (default: %(default)s)")
+    dpl.add_argument("--out", default="bench-results/dataplane.json", help="JSON results (default: %(default)s)")
+    dpl.set_defaults(func=cmd_bench)
     ld = bsub.add_parser("load", help="concurrent streaming requests against a pipeline or an HTTP server: "
                                       "throughput, time to first token, inter-token latency")
     ld.add_argument("--url", help="an HTTP server's base URL (OpenAI API); default: start a pipeline here")

@@ -4,12 +4,15 @@
 each system in its own subprocess so its peak memory is its own.
 `moeray bench pipeline`: the Ray pipeline against the single-process engine, same checkpoint; each
 per-layer round trip against a raw gRPC echo of the same payload; where a step's time goes.
+`moeray bench dataplane`: one data-plane call of each transport kind against a raw gRPC echo of the
+same bytes, without Ray or a model: servers in child processes, a handler that returns its input.
 `moeray bench moe`: the fused Triton MoE experts against the reference expert_rows, one Mixtral layer
 on a GPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import subprocess
@@ -126,7 +129,7 @@ def _decode_rate(generate, vocab: int, batch: int, prompt_len: int, new: int) ->
 
 
 def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, shards: int, threads: int,
-                   out: str | None) -> dict:
+                   out: str | None, transport: str | None = None) -> dict:
     import ray
     import torch
 
@@ -145,6 +148,8 @@ def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, s
         make_tiny(tmp, "mixtral", seed=0, **PRESETS[preset])
         cfg = MoerayConfig(model=tmp, engine=engine_cfg)
         cfg.pipeline.experts.shards = shards
+        if transport is not None:
+            cfg.pipeline.transport.kind = transport
         for role in (cfg.pipeline.attention, cfg.pipeline.experts, cfg.pipeline.router):
             role.threads = threads
         ray.init(logging_level="ERROR", configure_logging=False)
@@ -181,10 +186,16 @@ def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, s
                 print(f"| {b} | " + " | ".join(f"{100 * v / total:.0f}%" for v in r["seconds_per_run"].values()) + " |")
             # one layer's data-plane cost in place: a decode step's attention call ([b, dim] each way) to the
             # real attention actor, minus the actor's own compute time, against a raw gRPC echo of those bytes
+            # (served by an actor of its own, so the baseline is gRPC whatever the pipeline's transport kind)
+            net = pipe.config.pipeline.transport  # with the token Pipeline.start gave this replica
             addr = ray.get(pipe.attention[0].address.remote())
-            client = connect(pipe.config.pipeline.transport, addr)  # with the replica's token
-            print("\nper-layer data plane, a decode step's attention call (not the step's first) vs a raw gRPC echo "
-                  "of the same bytes:")
+            client = connect(net, addr)
+            grpc_net = dataclasses.replace(net, kind="grpc")
+            echo_actor = ray.remote(num_cpus=0)(_GrpcEcho).remote(grpc_net)
+            echo_client = connect(grpc_net, ray.get(echo_actor.address.remote()))
+            report["transport"] = net.kind
+            print(f"\nper-layer data plane (transport kind {net.kind}), a decode step's attention call (not the "
+                  "step's first) vs a raw gRPC echo of the same bytes:")
             print("| rows x dim (fp32) | bytes each way | gRPC echo ms | attention call ms | of which compute ms "
                   "| transport ms | transport / echo |")
             print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -192,7 +203,7 @@ def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, s
             for b in batches:
                 x = torch.randn(b, a.dim)
                 seqs = [StepSeq([i], 0, 1) for i in range(b)]  # one token each, in blocks the pipeline has freed
-                echo = _mean(lambda x=x: client.echo(x.numpy().tobytes()))
+                echo = _mean(lambda x=x: echo_client.echo(x.numpy().tobytes()))
                 step = 1 << 40 | b
                 client.attention(step, 0, seqs, x).result()  # a step's first call carries its block tables ...
                 busy0 = ray.get(pipe.attention[0].info.remote())["busy_s"]
@@ -204,6 +215,8 @@ def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, s
                 print(f"| {b} x {a.dim} | {x.numel() * 4} | {echo * 1e3:.3f} | {call * 1e3:.3f} | {busy * 1e3:.3f} | "
                       f"{(call - busy) * 1e3:.3f} | {(call - busy) / echo:.2f}x |")
             client.close()
+            echo_client.close()
+            ray.kill(echo_actor)
             pipe.shutdown()
         finally:
             ray.shutdown()
@@ -212,6 +225,109 @@ def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, s
 
 
 N_CALLS = 200
+
+
+class _GrpcEcho:
+    """A Ray actor serving only the data plane's gRPC Echo: bench_pipeline's baseline for a layer's call."""
+
+    def __init__(self, net):
+        from cluster.dataplane.transport import serve
+
+        self.server = serve(net)
+
+    def address(self) -> str:
+        return self.server.address
+
+
+def _dataplane_server(kind: str, token: str, conn) -> None:
+    """A child process of bench_dataplane: a data-plane server of `kind` whose handlers return their input,
+    or (kind "echo") a bare gRPC server with one Echo method: no interceptor, no token, no protobuf."""
+    from concurrent import futures
+
+    import grpc
+    import torch
+
+    from cluster.dataplane.transport import TransportConfig, serve
+
+    torch.set_num_threads(1)
+    if kind == "echo":
+        server = grpc.server(futures.ThreadPoolExecutor(8))
+        echo = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("raw", {"Echo": echo}),))
+        conn.send(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+        server.start()
+    else:
+        server = serve(TransportConfig(kind=kind, token=token), attention=lambda step, layer, seqs, hidden: hidden)
+        conn.send(server.address)
+    conn.recv()  # until the benchmark is done
+
+
+def bench_dataplane(rows: list[int], rounds: int, out: str | None) -> dict:
+    """A layer's call ([rows, 512] fp32 each way, no seqs) through each transport kind's Client to a server
+    whose handler returns its input, against a raw gRPC echo of the same bytes. Calls alternate in short
+    runs (kind after kind); each run's median call counts, and the median of the quietest third of the
+    runs is reported: a shared machine's noise comes in bursts."""
+    import multiprocessing as mp
+    import secrets
+    import statistics
+
+    import grpc
+    import torch
+
+    from cluster.dataplane.transport import TransportConfig, connect
+
+    kinds, token = ("grpc", "tcp"), secrets.token_urlsafe(32)
+    ctx = mp.get_context("spawn")
+    pipes, procs, addresses = [], [], {}
+    for kind in ("echo", *kinds):
+        here, there = ctx.Pipe()
+        procs.append(ctx.Process(target=_dataplane_server, args=(kind, token, there), daemon=True))
+        procs[-1].start()
+        pipes.append(here)
+        addresses[kind] = here.recv()
+    channel = grpc.insecure_channel(addresses["echo"])
+    echo = channel.unary_unary("/raw/Echo")
+    clients = {kind: connect(TransportConfig(kind=kind, token=token), addresses[kind]) for kind in kinds}
+    torch.set_num_threads(1)
+
+    def median_call(fn, n=50) -> float:
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        return statistics.median(samples)
+
+    report = {"rounds": rounds, "results": {}}
+    print(f"one call, [rows, 512] fp32 each way, to a handler that returns it; median of the quietest third of "
+          f"{rounds} runs of 50 calls")
+    print("| bytes each way | raw gRPC echo us | " + " | ".join(f"{k} call us | {k} / echo" for k in kinds) + " |")
+    print("| --- | --- |" + " --- | --- |" * len(kinds))
+    try:
+        for r in rows:
+            x = torch.randn(r, 512)
+            data = x.numpy().tobytes()
+            calls = {"echo": lambda data=data: echo(data, timeout=30)}
+            calls.update({k: (lambda c=c, x=x: c.attention(1, 0, None, x).result()) for k, c in clients.items()})
+            runs = {k: [] for k in calls}
+            for fn in calls.values():
+                median_call(fn, 10)  # connections up, caches warm
+            for _ in range(rounds):
+                for k, fn in calls.items():
+                    runs[k].append(median_call(fn))
+            us = {k: 1e6 * statistics.median(sorted(v)[: max(1, rounds // 3)]) for k, v in runs.items()}
+            report["results"][len(data)] = us
+            print(f"| {len(data)} | {us['echo']:.0f} | "
+                  + " | ".join(f"{us[k]:.0f} | {us[k] / us['echo']:.2f}x" for k in kinds) + " |")
+    finally:
+        for c in clients.values():
+            c.close()
+        channel.close()
+        for here, proc in zip(pipes, procs, strict=True):
+            here.send(None)
+            proc.join(10)
+    write_report(out, report)
+    return report
 
 
 def _mean(fn) -> float:

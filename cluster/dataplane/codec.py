@@ -10,6 +10,7 @@ import math
 import sys
 import warnings
 
+import numpy as np
 import torch
 
 from cluster.rpc import dataplane_pb2 as pb
@@ -19,7 +20,7 @@ if sys.byteorder != "little":
 
 DTYPES = {torch.float32: pb.DTYPE_FLOAT32, torch.bfloat16: pb.DTYPE_BFLOAT16, torch.float16: pb.DTYPE_FLOAT16}
 _TORCH = {v: k for k, v in DTYPES.items()}
-_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+_NUMPY = {torch.float32: np.float32, torch.bfloat16: np.int16, torch.float16: np.float16}  # bf16: its bits
 
 
 class CodecError(ValueError):
@@ -30,17 +31,28 @@ def encode(t: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
     """`t` as a message, or written into `out` (a field of the message being built, which saves
     protobuf a copy of the data). Two copies: the elements into a bytes object, which protobuf copies.
 
-    Few torch calls, because each costs microseconds on the hot path: a same-size integer view
-    (numpy has no bf16), then numpy, whose tobytes() writes C order even for a non-contiguous tensor.
-    A tensor on a GPU is copied to the host by numpy(force=True): the wire carries host bytes, decode
+    Few torch calls, because each costs microseconds on the hot path (tens when the caches are cold, as
+    they are between one call and the next): numpy, whose tobytes() writes C order even for a
+    non-contiguous tensor, viewing a CPU tensor's memory (bf16, which numpy lacks, as its int16 bits). A
+    tensor on a GPU is copied to the host by numpy(force=True): the wire carries host bytes, decode
     makes CPU tensors, and the receiver moves them to its device.
     """
     if t.dtype not in DTYPES:
         raise CodecError(f"cannot send a {t.dtype} tensor; the wire carries {', '.join(map(str, DTYPES))}")
     out = pb.Tensor() if out is None else out
-    out.dtype, out.data = DTYPES[t.dtype], t.view(_BITS[t.dtype]).numpy(force=True).tobytes()
+    out.dtype, out.data = DTYPES[t.dtype], _host(t).tobytes()
     out.shape[:] = t.shape
     return out
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """`t`'s elements (bf16 as int16) in a numpy array: a view of a CPU tensor, a host copy of another."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    try:
+        return t.numpy()
+    except (TypeError, RuntimeError):  # on a GPU (TypeError), or needs grad (RuntimeError)
+        return t.numpy(force=True)
 
 
 def _describe(shape: list[int], dtype: torch.dtype) -> str:
@@ -63,9 +75,11 @@ def decode(msg: pb.Tensor, *, max_bytes: int, ndim: int | None = None,
     try:
         if need == 0:
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(data if _FRESH_BYTES else bytearray(data), dtype=dtype).view(shape)
-    except RuntimeError as e:  # e.g. [0, 2**62, 2**62]: no elements, but its strides overflow int64
-        raise CodecError(f"tensor shape {shape} cannot be represented: {e}") from None
+        # numpy views the bytes and takes the shape; one torch call makes the tensor (see encode)
+        t = torch.from_numpy(np.frombuffer(data if _FRESH_BYTES else bytearray(data), _NUMPY[dtype]).reshape(shape))
+        return t.view(dtype) if dtype == torch.bfloat16 else t
+    except (RuntimeError, ValueError) as e:  # [0, 2**62, 2**62]: no elements, but its strides overflow int64;
+        raise CodecError(f"tensor shape {shape} cannot be represented: {e}") from None  # numpy: too many dims
 
 
 def describe(t: torch.Tensor, out: pb.Tensor) -> pb.Tensor:
@@ -116,11 +130,11 @@ def _fresh_bytes() -> bool:
 
     Then the tensor is the sole owner of its bytes object and may write to it although bytes are
     immutable in Python; otherwise (pure-Python protobuf) decode copies into a bytearray. torch warns
-    once per process about non-writable buffers; that one warning is spent here, silenced.
+    once per process about non-writable arrays; that one warning is spent here, silenced.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        torch.frombuffer(b"\0\0", dtype=torch.float16)
+        torch.from_numpy(np.frombuffer(b"\0\0", np.float16))
     probe = pb.Tensor(data=b"\0\0")
     return probe.data is not probe.data
 
