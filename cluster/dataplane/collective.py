@@ -56,11 +56,13 @@ class Group:
         if kind not in BACKENDS:
             raise ValueError(f"no collective backend {kind!r}; expected one of {', '.join(BACKENDS)}")
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = rendezvous
         if isinstance(rendezvous, str):
             host, port = rendezvous.removeprefix("tcp://").rsplit(":", 1)
-            store = dist.TCPStore(host.strip("[]"), int(port), world_size, False, timeout=timeout)
+            store: dist.Store = dist.TCPStore(host.strip("[]"), int(port), world_size, False, timeout=timeout)
+        else:
+            store = rendezvous
         prefixed = dist.PrefixStore("moeray", store)
+        pg: dist.ProcessGroupGloo | dist.ProcessGroupNCCL
         if kind == "gloo":
             pg, device = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout), torch.device("cpu")
         else:

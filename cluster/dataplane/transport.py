@@ -264,6 +264,7 @@ def serve(config: TransportConfig, *, attention: AttentionHandler | None = None,
                     raise BadRequest("seqs need start >= 0, n >= 0 and block ids >= 0")
                 if (n := sum(s.n for s in seqs)) != hidden.shape[0]:
                     raise BadRequest(f"seqs have {n} new tokens in all, hidden has {hidden.shape[0]} rows")
+            assert attention is not None  # forward_attention is registered only with a handler
             return attention(request.step, request.layer, seqs, hidden)
 
         reply = pb.AttentionReply()
@@ -278,6 +279,7 @@ def serve(config: TransportConfig, *, attention: AttentionHandler | None = None,
             if any(n < 0 for n in counts) or sum(counts) != rows.shape[0]:
                 raise BadRequest(f"block row counts {counts} sum to {sum(counts)}, "
                                  f"rows tensor has {rows.shape[0]} rows")
+            assert experts is not None  # forward_experts is registered only with a handler
             return experts(request.layer, blocks, rows)
 
         reply = pb.ExpertReply()
@@ -458,7 +460,8 @@ class Pending:
             code = e.code().name if isinstance(e, grpc.RpcError) else "INTERNAL"
             client._break(f"{code}: {e.details() if isinstance(e, grpc.RpcError) else e}", (works, x, out))
             if code in NOT_RESENT:
-                raise TransportError(code, f"{client.address}: {e.details()}") from e
+                details = e.details() if isinstance(e, grpc.RpcError) else e
+                raise TransportError(code, f"{client.address}: {details}") from e
             plain = type(request)()
             plain.CopyFrom(request)
             getattr(plain, self._field).Clear()
@@ -526,7 +529,8 @@ class GrpcClient(Client):
     def __init__(self, config: TransportConfig, address: str, group: collective.Group | None = None,
                  rank: int | None = None):
         self.address = address
-        self._group, self._rank = (group, rank) if group is not None and rank is not None else (None, None)
+        self._group: collective.Group | None = group if rank is not None else None
+        self._rank: int = rank if group is not None and rank is not None else -1  # -1: no collective pair
         self.collective_calls = 0
         self._timeout, self._max_bytes = config.timeout_s, config.max_bytes
         self._metadata = ((TOKEN_METADATA, config.token),) if config.token else None  # on every call
@@ -552,6 +556,7 @@ class GrpcClient(Client):
             encode(x, getattr(request, field))
             return self._call(method, request, field, x.shape)
         g = self._group
+        assert g is not None  # self.collective
         x = x.to(g.device).contiguous()
         describe(x, getattr(request, field))  # refuses a dtype the wire lacks before any op is posted
         out = torch.empty_like(x)  # the reply: same shape and dtype
@@ -576,7 +581,8 @@ class GrpcClient(Client):
     def _break(self, why: str, unfinished: tuple) -> None:
         log.warning("data plane: collective pair with %s (rank %d) failed (%s); gRPC from now on",
                     self.address, self._rank, why)
-        self._group.break_pair(self._rank, unfinished)
+        if self._group is not None:
+            self._group.break_pair(self._rank, unfinished)
 
     def close(self) -> None:
         self._channel.close()
