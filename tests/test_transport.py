@@ -158,8 +158,8 @@ def test_fan_out_to_four_servers_runs_concurrently():
     clients = [connect(CONFIG, s.address) for s in servers]
     try:
         rows = [torch.randn(3, 4) for _ in servers]
-        pending = [c.experts(7, [(0, 3)], r) for c, r in zip(clients, rows)]
-        for k, (p, r) in enumerate(zip(pending, rows), start=1):
+        pending = [c.experts(7, [(0, 3)], r) for c, r in zip(clients, rows, strict=True)]
+        for k, (p, r) in enumerate(zip(pending, rows, strict=True), start=1):
             assert same_bits(p.result(), r * k + 7)
     finally:
         for c in clients:
