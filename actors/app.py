@@ -46,8 +46,8 @@ def with_defaults(config: MoerayConfig) -> MoerayConfig:
     if config.model is None:
         from kernels.train import demo_dir
 
-        config = dataclasses.replace(config, model=str(demo_dir()),
-                                     serve=dataclasses.replace(serve_cfg, model_name=serve_cfg.model_name or "moeray-demo"))
+        serve_cfg = dataclasses.replace(serve_cfg, model_name=serve_cfg.model_name or "moeray-demo")
+        config = dataclasses.replace(config, model=str(demo_dir()), serve=serve_cfg)
     return config
 
 
@@ -66,7 +66,8 @@ def build_app(args: dict) -> Application:
     try:
         a = BuildArgs.model_validate(args or {})
     except ValidationError as e:
-        raise ConfigError("; ".join(f"args.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+        raise ConfigError("; ".join(f"args.{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                                    for err in e.errors())) from None
     return moeray_app(load_config(config_path(a.config) if a.config else None, {"model": a.model}))
 
 
@@ -145,7 +146,8 @@ def validate_serve_config(data: dict):
             try:
                 BuildArgs.model_validate(app.get("args") or {})
             except ValidationError as e:
-                raise ConfigError(f"applications[{i}].args: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+                err = e.errors()[0]
+                raise ConfigError(f"applications[{i}].args: {err['loc'][0]}: {err['msg']}") from None
     return schema.ServeDeploySchema.model_validate(data)
 
 

@@ -22,7 +22,7 @@ from actors.router import Router
 from actors.workers import RAY, start_workers
 from cluster.config import MoerayConfig
 from cluster.placement import Placement, ray_options
-from kernels.engine import Completion, TokenEvent
+from kernels.engine import Completion, TokenEvent, params_per_prompt
 from kernels.sampling import SamplingParams
 
 
@@ -60,8 +60,8 @@ class Pipeline:
     def generate(self, prompts: Iterable[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
         """Runs prompts to completion, all in flight at once; results in prompt order."""
         prompts = list(prompts)
-        params = params if isinstance(params, list) else [params] * len(prompts)
-        streams = [self._submit(p, sp, None) for p, sp in zip(prompts, params)]
+        streams = [self._submit(p, sp, None)
+                   for p, sp in zip(prompts, params_per_prompt(params, len(prompts)), strict=True)]
         results = []
         for gen in streams:
             done = Completion("")

@@ -244,7 +244,8 @@ class PipelineExecutor:
         self._failed_steps += 1
         if err.code in FATAL or self.find_restarted is None or self._failed_steps > MAX_FAILED_STEPS:
             return err
-        log.warning("attention call to %s failed (%s); recomputing the KV cache once it serves", actor.address, err.code)
+        log.warning("attention call to %s failed (%s); recomputing the KV cache once it serves",
+                    actor.address, err.code)
         self._recover(actor)
         return CacheLost(f"attention actor {actor.address} failed ({err.code})")
 
@@ -285,7 +286,7 @@ class Router:
         ckpt = Checkpoint.open(config.model)
         self.restart_timeout_s = pc.restart_timeout_s
         self._workers = dict(zip(workers.attention_addresses + workers.expert_addresses,
-                                 workers.attention + workers.experts))
+                                 workers.attention + workers.experts, strict=True))
         group, ranks = self._join_group(pc.transport, workers)
         self.executor = PipelineExecutor(ckpt, config.engine, workers.placement, pc.transport,
                                          workers.attention_addresses, workers.expert_addresses,
@@ -319,7 +320,7 @@ class Router:
                         transport_config.kind, world, e)
             return None, {}
         ranks = {}
-        for rank, (address, ref) in enumerate(zip(addresses, joins), 1):
+        for rank, (address, ref) in enumerate(zip(addresses, joins, strict=True), 1):
             try:
                 ray.get(ref, timeout=transport_config.timeout_s)
                 ranks[address] = rank

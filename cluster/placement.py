@@ -47,7 +47,8 @@ class PipelineConfig:
     experts: ExpertPlacement = field(default_factory=ExpertPlacement)
     router: RouterPlacement = field(default_factory=RouterPlacement)
     transport: TransportConfig = field(default_factory=TransportConfig)
-    restart_timeout_s: float = 300.0  # a router waits this long for Ray to restart a lost worker, then fails its requests
+    # a router waits this long for Ray to restart a lost worker, then fails its requests
+    restart_timeout_s: float = 300.0
 
 
 Role = AttentionPlacement | ExpertPlacement | RouterPlacement

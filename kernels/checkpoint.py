@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -101,7 +102,8 @@ _HF_ROWS = [
     (_L + "attention.wv.weight", _H + "self_attn.v_proj.weight"),
     (_L + "attention.wo.weight", _H + "self_attn.o_proj.weight"),
     (_L + "feed_forward.gate.weight", _H + "block_sparse_moe.gate.weight"),
-    *((_L + f"feed_forward.experts.{{e}}.{w}.weight", _H + f"block_sparse_moe.experts.{{e}}.{w}.weight") for w in ("w1", "w2", "w3")),
+    *((_L + f"feed_forward.experts.{{e}}.{w}.weight", _H + f"block_sparse_moe.experts.{{e}}.{w}.weight")
+      for w in ("w1", "w2", "w3")),
     (_L + "feed_forward.w1.weight", _H + "mlp.gate_proj.weight"),
     (_L + "feed_forward.w3.weight", _H + "mlp.up_proj.weight"),
     (_L + "feed_forward.w2.weight", _H + "mlp.down_proj.weight"),
@@ -116,12 +118,12 @@ RULES: list[Rule] = [
 RULES += [Rule("mistral", r.ours, r.ours) for r in RULES if r.fmt == "hf"]  # Mistral names are ours
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pattern(template: str) -> re.Pattern:
     return re.compile(re.sub(r"\\\{(\w)\\\}", r"(?P<\1>\\d+)", re.escape(template)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _rename(fmt: str, name: str, to_theirs: bool) -> tuple[str, Rule] | None:
     """Our name -> (foreign name, rule) if to_theirs, else foreign -> (ours, rule); None if no row matches."""
     for r in RULES:
@@ -244,9 +246,11 @@ def _hf_config(args: ModelArgs, dtype: torch.dtype | None = None) -> dict:
 
 def _params_json(args: ModelArgs) -> dict:
     """Inverse of ModelArgs.from_params_json. params.json has no tie/bos/eos fields, so those are not kept."""
-    p = {"dim": args.dim, "n_layers": args.n_layers, "head_dim": args.head_dim, "hidden_dim": args.hidden_dim,
-         "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "norm_eps": args.norm_eps,
-         "vocab_size": args.vocab_size, "rope_theta": args.rope_theta, "max_seq_len": args.max_seq_len}
+    p: dict[str, object] = {
+        "dim": args.dim, "n_layers": args.n_layers, "head_dim": args.head_dim, "hidden_dim": args.hidden_dim,
+        "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "norm_eps": args.norm_eps,
+        "vocab_size": args.vocab_size, "rope_theta": args.rope_theta, "max_seq_len": args.max_seq_len,
+    }
     if args.sliding_window is not None:
         p["sliding_window"] = args.sliding_window
     if args.moe:
@@ -284,7 +288,7 @@ def save_hf(path: str | Path, args: ModelArgs, tensors: dict[str, torch.Tensor],
         if shards[-1] and sum(x.nbytes for x in shards[-1].values()) + t.nbytes > max_shard_bytes:
             shards.append({})
         shards[-1][name] = t
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for k, shard in enumerate(shards, 1):
         file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, path / file, metadata={"format": "pt"})

@@ -67,7 +67,8 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every running sequence decodes each step)")
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs "
+                             "(every running sequence decodes each step)")
 
     @property
     def num_blocks(self) -> int:
@@ -127,6 +128,17 @@ class Completion:
         self.finish_reason, self.stop_reason = ev.finish_reason, ev.stop_reason
 
 
+def params_per_prompt(params: SamplingParams | list[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    """The SamplingParams of each of `n` prompts, for generate(prompts, params): one for all (None: the
+    defaults), or a list with one per prompt. A list of another length is a ValueError: a shorter one would
+    otherwise drop prompts without a word."""
+    if not isinstance(params, list):
+        return [params or SamplingParams()] * n
+    if len(params) != n:
+        raise ValueError(f"params: {len(params)} SamplingParams for {n} prompts; give one per prompt, or one for all")
+    return params
+
+
 class Sequence:
     def __init__(self, req: Request, eos_id: int, tokenizer: Tokenizer | None, max_len: int):
         self.req, self.params = req, req.params
@@ -146,7 +158,8 @@ class Sequence:
 
     def append(self, token: int, logprob: float, top) -> TokenEvent:
         self.tokens.append(token)
-        finish, reason = None, None
+        finish: str | None = None
+        reason: int | str | None = None
         if token in self.stops:
             finish, reason = "stop", token
         elif self.detok:
@@ -170,7 +183,8 @@ class Sequence:
 
     def _holdback(self) -> int:
         """Length of the longest tail of the text that could still grow into a stop string."""
-        return max((n for s in self.params.stop for n in range(len(s) - 1, 0, -1) if self.text.endswith(s[:n])), default=0)
+        return max((n for s in self.params.stop for n in range(len(s) - 1, 0, -1) if self.text.endswith(s[:n])),
+                   default=0)
 
 
 class Scheduler:
@@ -325,7 +339,7 @@ class Engine:
         seqs = [StepSeq(s.block_table, s.num_cached, n) for s, n in batch]
         ends = torch.tensor([n for _, n in batch]).cumsum(0) - 1  # [B] flat index of each sequence's last token
         done = [seq.num_cached + n == len(seq.tokens) for seq, n in batch]  # prompt fully cached: sample
-        sampling = [seq for (seq, _), d in zip(batch, done) if d]
+        sampling = [seq for (seq, _), d in zip(batch, done, strict=True) if d]
         try:
             logits = self.executor.forward(tokens, seqs, ends[torch.tensor(done)])  # [S, V]
         except CacheLost:
@@ -339,7 +353,7 @@ class Engine:
         samples = sample(logits.cpu(), [s.params for s in sampling], [s.generator for s in sampling],
                          [torch.tensor(s.tokens) for s in sampling])
         events = []
-        for seq, smp in zip(sampling, samples):
+        for seq, smp in zip(sampling, samples, strict=True):
             ev = seq.append(smp.token, smp.logprob, smp.top)
             events.append(ev)
             if ev.finish_reason:
@@ -348,12 +362,12 @@ class Engine:
         return events
 
     # -- convenience -----------------------------------------------------------------------------
-    def generate(self, prompts: Iterable[list[int]], params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+    def generate(self, prompts: Iterable[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
         """Runs prompts to completion, all in one continuous batch; results in prompt order."""
         prompts = list(prompts)
-        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         results = {}
-        for p, sp in zip(prompts, params):
+        for p, sp in zip(prompts, params_per_prompt(params, len(prompts)), strict=True):
             rid = f"gen-{next(self._ids)}"
             self.add_request(Request(rid, list(p), sp))
             results[rid] = Completion(rid)

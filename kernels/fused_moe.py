@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -74,26 +74,30 @@ class StackedExperts:
 
     @classmethod
     @torch.no_grad()
-    def from_experts(cls, experts: Mapping[int, FeedForward] | Sequence[FeedForward],
+    def from_experts(cls, experts: Mapping[int, nn.Module] | Iterable[nn.Module],
                      share: bool = True) -> StackedExperts:
-        """Stacks FeedForward experts (keyed by expert id, or a sequence: ids 0..n-1). With `share`,
+        """Stacks FeedForward experts (keyed by expert id, or in order: ids 0..n-1). With `share`,
         each module's w1 / w3 / w2 weight is replaced by a view of the stack and the module's own
         copy is freed: one copy of the weights, which the module and the kernel both read."""
         items = list(experts.items() if isinstance(experts, Mapping) else enumerate(experts))
         if not items:
             raise ValueError("no experts to stack")
+        ffs: list[FeedForward] = []
         for e, ff in items:
             kinds = {type(getattr(ff, n)) for n in ("w1", "w2", "w3")}
             if kinds != {nn.Linear}:
                 raise ValueError(f"expert {e}: the fused kernel takes nn.Linear weights, got "
                                  f"{sorted(k.__name__ for k in kinds)}; quantized experts run on the reference path")
-        w1 = items[0][1].w1.weight  # [F, D]
+            if not isinstance(ff, FeedForward):
+                raise TypeError(f"expert {e}: the fused kernel stacks FeedForward modules, got {type(ff).__name__}")
+            ffs.append(ff)
+        w1 = ffs[0].w1.weight  # [F, D]
         F, D = w1.shape
         if w1.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"the fused kernel takes {SUPPORTED_DTYPES}, not {w1.dtype}")
         w13 = torch.empty(len(items), 2 * F, D, dtype=w1.dtype, device=w1.device)  # [E, 2F, D]
         w2 = torch.empty(len(items), D, F, dtype=w1.dtype, device=w1.device)  # [E, D, F]
-        for i, (_, ff) in enumerate(items):
+        for i, ff in enumerate(ffs):
             w13[i, :F].copy_(ff.w1.weight)
             w13[i, F:].copy_(ff.w3.weight)
             w2[i].copy_(ff.w2.weight)
@@ -131,7 +135,7 @@ def _check_available(device: torch.device) -> None:
                            f"{'found' if importlib.util.find_spec('triton') else 'not installed'}")
 
 
-def _device(experts: Mapping[int, nn.Module] | Sequence[nn.Module]) -> torch.device:
+def _device(experts: Mapping[int, nn.Module] | Iterable[nn.Module]) -> torch.device:
     first = next(iter(experts.values() if isinstance(experts, Mapping) else experts))
     return next(itertools.chain(first.parameters(), first.buffers())).device
 
@@ -156,7 +160,7 @@ class FusedExperts(Experts):
     def __init__(self, experts: Experts):
         _check_available(_device(experts))
         super().__init__(experts)
-        self.stacked = StackedExperts.from_experts(list(self))
+        self.stacked = StackedExperts.from_experts(self)
 
     def forward(self, rows: torch.Tensor, blocks: Blocks) -> torch.Tensor:  # [R, D] -> [R, D]
         return fused_expert_rows(rows, blocks, self.stacked)
@@ -169,5 +173,8 @@ def use_kernel(model: nn.Module, kernel: str) -> nn.Module:
     if kernel not in KERNELS:
         raise ValueError(f"moe kernel must be one of {KERNELS}, got {kernel!r}")
     for m in [m for m in model.modules() if isinstance(m, MoeLayer)]:
+        if not isinstance(m.experts, Experts):
+            raise TypeError(f"use_kernel: a MoE layer's experts run elsewhere ({type(m.experts).__name__}), "
+                            f"not here")
         m.experts = FusedExperts(m.experts) if kernel == "triton" else Experts(m.experts)
     return model

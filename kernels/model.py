@@ -147,18 +147,17 @@ def feed_forward(args: ModelArgs, experts: ExpertsStage | None = None) -> nn.Mod
 class TransformerBlock(nn.Module):
     """Layer `layer_id`: the attention half, attend(x), then h + feed_forward(ffn_norm(h)).
 
-    Given `attention`, a stand-in for the attention half, the block holds no attention weights and calls
-    the stand-in instead; given `experts`, its FFN runs them (see feed_forward)."""
+    Given `attention`, a stand-in for the attention half, the block holds no attention weights and attend
+    calls the stand-in instead; given `experts`, its FFN runs them (see feed_forward)."""
 
     def __init__(self, args: ModelArgs, layer_id: int, attention: AttentionStage | None = None,
                  experts: ExpertsStage | None = None):
         super().__init__()
         self.layer_id = layer_id
+        self.attention_stand_in = attention  # None: this layer's attention runs here
         if attention is None:
             self.attention_norm = RMSNorm(args.dim, args.norm_eps)
             self.attention = Attention(args)
-        else:
-            self.attend = attention  # shadows the method below: this layer's attention runs elsewhere
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = feed_forward(args, experts)
 
@@ -166,9 +165,11 @@ class TransformerBlock(nn.Module):
         h = self.attend(x, step)  # [T, D]
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def attend(self, x: torch.Tensor, step: Step) -> torch.Tensor:
-        """The attention half here, over the KV cache of `step`: x [T, D] -> x + attention(attention_norm(x)).
-        What an attention actor runs for each of its layers."""
+    def attend(self, x: torch.Tensor, step: Any) -> torch.Tensor:
+        """The attention half, x [T, D] -> x + attention(attention_norm(x)): the stand-in's, given one, else
+        here over the KV cache of `step` (a Step). What an attention actor runs for each of its layers."""
+        if self.attention_stand_in is not None:
+            return self.attention_stand_in(x, step)
         kv = step.cache.layer(self.layer_id)
         return x + self.attention(self.attention_norm(x), step.freqs, kv, step.meta)
 

@@ -80,6 +80,10 @@ class QuantLinear(nn.Module):
     dequantizes too, for code that reads weights. Each costs one dequantization per call.
     """
 
+    qweight: torch.Tensor  # int8 [O, I], or uint8 [O, I/2] packed int4
+    scale: torch.Tensor  # [O, 1] (int8) or [O, G] (int4)
+    offset: torch.Tensor | None  # [O, G], int4 only
+
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 128,
                  dtype: torch.dtype = torch.float32, scale_dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str | None = None):
@@ -97,7 +101,8 @@ class QuantLinear(nn.Module):
                 raise ValueError(f"int4 packs two inputs per byte: in_features must be even, got {in_features}")
             self.group_size = group_for(in_features, group_size)
             groups = in_features // self.group_size
-            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("qweight",
+                                 torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
             self.register_buffer("scale", torch.ones(out_features, groups, dtype=scale_dtype, device=device))
             self.register_buffer("offset", torch.zeros(out_features, groups, dtype=scale_dtype, device=device))
 
@@ -125,6 +130,7 @@ class QuantLinear(nn.Module):
             self.qweight.copy_(torch.round(w / s.float()).clamp_(-127, 127).to(torch.int8))  # [O, I]
             self.scale.copy_(s)
         else:
+            assert self.offset is not None  # int4 has offsets
             wg = w.view(self.out_features, -1, self.group_size)  # [O, G, g]
             m = round_toward(wg.amin(dim=2), self.offset.dtype, up=False)  # [O, G] <= every weight
             s = round_toward((wg.amax(dim=2) - m.float()) / 15, self.scale.dtype, up=True)  # [O, G]
@@ -144,6 +150,7 @@ class QuantLinear(nn.Module):
         if self.bits == 8:
             w = self.qweight.float() * self.scale.float()  # [O, I] * [O, 1]
         else:
+            assert self.offset is not None  # int4 has offsets
             q = unpack_int4(self.qweight).view(self.out_features, -1, self.group_size)  # [O, G, g]
             w = (q.float() * self.scale.float()[..., None] + self.offset.float()[..., None]).flatten(1)  # [O, I]
         return w.to(dtype)

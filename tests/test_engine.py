@@ -137,6 +137,14 @@ def test_bad_requests_are_refused(hf_mixtral, bad, match):
         Engine.from_dir(hf_mixtral).add_request(bad)
 
 
+@pytest.mark.parametrize("n_params", [3, 5])
+def test_generate_refuses_a_params_list_of_another_length(hf_mixtral, n_params):
+    engine = Engine.from_dir(hf_mixtral)
+    with pytest.raises(ValueError, match=f"params: {n_params} SamplingParams for 4 prompts"):
+        engine.generate(prompts(), [GREEDY] * n_params)
+    assert not engine.has_unfinished()  # refused before any prompt was queued
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_close_to_fp32(hf_mixtral, dtype):
     ps = prompts((6, 11))
