@@ -102,6 +102,9 @@ class PipelineExecutor:
         self._step_counts: dict[Pair, int] = defaultdict(int)
         self.retries = 0  # expert calls re-sent to another holder after a failure
         self.recoveries = 0  # workers found again after Ray restarted them
+        # data-plane calls, and sequential round trips (a fan-out waited for together counts once), per step
+        self.step_calls, self.step_round_trips = 0, 0  # of the step running or last run
+        self.calls, self.round_trips = 0, 0  # all steps
         self._failed_steps = 0  # steps in a row lost to attention failures
         self.seconds = {"attention": 0.0, "experts": 0.0, "total": 0.0}
 
@@ -158,6 +161,7 @@ class PipelineExecutor:
         with self._busy:
             self._swap()
             self._step_counts = defaultdict(int)
+            self.step_calls = self.step_round_trips = 0
             try:
                 t0 = time.perf_counter()
                 self.step += 1
@@ -166,6 +170,8 @@ class PipelineExecutor:
                 self._failed_steps = 0
                 return logits
             finally:
+                self.calls += self.step_calls
+                self.round_trips += self.step_round_trips
                 now = time.monotonic()
                 with self._window_lock:
                     self._window.append((now, self._step_counts))
@@ -177,6 +183,8 @@ class PipelineExecutor:
         attention_norm(h)) [T, D], on the attention actor that holds the layer and its KV cache."""
         actor = self.attention_of[layer]
         t = time.perf_counter()
+        self.step_calls += 1
+        self.step_round_trips += 1
         try:
             h = actor.attention(step.number, layer, None if id(actor) in step.told else step.seqs, h).result()
         except transport.TransportError as err:
@@ -209,6 +217,8 @@ class PipelineExecutor:
             for actor, ps in parts.items():  # send all, then wait for all
                 index = torch.cat([torch.arange(s, s + m) for _, s, m in ps]).to(rows.device)  # [R_a]: its rows
                 pending.append((actor, ps, index, actor.experts(layer, [(e, m) for e, _, m in ps], rows[index])))
+            self.step_calls += len(pending)
+            self.step_round_trips += 1  # all in flight at once, waited for together
             retry: dict[transport.Client, Blocks] = defaultdict(list)
             for actor, ps, index, p in pending:
                 try:
@@ -370,7 +380,9 @@ class Router:
                 "expert_replicas": self.scaler.replica_counts() if self.scaler else {},
                 "placement_version": x.placement_version, "expert_retries": x.retries,
                 "worker_recoveries": x.recoveries, "kv_recomputes": self.engine.recomputes,
-                "collective_calls": collective_calls, "collective_peers": collective_peers}
+                "collective_calls": collective_calls, "collective_peers": collective_peers,
+                "data_plane": {"calls": x.calls, "round_trips": x.round_trips,
+                               "last_step": {"calls": x.step_calls, "round_trips": x.step_round_trips}}}
 
     def scaler_status(self) -> dict | None:
         """The expert scaler's view (replicas and targets per pair, pending ones, events); None when off."""

@@ -57,8 +57,13 @@ def test_mixtral_expert_layouts_match_single_process(cluster, hf_mixtral, refere
             assert e["param_bytes"] == len(e["pairs"]) * 3 * 64 * 128 * 4
         held = sorted(p for e in info["experts"] for p in map(tuple, e["pairs"]))
         assert held == [(l, x) for l in range(2) for x in range(8)]
-        counts = pipe.stats()["tokens_per_expert"]
+        stats = pipe.stats()
+        counts = stats["tokens_per_expert"]
         assert sum(counts.values()) > 0 and set(counts) <= {f"{l}:{x}" for l in range(2) for x in range(8)}
+        # a step waits on 2 round trips a layer: its attention call, then its expert fan-out (to the shards
+        # that hold rows of the last step's tokens)
+        last = stats["data_plane"]["last_step"]
+        assert last["round_trips"] == 2 * 2 and 2 * 2 <= last["calls"] <= 2 * (1 + shards)
     finally:
         pipe.shutdown()
 
@@ -69,6 +74,8 @@ def test_mistral_dense_sliding_window_split_layers(cluster, hf_mistral, referenc
     try:
         assert [c.token_ids for c in pipe.generate(prompts(), GREEDY)] == reference["mistral"]
         assert [a["layers"] for a in pipe.info()["attention"]] == [[0], [1]]
+        # per layer: one attention call, one call to the shard holding its dense FFN (the layer's sole expert)
+        assert pipe.stats()["data_plane"]["last_step"] == {"calls": 4, "round_trips": 4}
     finally:
         pipe.shutdown()
 
