@@ -125,7 +125,7 @@ def test_serve_deploy_then_typos_are_refused_with_the_key_named(tmp_path, cluste
 
     # moeray deploy checks the file first: Ray's own schema would ignore this typo
     typo = yaml.safe_load(good.read_text())
-    typo["applications"][0]["deployments"][0]["max_replica"] = 3
+    typo["applications"][0]["deployments"] = [{"name": "Ingress", "max_replica": 3}]
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump(typo))
     out = subprocess.run(["moeray", "deploy", str(tmp_path / "typo.yaml"), "--address", url], capture_output=True,
                          text=True, env=ENV, timeout=120)
