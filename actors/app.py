@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 from ray.serve import Application
 
-from cluster.config import ConfigError, MoerayConfig, api_key_of, is_loopback_host, load_config
+from cluster.config import ConfigError, MoerayConfig, api_key_of, load_config
 from cluster.placement import ray_options
+from cluster.ports import is_loopback_host
 
 log = logging.getLogger(__name__)
 

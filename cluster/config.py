@@ -5,7 +5,6 @@ key's dotted path in the message. Sections are dataclasses; kernels' EngineConfi
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import types
 import typing
@@ -67,18 +66,6 @@ class ServeConfig:
 
 
 API_KEY_ENV = "MOERAY_API_KEY"
-
-
-def is_loopback_host(host: str | None) -> bool:
-    """Whether `host` (an IP address or "localhost") is this machine's loopback; False for anything else."""
-    if host == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address((host or "").strip("[]"))
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, as a dual-stack socket reports IPv4 peers
-    return (mapped or address).is_loopback
 
 
 def api_key_of(serve: ServeConfig) -> str | None:

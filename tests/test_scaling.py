@@ -87,14 +87,12 @@ def test_a_new_table_takes_effect_only_between_steps(executor):
 
 
 def test_a_failed_expert_call_is_retried_on_another_holder(executor):
-    import socket
-
     import torch
 
+    from cluster.ports import free_port
+
     ex, base = executor
-    with socket.socket() as s:  # a port nobody listens on: a replica that is gone
-        s.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    dead = f"127.0.0.1:{free_port()}"  # a port nobody listens on: a replica that is gone
     ex.update_placement(1, {"0:0": [dead], "0:1": [dead]})
     rows = torch.randn(10, 64)
     out = ex._experts(0, rows, [(0, 0, 6), (1, 6, 4)])  # half of each expert's rows go to `dead`

@@ -18,8 +18,8 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
-from cluster.config import is_loopback_host
 from cluster.loop import EngineLoop
+from cluster.ports import is_loopback_host
 from kernels.engine import QueueFull, Request, RequestIdInUse, TokenEvent
 from kernels.sampling import SamplingParams
 from kernels.tokenizer import ChatTemplateError, Tokenizer

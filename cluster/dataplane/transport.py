@@ -58,6 +58,7 @@ from google.protobuf.message import DecodeError
 
 from cluster.dataplane import collective, stream
 from cluster.dataplane.codec import DTYPES, CodecError, allocate, decode, describe, encode
+from cluster.ports import is_loopback_host
 from cluster.rpc import dataplane_pb2 as pb
 from cluster.rpc import dataplane_pb2_grpc as rpc
 from kernels.cache import StepSeq
@@ -286,7 +287,7 @@ def serve(config: TransportConfig, *, attention: AttentionHandler | None = None,
         _exchange(config, box.group, request.rows, reply.rows, run)
         return reply
 
-    if not config.token and config.host not in ("127.0.0.1", "::1", "localhost"):
+    if not config.token and not is_loopback_host(config.host):
         log.warning("data plane on %s without a token: any peer that reaches it can call it", config.host)
     if config.kind == "tcp":
         services: dict[str, tuple[Any, Callable]] = {}
