@@ -53,15 +53,17 @@ RAY = RaySpawner()
 ROLES = {"attention": AttentionActor, "experts": ExpertShard}
 
 
-def launch(config: MoerayConfig, role: str, holds: list, spawner: Spawner = RAY, **options) -> Any:
-    """Starts one worker of `role`: "attention" holding the layers `holds`, or "experts" holding the
-    (layer, expert) pairs `holds` (spread over the nodes that have the resources), built from `config`'s
-    checkpoint, engine section and data plane, on the Ray resources pipeline.<role> asks for plus `options`."""
+def launch(config: MoerayConfig, role: str, holds: list, *args, spawner: Spawner = RAY, **options) -> Any:
+    """Starts one worker of `role`: "attention" holding the layers `holds` (args: its expert shards, see
+    AttentionActor), or "experts" holding the (layer, expert) pairs `holds` (spread over the nodes that have
+    the resources), built from `config`'s checkpoint, engine section and data plane, on the Ray resources
+    pipeline.<role> asks for plus `options`."""
     placement = getattr(config.pipeline, role)
     if role == "experts":
         options = {"scheduling_strategy": "SPREAD", **options}
     spec = WorkerSpec(config.model, config.engine, config.pipeline.transport, placement.threads)
-    return spawner.start(ROLES[role], ray_options(placement, role, config.engine.device, **options), spec, holds)
+    return spawner.start(ROLES[role], ray_options(placement, role, config.engine.device, **options), spec, holds,
+                         *args)
 
 
 @dataclass
@@ -77,7 +79,8 @@ class Workers:
 
 
 def start_workers(config: MoerayConfig, spawner: Spawner = RAY) -> Workers:
-    """Starts the attention actors and expert shards that `config` places, and waits until they serve.
+    """Starts the expert shards and then the attention actors (which call them) that `config` places, and
+    waits until they serve.
     `config` is left as it is: the workers run with a copy whose data plane has this replica's token (a
     configured one, else a fresh one), Workers.config. Ray restarts a worker that dies (its process, its
     node) for as long as its owner lives; the router finds it again at its new address."""
@@ -89,7 +92,12 @@ def start_workers(config: MoerayConfig, spawner: Spawner = RAY) -> Workers:
     p = place(ModelArgs.from_dir(config.model), pc)
     for role in ("router", "attention", "experts"):  # checked before any worker starts
         ray_options(getattr(pc, role), role, config.engine.device)
-    attention = [launch(config, "attention", layers, spawner, max_restarts=-1) for layers in p.attention]
-    experts = [launch(config, "experts", pairs, spawner, max_restarts=-1)
+    experts = [launch(config, "experts", pairs, spawner=spawner, max_restarts=-1)
                for pairs in p.shards for _ in range(p.replicas)]
-    return Workers(config, p, attention, experts, spawner.addresses(attention), spawner.addresses(experts))
+    expert_addresses = spawner.addresses(experts)
+    holders = p.actors_of()
+    attention = [launch(config, "attention", layers, {pair: i for pair, i in holders.items() if pair[0] in layers},
+                        expert_addresses, pc.micro_batches, pc.restart_timeout_s, spawner=spawner,
+                        max_restarts=-1)
+                 for layers in p.attention]
+    return Workers(config, p, attention, experts, spawner.addresses(attention), expert_addresses)

@@ -38,7 +38,7 @@ class RouterPlacement:
     resources: dict[str, float] = field(default_factory=dict)
     num_cpus: float = 0
     threads: int = 1
-    num_gpus: float = 0  # as AttentionPlacement.num_gpus (the router holds embeddings, gates, norms, LM head)
+    num_gpus: float = 0  # as AttentionPlacement.num_gpus (the router holds embeddings, final norm, LM head)
 
 
 @dataclass
@@ -49,6 +49,13 @@ class PipelineConfig:
     transport: TransportConfig = field(default_factory=TransportConfig)
     # a router waits this long for Ray to restart a lost worker, then fails its requests
     restart_timeout_s: float = 300.0
+    # 2: each attention actor splits a step's sequences in two halves and runs its layers in ping-pong, one
+    # half's attention while the other's experts compute; 1: the whole step at once
+    micro_batches: int = 1
+
+    def __post_init__(self):
+        if self.micro_batches not in (1, 2):
+            raise ValueError(f"micro_batches must be 1 or 2, got {self.micro_batches}")
 
 
 Role = AttentionPlacement | ExpertPlacement | RouterPlacement

@@ -1,8 +1,9 @@
 """What a role holds of a model, built from a checkpoint: the one way every role makes its modules.
 
-The single-process engine holds the whole model; an attention actor the attention halves of some layers;
-an expert shard some (layer, expert) pairs; the pipeline's router the rest (embeddings, ffn_norms, gates,
-final norm, LM head), its layers' attention and experts seams filled with stand-ins that call the others.
+The single-process engine holds the whole model; an attention actor some layers but their experts (its
+experts seams filled with a stand-in that calls the expert shards); an expert shard some (layer, expert)
+pairs; the pipeline's router the rest (embeddings, final norm, LM head), its layers a stand-in that calls
+the attention actors.
 Each builds kernels.model's Transformer on the meta device and loads only the tensors it holds: the rest
 stay shapes, never allocated (or, behind stand-ins, are not there at all). What the engine config says
 about the modules is applied here, once:
@@ -25,9 +26,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from kernels.checkpoint import Checkpoint, attention_names
+from kernels.checkpoint import Checkpoint, attention_names, router_names
 from kernels.fused_moe import expert_runner, use_kernel
-from kernels.model import AttentionStage, Transformer, build, expert_prefix, load_into
+from kernels.model import LayersStage, Transformer, build, expert_prefix, load_into
 from kernels.moe import ExpertsStage
 from kernels.quant import quantize_experts
 
@@ -73,21 +74,23 @@ class Holds:
     """What a role holds, exactly one of:
 
         whole      the whole model (the single-process engine)
-        attention  these layers' attention halves (an attention actor)
+        layers     these layers but their experts, which `experts_stand_in(l)` runs (an attention actor)
         experts    these (layer, expert) pairs, run for others (an expert shard); a dense FFN is expert 0
-        stand_ins  (attention(l), experts(l)), the stand-ins for every layer's two seams: the role (the
-                   pipeline's router) holds all the rest
+        layers_stand_in  a stand-in for every layer: the role (the pipeline's router) holds the rest
     """
 
     whole: bool = False
-    attention: Sequence[int] = ()
+    layers: Sequence[int] = ()
     experts: Sequence[Pair] = ()
-    stand_ins: tuple[Callable[[int], AttentionStage], Callable[[int], ExpertsStage]] | None = None
+    layers_stand_in: LayersStage | None = None
+    experts_stand_in: Callable[[int], ExpertsStage] | None = None  # with `layers`
 
     def __post_init__(self):
-        if sum(map(bool, (self.whole, self.attention, self.experts, self.stand_ins))) != 1:
-            raise ValueError("a role holds exactly one of: the whole model, attention layers, expert pairs, "
-                             "or the rest around stand-ins")
+        if sum(map(bool, (self.whole, self.layers, self.experts, self.layers_stand_in))) != 1:
+            raise ValueError("a role holds exactly one of: the whole model, layers, expert pairs, "
+                             "or the rest around a layers stand-in")
+        if bool(self.layers) != bool(self.experts_stand_in):
+            raise ValueError("a role holding layers runs their experts with experts_stand_in, and only it")
 
 
 @dataclass
@@ -105,13 +108,13 @@ def build_role(ckpt: Checkpoint, engine: Building, holds: Holds,
     docstring). `progress(done, total)`: tensors read so far."""
     device = torch_device(engine.device)  # before loading anything
     a, dtype, bits = ckpt.args, DTYPES[engine.dtype], QUANT_BITS[engine.expert_quant]
-    model = build(Transformer, a, *(holds.stand_ins or ()))
+    model = build(Transformer, a, holds.layers_stand_in, holds.experts_stand_in)
     pairs = [(l, e) for l in range(a.n_layers) for e in range(max(a.num_experts, 1))] if holds.whole else holds.experts
     expert_names = [expert_prefix(a, l, e) + f"{w}.weight" for l, e in pairs for w in ("w1", "w2", "w3")]
-    if holds.whole or holds.stand_ins:
-        names = list(model.state_dict())  # with stand-ins, the model has only what the router holds
+    if holds.whole or holds.layers_stand_in:
+        names = list(model.state_dict())  # with a layers stand-in, the model has only what the router holds
     else:
-        names = [n for l in holds.attention for n in attention_names(a, l)] + expert_names
+        names = [n for l in holds.layers for n in attention_names(a, l) + router_names(a, l)] + expert_names
     on_cpu = set(expert_names) if bits else set()  # to be quantized there first
     done = 0
     for where, part in ((device, [n for n in names if n not in on_cpu]), ("cpu", [n for n in names if n in on_cpu])):

@@ -8,15 +8,18 @@ AttentionMetadata. Shapes: T tokens, D dim, H heads, KV kv-heads, hd head_dim, V
 R expert rows (T * k: one per token and chosen expert, in dispatch order).
 
 This forward is the only one, however the model is spread (gpt-fast's tp.py idea: where the parts run
-is decided outside `forward`). Each layer has two seams, filled by whoever builds the model:
-- attention: the attention half `attend(x, step)`, here by default; Transformer(attention=...) gives
-  a stand-in instead (the pipeline's router: a call to the attention actor holding the layer);
+is decided outside `forward`). Its seams, filled by whoever builds the model:
+- layers: Transformer(layers=...) replaces the whole stack of layers with a stand-in (the pipeline's
+  router: one call per attention actor, each running its range of layers);
 - experts: the MoE layer's experts stage `experts(rows, blocks)`: FeedForward modules here (Experts),
-  the fused kernel (kernels/fused_moe.py), or a stand-in given by Transformer(experts=...) (the router:
-  expert shards). A dense FFN given a stage is that stage's one expert.
+  the fused kernel (kernels/fused_moe.py), or a stand-in given by Transformer(experts=...) (an attention
+  actor: expert shards). A dense FFN given a stage is that stage's one expert.
+Layers run by `run_layers`, on one batch or on micro-batches in ping-pong: each layer's attention of one
+micro-batch runs while the other's experts are away (a stand-in whose `start` sends without waiting;
+local experts simply run in turn), and the result is the same as one batch's.
 Every role builds the Transformer on the meta device and loads only the tensors it holds (kernels/build.py):
-the router's, built with stand-ins, has no attention or expert weights at all; an attention actor's loads
-its layers' attention and the rest stay shapes, never allocated.
+the router's, built with a layers stand-in, has no layers at all; an attention actor's loads its layers'
+attention, ffn_norm and gate, and the rest stay shapes, never allocated.
 """
 
 from __future__ import annotations
@@ -33,10 +36,10 @@ from kernels.args import ModelArgs, MoeArgs
 from kernels.attention import paged_attention
 from kernels.cache import AttentionMetadata, KVCache, StepSeq
 from kernels.checkpoint import Checkpoint
-from kernels.moe import Blocks, ExpertsStage, expert_rows, moe
+from kernels.moe import Blocks, ExpertsStage, Wait, expert_rows, moe, moe_start, start
 from kernels.rope import apply_rope, rope_freqs
 
-AttentionStage = Callable[[torch.Tensor, Any], torch.Tensor]  # (x [T, D], step) -> x + attention(attention_norm(x))
+LayersStage = Callable[[torch.Tensor, Any], torch.Tensor]  # (h [T, D] embedded, step) -> h after every layer
 
 
 @dataclass
@@ -120,6 +123,9 @@ class MoeLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
         return moe(x, self.gate.weight, self.k, self.experts)
 
+    def start(self, x: torch.Tensor) -> Wait:  # [T, D] -> (later) [T, D]
+        return moe_start(x, self.gate.weight, self.k, self.experts)
+
 
 class SoleExpert(nn.Module):
     """A dense FFN run by an experts stage (the pipeline's expert shards): the layer's one expert, 0, takes
@@ -130,7 +136,10 @@ class SoleExpert(nn.Module):
         self.experts = experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]: here rows are tokens
-        return self.experts(x, [(0, 0, x.shape[0])])
+        return self.start(x)()
+
+    def start(self, x: torch.Tensor) -> Wait:  # [T, D] -> (later) [T, D]
+        return start(self.experts, x, [(0, 0, x.shape[0])])
 
 
 def feed_forward(args: ModelArgs, experts: ExpertsStage | None = None) -> nn.Module:
@@ -145,46 +154,46 @@ def feed_forward(args: ModelArgs, experts: ExpertsStage | None = None) -> nn.Mod
 
 
 class TransformerBlock(nn.Module):
-    """Layer `layer_id`: the attention half, attend(x), then h + feed_forward(ffn_norm(h)).
+    """Layer `layer_id`: h = x + attention(attention_norm(x)), then h + feed_forward(ffn_norm(h)); given
+    `experts`, a stand-in for the layer's experts, its FFN runs them (see feed_forward)."""
 
-    Given `attention`, a stand-in for the attention half, the block holds no attention weights and attend
-    calls the stand-in instead; given `experts`, its FFN runs them (see feed_forward)."""
-
-    def __init__(self, args: ModelArgs, layer_id: int, attention: AttentionStage | None = None,
-                 experts: ExpertsStage | None = None):
+    def __init__(self, args: ModelArgs, layer_id: int, experts: ExpertsStage | None = None):
         super().__init__()
         self.layer_id = layer_id
-        self.attention_stand_in = attention  # None: this layer's attention runs here
-        if attention is None:
-            self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-            self.attention = Attention(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = feed_forward(args, experts)
 
-    def forward(self, x: torch.Tensor, step: Any) -> torch.Tensor:
-        h = self.attend(x, step)  # [T, D]
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        return self.start(x, step)()
 
-    def attend(self, x: torch.Tensor, step: Any) -> torch.Tensor:
-        """The attention half, x [T, D] -> x + attention(attention_norm(x)): the stand-in's, given one, else
-        here over the KV cache of `step` (a Step). What an attention actor runs for each of its layers."""
-        if self.attention_stand_in is not None:
-            return self.attention_stand_in(x, step)
+    def start(self, x: torch.Tensor, step: Step) -> Wait:
+        """The layer up to its experts, started: attention over the KV cache of `step`, ffn_norm, and the
+        FFN started (a MoE layer: routed, its rows sent); the Wait finishes it. x [T, D] -> (later) [T, D]."""
         kv = step.cache.layer(self.layer_id)
-        return x + self.attention(self.attention_norm(x), step.freqs, kv, step.meta)
+        h = x + self.attention(self.attention_norm(x), step.freqs, kv, step.meta)  # [T, D]
+        ff = self.feed_forward
+        if isinstance(ff, MoeLayer | SoleExpert):
+            wait = ff.start(self.ffn_norm(h))
+        else:
+            y = ff(self.ffn_norm(h))
+            wait = lambda: y  # noqa: E731
+        return lambda: h + wait()
 
 
 class Transformer(nn.Module):
-    """`attention(i)` and `experts(i)`, when given, fill layer i's seams with stand-ins (see TransformerBlock)."""
+    """`layers`, when given, is a stand-in for the whole stack of layers, and the model holds none (the
+    pipeline's router); `experts(i)`, when given, fills layer i's experts seam (see TransformerBlock)."""
 
-    def __init__(self, args: ModelArgs, attention: Callable[[int], AttentionStage] | None = None,
+    def __init__(self, args: ModelArgs, layers: LayersStage | None = None,
                  experts: Callable[[int], ExpertsStage] | None = None):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(
-            TransformerBlock(args, i, attention(i) if attention else None, experts(i) if experts else None)
-            for i in range(args.n_layers))
+        self.layers_stand_in = layers
+        self.layers = nn.ModuleList(() if layers else (TransformerBlock(args, i, experts(i) if experts else None)
+                                                       for i in range(args.n_layers)))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
@@ -198,11 +207,29 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, step: Any, logits_index: torch.Tensor) -> torch.Tensor:
         """tokens [T] new tokens of the step -> fp32 logits [S, V] of the rows in logits_index [S]. `step` goes
-        to every layer's attention: a Step (Step.begin) for attention here, what the stand-ins take otherwise."""
+        to the layers: a Step (Step.begin) for layers here, what the stand-in takes otherwise."""
         h = self.tok_embeddings(tokens)  # [T, D]
-        for layer in self.layers:
-            h = layer(h, step)  # [T, D]
+        if self.layers_stand_in is not None:
+            h = self.layers_stand_in(h, step)
+        else:
+            [h] = self.run_layers([h], [step], range(len(self.layers)))
         return self.output(self.norm(h[logits_index])).float()  # [S, V]: the LM head only where we sample
+
+    def run_layers(self, hs: list[torch.Tensor], steps: list[Step], layers: Iterable[int]) -> list[torch.Tensor]:
+        """Runs `layers` (consecutive) on micro-batches: hs[i] [T_i, D] the hidden states of the tokens in
+        steps[i], each micro-batch's sequences disjoint from the others'. Ping-pong: layer l of micro-batch i
+        starts once layer l - 1 of it has finished, and that wait comes after the other micro-batches have
+        started layer l - 1, so with experts away (a stand-in) one micro-batch's attention runs while the
+        others' experts compute. One micro-batch is the plain layer-by-layer forward."""
+        waits: list[Wait | None] = [None] * len(hs)
+        hs = list(hs)
+        for l in layers:
+            for i, wait in enumerate(waits):
+                if wait is not None:
+                    hs[i] = wait()
+                block: TransformerBlock = self.layers[l]  # type: ignore[assignment]  # ModuleList erases it
+                waits[i] = block.start(hs[i], steps[i])
+        return [h if wait is None else wait() for h, wait in zip(hs, waits, strict=True)]
 
 
 def expert_prefix(args: ModelArgs, layer: int, expert: int) -> str:

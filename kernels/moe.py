@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 Blocks = list[tuple[int, int, int]]  # (expert, first row, row count): one expert's contiguous rows
 ExpertsStage = Callable[[torch.Tensor, Blocks], torch.Tensor]  # rows [R, D] in blocks -> [R, D], same order
+Wait = Callable[[], torch.Tensor]  # waits for a result started earlier and returns it
 
 
 def blocks_of(counts: Iterable[tuple[int, int]], first: int = 0) -> Blocks:
@@ -94,12 +95,30 @@ def combine(y: torch.Tensor, plan: Dispatch, num_tokens: int) -> torch.Tensor:
     return torch.zeros(num_tokens, y.shape[1], dtype=y.dtype, device=y.device).index_add_(0, plan.token, weighted)
 
 
+def start(experts: ExpertsStage, rows: torch.Tensor, blocks: Blocks) -> Wait:
+    """Start the experts stage on `rows`; what it returns waits for the result [R, D]. A stage with a
+    `start(rows, blocks) -> Wait` method (the pipeline's stand-in for expert shards) sends the rows now, so
+    the caller computes something else while they are away; any other stage runs now."""
+    begin = getattr(experts, "start", None)
+    if begin is not None:
+        return begin(rows, blocks)
+    out = experts(rows, blocks)
+    return lambda: out
+
+
+def moe_start(x: torch.Tensor, gate_weight: torch.Tensor, k: int, experts: ExpertsStage) -> Wait:
+    """The MoE layer in two halves: route, dispatch and start `experts` now; the returned Wait waits for
+    them and combines. x [T, D] -> (later) [T, D]."""
+    weights, chosen = route(x, gate_weight, k)  # [T, k] each
+    plan = dispatch(weights, chosen, gate_weight.shape[0])
+    wait = start(experts, x[plan.token], plan.blocks())
+    return lambda: combine(wait(), plan, x.shape[0])  # rows [R, D] -> tokens [T, D]
+
+
 def moe(x: torch.Tensor, gate_weight: torch.Tensor, k: int, experts: ExpertsStage) -> torch.Tensor:
     """The whole MoE layer: route, dispatch, run `experts` on their blocks of rows, combine.
 
     `experts(rows [R, D], blocks) -> [R, D]` is where the experts are: local modules in one process,
     expert shards behind a transport in the pipeline. x [T, D] -> [T, D].
     """
-    weights, chosen = route(x, gate_weight, k)  # [T, k] each
-    plan = dispatch(weights, chosen, gate_weight.shape[0])
-    return combine(experts(x[plan.token], plan.blocks()), plan, x.shape[0])  # rows [R, D] -> tokens [T, D]
+    return moe_start(x, gate_weight, k, experts)()

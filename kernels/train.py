@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from kernels.args import ModelArgs, MoeArgs
 from kernels.cache import KVCache, StepSeq
 from kernels.checkpoint import save_hf
-from kernels.model import MoeLayer, Step, Transformer
+from kernels.model import MoeLayer, Step, Transformer, TransformerBlock
 from kernels.tokenizer import Tokenizer, default_corpus, train_tokenizer
 
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
@@ -163,10 +163,11 @@ def _train(out, steps, seed, args, lr, batch_tokens, balance, log_every, text) -
     args = args or demo_args(tok.vocab_size)
     corpus = Corpus(text, tok)
     model = Transformer(args).train()
-    moes = [m for m in model.modules() if isinstance(m, MoeLayer)]  # one per layer, in layer order
-    gate_inputs: list[torch.Tensor] = []  # each forward's MoE layer inputs, in moes' order
-    for m in moes:
-        m.register_forward_pre_hook(lambda _, inp: gate_inputs.append(inp[0]))
+    moes = [m for b in model.layers if isinstance(m := b.feed_forward, MoeLayer)]  # one per layer, in layer order
+    gate_inputs: list[torch.Tensor] = []  # each forward's MoE layer inputs (ffn_norm's outputs), in moes' order
+    for b in model.layers:
+        if isinstance(b, TransformerBlock) and isinstance(b.feed_forward, MoeLayer):
+            b.ffn_norm.register_forward_hook(lambda _, inp, out: gate_inputs.append(out))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, steps // 20)  # linear warmup, then cosine down to a tenth of lr
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -46,8 +46,8 @@ def experts(layer, blocks, rows):  # [R, D] -> [R, D]: each block scaled by its 
     return out
 
 
-def attention(step, layer, seqs, hidden):  # [T, D] -> [T, D]
-    return hidden * 3 - step + layer * 0.5 + (sum(s.start for s in seqs) if seqs else 0)
+def attention(step, layer, seqs, hidden):  # [T, D] -> ([T, D], report)
+    return hidden * 3 - step + layer * 0.5 + sum(s.start for s in seqs), {"calls": step}
 
 
 def peer(conn, config):
@@ -107,14 +107,28 @@ def test_round_trips_over_the_group_are_bit_exact_with_grpc(net, dtype):
         seqs = [StepSeq([0, 3], 4, 2), StepSeq([1], 0, 3)]
         calls = [("experts", (1, [(0, 2), (5, 4)], rows)),
                  ("experts", (0, [(3, 3)], rows.t().contiguous()[:, :3].t())),  # non-contiguous rows
-                 ("attention", (7, 1, seqs, hidden)), ("attention", (7, 0, None, hidden))]
+                 ("attention", (7, 1, seqs, hidden)), ("attention", (8, 0, seqs, hidden))]
         for name, args in calls:
             got, want = getattr(over_group, name)(*args).result(), getattr(plain, name)(*args).result()
+            if name == "attention":
+                assert got[1] == want[1] and got[1]["calls"] == args[0]  # the report, beside the tensor
+                got, want = got[0], want[0]
             assert same_bits(got, want), name
         assert over_group.collective_calls == len(calls) and plain.collective_calls == 0
         # no rows: nothing to move, plain gRPC
         assert over_group.experts(0, [], torch.zeros(0, 16, dtype=dtype)).result().shape == (0, 16)
         assert over_group.collective_calls == len(calls)
+
+
+def test_calls_in_flight_together_on_one_pair_are_matched_by_their_tags(net):
+    """Two micro-batches: an attention actor has two calls to the same shard in flight, which the shard may
+    run in either order; each call's tags keep its tensors apart."""
+    client = member(net, HEALTHY)
+    batches = [rows_of(torch.float32, n=n, seed=n) for n in (3, 3, 5, 1)]
+    pending = [client.experts(layer, [(2, len(rows))], rows) for layer, rows in enumerate(batches)]
+    for layer, (rows, call) in enumerate(zip(batches, pending, strict=True)):
+        assert same_bits(call.result(), rows * 3 + layer)
+    assert client.collective_calls == len(batches)
 
 
 def test_fan_out_to_several_members_at_once(net):
@@ -230,8 +244,8 @@ def test_nccl_round_trips_gpu_to_gpu_bit_exact_with_grpc(dtype):
         with connect(config, server_address, group, 1) as gpu, connect(config, server_address) as plain:
             got = gpu.experts(1, [(0, 2), (5, 4)], rows).result()
             assert got.device.type == "cuda" and same_bits(got.cpu(), plain.experts(1, [(0, 2), (5, 4)], rows).result())
-            got = gpu.attention(3, 0, [StepSeq([0], 0, 5)], hidden).result()
-            assert same_bits(got.cpu(), plain.attention(3, 0, [StepSeq([0], 0, 5)], hidden).result())
+            got, _ = gpu.attention(3, 0, [StepSeq([0], 0, 5)], hidden).result()
+            assert same_bits(got.cpu(), plain.attention(3, 0, [StepSeq([0], 0, 5)], hidden).result()[0])
             assert gpu.collective_calls == 2
         conn.send("stop")
     finally:

@@ -3,7 +3,7 @@ single-process engine, the pipeline's actors and the Ray options, without a GPU;
 (skipped without CUDA) that a session with one runs as is: CUDA == CPU, token for token.
 
 The pipeline here runs in this process (start_workers with the InProcess spawner: an AttentionActor
-and two ExpertShards serving gRPC on loopback, a PipelineExecutor dialing them, no Ray), so the device
+and two ExpertShards serving the data plane on loopback, a PipelineExecutor dialing them, no Ray), so the device
 path of every role is exercised in seconds. Without CUDA the Triton kernel runs in its interpreter
 (conftest.py sets TRITON_INTERPRET=1).
 """
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from actors.attention import AttentionActor
-from actors.common import WorkerSpec
+from actors.common import Peers, WorkerSpec
 from actors.expert_shard import ExpertShard
 from actors.router import PipelineExecutor
 from actors.workers import InProcess, start_workers
@@ -63,8 +63,8 @@ class InProcessPipeline:
     def __init__(self, model, config: EngineConfig, shards: int = 2):
         ckpt, w = Checkpoint.open(model), start_workers(in_process_config(model, config, shards), InProcess())
         self.attention, self.experts = w.attention, w.experts
-        executor = PipelineExecutor(ckpt, config, w.placement, w.config.pipeline.transport, w.attention_addresses,
-                                    w.expert_addresses)
+        executor = PipelineExecutor(ckpt, config, w.placement, Peers(w.config.pipeline.transport),
+                                    w.attention_addresses)
         self.engine = Engine(executor, ckpt.args, load_tokenizer(model), config)
 
     def stop(self):
@@ -133,7 +133,7 @@ def test_cuda_without_cuda_fails_when_the_engine_or_an_actor_is_built(hf_mixtral
     config = EngineConfig(device="cuda", **SMALL)
     spec = WorkerSpec(str(hf_mixtral), config, TransportConfig(), torch.get_num_threads())
     for build in (lambda: Engine.from_dir(hf_mixtral, config),
-                  lambda: AttentionActor(spec, [0]),
+                  lambda: AttentionActor(spec, [0], {}, []),
                   lambda: ExpertShard(replace(spec, engine=replace(config, device="cuda:0")), [(0, 0)]),
                   lambda: InProcessPipeline(hf_mixtral, config)):
         with pytest.raises(ValueError, match=r"engine.device is 'cuda(:0)?' but this process sees no CUDA device"):

@@ -53,6 +53,33 @@ def test_prefill_logits_close(hf_tiny):
             torch.testing.assert_close(logits, expected, atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("cuts", [(1, 31), (31, 1), (16, 16)])
+def test_micro_batches_in_ping_pong_equal_one_batch(hf_tiny, cuts):
+    """Transformer.run_layers on two micro-batches (the pipeline's micro_batches 2), as unequal as 1 sequence
+    and 31, gives what one batch gives: in a prefill step, and in a decode step that reads the KV cache the
+    micro-batches wrote. cuts: where each step splits its 32 sequences."""
+    model = build_role(Checkpoint.open(hf_tiny), EngineConfig(), Holds(whole=True)).model
+    a = model.args
+    ps = prompts(n_list=[21] + [2 + i % 7 for i in range(31)])
+    tables = [list(range(4 * i, 4 * i + 4)) for i in range(len(ps))]  # 16 tokens a sequence at least
+    steps = [([StepSeq(t, 0, len(p)) for t, p in zip(tables, ps, strict=True)], [t for p in ps for t in p]),
+             ([StepSeq(t, len(p), 1) for t, p in zip(tables, ps, strict=True)], [p[0] for p in ps])]
+
+    def run(split: bool) -> list[torch.Tensor]:
+        cache, logits = KVCache(a.n_layers, 4 * len(ps), 16, a.n_kv_heads, a.head_dim), []
+        for (seqs, tokens), cut in zip(steps, cuts, strict=True):
+            groups = [seqs[:cut], seqs[cut:]] if split else [seqs]
+            hs = model.tok_embeddings(torch.tensor(tokens)).split([sum(s.n for s in g) for g in groups])
+            out = model.run_layers(list(hs), [Step.begin(g, a, cache) for g in groups], range(a.n_layers))
+            logits.append(model.output(model.norm(torch.cat(out))))
+        return logits
+
+    with torch.no_grad():
+        for one, two in zip(run(False), run(True), strict=True):
+            torch.testing.assert_close(two, one, atol=1e-5, rtol=1e-5)
+            assert torch.equal(two.argmax(-1), one.argmax(-1))
+
+
 def test_greedy_tokens_identical(hf_tiny):
     engine = Engine.from_dir(hf_tiny)
     ps = prompts()

@@ -28,8 +28,8 @@ def cluster():
         yield {"attention": c.attention.node_id, "expert": {n.node_id for n in c.experts}}
 
 
-def config(model, shards=1, replicas=1, attention_actors=1, **engine) -> MoerayConfig:
-    pc = PipelineConfig()
+def config(model, shards=1, replicas=1, attention_actors=1, micro_batches=1, **engine) -> MoerayConfig:
+    pc = PipelineConfig(micro_batches=micro_batches)
     pc.attention.actors, pc.attention.resources = attention_actors, {"attention_node": 0.01}
     pc.experts.shards, pc.experts.replicas, pc.experts.resources = shards, replicas, {"expert_node": 0.01}
     return MoerayConfig(model=str(model), engine=EngineConfig(kv_cache_tokens=4096, **engine), pipeline=pc)
@@ -42,9 +42,9 @@ def reference(hf_mixtral, hf_mistral):
             for arch, path in (("mixtral", hf_mixtral), ("mistral", hf_mistral))}
 
 
-@pytest.mark.parametrize("shards", [1, 2, 4, 8])
-def test_mixtral_expert_layouts_match_single_process(cluster, hf_mixtral, reference, shards):
-    pipe = Pipeline.start(config(hf_mixtral, shards=shards))
+@pytest.mark.parametrize("shards, micro_batches", [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (8, 2)])
+def test_mixtral_expert_layouts_match_single_process(cluster, hf_mixtral, reference, shards, micro_batches):
+    pipe = Pipeline.start(config(hf_mixtral, shards=shards, micro_batches=micro_batches))
     try:
         assert [c.token_ids for c in pipe.generate(prompts(), GREEDY)] == reference["mixtral"]
         info = pipe.info()
@@ -60,22 +60,26 @@ def test_mixtral_expert_layouts_match_single_process(cluster, hf_mixtral, refere
         stats = pipe.stats()
         counts = stats["tokens_per_expert"]
         assert sum(counts.values()) > 0 and set(counts) <= {f"{l}:{x}" for l in range(2) for x in range(8)}
-        # a step waits on 2 round trips a layer: its attention call, then its expert fan-out (to the shards
-        # that hold rows of the last step's tokens)
+        # a step waits on one round trip per attention actor (the router's call) and one per layer and
+        # micro-batch (the actor's expert fan-out, to the shards that hold rows of the last step's tokens)
         last = stats["data_plane"]["last_step"]
-        assert last["round_trips"] == 2 * 2 and 2 * 2 <= last["calls"] <= 2 * (1 + shards)
+        mb = min(micro_batches, len(prompts()))
+        assert last["round_trips"] == 1 + 2 * mb and 1 + 2 * mb <= last["calls"] <= 1 + 2 * mb * shards
     finally:
         pipe.shutdown()
 
 
-def test_mistral_dense_sliding_window_split_layers(cluster, hf_mistral, reference):
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_mistral_dense_sliding_window_split_layers(cluster, hf_mistral, reference, micro_batches):
     """Dense FFN as one expert per layer, layers split over 2 attention actors and 2 shards; window 8."""
-    pipe = Pipeline.start(config(hf_mistral, shards=2, attention_actors=2))
+    pipe = Pipeline.start(config(hf_mistral, shards=2, attention_actors=2, micro_batches=micro_batches))
     try:
         assert [c.token_ids for c in pipe.generate(prompts(), GREEDY)] == reference["mistral"]
         assert [a["layers"] for a in pipe.info()["attention"]] == [[0], [1]]
-        # per layer: one attention call, one call to the shard holding its dense FFN (the layer's sole expert)
-        assert pipe.stats()["data_plane"]["last_step"] == {"calls": 4, "round_trips": 4}
+        # one call to each attention actor, and from each one call a layer and micro-batch to the shard
+        # holding its dense FFN (the layer's sole expert)
+        n = 2 + 2 * micro_batches
+        assert pipe.stats()["data_plane"]["last_step"] == {"calls": n, "round_trips": n}
     finally:
         pipe.shutdown()
 
@@ -111,9 +115,24 @@ def test_gloo_data_plane_matches_single_process_and_a_restarted_shard_falls_back
         pipe.shutdown()
 
 
+def test_unequal_micro_batches_and_sequences_finishing_at_different_steps(cluster, hf_mixtral):
+    """micro_batches 2 over 32 sequences: the first step's halves are 1 sequence (31 prompt tokens) and 31
+    (one token each); the sequences then finish at different steps, so the halves change as they go."""
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.randint(3, 512, (31 if i == 0 else 1,), generator=g).tolist() for i in range(32)]
+    params = [SamplingParams(max_tokens=2 + i % 9, temperature=0, ignore_eos=True) for i in range(32)]
+    want = [c.token_ids for c in Engine.from_dir(hf_mixtral).generate(ps, params)]
+    pipe = Pipeline.start(config(hf_mixtral, shards=2, micro_batches=2))
+    try:
+        assert [c.token_ids for c in pipe.generate(ps, params)] == want
+        assert [len(t) for t in want] == [2 + i % 9 for i in range(32)]
+    finally:
+        pipe.shutdown()
+
+
 @pytest.fixture(scope="module")
 def replicated(cluster, hf_mixtral):
-    pipe = Pipeline.start(config(hf_mixtral, shards=2, replicas=2, max_num_batched_tokens=64))
+    pipe = Pipeline.start(config(hf_mixtral, shards=2, replicas=2, micro_batches=2, max_num_batched_tokens=64))
     yield pipe
     pipe.shutdown()
 

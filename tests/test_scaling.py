@@ -57,48 +57,46 @@ def test_config_rejects_bad_bounds():
         ScalingConfig(min_replicas=3, max_replicas=2)
 
 
-# -- the router's placement table, without Ray: swaps between steps, retries elsewhere --------------
+# -- an attention actor's expert placement table, without Ray: swaps between steps, retries elsewhere ------
 @pytest.fixture
-def executor(hf_mixtral):
-    from actors.router import PipelineExecutor
+def calls():
+    from actors.common import Peers
+    from actors.expert_calls import ExpertCalls
     from cluster.dataplane.transport import TransportConfig, serve
-    from cluster.placement import place
-    from kernels.args import ModelArgs
-    from kernels.checkpoint import Checkpoint
 
     transport_config = TransportConfig(timeout_s=5)
     doubling = serve(transport_config, experts=lambda layer, blocks, rows: rows * 2)  # stands in for every expert shard
-    placement = place(ModelArgs.from_dir(hf_mixtral), PipelineConfig())
-    yield PipelineExecutor(Checkpoint.open(hf_mixtral), EngineConfig(), placement, transport_config, ["127.0.0.1:1"],
-                           [doubling.address], window_s=2), doubling.address
+    base = {(l, e): [doubling.address] for l in range(2) for e in range(8)}
+    yield ExpertCalls(Peers(transport_config), base), doubling.address
     doubling.stop()
 
 
-def test_a_new_table_takes_effect_only_between_steps(executor):
-    ex, base = executor
-    with ex._busy:  # a step is running
-        ex.update_placement(1, {"0:3": ["127.0.0.1:9"]})  # an extra replica: the base shard keeps serving too
+def test_a_new_table_takes_effect_only_between_steps(calls):
+    ex, base = calls
+    with ex.busy:  # a step is running
+        assert ex.update_placement(1, {"0:3": ["127.0.0.1:9"]}) == 0  # an extra replica: the base shard serves too
         assert ex.placement_version == 0 and len(ex.table[0, 3]) == 1
     ex.try_swap()
     assert ex.placement_version == 1 and [c.address for c in ex.table[0, 3]] == [base, "127.0.0.1:9"]
     assert [c.address for c in ex.table[1, 3]] == [base]  # pairs the table omits keep their base shards
-    ex.update_placement(0, {})  # an older version never replaces a newer one
-    assert ex.placement_version == 1
+    assert ex.update_placement(0, {}) == 1  # an older version never replaces a newer one
 
 
-def test_a_failed_expert_call_is_retried_on_another_holder(executor):
+def test_a_failed_expert_call_is_retried_on_another_holder(calls):
     import torch
 
     from cluster.ports import free_port
 
-    ex, base = executor
+    ex, base = calls
     dead = f"127.0.0.1:{free_port()}"  # a port nobody listens on: a replica that is gone
     ex.update_placement(1, {"0:0": [dead], "0:1": [dead]})
+    ex.begin_step()
     rows = torch.randn(10, 64)
-    out = ex._experts(0, rows, [(0, 0, 6), (1, 6, 4)])  # half of each expert's rows go to `dead`
+    out = ex.stage(0)(rows, [(0, 0, 6), (1, 6, 4)])  # half of each expert's rows go to `dead`
     assert torch.equal(out, rows * 2) and ex.retries == 1
+    assert (ex.calls, ex.round_trips) == (3, 2)  # base + dead, then the dead one's rows again on the base
     assert all(c.address != dead for c in ex.table[0, 0] + ex.table[0, 1])  # not called again until the next table
-    assert dict(ex.tokens_per_expert) == {(0, 0): 6, (0, 1): 4}
+    assert dict(ex.rows) == {(0, 0): 6, (0, 1): 4}
 
 
 def test_metrics_export_the_windowed_rate():

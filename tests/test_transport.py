@@ -36,6 +36,7 @@ from kernels.cache import StepSeq
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 MB = 1 << 20
+TWO = [StepSeq([0], 0, 2)]  # one sequence of two new tokens: the seqs of a [2, D] attention call
 CONFIG = TransportConfig(max_message_mb=1, timeout_s=10, token="the-pipeline-token")
 SLOW_LAYER, BAD_REQUEST_LAYER, RUNTIME_ERROR_LAYER, KEY_ERROR_LAYER = 99, 98, 97, 96
 
@@ -78,7 +79,7 @@ class Shard:
     def attention(self, step, layer, seqs, hidden):
         self.seen.append((step, layer, seqs, hidden.clone()))
         self._misbehave(layer)
-        return hidden - layer
+        return hidden - layer, {"expert_rows": [len(seqs), 0, 2], "round_trips": layer, "placement_version": 2**40}
 
 
 @pytest.fixture(scope="module", params=["grpc", "tcp"])
@@ -167,13 +168,13 @@ def test_experts_round_trip_is_bit_exact(client, shard, dtype):
 def test_attention_round_trip_carries_seqs(client, shard, dtype):
     hidden = torch.randn(5, 8).to(dtype)
     seqs = [StepSeq([4, 0, 7], 17, 1), StepSeq([2], 0, 4)]
-    out = client.attention(2**40, 1, seqs, hidden).result()
+    out, report = client.attention(2**40, 1, seqs, hidden).result()
     step, layer, seen_seqs, seen_hidden = shard.seen[-1]
     assert (step, layer, seen_seqs) == (2**40, 1, seqs) and all(type(s) is StepSeq for s in seen_seqs)
     assert same_bits(seen_hidden, hidden) and same_bits(out, hidden - 1)
-
-    out = client.attention(3, 0, None, hidden[:2]).result()
-    assert shard.seen[-1][2] is None and same_bits(out, hidden[:2])
+    # the step's report comes back with every field, those the handler left out as zeros
+    assert report == {"expert_rows": [2, 0, 2], "calls": 0, "round_trips": 1, "retries": 0, "recoveries": 0,
+                      "placement_version": 2**40, "collective_calls": 0, "collective_peers": 0}
 
 
 def test_empty_and_non_contiguous_tensors(client):
@@ -357,7 +358,7 @@ def test_handler_errors_map_to_status_codes(client, raw):
     assert e.value.code == "INVALID_ARGUMENT" and "layer 98 is not on this shard" in e.value.message
     assert_still_serving(client)
     for send in (lambda: client.experts(RUNTIME_ERROR_LAYER, [(0, 2)], torch.zeros(2, 8)).result(),
-                 lambda: client.attention(0, RUNTIME_ERROR_LAYER, None, torch.zeros(2, 8)).result()):
+                 lambda: client.attention(0, RUNTIME_ERROR_LAYER, TWO, torch.zeros(2, 8)).result()):
         with pytest.raises(TransportError) as e:
             send()
         assert e.value.code == "INTERNAL" and "RuntimeError: kernel exploded" in e.value.message
@@ -369,7 +370,7 @@ def test_a_key_error_in_a_handler_is_internal_and_logged_not_a_bad_request(clien
     """A KeyError (or ValueError) from a handler's own code is the server's bug, not the caller's: INTERNAL,
     which the router retries elsewhere (INVALID_ARGUMENT it would not), with the traceback in the log."""
     send = {"experts": lambda: client.experts(KEY_ERROR_LAYER, [(0, 2)], torch.zeros(2, 8)).result(),
-            "attention": lambda: client.attention(0, KEY_ERROR_LAYER, None, torch.zeros(2, 8)).result()}[service]
+            "attention": lambda: client.attention(0, KEY_ERROR_LAYER, TWO, torch.zeros(2, 8)).result()}[service]
     with caplog.at_level(logging.ERROR, logger="cluster.dataplane.transport"), pytest.raises(TransportError) as e:
         send()
     assert e.value.code == "INTERNAL" and "KeyError" in e.value.message and "layer 96's weights" in e.value.message
@@ -413,7 +414,7 @@ def test_a_caller_without_the_pipeline_token_is_unauthenticated(config, shard, c
     seen = len(shard.seen)
     with connect(dataclasses.replace(config, token=token), shard.address) as stranger:
         for call in (lambda: stranger.experts(0, [(0, 2)], torch.zeros(2, 8)).result(),
-                     lambda: stranger.attention(0, 0, None, torch.zeros(2, 8)).result(),
+                     lambda: stranger.attention(0, 0, TWO, torch.zeros(2, 8)).result(),
                      lambda: stranger.echo(b"hello")):
             with pytest.raises(TransportError) as e:
                 call()

@@ -306,7 +306,8 @@ def cmd_bench(a) -> int:
                                  a.max_queued, a.grpc_disconnects, a.out)
         return 0 if result["ok"] else 1
     else:
-        bench.bench_pipeline(a.preset, a.batch, a.prompt_len, a.new_tokens, a.shards, a.threads, a.out, a.transport)
+        bench.bench_pipeline(a.preset, a.batch, a.prompt_len, a.new_tokens, a.shards, a.threads, a.out, a.transport,
+                             a.micro_batches, a.nodes)
     return 0
 
 
@@ -388,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "through Triton's interpreter instead")
     mo.add_argument("--out", default="bench-results/moe.json", help="JSON results (default: %(default)s)")
     mo.set_defaults(func=cmd_bench)
-    pl = bsub.add_parser("pipeline", help="Ray pipeline vs single-process engine; per-layer transport vs gRPC echo")
+    pl = bsub.add_parser("pipeline", help="Ray pipeline (micro_batches 1 and 2) vs single-process engine; where a "
+                                          "step's time goes; a layer's expert call vs a gRPC echo")
     pl.add_argument("--preset", choices=["small", "tiny"], default="small", help="model size (default: %(default)s)")
     pl.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64], help="batch sizes (default: 1 8 64)")
     pl.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default: %(default)s)")
@@ -397,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--threads", type=int, default=1, help="torch threads per actor (default: %(default)s)")
     pl.add_argument("--transport", choices=["tcp", "grpc", "gloo"],
                     help="the data plane's kind (default: the config's)")
+    pl.add_argument("--micro-batches", type=int, nargs="+", choices=[1, 2], default=[1, 2],
+                    help="pipeline.micro_batches settings to run side by side (default: 1 2)")
+    pl.add_argument("--nodes", type=int, default=1, help="1: one local Ray node; >= 3: a ray.cluster_utils.Cluster "
+                                                         "on this machine: head (router), an attention node, "
+                                                         "NODES - 2 expert nodes (default: %(default)s)")
     pl.add_argument("--out", default="bench-results/pipeline.json", help="JSON results (default: %(default)s)")
     pl.set_defaults(func=cmd_bench)
     dpl = bsub.add_parser("dataplane", help="one data-plane call of each transport kind vs a raw gRPC echo, no Ray")

@@ -2,8 +2,9 @@
 
 `moeray bench engine`: the single-process engine against transformers' generate, same checkpoint;
 each system in its own subprocess so its peak memory is its own.
-`moeray bench pipeline`: the Ray pipeline against the single-process engine, same checkpoint; each
-per-layer round trip against a raw gRPC echo of the same payload; where a step's time goes.
+`moeray bench pipeline`: the Ray pipeline (micro_batches 1 and 2) against the single-process engine, same
+checkpoint; where a step's time goes; round trips per decode step; a layer's expert call against a raw
+gRPC echo of the same payload.
 `moeray bench dataplane`: one data-plane call of each transport kind against a raw gRPC echo of the
 same bytes, without Ray or a model: servers in child processes, a handler that returns its input.
 `moeray bench moe`: the fused Triton MoE experts against the reference expert_rows, one Mixtral layer
@@ -129,99 +130,168 @@ def _decode_rate(generate, vocab: int, batch: int, prompt_len: int, new: int) ->
 
 
 def bench_pipeline(preset: str, batches: list[int], prompt_len: int, new: int, shards: int, threads: int,
-                   out: str | None, transport: str | None = None) -> dict:
+                   out: str | None, transport: str | None = None, micro_batches: list[int] | None = None,
+                   nodes: int = 1) -> dict:
+    """The Ray pipeline (one replica per micro_batches setting, all started at once) against the
+    single-process engine on the same checkpoint, batch by batch, measured one after the other; where a
+    pipeline step's time goes; the round trips a decode step waits on; and one layer's expert call to a
+    real shard against a raw gRPC echo of the same bytes. nodes 3: on a ray.cluster_utils.Cluster of this
+    machine (a head with the router, an attention node, two expert nodes), else one local Ray node."""
     import ray
-    import torch
 
     from actors.pipeline import Pipeline
     from cluster.config import MoerayConfig
     from cluster.dataplane.transport import connect
-    from kernels.cache import StepSeq
     from kernels.engine import Engine, EngineConfig
     from kernels.tiny import make_tiny
 
-    report = {"preset": preset, "shards": shards, "threads": threads, "prompt_len": prompt_len, "new_tokens": new,
-              "batches": {}}
+    if nodes == 2 or nodes < 1:
+        raise ValueError(f"nodes must be 1, or 3 or more (a head, an attention node, expert nodes), got {nodes}")
+    micro_batches = micro_batches or [1, 2]
+    report: dict = {"preset": preset, "shards": shards, "threads": threads, "prompt_len": prompt_len,
+                    "new_tokens": new, "nodes": nodes, "batches": {}}
     engine_cfg = EngineConfig(max_num_seqs=max(batches),
                               kv_cache_tokens=-(-max(batches) * (prompt_len + new) // 16) * 16)
     with tempfile.TemporaryDirectory() as tmp:
         make_tiny(tmp, "mixtral", seed=0, **PRESETS[preset])
-        cfg = MoerayConfig(model=tmp, engine=engine_cfg)
-        cfg.pipeline.experts.shards = shards
-        if transport is not None:
-            cfg.pipeline.transport.kind = transport
-        for role in (cfg.pipeline.attention, cfg.pipeline.experts, cfg.pipeline.router):
-            role.threads = threads
-        ray.init(logging_level="ERROR", configure_logging=False)
+        cluster = _bench_cluster(nodes)
         try:
             engine = Engine.from_dir(tmp, engine_cfg)
-            pipe = Pipeline.start(cfg)
+            pipes = {}
+            for mb in micro_batches:
+                cfg = MoerayConfig(model=tmp, engine=engine_cfg)
+                p = cfg.pipeline
+                p.experts.shards, p.micro_batches = shards, mb
+                if transport is not None:
+                    p.transport.kind = transport
+                for role in (p.attention, p.experts, p.router):
+                    role.threads = threads
+                if nodes > 1:
+                    p.attention.resources, p.experts.resources = {"attention_node": 0.01}, {"expert_node": 0.01}
+                pipes[mb] = Pipeline.start(cfg)
             a = engine.args
+            kind = pipes[micro_batches[0]].config.pipeline.transport.kind
+            report["transport"] = kind
             print(f"preset {preset}: Mixtral-shaped {a.n_layers} layers, dim {a.dim}, {a.num_experts} experts on "
-                  f"{shards} shards, {threads} torch thread(s) per actor; fp32 CPU; prompt {prompt_len}, "
+                  f"{shards} shards, {threads} torch thread(s) per actor; fp32 CPU; transport {kind}; "
+                  f"{'one Ray node' if nodes == 1 else f'{nodes} Ray nodes on this machine'}; prompt {prompt_len}, "
                   f"{new} new tokens greedy, best of {REPEATS}")
-            print("| batch | single process tok/s | pipeline tok/s | pipeline / single |")
-            print("| --- | --- | --- | --- |")
+            print("| batch | single process tok/s | " + " | ".join(
+                f"micro_batches {mb} tok/s | / single" for mb in micro_batches) + " |")
+            print("| --- | --- |" + " --- | --- |" * len(micro_batches))
+            runs = REPEATS + 1
             for b in batches:
                 single = _decode_rate(lambda p, sp: engine.generate(p, sp), a.vocab_size, b, prompt_len, new)
-                before = (pipe.stats()["seconds"],
-                          [x["busy_s"] for x in pipe.info()["attention"] + pipe.info()["experts"]])
-                piped = _decode_rate(pipe.generate, a.vocab_size, b, prompt_len, new)
-                after = (pipe.stats()["seconds"],
-                         [x["busy_s"] for x in pipe.info()["attention"] + pipe.info()["experts"]])
-                runs = REPEATS + 1
-                sec = {k: (after[0][k] - before[0][k]) / runs for k in after[0]}
-                busy = [(y - x) / runs for x, y in zip(before[1], after[1], strict=True)]  # the same actors
-                att_busy, exp_busy = sum(busy[: len(pipe.attention)]), sum(busy[len(pipe.attention):])
-                split = {"attention compute": att_busy, "expert compute": exp_busy,
-                         "transport and waiting": sec["attention"] + sec["experts"] - att_busy - exp_busy,
-                         "router compute": sec["total"] - sec["attention"] - sec["experts"]}
-                report["batches"][b] = {"single_tok_s": single, "pipeline_tok_s": piped, "seconds_per_run": split}
-                print(f"| {b} | {single:.1f} | {piped:.1f} | {piped / single:.2f}x |")
-            print("\nwhere a pipeline run's time goes (share of the router's forward time):")
-            print("| batch | " + " | ".join(split) + " |")
-            print("| --- |" + " --- |" * len(split))
-            for b, r in report["batches"].items():
-                total = sum(r["seconds_per_run"].values())
-                print(f"| {b} | " + " | ".join(f"{100 * v / total:.0f}%" for v in r["seconds_per_run"].values()) + " |")
-            # one layer's data-plane cost in place: a decode step's attention call ([b, dim] each way) to the
-            # real attention actor, minus the actor's own compute time, against a raw gRPC echo of those bytes
-            # (served by an actor of its own, so the baseline is gRPC whatever the pipeline's transport kind)
-            net = pipe.config.pipeline.transport  # with the token Pipeline.start gave this replica
-            addr = ray.get(pipe.attention[0].address.remote())
-            client = connect(net, addr)
-            grpc_net = dataclasses.replace(net, kind="grpc")
-            echo_actor = ray.remote(num_cpus=0)(_GrpcEcho).remote(grpc_net)
-            echo_client = connect(grpc_net, ray.get(echo_actor.address.remote()))
-            report["transport"] = net.kind
-            print(f"\nper-layer data plane (transport kind {net.kind}), a decode step's attention call (not the "
-                  "step's first) vs a raw gRPC echo of the same bytes:")
-            print("| rows x dim (fp32) | bytes each way | gRPC echo ms | attention call ms | of which compute ms "
-                  "| transport ms | transport / echo |")
-            print("| --- | --- | --- | --- | --- | --- | --- |")
-            report["data_plane"] = {}
-            for b in batches:
-                x = torch.randn(b, a.dim)
-                seqs = [StepSeq([i], 0, 1) for i in range(b)]  # one token each, in blocks the pipeline has freed
-                echo = _mean(lambda x=x: echo_client.echo(x.numpy().tobytes()))
-                step = 1 << 40 | b
-                client.attention(step, 0, seqs, x).result()  # a step's first call carries its block tables ...
-                busy0 = ray.get(pipe.attention[0].info.remote())["busy_s"]
-                call = _mean(lambda step=step, x=x:
-                             client.attention(step, 0, None, x).result())  # ... the others do not
-                busy = (ray.get(pipe.attention[0].info.remote())["busy_s"] - busy0) / (N_CALLS + 1)
-                report["data_plane"][b] = {"bytes": x.numel() * 4, "echo_ms": echo * 1e3, "call_ms": call * 1e3,
-                                           "compute_ms": busy * 1e3}
-                print(f"| {b} x {a.dim} | {x.numel() * 4} | {echo * 1e3:.3f} | {call * 1e3:.3f} | {busy * 1e3:.3f} | "
-                      f"{(call - busy) * 1e3:.3f} | {(call - busy) / echo:.2f}x |")
-            client.close()
-            echo_client.close()
-            ray.kill(echo_actor)
-            pipe.shutdown()
+                row = report["batches"][b] = {"single_tok_s": single}
+                for mb, pipe in pipes.items():
+                    before = _pipeline_seconds(pipe)
+                    rate = _decode_rate(pipe.generate, a.vocab_size, b, prompt_len, new)
+                    spent = {k: (v - before[k]) / runs for k, v in _pipeline_seconds(pipe).items()}
+                    last = pipe.stats()["data_plane"]["last_step"]  # a decode step's: every run ends with one
+                    row[mb] = {"pipeline_tok_s": rate, "seconds_per_run": _breakdown(spent),
+                               "decode_step": last}
+                print(f"| {b} | {single:.1f} | " + " | ".join(
+                    f"{row[mb]['pipeline_tok_s']:.1f} | {row[mb]['pipeline_tok_s'] / single:.2f}x"
+                    for mb in micro_batches) + " |")
+            print("\nwhere a pipeline step's time goes (share of the router's step time; expert compute overlaps "
+                  "attention with 2 micro-batches, so 'transport and waiting' = step - all compute is then a floor):")
+            names = list(next(iter(report["batches"].values()))[micro_batches[0]]["seconds_per_run"])
+            print("| batch | micro_batches | " + " | ".join(names) + " |")
+            print("| --- | --- |" + " --- |" * len(names))
+            for b, row in report["batches"].items():
+                for mb in micro_batches:
+                    split = row[mb]["seconds_per_run"]
+                    total = split["router compute"] + split["attention compute"] + split["expert compute"] + \
+                        split["transport and waiting"]
+                    print(f"| {b} | {mb} | " + " | ".join(f"{100 * v / total:.0f}%" for v in split.values()) + " |")
+            print(f"\nsequential round trips a decode step waits on ({a.n_layers} layers, 1 attention actor; before "
+                  f"this design: 2 per layer = {2 * a.n_layers}):")
+            print("| batch | micro_batches | round trips | data-plane calls |")
+            print("| --- | --- | --- | --- |")
+            for b, row in report["batches"].items():
+                for mb in micro_batches:
+                    last = row[mb]["decode_step"]
+                    print(f"| {b} | {mb} | {last['round_trips']} | {last['calls']} |")
+            report["hops"] = _hops(pipes[micro_batches[0]], batches, a.dim, connect)
+            for p in pipes.values():
+                p.shutdown()
         finally:
             ray.shutdown()
+            if cluster is not None:
+                cluster.shutdown()
     write_report(out, report)
     return report
+
+
+def _bench_cluster(nodes: int):
+    """Ray for bench_pipeline: a local node (None), or a Cluster of `nodes` on this machine (head with the
+    router, then an attention node and expert nodes), connected."""
+    import ray
+
+    if nodes == 1:
+        ray.init(logging_level="ERROR", configure_logging=False)
+        return None
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    c.add_node(num_cpus=1, resources={"attention_node": 1})
+    for _ in range(nodes - 2):
+        c.add_node(num_cpus=1, resources={"expert_node": 1})
+    ray.init(address=c.address, logging_level="ERROR", configure_logging=False)
+    c.wait_for_nodes()
+    return c
+
+
+def _pipeline_seconds(pipe) -> dict[str, float]:
+    """A pipeline's cumulative seconds: the router's steps and layer calls, its attention actors' forward
+    and expert waits, its expert shards' compute."""
+    seconds, info = pipe.stats()["seconds"], pipe.info()
+    return {"step": seconds["total"], "layers": seconds["layers"],
+            "attention": sum(x["busy_s"] for x in info["attention"]),
+            "waiting": sum(x["waiting_s"] for x in info["attention"]),
+            "experts": sum(x["busy_s"] for x in info["experts"])}
+
+
+def _breakdown(spent: dict[str, float]) -> dict[str, float]:
+    """Seconds of a run by where they went (see _pipeline_seconds)."""
+    compute = {"router compute": spent["step"] - spent["layers"],
+               "attention compute": spent["attention"] - spent["waiting"], "expert compute": spent["experts"]}
+    return {**compute, "transport and waiting": spent["step"] - sum(compute.values())}
+
+
+def _hops(pipe, batches: list[int], dim: int, connect) -> dict:
+    """One layer's expert call ([b, dim] fp32 each way) to a real expert shard, its compute subtracted,
+    against a raw gRPC echo of the same bytes served by an actor of its own (so the baseline is gRPC
+    whatever the pipeline's transport kind)."""
+    import ray
+    import torch
+
+    net = pipe.config.pipeline.transport  # with the token Pipeline.start gave this replica
+    shard = pipe.experts[0]
+    layer, expert = ray.get(shard.info.remote())["pairs"][0]
+    client = connect(net, ray.get(shard.address.remote()))
+    grpc_net = dataclasses.replace(net, kind="grpc")
+    echo_actor = ray.remote(num_cpus=0)(_GrpcEcho).remote(grpc_net)
+    echo_client = connect(grpc_net, ray.get(echo_actor.address.remote()))
+    print(f"\none hop (transport kind {net.kind}): a layer's expert call to a shard, its compute subtracted, vs a "
+          "raw gRPC echo of the same bytes:")
+    print("| rows x dim (fp32) | bytes each way | gRPC echo ms | expert call ms | of which compute ms | hop ms "
+          "| hop / echo |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    hops = {}
+    for b in batches:
+        x = torch.randn(b, dim)
+        echo = _mean(lambda x=x: echo_client.echo(x.numpy().tobytes()))
+        busy0 = ray.get(shard.info.remote())["busy_s"]
+        call = _mean(lambda x=x, b=b: client.experts(layer, [(expert, b)], x).result())
+        busy = (ray.get(shard.info.remote())["busy_s"] - busy0) / (N_CALLS + 1)
+        hops[b] = {"bytes": x.numel() * 4, "echo_ms": echo * 1e3, "call_ms": call * 1e3, "compute_ms": busy * 1e3}
+        print(f"| {b} x {dim} | {x.numel() * 4} | {echo * 1e3:.3f} | {call * 1e3:.3f} | {busy * 1e3:.3f} | "
+              f"{(call - busy) * 1e3:.3f} | {(call - busy) / echo:.2f}x |")
+    client.close()
+    echo_client.close()
+    ray.kill(echo_actor)
+    return hops
 
 
 N_CALLS = 200
@@ -257,13 +327,13 @@ def _dataplane_server(kind: str, token: str, conn) -> None:
         conn.send(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
         server.start()
     else:
-        server = serve(TransportConfig(kind=kind, token=token), attention=lambda step, layer, seqs, hidden: hidden)
+        server = serve(TransportConfig(kind=kind, token=token), experts=lambda layer, blocks, rows: rows)
         conn.send(server.address)
     conn.recv()  # until the benchmark is done
 
 
 def bench_dataplane(rows: list[int], rounds: int, out: str | None) -> dict:
-    """A layer's call ([rows, 512] fp32 each way, no seqs) through each transport kind's Client to a server
+    """A layer's expert call ([rows, 512] fp32 each way) through each transport kind's Client to a server
     whose handler returns its input, against a raw gRPC echo of the same bytes. Calls alternate in short
     runs (kind after kind); each run's median call counts, and the median of the quietest third of the
     runs is reported: a shared machine's noise comes in bursts."""
@@ -308,7 +378,7 @@ def bench_dataplane(rows: list[int], rounds: int, out: str | None) -> dict:
             x = torch.randn(r, 512)
             data = x.numpy().tobytes()
             calls = {"echo": lambda data=data: echo(data, timeout=30)}
-            calls.update({k: (lambda c=c, x=x: c.attention(1, 0, None, x).result()) for k, c in clients.items()})
+            calls.update({k: (lambda c=c, x=x: c.experts(0, [(0, len(x))], x).result()) for k, c in clients.items()})
             runs = {k: [] for k in calls}
             for fn in calls.values():
                 median_call(fn, 10)  # connections up, caches warm

@@ -49,14 +49,15 @@ def routing_counts(model_dir: str, prompts: list[list[int]], max_tokens: int) ->
     k = model.args.moe.num_experts_per_tok
     counts: dict[Pair, int] = {}
 
-    def hook(layer: int) -> Callable:
-        def fn(module, args):
-            _, experts = route(args[0], module.gate.weight, k)  # [T, k]
+    def hook(layer: int, gate: torch.Tensor) -> Callable:
+        def fn(module, args, x):  # x: ffn_norm's output, what the gate routes
+            _, experts = route(x, gate, k)  # [T, k]
             for e in experts.flatten().tolist():
                 counts[layer, e] = counts.get((layer, e), 0) + 1
         return fn
 
-    handles = [layer.feed_forward.register_forward_pre_hook(hook(l)) for l, layer in enumerate(model.layers)]
+    handles = [layer.ffn_norm.register_forward_hook(hook(l, layer.feed_forward.gate.weight))
+               for l, layer in enumerate(model.layers)]
     out = []
     try:
         for p in prompts:

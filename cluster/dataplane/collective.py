@@ -3,7 +3,7 @@ point-to-point sends its data-plane calls make. Only cluster/dataplane/transport
 
 The group is a torch.distributed process-group object of its own, not torch's process-global default
 group: a process may hold several (tests do), and nothing here reads global parallel state. Rank 0 is
-the caller (the router) and opens the rendezvous, a TCPStore on its node; ranks 1..N are the servers.
+the router and opens the rendezvous, a TCPStore on its node; ranks 1..N are its workers.
 
     rank 0:   store, address = rendezvous(host, N + 1, timeout_s)     # tell ranks 1..N the address
               group = Group.join(kind, store, N + 1, 0, timeout_s)   # returns once every rank has joined
@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 
 BACKENDS = ("gloo", "nccl")
-REQUEST_TAG, REPLY_TAG = 1, 2  # rank 0 -> server, server -> rank 0: matched in order within a pair
 
 
 def rendezvous(host: str, world_size: int, timeout_s: float) -> tuple[dist.TCPStore, str]:

@@ -1,4 +1,5 @@
-"""The data plane: how a router's per-layer tensors reach attention and expert-shard actors and back.
+"""The data plane: how a router's hidden states reach its attention actors (one call per actor per step),
+and an attention actor's expert rows its expert shards (one call per shard per layer), and back.
 
 The ONE module that knows the wire. Actors call `serve` with plain-torch handlers, routers call
 `connect` and get a Client; neither sees gRPC, and `TransportConfig.kind` picks the transport.
@@ -8,8 +9,8 @@ Kind "tcp" sends the same messages, with the same checks, as length-prefixed fra
 for a bare gRPC echo on a loaded 2-core machine. The rest of this docstring is about gRPC.
 
 gRPC here means: one channel per peer, reused by every call (HTTP/2 multiplexes concurrent calls over
-it); unary calls that return a Pending, so a router fans out to all the shards of a layer and then
-waits for all (Pending says which thread sends each); tensors as raw bytes (cluster.dataplane.codec, never
+it); unary calls that return a Pending, so an attention actor fans out to all the shards of a layer and
+then waits for all (Pending says which thread sends each); tensors as raw bytes (cluster.dataplane.codec, never
 pickle); a deadline on every call; the same message-size limit on both ends. Servers check every
 request before their handler sees it.
 
@@ -25,13 +26,15 @@ token) but move its tensors over a process group: the request announces dtype an
 the Client has posted a send of the input and a receive of the output (same shape and dtype: the server
 casts its result) to the peer's rank before the call, and the server receives the input from rank 0,
 runs its handler, sends the output and replies. nccl moves CUDA tensors (GPU to GPU); gloo moves CPU
-tensors, which is how it is tested without GPUs. The caller is rank 0 (a pipeline replica's router);
-servers join with Server.join, and a Client made with a group and the peer's rank uses it. gRPC stays
+tensors, which is how it is tested without GPUs. One group per pipeline replica: the router is rank 0 and
+opens the rendezvous, its workers join with Server.join, and any member calls any other (the router its
+attention actors, they the expert shards): a Client made with the caller's group and the peer's rank uses
+it, and the request names the caller's rank and a tag of the call's own, so several calls in flight on one
+pair (two micro-batches) are matched right. gRPC stays
 the fallback: a Client without a rank (a peer outside the group: an expert scaler's extra replica, a
 worker Ray restarted) sends bytes, servers always accept bytes, and any failure of a collective call
 breaks that pair for good (both sides) and re-sends the call once over gRPC (not when the peer is
-unavailable or past its deadline: gRPC would fare no better). One caller per pair, one call in flight
-per pair at a time (the router's pattern): ops within a pair are matched in the order they are posted.
+unavailable or past its deadline: gRPC would fare no better). One caller per pair.
 
 Shapes: T new tokens of a step, D model dim, R expert rows of a request.
 """
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import itertools
 import logging
 import os
 import secrets
@@ -66,7 +70,7 @@ from kernels.cache import StepSeq
 log = logging.getLogger(__name__)
 
 KINDS = ("grpc", "tcp", *collective.BACKENDS)
-CALLER = 0  # the rank that calls in a collective group: a pipeline replica's router
+CALLER = 0  # the rank that opens a collective group's rendezvous: a pipeline replica's router
 TOKEN_METADATA = "moeray-dataplane-token"  # the call metadata carrying TransportConfig.token
 
 
@@ -120,8 +124,8 @@ def with_token(config: TransportConfig) -> TransportConfig:
     return config if config.token else dataclasses.replace(config, token=secrets.token_urlsafe(32))
 
 
-AttentionHandler = Callable[[int, int, "list[StepSeq] | None", torch.Tensor], torch.Tensor]
-"""(step, layer, seqs or None when the request carries none, hidden [T, D]) -> hidden [T, D]."""
+AttentionHandler = Callable[[int, int, "list[StepSeq]", torch.Tensor], "tuple[torch.Tensor, dict]"]
+"""(step, first layer, seqs, hidden [T, D]) -> (hidden [T, D], the step's report: StepReport's fields)."""
 ExpertHandler = Callable[[int, "list[tuple[int, int]]", torch.Tensor], torch.Tensor]
 """(layer, [(expert, row count), ...], rows [R, D] with R == sum of counts) -> rows [R, D]."""
 
@@ -150,6 +154,11 @@ class Server:
                  box: SimpleNamespace):
         self._stop, self._config, self._box = stop, config, box
         self.address = address  # "host:port" actually bound (peers of a 0.0.0.0 server need the node's IP)
+
+    @property
+    def group(self) -> collective.Group | None:
+        """The collective group joined (Server.join), which this process's clients may call over too."""
+        return self._box.group
 
     def join(self, rendezvous: str, world_size: int, rank: int) -> None:
         """Join the caller's collective group as `rank` (kinds gloo, nccl); from then on this server also
@@ -257,18 +266,19 @@ def serve(config: TransportConfig, *, attention: AttentionHandler | None = None,
     box = SimpleNamespace(group=None)  # the collective group, once Server.join has joined one
 
     def forward_attention(request: pb.AttentionRequest) -> pb.AttentionReply:
-        seqs = [StepSeq(list(s.block_table), s.start, s.n) for s in request.seqs] or None
+        seqs = [StepSeq(list(s.block_table), s.start, s.n) for s in request.seqs]
+        reply = pb.AttentionReply()
 
         def run(hidden: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
-            if seqs is not None:
-                if any(s.start < 0 or s.n < 0 or min(s.block_table, default=0) < 0 for s in seqs):
-                    raise BadRequest("seqs need start >= 0, n >= 0 and block ids >= 0")
-                if (n := sum(s.n for s in seqs)) != hidden.shape[0]:
-                    raise BadRequest(f"seqs have {n} new tokens in all, hidden has {hidden.shape[0]} rows")
+            if any(s.start < 0 or s.n < 0 or min(s.block_table, default=0) < 0 for s in seqs):
+                raise BadRequest("seqs need start >= 0, n >= 0 and block ids >= 0")
+            if (n := sum(s.n for s in seqs)) != hidden.shape[0]:
+                raise BadRequest(f"seqs have {n} new tokens in all, hidden has {hidden.shape[0]} rows")
             assert attention is not None  # forward_attention is registered only with a handler
-            return attention(request.step, request.layer, seqs, hidden)
+            out, report = attention(request.step, request.layer, seqs, hidden)
+            reply.report.CopyFrom(pb.StepReport(**report))
+            return out
 
-        reply = pb.AttentionReply()
         _exchange(config, box.group, request.hidden, reply.hidden, run)
         return reply
 
@@ -319,29 +329,30 @@ def serve(config: TransportConfig, *, attention: AttentionHandler | None = None,
 def _exchange(config: TransportConfig, group: collective.Group | None, given: pb.Tensor, reply: pb.Tensor,
               run: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """One request's tensors: run(input) -> output with both as bytes in the messages, or, when the
-    request announces collective data, received from and sent back to the caller's rank. Once the input
-    has arrived the caller's receive is answered even if `run` fails (zeros), so the pair stays in step."""
+    request announces collective data, received from and sent back to the caller's rank, with the call's
+    tags. Once the input has arrived the caller's receive is answered even if `run` fails (zeros)."""
     if not given.collective:
         x = decode(given, max_bytes=config.max_bytes, ndim=2)
         encode(_checked(run(x), x), reply)
         return
-    if group is None or not group.usable(CALLER):
+    caller = given.rank
+    if group is None or not group.usable(caller):
         raise BadRequest("tensor data sent over a collective group this server is not (or no longer) in")
     x = allocate(given, max_bytes=config.max_bytes, ndim=2, device=group.device)
     deadline = time.monotonic() + config.timeout_s
     try:
-        group.wait([group.recv(x, CALLER, collective.REQUEST_TAG)], deadline)
+        group.wait([group.recv(x, caller, given.tag)], deadline)
     except Exception as e:
-        group.break_pair(CALLER, (x,))
+        group.break_pair(caller, (x,))
         raise RuntimeError(f"collective receive failed: {e}") from e
     try:
         out, error = _checked(run(x), x).to(group.device, x.dtype).contiguous(), None
     except Exception as e:
         out, error = torch.zeros_like(x), e
     try:
-        group.wait([group.send(out, CALLER, collective.REPLY_TAG)], deadline)
+        group.wait([group.send(out, caller, given.tag + 1)], deadline)
     except Exception as e:
-        group.break_pair(CALLER, (out,))
+        group.break_pair(caller, (out,))
         if error is None:
             raise RuntimeError(f"collective send failed: {e}") from e
     if error is not None:
@@ -447,13 +458,14 @@ class Pending:
             reply = self._wait()
         except grpc.RpcError as e:
             raise TransportError(e.code().name, f"{self._client.address}: {e.details()}") from e
-        return _tensor(self._client, getattr(reply, self._field), self._shape)
+        return _result(self._client, reply, self._field, self._shape)
 
     def _collective_result(self) -> torch.Tensor:
         method, request, x, works, out, deadline = self._collective
         client = self._client
         try:
-            got = getattr(self._wait(), self._field)
+            reply = self._wait()
+            got = getattr(reply, self._field)
             if not got.collective or list(got.shape) != list(x.shape) or got.dtype != DTYPES[x.dtype]:
                 raise RuntimeError("the reply does not announce the request's tensor over the group")
             collective.Group.wait(works, deadline)
@@ -469,7 +481,17 @@ class Pending:
             encode(x, getattr(plain, self._field))
             return client._call(method, plain, self._field, x.shape).result()
         client.collective_calls += 1
-        return out
+        return _result(client, reply, self._field, self._shape, out)
+
+
+def _result(client: Client, reply, field: str, shape: torch.Size, tensor: torch.Tensor | None = None):
+    """What a call's result() returns: the reply's tensor (`tensor`, when it came over the group), with
+    an attention call's report as a dict of StepReport's fields."""
+    t = _tensor(client, getattr(reply, field), shape) if tensor is None else tensor
+    if not isinstance(reply, pb.AttentionReply):
+        return t
+    r = reply.report
+    return t, {f.name: v if isinstance(v := getattr(r, f.name), int) else list(v) for f in r.DESCRIPTOR.fields}
 
 
 def _tensor(client: Client, msg: pb.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -489,9 +511,10 @@ class Client:
     _timeout: float  # seconds: every call's deadline
     _max_bytes: int  # the largest message either way
 
-    def attention(self, step: int, layer: int, seqs: list[StepSeq] | None, hidden: torch.Tensor):
-        """Send hidden [T, D] to layer `layer`; seqs None (or []) arrives as None."""
-        wire = [pb.StepSeq(block_table=s.block_table, start=s.start, n=s.n) for s in seqs or ()]
+    def attention(self, step: int, layer: int, seqs: list[StepSeq], hidden: torch.Tensor):
+        """Send hidden [T, D] into the actor's layers, the first of which is `layer`; result() is
+        (hidden [T, D], the step's report: a dict of StepReport's fields)."""
+        wire = [pb.StepSeq(block_table=s.block_table, start=s.start, n=s.n) for s in seqs]
         request = pb.AttentionRequest(step=step, layer=layer, seqs=wire)
         return self._send("attention", request, "hidden", hidden)
 
@@ -533,6 +556,7 @@ class GrpcClient(Client):
         self._group: collective.Group | None = group if rank is not None else None
         self._rank: int = rank if group is not None and rank is not None else -1  # -1: no collective pair
         self.collective_calls = 0
+        self._tags = itertools.count()  # each collective call's own pair of tags
         self._timeout, self._max_bytes = config.timeout_s, config.max_bytes
         self._metadata = ((TOKEN_METADATA, config.token),) if config.token else None  # on every call
         self._channel = grpc.insecure_channel(address, options=_options(config))
@@ -559,12 +583,13 @@ class GrpcClient(Client):
         g = self._group
         assert g is not None  # self.collective
         x = x.to(g.device).contiguous()
-        describe(x, getattr(request, field))  # refuses a dtype the wire lacks before any op is posted
+        wire = describe(x, getattr(request, field))  # refuses a dtype the wire lacks before any op is posted
+        wire.rank, wire.tag = g.rank, 2 * (next(self._tags) % (1 << 29)) + 1  # the reply's: tag + 1
         out = torch.empty_like(x)  # the reply: same shape and dtype
         works = []
         try:
-            works.append(g.send(x, self._rank, collective.REQUEST_TAG))
-            works.append(g.recv(out, self._rank, collective.REPLY_TAG))
+            works.append(g.send(x, self._rank, wire.tag))
+            works.append(g.recv(out, self._rank, wire.tag + 1))
         except Exception as e:  # gloo refuses to post to a peer whose connection closed (it died)
             self._break(f"posting an op: {e}", (works, x, out))
             encode(x, getattr(request, field))
@@ -635,16 +660,14 @@ class _StreamPending:
             reply = self._reply_type.FromString(payload)
         except DecodeError as e:
             raise TransportError("INTERNAL", f"{self._client.address}: bad reply: {e}") from e
-        return _tensor(self._client, getattr(reply, self._field), self._shape)
+        return _result(self._client, reply, self._field, self._shape)
 
 
 def connect(config: TransportConfig, address: str, group: collective.Group | None = None,
             rank: int | None = None) -> Client:
     """A client for the server at `address` ("host:port"); connects lazily, on the first call. With the
-    caller's collective group (it must be rank 0) and the server's rank there, tensors go over the group."""
+    caller's collective group and the server's rank there, tensors go over the group."""
     _check_kind(config)
     if config.kind == "tcp":
         return StreamClient(config, address)
-    if group is not None and group.rank != CALLER:
-        raise ValueError(f"only rank {CALLER} of a collective group calls; this process is rank {group.rank}")
     return GrpcClient(config, address, group, rank)

@@ -20,16 +20,20 @@ DTYPE_BFLOAT16: DType
 DTYPE_FLOAT16: DType
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "collective")
+    __slots__ = ("dtype", "shape", "data", "collective", "rank", "tag")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     COLLECTIVE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     collective: bool
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., collective: _Optional[bool] = ...) -> None: ...
+    rank: int
+    tag: int
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., collective: _Optional[bool] = ..., rank: _Optional[int] = ..., tag: _Optional[int] = ...) -> None: ...
 
 class StepSeq(_message.Message):
     __slots__ = ("block_table", "start", "n")
@@ -53,11 +57,33 @@ class AttentionRequest(_message.Message):
     hidden: Tensor
     def __init__(self, step: _Optional[int] = ..., layer: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[StepSeq, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class StepReport(_message.Message):
+    __slots__ = ("expert_rows", "calls", "round_trips", "retries", "recoveries", "placement_version", "collective_calls", "collective_peers")
+    EXPERT_ROWS_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TRIPS_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    RECOVERIES_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVE_CALLS_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVE_PEERS_FIELD_NUMBER: _ClassVar[int]
+    expert_rows: _containers.RepeatedScalarFieldContainer[int]
+    calls: int
+    round_trips: int
+    retries: int
+    recoveries: int
+    placement_version: int
+    collective_calls: int
+    collective_peers: int
+    def __init__(self, expert_rows: _Optional[_Iterable[int]] = ..., calls: _Optional[int] = ..., round_trips: _Optional[int] = ..., retries: _Optional[int] = ..., recoveries: _Optional[int] = ..., placement_version: _Optional[int] = ..., collective_calls: _Optional[int] = ..., collective_peers: _Optional[int] = ...) -> None: ...
+
 class AttentionReply(_message.Message):
-    __slots__ = ("hidden",)
+    __slots__ = ("hidden", "report")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    report: StepReport
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ...) -> None: ...
 
 class ExpertBlock(_message.Message):
     __slots__ = ("expert", "rows")

@@ -47,7 +47,8 @@ class AttentionServicer:
     """
 
     def Forward(self, request, context):
-        """Runs one layer's attention on one step's new tokens (and writes their k/v to the KV cache).
+        """Runs the actor's layers on one step's new tokens (writing their k/v to its KV cache, calling the
+        expert shards).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
