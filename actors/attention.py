@@ -53,7 +53,7 @@ class AttentionActor:
         self.layers, self.micro_batches, self.addresses = list(layers), micro_batches, list(addresses)
         self.peers = Peers(spec.transport_config, restart_timeout_s=restart_timeout_s)
         base = {pair: [addresses[i] for i in actors] for pair, actors in pairs.items() if pair[0] in self.layers}
-        self.experts = ExpertCalls(self.peers, base)
+        self.experts = ExpertCalls(self.peers, base, overlap=micro_batches > 1)
         built = build_role(Checkpoint.open(spec.model), spec.engine, Holds(layers=layers,
                                                                            experts_stand_in=self.experts.stage))
         self.model, self.args, self.device, self.dtype = built.model, built.model.args, built.device, built.dtype

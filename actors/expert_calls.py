@@ -31,9 +31,10 @@ ATTEMPTS = 4  # sends of one fan-out's rows before the step fails
 
 
 class ExpertCalls:
-    def __init__(self, peers: Peers, base: dict[Pair, list[str]]):
-        """`base`: the addresses of the placement's shards holding each (layer, expert)."""
-        self.peers = peers
+    def __init__(self, peers: Peers, base: dict[Pair, list[str]], overlap: bool = False):
+        """`base`: the addresses of the placement's shards holding each (layer, expert). `overlap`: the caller
+        computes between a fan-out's start and its wait (micro-batches), so every call leaves at once."""
+        self.peers, self.overlap = peers, overlap
         self.base_addresses = base
         self.base: dict[Pair, list[transport.Client]] = {}
         self.table: dict[Pair, list[transport.Client]] = {}
@@ -141,6 +142,8 @@ class ExpertCalls:
         for actor, ps in parts.items():  # send all; they are waited for together
             index = torch.cat([torch.arange(s, s + m) for _, s, m in ps]).to(rows.device)  # [R_a]: its rows
             sent.append((actor, ps, index, actor.experts(layer, [(e, m) for e, _, m in ps], rows[index])))
+        if self.overlap:
+            transport.flush()
         self.calls += len(sent)
         return sent
 

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import socket
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -27,6 +28,7 @@ from cluster.dataplane.transport import (
     TransportConfig,
     TransportError,
     connect,
+    flush,
     serve,
     with_token,
 )
@@ -286,6 +288,20 @@ def test_a_call_dropped_unsent_is_never_sent_and_any_thread_may_wait(config, cli
     waiter.join()
     assert same_bits(got[0], expected_experts(6, [(0, 2)], rows))
     assert [layer for layer, _, _ in shard.seen[seen:]] == [6]
+
+
+def test_flush_sends_a_call_before_anyone_waits_for_it(client, shard):
+    """Two micro-batches: an attention actor computes one half's attention while the other half's expert
+    calls are away, so they must leave when issued, not when waited for (gRPC's latest call otherwise waits)."""
+    rows = torch.randn(2, 8)
+    seen = len(shard.seen)
+    pending = client.experts(7, [(0, 2)], rows)
+    flush()
+    deadline = time.monotonic() + 10
+    while len(shard.seen) == seen:  # the server runs it while nobody waits
+        assert time.monotonic() < deadline, "the call was not sent"
+        time.sleep(0.01)
+    assert shard.seen[-1][0] == 7 and same_bits(pending.result(), expected_experts(7, [(0, 2)], rows))
 
 
 # ---- errors ----------------------------------------------------------------------------------------

@@ -377,6 +377,17 @@ def _latest() -> Pending | None:
     """This thread's latest call, while it is unsent and someone still holds it."""
     return _unsent.call() if _unsent.call is not None else None
 
+
+def flush() -> None:
+    """Send this thread's calls now, before it waits for any: for a caller that computes something else
+    while they are away (an attention actor's other micro-batch). Kind tcp sends every call as it is
+    issued; gRPC's latest call otherwise waits to run in the thread that waits for it (see Pending)."""
+    latest = _latest()
+    _unsent.call = None
+    if latest is not None:
+        latest._send(here=False)
+
+
 _senders: futures.ThreadPoolExecutor | None = None  # sends the calls that overlap others; made on first use
 
 
