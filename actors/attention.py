@@ -88,7 +88,8 @@ class AttentionActor:
             return out, {"expert_rows": [x.rows.get((l, i), 0) for l in self.layers for i in range(e)],
                          "calls": x.calls, "round_trips": x.round_trips, "retries": x.retries,
                          "recoveries": self.peers.recoveries - recoveries, "placement_version": x.placement_version,
-                         "collective_calls": calls_now - collective_calls, "collective_peers": peers_now}
+                         "collective_calls": calls_now - collective_calls, "collective_peers": peers_now,
+                         "micro_batches": len(groups)}
 
     # -- control plane (Ray calls) -------------------------------------------------------------
     def address(self) -> str:

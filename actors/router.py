@@ -89,6 +89,7 @@ class PipelineExecutor:
         self.last: dict[str, int] = dict.fromkeys(COUNTS, 0)
         self.totals: dict[str, int] = dict.fromkeys(COUNTS, 0)
         self.collective_peers = [0] * len(self.attention)  # expert shards each actor reaches over the group
+        self.micro_batches = self.micro_batched = 0  # of the step running or last run; summed over all steps
         self._failed_steps = 0  # steps in a row lost to attention failures
         self.seconds = {"layers": 0.0, "total": 0.0}
 
@@ -115,7 +116,7 @@ class PipelineExecutor:
     def forward(self, tokens: torch.Tensor, seqs: list[StepSeq], logits_index: torch.Tensor) -> torch.Tensor:
         with self._busy:
             self._step_counts = defaultdict(int)
-            self.last = dict.fromkeys(COUNTS, 0)
+            self.last, self.micro_batches = dict.fromkeys(COUNTS, 0), 0
             try:
                 t0 = time.perf_counter()
                 self.step += 1
@@ -126,6 +127,7 @@ class PipelineExecutor:
             finally:
                 for k, n in self.last.items():
                     self.totals[k] += n
+                self.micro_batched += self.micro_batches
                 now = time.monotonic()
                 with self._window_lock:
                     self._window.append((now, self._step_counts))
@@ -158,6 +160,7 @@ class PipelineExecutor:
         for k in COUNTS:
             self.last[k] += report[k]
         self.acked[i] = max(self.acked[i], report["placement_version"])  # a late reply never lowers an ack
+        self.micro_batches = report["micro_batches"]  # the same for every actor: they split the same sequences
         self.collective_peers[i] = report["collective_peers"]
 
     def _attention_failed(self, i: int, err: transport.TransportError) -> Exception:
@@ -275,7 +278,9 @@ class Router:
                 "kv_recomputes": self.engine.recomputes,
                 "collective_calls": collective_calls, "collective_peers": collective_peers,
                 "data_plane": {"calls": x.totals["calls"], "round_trips": x.totals["round_trips"],
-                               "last_step": {"calls": x.last["calls"], "round_trips": x.last["round_trips"]}}}
+                               "micro_batches": x.micro_batched,
+                               "last_step": {"calls": x.last["calls"], "round_trips": x.last["round_trips"],
+                                             "micro_batches": x.micro_batches}}}
 
     def scaler_status(self) -> dict | None:
         """The expert scaler's view (replicas and targets per pair, pending ones, events); None when off."""

@@ -176,7 +176,8 @@ def test_attention_round_trip_carries_seqs(client, shard, dtype):
     assert same_bits(seen_hidden, hidden) and same_bits(out, hidden - 1)
     # the step's report comes back with every field, those the handler left out as zeros
     assert report == {"expert_rows": [2, 0, 2], "calls": 0, "round_trips": 1, "retries": 0, "recoveries": 0,
-                      "placement_version": 2**40, "collective_calls": 0, "collective_peers": 0}
+                      "placement_version": 2**40, "collective_calls": 0, "collective_peers": 0,
+                      "micro_batches": 0}
 
 
 def test_empty_and_non_contiguous_tensors(client):

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63luster/rpc/dataplane.proto\x12\x13moeray.dataplane.v1\"\x7f\n\x06Tensor\x12)\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1a.moeray.dataplane.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x12\n\ncollective\x18\x04 \x01(\x08\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12\x0b\n\x03tag\x18\x06 \x01(\r\"8\n\x07StepSeq\x12\x13\n\x0b\x62lock_table\x18\x01 \x03(\x05\x12\r\n\x05start\x18\x02 \x01(\x05\x12\t\n\x01n\x18\x03 \x01(\x05\"\x88\x01\n\x10\x41ttentionRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\x05\x12*\n\x04seqs\x18\x03 \x03(\x0b\x32\x1c.moeray.dataplane.v1.StepSeq\x12+\n\x06hidden\x18\x04 \x01(\x0b\x32\x1b.moeray.dataplane.v1.Tensor\"\xb9\x01\n\nStepReport\x12\x13\n\x0b\x65xpert_rows\x18\x01 \x03(\x05\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\r\x12\x13\n\x0bround_trips\x18\x03 \x01(\r\x12\x0f\n\x07retries\x18\x04 \x01(\r\x12\x12\n\nrecoveries\x18\x05 \x01(\r\x12\x19\n\x11placement_version\x18\x06 \x01(\x04\x12\x18\n\x10\x63ollective_calls\x18\x07 \x01(\r\x12\x18\n\x10\x63ollective_peers\x18\x08 \x01(\r\"n\n\x0e\x41ttentionReply\x12+\n\x06hidden\x18\x01 \x01(\x0b\x32\x1b.moeray.dataplane.v1.Tensor\x12/\n\x06report\x18\x02 \x01(\x0b\x32\x1f.moeray.dataplane.v1.StepReport\"+\n\x0b\x45xpertBlock\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\x05\x12\x0c\n\x04rows\x18\x02 \x01(\x05\"{\n\rExpertRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x30\n\x06\x62locks\x18\x02 \x03(\x0b\x32 .moeray.dataplane.v1.ExpertBlock\x12)\n\x04rows\x18\x03 \x01(\x0b\x32\x1b.moeray.dataplane.v1.Tensor\"8\n\x0b\x45xpertReply\x12)\n\x04rows\x18\x01 \x01(\x0b\x32\x1b.moeray.dataplane.v1.Tensor\"\x1b\n\x0b\x45\x63hoMessage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x32\x62\n\tAttention\x12U\n\x07\x46orward\x12%.moeray.dataplane.v1.AttentionRequest\x1a#.moeray.dataplane.v1.AttentionReply2^\n\x0b\x45xpertShard\x12O\n\x07\x46orward\x12\".moeray.dataplane.v1.ExpertRequest\x1a .moeray.dataplane.v1.ExpertReply2R\n\x04\x45\x63ho\x12J\n\x04\x45\x63ho\x12 .moeray.dataplane.v1.EchoMessage\x1a .moeray.dataplane.v1.EchoMessageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63luster/rpc/dataplane.proto\x12\x13moeray.dataplane.v1\"\x7f\n\x06Tensor\x12)\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1a.moeray.dataplane.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x12\n\ncollective\x18\x04 \x01(\x08\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12\x0b\n\x03tag\x18\x06 \x01(\r\"8\n\x07StepSeq\x12\x13\n\x0b\x62lock_table\x18\x01 \x03(\x05\x12\r\n\x05start\x18\x02 \x01(\x05\x12\t\n\x01n\x18\x03 \x01(\x05\"\x88\x01\n\x10\x41ttentionRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\x05\x12*\n\x04seqs\x18\x03 \x03(\x0b\x32\x1c.moeray.dataplane.v1.StepSeq\x12+\n\x06hidden\x18\x04 \x01(\x0b\x32\x1b.moeray.dataplane.v1.Tensor\"\xd0\x01\n\nStepReport\x12\x13\n\x0b\x65xpert_rows\x18\x01 \x03(\x05\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\r\x12\x13\n\x0bround_trips\x18\x03 \x01(\r\x12\x0f\n\x07retries\x18\x04 \x01(\r\x12\x12\n\nrecoveries\x18\x05 \x01(\r\x12\x19\n\x11placement_version\x18\x06 \x01(\x04\x12\x18\n\x10\x63ollective_calls\x18\x07 \x01(\r\x12\x18\n\x10\x63ollective_peers\x18\x08 \x01(\r\x12\x15\n\rmicro_batches\x18\t \x01(\r\"n\n\x0e\x41ttentionReply\x12+\n\x06hidden\x18\x01 \x01(\x0b\x32\x1b.moeray.dataplane.v1.Tensor\x12/\n\x06report\x18\x02 \x01(\x0b\x32\x1f.moeray.dataplane.v1.StepReport\"+\n\x0b\x45xpertBlock\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\x05\x12\x0c\n\x04rows\x18\x02 \x01(\x05\"{\n\rExpertRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x30\n\x06\x62locks\x18\x02 \x03(\x0b\x32 .moeray.dataplane.v1.ExpertBlock\x12)\n\x04rows\x18\x03 \x01(\x0b\x32\x1b.moeray.dataplane.v1.Tensor\"8\n\x0b\x45xpertReply\x12)\n\x04rows\x18\x01 \x01(\x0b\x32\x1b.moeray.dataplane.v1.Tensor\"\x1b\n\x0b\x45\x63hoMessage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x32\x62\n\tAttention\x12U\n\x07\x46orward\x12%.moeray.dataplane.v1.AttentionRequest\x1a#.moeray.dataplane.v1.AttentionReply2^\n\x0b\x45xpertShard\x12O\n\x07\x46orward\x12\".moeray.dataplane.v1.ExpertRequest\x1a .moeray.dataplane.v1.ExpertReply2R\n\x04\x45\x63ho\x12J\n\x04\x45\x63ho\x12 .moeray.dataplane.v1.EchoMessage\x1a .moeray.dataplane.v1.EchoMessageb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cluster.rpc.dataplane_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=935
-  _globals['_DTYPE']._serialized_end=1023
+  _globals['_DTYPE']._serialized_start=958
+  _globals['_DTYPE']._serialized_end=1046
   _globals['_TENSOR']._serialized_start=52
   _globals['_TENSOR']._serialized_end=179
   _globals['_STEPSEQ']._serialized_start=181
@@ -40,21 +40,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTENTIONREQUEST']._serialized_start=240
   _globals['_ATTENTIONREQUEST']._serialized_end=376
   _globals['_STEPREPORT']._serialized_start=379
-  _globals['_STEPREPORT']._serialized_end=564
-  _globals['_ATTENTIONREPLY']._serialized_start=566
-  _globals['_ATTENTIONREPLY']._serialized_end=676
-  _globals['_EXPERTBLOCK']._serialized_start=678
-  _globals['_EXPERTBLOCK']._serialized_end=721
-  _globals['_EXPERTREQUEST']._serialized_start=723
-  _globals['_EXPERTREQUEST']._serialized_end=846
-  _globals['_EXPERTREPLY']._serialized_start=848
-  _globals['_EXPERTREPLY']._serialized_end=904
-  _globals['_ECHOMESSAGE']._serialized_start=906
-  _globals['_ECHOMESSAGE']._serialized_end=933
-  _globals['_ATTENTION']._serialized_start=1025
-  _globals['_ATTENTION']._serialized_end=1123
-  _globals['_EXPERTSHARD']._serialized_start=1125
-  _globals['_EXPERTSHARD']._serialized_end=1219
-  _globals['_ECHO']._serialized_start=1221
-  _globals['_ECHO']._serialized_end=1303
+  _globals['_STEPREPORT']._serialized_end=587
+  _globals['_ATTENTIONREPLY']._serialized_start=589
+  _globals['_ATTENTIONREPLY']._serialized_end=699
+  _globals['_EXPERTBLOCK']._serialized_start=701
+  _globals['_EXPERTBLOCK']._serialized_end=744
+  _globals['_EXPERTREQUEST']._serialized_start=746
+  _globals['_EXPERTREQUEST']._serialized_end=869
+  _globals['_EXPERTREPLY']._serialized_start=871
+  _globals['_EXPERTREPLY']._serialized_end=927
+  _globals['_ECHOMESSAGE']._serialized_start=929
+  _globals['_ECHOMESSAGE']._serialized_end=956
+  _globals['_ATTENTION']._serialized_start=1048
+  _globals['_ATTENTION']._serialized_end=1146
+  _globals['_EXPERTSHARD']._serialized_start=1148
+  _globals['_EXPERTSHARD']._serialized_end=1242
+  _globals['_ECHO']._serialized_start=1244
+  _globals['_ECHO']._serialized_end=1326
 # @@protoc_insertion_point(module_scope)

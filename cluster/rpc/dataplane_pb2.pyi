@@ -58,7 +58,7 @@ class AttentionRequest(_message.Message):
     def __init__(self, step: _Optional[int] = ..., layer: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[StepSeq, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("expert_rows", "calls", "round_trips", "retries", "recoveries", "placement_version", "collective_calls", "collective_peers")
+    __slots__ = ("expert_rows", "calls", "round_trips", "retries", "recoveries", "placement_version", "collective_calls", "collective_peers", "micro_batches")
     EXPERT_ROWS_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
     ROUND_TRIPS_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class StepReport(_message.Message):
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     COLLECTIVE_CALLS_FIELD_NUMBER: _ClassVar[int]
     COLLECTIVE_PEERS_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     expert_rows: _containers.RepeatedScalarFieldContainer[int]
     calls: int
     round_trips: int
@@ -75,7 +76,8 @@ class StepReport(_message.Message):
     placement_version: int
     collective_calls: int
     collective_peers: int
-    def __init__(self, expert_rows: _Optional[_Iterable[int]] = ..., calls: _Optional[int] = ..., round_trips: _Optional[int] = ..., retries: _Optional[int] = ..., recoveries: _Optional[int] = ..., placement_version: _Optional[int] = ..., collective_calls: _Optional[int] = ..., collective_peers: _Optional[int] = ...) -> None: ...
+    micro_batches: int
+    def __init__(self, expert_rows: _Optional[_Iterable[int]] = ..., calls: _Optional[int] = ..., round_trips: _Optional[int] = ..., retries: _Optional[int] = ..., recoveries: _Optional[int] = ..., placement_version: _Optional[int] = ..., collective_calls: _Optional[int] = ..., collective_peers: _Optional[int] = ..., micro_batches: _Optional[int] = ...) -> None: ...
 
 class AttentionReply(_message.Message):
     __slots__ = ("hidden", "report")
