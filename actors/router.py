@@ -199,7 +199,6 @@ class Router:
         self._placement_lock = threading.Lock()
         peers = Peers(pc.transport, dict(zip(workers.attention_addresses, workers.attention, strict=True)),
                       pc.restart_timeout_s)
-        ray.get([a.watch.remote(self._experts) for a in self._attention])
         self._join_group(pc.transport, workers, peers)
         self.executor = PipelineExecutor(ckpt, config.engine, workers.placement, peers, workers.attention_addresses,
                                          config.scaling.window_s, self._restarted)

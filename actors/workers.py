@@ -26,8 +26,8 @@ class Spawner(Protocol):
         """Starts cls(*args) where the Ray actor options `options` place it; returns its handle."""
         ...
 
-    def addresses(self, handles: list) -> list[str]:
-        """Each worker's data-plane address, once it serves."""
+    def call(self, handles: list, method: str, *args) -> list:
+        """Calls `method(*args)` on every worker, all at once; their results."""
         ...
 
 
@@ -35,8 +35,8 @@ class RaySpawner:
     def start(self, cls: type, options: dict, *args) -> Any:
         return ray.remote(cls).options(**options).remote(*args)
 
-    def addresses(self, handles: list) -> list[str]:
-        return ray.get([h.address.remote() for h in handles])
+    def call(self, handles: list, method: str, *args) -> list:
+        return ray.get([getattr(h, method).remote(*args) for h in handles])
 
 
 class InProcess:
@@ -45,8 +45,8 @@ class InProcess:
     def start(self, cls: type, options: dict, *args) -> Any:
         return cls(*args)
 
-    def addresses(self, handles: list) -> list[str]:
-        return [h.address() for h in handles]
+    def call(self, handles: list, method: str, *args) -> list:
+        return [getattr(h, method)(*args) for h in handles]
 
 
 RAY = RaySpawner()
@@ -94,10 +94,11 @@ def start_workers(config: MoerayConfig, spawner: Spawner = RAY) -> Workers:
         ray_options(getattr(pc, role), role, config.engine.device)
     experts = [launch(config, "experts", pairs, spawner=spawner, max_restarts=-1)
                for pairs in p.shards for _ in range(p.replicas)]
-    expert_addresses = spawner.addresses(experts)
+    expert_addresses = spawner.call(experts, "address")
     holders = p.actors_of()
     attention = [launch(config, "attention", layers, {pair: i for pair, i in holders.items() if pair[0] in layers},
                         expert_addresses, pc.micro_batches, pc.restart_timeout_s, spawner=spawner,
                         max_restarts=-1)
                  for layers in p.attention]
-    return Workers(config, p, attention, experts, spawner.addresses(attention), expert_addresses)
+    spawner.call(attention, "watch", experts)  # so they wait for a shard that Ray restarts
+    return Workers(config, p, attention, experts, spawner.call(attention, "address"), expert_addresses)

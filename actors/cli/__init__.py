@@ -401,9 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the data plane's kind (default: the config's)")
     pl.add_argument("--micro-batches", type=int, nargs="+", choices=[1, 2], default=[1, 2],
                     help="pipeline.micro_batches settings to run side by side (default: 1 2)")
-    pl.add_argument("--nodes", type=int, default=1, help="1: one local Ray node; >= 3: a ray.cluster_utils.Cluster "
-                                                         "on this machine: head (router), an attention node, "
-                                                         "NODES - 2 expert nodes (default: %(default)s)")
+    pl.add_argument("--nodes", type=int, default=1, help="1: one local Ray node; N > 1: a ray.cluster_utils.Cluster "
+                                                         "of N nodes on this machine: the head (router, attention) "
+                                                         "and N - 1 expert nodes (default: %(default)s)")
     pl.add_argument("--out", default="bench-results/pipeline.json", help="JSON results (default: %(default)s)")
     pl.set_defaults(func=cmd_bench)
     dpl = bsub.add_parser("dataplane", help="one data-plane call of each transport kind vs a raw gRPC echo, no Ray")
