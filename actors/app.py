@@ -85,17 +85,28 @@ def exposure_warnings(config: MoerayConfig, http_host: str | None = None, grpc_o
 
 
 def moeray_app(config: MoerayConfig) -> Application:
+    """Three deployments: ExpertPool (one replica: the expert shards and the expert scaler, shared by every
+    router), Router (pipeline replicas, autoscaled on ongoing requests; each starts its attention actors and
+    joins the pool) and Ingress (HTTP and gRPC, autoscaled on ongoing requests)."""
     from actors.ingress import Ingress, RouterReplica
+    from actors.pool import ExpertPool
 
     config = with_defaults(config)
     for warning in exposure_warnings(config):
         log.warning(warning)
-    s, pc = config.serve, config.pipeline
+    s, pc, r = config.serve, config.pipeline, config.serve.routers
+    pool = serve.deployment(ExpertPool, name="ExpertPool", num_replicas=1, max_ongoing_requests=1000,
+                            ray_actor_options={"num_cpus": 0}).bind(config)
     router = serve.deployment(
-        RouterReplica, name="Router", num_replicas=s.pipeline_replicas, max_ongoing_requests=100_000,
+        RouterReplica, name="Router", max_ongoing_requests=100_000, graceful_shutdown_timeout_s=r.drain_timeout_s,
+        autoscaling_config={"min_replicas": r.min_replicas, "max_replicas": r.max_replicas,
+                            "target_ongoing_requests": r.target_ongoing_requests,
+                            "upscale_delay_s": r.upscale_delay_s, "downscale_delay_s": r.downscale_delay_s,
+                            "look_back_period_s": r.look_back_period_s,
+                            "metrics_interval_s": min(r.look_back_period_s / 3, 10.0)},
         ray_actor_options=ray_options(pc.router, "router", config.engine.device),
-    ).bind(config)
-    capacity = s.ingress.capacity(s.pipeline_replicas, config.engine)
+    ).bind(pool)
+    capacity = s.ingress.capacity(r.max_replicas, config.engine)
     ingress = serve.deployment(  # past capacity, Serve queues up to as many more, then answers 503
         Ingress, name="Ingress", max_ongoing_requests=capacity, max_queued_requests=capacity,
         autoscaling_config={"min_replicas": s.ingress.min_replicas, "max_replicas": s.ingress.max_replicas,
@@ -109,9 +120,10 @@ def moeray_app(config: MoerayConfig) -> Application:
 
 # Deployment options moeray derives from its config (one home for each, whichever way the app is started): a
 # Serve config's `deployments:` entry would silently override them, and the ingress capacity follows the routers.
-OWNED_BY_MOERAY = {"num_replicas": "serve.pipeline_replicas", "autoscaling_config": "serve.ingress",
+OWNED_BY_MOERAY = {"num_replicas": "serve.routers, serve.ingress", "autoscaling_config": "serve.routers, serve.ingress",
                    "max_ongoing_requests": "serve.ingress.max_ongoing_requests",
-                   "max_queued_requests": "serve.ingress.max_ongoing_requests"}
+                   "max_queued_requests": "serve.ingress.max_ongoing_requests",
+                   "graceful_shutdown_timeout_s": "serve.routers.drain_timeout_s"}
 
 
 def validate_serve_config(data: dict):

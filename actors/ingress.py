@@ -1,8 +1,9 @@
-"""The Serve deployments of `moeray serve`: Router (one per pipeline replica) and Ingress (HTTP + gRPC).
+"""The Serve deployments of `moeray serve` that requests pass: Router (one per pipeline replica) and
+Ingress (HTTP + gRPC); the third, ExpertPool (actors/pool.py), holds the expert shards they all call.
 
-Router replicas own their pipeline: each starts its attention actors and expert shards and runs the
-engine loop in-process, so a request costs one Serve hop (ingress -> router) and no other. Ingress
-replicas validate, tokenize and stream; Serve autoscales them on ongoing requests.
+Router replicas own their attention actors and join the pool: each runs the engine loop in-process, so a
+request costs one Serve hop (ingress -> router) and no other. Serve autoscales routers and ingress replicas
+on ongoing requests, each on its own; a router scaled in finishes its running requests first.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from actors.router import Router
-from actors.workers import start_workers
+from actors.pool import call
+from actors.router import Router, router_name
+from actors.workers import start_attention
 from cluster.api.grpc_api import GrpcApi
 from cluster.api.http_api import build_http_app
 from cluster.api.service import ModelCard, Service, Unavailable
@@ -28,11 +30,18 @@ REFUSALS = (QueueFull, ValueError)  # what the engine refuses a request with bef
 
 
 class RouterReplica(Router):
-    """A pipeline replica as a Serve replica: its workers (and the expert scaler's replicas, when scaling
-    is enabled) are created by this process, so they live and die with it."""
+    """A pipeline replica as a Serve replica: it joins the ExpertPool deployment behind `pool`, and its
+    attention actors are created by this process, so they live and die with it."""
 
-    def __init__(self, config: MoerayConfig):
-        super().__init__(start_workers(config))
+    def __init__(self, pool):
+        name = router_name()
+        info = call(pool, "join", name)
+        workers = start_attention(info.config, info.placement, info.experts, info.addresses, shared=True)
+        super().__init__(workers, pool, (info.version, info.table), name)
+
+    def __del__(self):  # Serve's graceful shutdown (scale-in), after the running requests finished
+        if hasattr(self, "_stop"):
+            self.stop()  # the pool stops counting this router once it stops reporting
 
     async def generate(self, request_id, prompt_ids, params):
         """Router.generate, with a refusal sent back as a value rather than raised: Serve logs every exception

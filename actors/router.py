@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,19 +183,28 @@ class PipelineExecutor:
         return CacheLost(f"attention actor {actor.address} failed ({err.code})")
 
 
+def router_name() -> str:
+    return f"router-{uuid.uuid4().hex[:12]}"
+
+
 class Router:
     """One pipeline replica's engine: submit requests, stream their tokens. A Ray actor (Pipeline) or the
     base of a Serve replica (`moeray serve`). It keeps its workers serving: a lost attention actor or
-    base expert shard is restarted by Ray (started with max_restarts), and the executor finds it again
-    here. With scaling enabled it runs the expert scaler in-process, on its own routing load. Its config is
-    the one its workers run with (workers.config: the data plane carries the replica's token)."""
+    base expert shard is restarted by Ray (started with max_restarts), and the executor (for attention
+    actors) or the attention actors (for shards) find it again. Its config is the one its workers run with
+    (workers.config: the data plane carries the deployment's token). With a `pool` (the ExpertPool its
+    shards belong to: a Ray actor or Serve deployment handle) and scaling enabled it reports its routing load
+    there every scaling.interval_s and hands the pool's placement tables to its attention actors."""
 
-    def __init__(self, workers: Workers):
+    def __init__(self, workers: Workers, pool=None, table: tuple[int, dict[str, list[str]]] = (0, {}),
+                 name: str | None = None):
         config = workers.config
         pc = config.pipeline
         set_threads(pc.router.threads)
         ckpt = Checkpoint.open(config.model)
+        self.name = name or router_name()  # how the pool knows this router
         self._attention, self._experts = list(workers.attention), list(workers.experts)  # Ray handles
+        self.base = {f"{l}:{e}": len(holders) for (l, e), holders in workers.placement.actors_of().items()}
         self.placement: tuple[int, dict[str, list[str]]] = (0, {})  # the latest table of extra expert replicas
         self._placement_lock = threading.Lock()
         peers = Peers(pc.transport, dict(zip(workers.attention_addresses, workers.attention, strict=True)),
@@ -204,22 +214,36 @@ class Router:
                                          config.scaling.window_s, self._restarted)
         self.engine = Engine(self.executor, ckpt.args, load_tokenizer(config.model), config.engine)
         self.loop = EngineLoop(self.engine)
-        self.scaler = None
-        if config.scaling.enabled:
-            from actors.scaler import ExpertScaler
+        self.update_placement(*table)
+        self.pool, self._stop = pool, threading.Event()
+        if pool is not None and config.scaling.enabled:
+            threading.Thread(target=self._report, args=(config.scaling.interval_s,), name="pool-report",
+                             daemon=True).start()
 
-            self.scaler = ExpertScaler(config, self, workers.placement)
+    def _report(self, interval_s: float) -> None:
+        """Every interval_s: this router's windowed routing load and acknowledged table to the pool, whose
+        latest table comes back and goes to the attention actors."""
+        from actors.pool import call
+
+        while not self._stop.wait(interval_s):
+            rates = {f"{l}:{e}": r for (l, e), r in self.executor.expert_rates().items()}
+            try:
+                version, table = call(self.pool, "report", self.name, rates, min(self.executor.acked))
+                self.update_placement(version, table)
+            except Exception as e:  # the pool restarting, Ray busy: the next report retries
+                log.warning("report to the expert pool failed (%s: %s)", type(e).__name__, e)
 
     @staticmethod
     def _join_group(transport_config: transport.TransportConfig, workers: Workers, peers: Peers) -> None:
         """Transport kinds gloo and nccl: this replica's collective group, the router rank 0 and its workers
-        1..N in Workers' order (attention actors, then expert shards). The router calls its attention actors
-        over it, and they the expert shards. The rendezvous is a free port on this node. A worker that does
-        not join is called over the wire, and so is every worker when the group cannot form."""
+        1..N in Workers' order (attention actors, then expert shards unless they are a shared pool: a shard
+        serves one group). The router calls its attention actors over it, and they the expert shards. The
+        rendezvous is a free port on this node. A worker that does not join is called over the wire, and so
+        is every worker when the group cannot form."""
         if not transport.is_collective(transport_config):
             return
-        handles = workers.attention + workers.experts
-        addresses = workers.attention_addresses + workers.expert_addresses
+        own = ([], []) if workers.shared else (workers.experts, workers.expert_addresses)  # a pool joins no one's
+        handles, addresses = workers.attention + own[0], workers.attention_addresses + own[1]
         world = len(handles) + 1
         store, rendezvous = transport.rendezvous(transport_config, ray.util.get_node_ip_address(), world)
         joins = [h.join_group.remote(rendezvous, world, rank) for rank, h in enumerate(handles, 1)]
@@ -271,7 +295,7 @@ class Router:
         return {**self.loop.stats(), "node_id": node_id(), "step": x.step, "seconds": dict(x.seconds),
                 "tokens_per_expert": {f"{l}:{e}": n for (l, e), n in sorted(x.tokens_per_expert.items())},
                 "expert_tokens_per_s": {f"{l}:{e}": r for (l, e), r in sorted(x.expert_rates().items())},
-                "expert_replicas": self.scaler.replica_counts() if self.scaler else {},
+                "expert_replicas": self.replica_counts(),
                 "placement_version": min(x.acked), "expert_retries": x.totals["retries"],
                 "worker_recoveries": x.totals["recoveries"] + x.peers.recoveries,
                 "kv_recomputes": self.engine.recomputes,
@@ -281,13 +305,15 @@ class Router:
                                "last_step": {"calls": x.last["calls"], "round_trips": x.last["round_trips"],
                                              "micro_batches": x.micro_batches}}}
 
-    def scaler_status(self) -> dict | None:
-        """The expert scaler's view (replicas and targets per pair, pending ones, events); None when off."""
-        return self.scaler.status() if self.scaler else None
+    def replica_counts(self) -> dict[str, int]:
+        """Holders per "layer:expert" in the table this router's attention actors were given: base shards plus
+        the pool's extra replicas."""
+        extras = self.placement[1]
+        return {pair: n + len(extras.get(pair, ())) for pair, n in self.base.items()}
 
-    def scaler_replicas(self, pair: str) -> list:
-        """Actor handles of `pair`'s ready extra replicas (for operators and tests)."""
-        return self.scaler.handles(pair) if self.scaler else []
+    def stop(self) -> None:
+        """Stops reporting to the pool (the engine loop and workers stop with the process)."""
+        self._stop.set()
 
     def info(self) -> dict:
-        return {"node_id": node_id(), "pid": os.getpid()}
+        return {"node_id": node_id(), "pid": os.getpid(), "name": self.name}

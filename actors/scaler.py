@@ -1,22 +1,23 @@
 """Expert scaler: replicas of hot (layer, expert) pairs follow routing load, within the config's bounds.
 
-It runs in its router's process (one per pipeline replica: a Ray actor with the Pipeline API, a Serve
-replica with `moeray serve`), scaling that replica's experts on that router's load. Every `interval_s` it
-reads the router's windowed token rates per pair, and
+It runs in the expert pool's process (actors/pool.py: one per deployment, a Serve replica with `moeray
+serve`, a Ray actor with the Pipeline API), on the load of every router calling the pool. Every `interval_s`
+it reads the pool's token rates per pair (the routers' windowed rates, summed), and
 
     decide     Policy: desired = clamp(ceil(rate / target_tokens_per_s), min, max) per pair, the hottest
                first while the pool budget lasts; a change waits for upscale/downscale_delay_s of
                sustained demand and for cooldown_s after the pair's last change.
     reconcile  starts one-pair ExpertShard replicas (asking for the expert node resource, so a pending one
                makes the Ray autoscaler add a node) or marks surplus ones draining; replaces lost ones.
-    publish    gives the router {"layer:expert": [extra replica addresses]} when it changes (version + 1).
-    retire     stops a draining replica once the router has acknowledged a version without it: the router
-               swaps tables between steps, so from then on no call to it is in flight.
+    publish    gives the pool {"layer:expert": [extra replica addresses]} when it changes (version + 1); each
+               router gets it with its next report and hands it to its attention actors.
+    retire     stops a draining replica once every router has acknowledged a version without it: attention
+               actors swap tables between steps, so from then on no call to it is in flight.
 
 A replica that does not serve within ready_timeout_s is reported unplaceable, stopped and started anew;
 nothing here is fatal to the pipeline. Base shards (the placement's) are never removed: they are the floor
-(a lost one is restarted by Ray and found again by the router). Extra replicas are created by this
-process, so they die with their router.
+(a lost one is restarted by Ray and found again by its callers). Extra replicas are created by this
+process, so they die with the pool.
 """
 
 from __future__ import annotations
@@ -118,13 +119,13 @@ class Event:
 
 
 class ExpertScaler:
-    """The controller, a thread in its router's process. `config`: the one its router's workers run with
-    (Workers.config: extra replicas are launched from it, with the replica's data-plane token); `router`:
-    stats() -> dict with "expert_tokens_per_s" and "placement_version", update_placement(version, table);
-    `placement`: the pipeline's, whose shards hold each pair once per shard replica (the base)."""
+    """The controller, a thread in the pool's process. `config`: the deployment's (extra replicas are
+    launched from it, with its data-plane token); `pool`: what it reads and tells: stats() ->
+    dict with "expert_tokens_per_s" and "placement_version", update_placement(version, table);
+    `placement`: the deployment's, whose shards hold each pair once per shard replica (the base)."""
 
-    def __init__(self, config: MoerayConfig, router, placement: Placement):
-        self.config, self.cfg, self.router = config, config.scaling, router
+    def __init__(self, config: MoerayConfig, pool, placement: Placement):
+        self.config, self.cfg, self.pool = config, config.scaling, pool
         self.base = {p: len(actors) for p, actors in placement.actors_of().items()}
         self.policy = Policy(self.cfg, self.base)
         self.replicas: list[Replica] = []
@@ -138,7 +139,7 @@ class ExpertScaler:
         self._thread = threading.Thread(target=self._run, name="expert-scaler", daemon=True)
         self._thread.start()
 
-    # -- what operators see (through the router) ----------------------------------------------
+    # -- what operators see (through the pool) ----------------------------------------------
     def replica_counts(self) -> dict[str, int]:
         """Serving holders per pair: base shards + ready extra replicas."""
         with self._lock:
@@ -184,7 +185,7 @@ class ExpertScaler:
         while not self._stop.wait(self.cfg.interval_s):
             try:
                 self._tick()
-            except Exception as e:  # a bad tick (a router busy, Ray hiccup) is logged; the next one retries
+            except Exception as e:  # a bad tick (the pool busy, Ray hiccup) is logged; the next one retries
                 log.exception("scaler tick failed")
                 self._event("error", detail=f"{type(e).__name__}: {e}")
 
@@ -192,7 +193,7 @@ class ExpertScaler:
         self.events.append(Event(time.time(), what, key(pair) if pair else "", detail))
 
     def _tick(self) -> None:
-        stats = self.router.stats()
+        stats = self.pool.stats()
         rates = {parse(k): r for k, r in stats.get("expert_tokens_per_s", {}).items()}
         now = time.monotonic()
         with self._lock:
@@ -265,7 +266,7 @@ class ExpertScaler:
         if table != self.published:
             self.version += 1
             self.published = table
-            self.router.update_placement(self.version, table)
+            self.pool.update_placement(self.version, table)
         for r in self.replicas:  # the current version lacks every draining replica
             if r.state == "draining" and r.drain_version is None:
                 r.drain_version = self.version
@@ -273,4 +274,4 @@ class ExpertScaler:
     def _retire(self) -> None:
         for r in [r for r in self.replicas if r.state == "draining" and r.drain_version is not None]:
             if self.acked >= r.drain_version:
-                self._remove(r, "stopped", f"drained: the router acknowledged version {r.drain_version}")
+                self._remove(r, "stopped", f"drained: every router acknowledged version {r.drain_version}")

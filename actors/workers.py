@@ -68,37 +68,53 @@ def launch(config: MoerayConfig, role: str, holds: list, *args, spawner: Spawner
 
 @dataclass
 class Workers:
-    """The attention and expert actors of one pipeline replica, with their data-plane addresses."""
+    """The attention actors of one pipeline replica and the expert shards they call, with their data-plane
+    addresses. `shared`: the shards are a pool other replicas call too (so they join no replica's collective
+    group)."""
 
-    config: MoerayConfig  # what they run with, the router too: the caller's, the data plane given the replica's token
+    config: MoerayConfig  # what they run with, the router too: the data plane with the deployment's token
     placement: Placement
     attention: list
     experts: list
     attention_addresses: list[str]
     expert_addresses: list[str]
+    shared: bool = False
 
 
-def start_workers(config: MoerayConfig, spawner: Spawner = RAY) -> Workers:
-    """Starts the expert shards and then the attention actors (which call them) that `config` places, and
-    waits until they serve.
-    `config` is left as it is: the workers run with a copy whose data plane has this replica's token (a
-    configured one, else a fresh one), Workers.config. Ray restarts a worker that dies (its process, its
-    node) for as long as its owner lives; the router finds it again at its new address."""
+def start_experts(config: MoerayConfig, spawner: Spawner = RAY) -> tuple[MoerayConfig, Placement, list, list[str]]:
+    """Starts the expert shards that `config` places and waits until they serve: (the config every worker of
+    the deployment runs with, the placement, the shards, their addresses). `config` is left as it is: the
+    workers run with a copy whose data plane has the deployment's token (a configured one, else a fresh one).
+    Ray restarts a shard that dies (its process, its node) for as long as its owner lives; its callers find
+    it again at its new address."""
     if config.model is None:
         raise ValueError("config.model: give a checkpoint directory")
     pc = config.pipeline
-    # this replica's actors accept only each other
+    # the deployment's actors accept only each other
     config = dataclasses.replace(config, pipeline=dataclasses.replace(pc, transport=with_token(pc.transport)))
     p = place(ModelArgs.from_dir(config.model), pc)
     for role in ("router", "attention", "experts"):  # checked before any worker starts
         ray_options(getattr(pc, role), role, config.engine.device)
     experts = [launch(config, "experts", pairs, spawner=spawner, max_restarts=-1)
                for pairs in p.shards for _ in range(p.replicas)]
-    expert_addresses = spawner.call(experts, "address")
-    holders = p.actors_of()
+    return config, p, experts, spawner.call(experts, "address")
+
+
+def start_attention(config: MoerayConfig, placement: Placement, experts: list, expert_addresses: list[str],
+                    spawner: Spawner = RAY, shared: bool = False) -> Workers:
+    """Starts one pipeline replica's attention actors, calling the shards `experts` (at `expert_addresses`,
+    placed by `placement`), and waits until they serve. `config`: the deployment's (start_experts')."""
+    pc = config.pipeline
+    holders = placement.actors_of()
     attention = [launch(config, "attention", layers, {pair: i for pair, i in holders.items() if pair[0] in layers},
                         expert_addresses, pc.micro_batches, pc.restart_timeout_s, spawner=spawner,
                         max_restarts=-1)
-                 for layers in p.attention]
+                 for layers in placement.attention]
     spawner.call(attention, "watch", experts)  # so they wait for a shard that Ray restarts
-    return Workers(config, p, attention, experts, spawner.call(attention, "address"), expert_addresses)
+    return Workers(config, placement, attention, experts, spawner.call(attention, "address"), expert_addresses,
+                   shared)
+
+
+def start_workers(config: MoerayConfig, spawner: Spawner = RAY) -> Workers:
+    """One pipeline replica with expert shards of its own (start_experts, then start_attention)."""
+    return start_attention(*start_experts(config, spawner), spawner)

@@ -34,12 +34,35 @@ class IngressConfig:
     # router's batch and waiting queue, so the routers' bounded queue answers 429 before Serve queues.
     max_ongoing_requests: int | None = None
 
-    def capacity(self, pipeline_replicas: int, engine: EngineConfig) -> int:
-        """max_ongoing_requests, or the default: all routers' slots + queues over min_replicas, plus one."""
+    def capacity(self, routers: int, engine: EngineConfig) -> int:
+        """max_ongoing_requests, or the default: `routers`' slots + queues over min_replicas, plus one."""
         if self.max_ongoing_requests is not None:
             return self.max_ongoing_requests
-        total = pipeline_replicas * (engine.max_num_seqs + engine.max_queued_requests)
+        total = routers * (engine.max_num_seqs + engine.max_queued_requests)
         return -(-total // self.min_replicas) + 1
+
+
+@dataclass
+class RoutersConfig:
+    """The Router deployment: pipeline replicas (a router and its attention actors, all calling the one
+    expert pool). Serve autoscales them on ongoing requests (running and waiting, per router); min ==
+    max fixes their number."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: int = 32  # Serve adds a router when routers average more than this
+    upscale_delay_s: float = 30.0  # how long demand must stay above target before Serve adds a router
+    downscale_delay_s: float = 300.0  # ... below target before Serve removes one
+    look_back_period_s: float = 30.0  # Serve averages the ongoing requests over this window
+    drain_timeout_s: float = 600.0  # a router scaled in gets no new requests and this long to finish its own
+
+    def __post_init__(self):
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError("serve.routers needs 1 <= min_replicas <= max_replicas")
+        if self.target_ongoing_requests < 1 or self.look_back_period_s <= 0 or min(
+                self.upscale_delay_s, self.downscale_delay_s, self.drain_timeout_s) < 0:
+            raise ValueError("serve.routers: target_ongoing_requests must be >= 1, look_back_period_s > 0, delays "
+                             "and drain_timeout_s >= 0")
 
 
 @dataclass
@@ -50,7 +73,7 @@ class ServeConfig:
     # The public gRPC API's port; None: no gRPC proxy. Ray Serve's gRPC proxy listens on every interface whatever
     # `host` says, so it is off unless asked for, and then refuses other machines without the API key.
     grpc_port: int | None = None
-    pipeline_replicas: int = 1  # routers, each with its own attention actors and expert shards
+    routers: RoutersConfig = field(default_factory=RoutersConfig)  # pipeline replicas, sharing one expert pool
     ingress: IngressConfig = field(default_factory=IngressConfig)
     # Clients must send `Authorization: Bearer <api_key>` (HTTP; gRPC metadata `authorization`) on every
     # API call but /health and grpc.health.v1. None here: the MOERAY_API_KEY environment variable of the

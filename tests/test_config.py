@@ -65,8 +65,9 @@ def test_serve_config_typos_are_refused(where, key):
         validate_serve_config(broken)
 
 
-@pytest.mark.parametrize("key, value, home", [("num_replicas", 2, "serve.pipeline_replicas"),
-                                              ("autoscaling_config", {"max_replicas": 8}, "serve.ingress")])
+@pytest.mark.parametrize("key, value, home", [("num_replicas", 2, "serve.routers"),
+                                              ("autoscaling_config", {"max_replicas": 8}, "serve.ingress"),
+                                              ("graceful_shutdown_timeout_s", 5, "serve.routers.drain_timeout_s")])
 def test_replica_counts_have_one_home(key, value, home):
     """The moeray config sets replicas and autoscaling for moeray serve and serve run alike; a Serve config's
     deployments entry would override them silently (and the ingress capacity follows the routers)."""
@@ -91,6 +92,8 @@ def test_values_and_overrides(tmp_path):
     ("engine:\n  max_num_seqs: true\n", "engine.max_num_seqs: expected int"),
     ("engine:\n  dtype: float8\n", "engine: dtype must be one of"),
     ("engine:\n  max_num_seqs: 0\n", "max_num_seqs must be >= 1"),
+    ("serve:\n  routers: {min_replicas: 3, max_replicas: 2}\n", "serve.routers needs 1 <= min_replicas"),
+    ("serve:\n  pipeline_replicas: 2\n", "unknown key 'serve.pipeline_replicas'"),
     ("engine: [1, 2]\n", "engine: expected a mapping"),
     ("- a\n", "expected a mapping at the top level"),
     ("engine: {\n", "not valid YAML"),
@@ -105,7 +108,7 @@ def test_ingress_capacity_reaches_the_routers_queue_before_serve_queues():
     requests would wait in Serve's queue (no bound, no 429) instead of getting the router's 429."""
     cfg = MoerayConfig()
     cfg.engine.max_num_seqs, cfg.engine.max_queued_requests = 64, 256
-    cfg.serve.pipeline_replicas, cfg.serve.ingress.min_replicas = 2, 3
+    cfg.serve.routers.max_replicas, cfg.serve.ingress.min_replicas = 2, 3
     assert cfg.serve.ingress.capacity(2, cfg.engine) == 215  # ceil(2 * (64 + 256) / 3) + 1
     cfg.serve.ingress.max_ongoing_requests = 10
     assert cfg.serve.ingress.capacity(2, cfg.engine) == 10

@@ -9,9 +9,9 @@ import pytest
 import ray
 from conftest import four_nodes
 
-from actors.cli.loadgen import run_load, skewed_prompts
+from actors.cli.loadgen import pipeline_stream, run_load, skewed_prompts
 from actors.pipeline import Pipeline
-from actors.scaler import ExpertScaler, Policy
+from actors.scaler import Policy
 from cluster.config import MoerayConfig, ScalingConfig
 from cluster.placement import PipelineConfig
 from kernels.engine import Engine, EngineConfig
@@ -151,20 +151,24 @@ def skew(hf_mixtral):
     return prompts, f"{pair[0]}:{pair[1]}", share, reference
 
 
-async def until(router, check, timeout: float, what: str) -> dict:
+async def until(pool, check, timeout: float, what: str) -> dict:
     deadline = time.monotonic() + timeout
-    while not check(s := await router.scaler_status.remote()):
+    while not check(s := (await pool.status.remote())["scaler"]):
         assert time.monotonic() < deadline, f"timed out waiting for {what}: {s}"
         await asyncio.sleep(0.2)
     return s
 
 
 def test_skewed_load_scales_the_hot_expert_out_survives_a_kill_and_scales_back_in(cluster, hf_mixtral, skew):
+    """Two pipeline replicas share one pool, the load spread over both: the pool's scaler (on their summed
+    rates) adds a replica of the hot expert, replaces it when killed, and retires it once both routers
+    acknowledged the table without it."""
     prompts, hot, share, reference = skew
     assert share > 2 / 8  # the load really is skewed: uniform routing gives this pair 1/8 of its layer's rows
     pipe = Pipeline.start(config(hf_mixtral))
+    other = Pipeline.start(config(hf_mixtral), pool=pipe.pool)
     try:
-        scaler, stop = pipe.router, False  # the scaler runs in the router's process
+        scaler, stop = pipe.pool, False  # the scaler runs in the expert pool's process
 
         async def control():
             nonlocal stop
@@ -182,52 +186,26 @@ def test_skewed_load_scales_the_hot_expert_out_survives_a_kill_and_scales_back_i
                 stop = True
 
         async def scenario():
-            return (await asyncio.gather(run_load(pipe, prompts, GREEDY, concurrency=6, stop=lambda: stop),
-                                         control()))[0]
+            return (await asyncio.gather(run_load(pipeline_stream(pipe, other), prompts, GREEDY, concurrency=6,
+                                                  stop=lambda: stop), control()))[0]
 
         report = asyncio.run(scenario())
         assert report.failed == 0, report.errors
         assert report.requests > len(prompts)
         assert all(tokens == reference[i] for i, tokens in report.outputs)  # scaling never changes an output
-        stats = pipe.stats()
-        assert stats["expert_retries"] >= 1  # the kill did cost in-flight calls, and they were re-sent
-        assert stats["placement_version"] >= 2  # scale-out, then the replacement's table
+        stats = [pipe.stats(), other.stats()]
+        assert sum(s["expert_retries"] for s in stats) >= 1  # the kill did cost in-flight calls, re-sent
+        assert all(s["placement_version"] >= 2 for s in stats)  # scale-out, then the replacement's table
+        assert all(sum(s["tokens_per_expert"].values()) > 0 for s in stats)  # both routers carried load
 
         s = asyncio.run(until(scaler, lambda s: s["replicas"][hot] == 1 and not s["extra"], 30, "scale-in"))
-        assert pipe.stats()["expert_replicas"][hot] == 1
         whats = [e["what"] for e in s["events"]]
         assert whats.index("drain") < whats.index("stopped") and s["unplaceable"] == 0
         # drained means every router acknowledged a table without it before it stopped
-        assert pipe.stats()["placement_version"] == s["version"]
-        assert [c.token_ids for c in pipe.generate(prompts, GREEDY)] == reference
+        for p in (pipe, other):
+            assert p.stats()["placement_version"] == s["version"] and p.stats()["expert_replicas"][hot] == 1
+            assert [c.token_ids for c in p.generate(prompts, GREEDY)] == reference
     finally:
+        other.shutdown()
         pipe.shutdown()
 
-
-class IdleRouter:
-    """What the scaler needs of a router, with no load."""
-
-    def stats(self) -> dict:
-        return {"expert_tokens_per_s": {}, "placement_version": 0}
-
-    def update_placement(self, version, table) -> None:
-        pass
-
-
-def test_a_replica_that_cannot_be_placed_is_reported_and_retried(cluster, hf_mixtral):
-    """No node has 5 expert_node: the replica stays pending, is reported, stopped and started again."""
-    from cluster.placement import Placement
-
-    cfg = config(hf_mixtral)
-    cfg.pipeline.experts.resources = {"expert_node": 5}
-    cfg.scaling.min_replicas, cfg.scaling.ready_timeout_s = 2, 1.0
-    scaler = ExpertScaler(cfg, IdleRouter(), Placement(attention=[[0]], shards=[[(0, 0)]], replicas=1))
-    try:
-        deadline = time.monotonic() + 20
-        while (s := scaler.status())["unplaceable"] < 2:
-            assert time.monotonic() < deadline, s
-            time.sleep(0.2)
-        assert s["replicas"] == {"0:0": 1} and s["pending"] == ["0:0"]  # still trying, nothing fatal
-        assert any("retrying" in e["detail"] for e in s["events"] if e["what"] == "unplaceable")
-    finally:
-        scaler.stop()

@@ -1,5 +1,5 @@
 """`moeray serve` on a multi-node cluster with expert scaling on: the scaler follows HTTP load inside the
-Serve router replica, and the replicas Serve runs (router, ingress) can die mid-generation. Every request
+ExpertPool replica, and the replicas Serve runs (router, ingress) can die mid-generation. Every request
 in flight ends quickly (completed, or an error the client can retry), nothing hangs, and Serve's
 restarted replica serves the next requests."""
 
@@ -52,6 +52,11 @@ def router(method: str):
     return getattr(serve.get_deployment_handle("Router", "moeray"), method).remote().result()
 
 
+def scaler_status() -> dict:
+    """The expert scaler's view, from the ExpertPool deployment that runs it."""
+    return serve.get_deployment_handle("ExpertPool", "moeray").status.remote().result()["scaler"]
+
+
 def wait_for(check, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while not (value := check()):
@@ -75,7 +80,7 @@ def test_expert_scaling_follows_http_load_inside_serve(server, engine):
         return 2 in router("stats")["expert_replicas"].values()
 
     def drained() -> bool:
-        s = router("scaler_status")
+        s = scaler_status()
         return not s["extra"] and "stopped" in [e["what"] for e in s["events"]]
 
     http = http_stream(server, "tiny")
@@ -100,13 +105,13 @@ def test_expert_scaling_follows_http_load_inside_serve(server, engine):
                                               model="tiny"), watch()))[0]
 
     heavy = asyncio.run(phase(server, 6, scaled_out, "an extra expert replica"))
-    assert [e["what"] for e in router("scaler_status")["events"]][:3] == ["scale", "start", "ready"]
+    assert [e["what"] for e in scaler_status()["events"]][:3] == ["scale", "start", "ready"]
     light = asyncio.run(phase(trickle, 1, drained, "scale-in while a trickle of requests keeps flowing"))
     for report in (heavy, light):
         assert report.failed == 0 and report.lost == 0, report.errors
         assert all("".join(chunks) == want[i] for i, chunks in report.outputs)  # scaling changes no output
     assert light.requests >= 2  # requests ran while the replica drained
-    whats = [e["what"] for e in router("scaler_status")["events"]]
+    whats = [e["what"] for e in scaler_status()["events"]]
     assert whats.index("drain") < whats.index("stopped")
     assert set(router("stats")["expert_replicas"].values()) == {1}
     metrics = [line for line in httpx.get(server + "/metrics", timeout=30).text.splitlines()
@@ -117,7 +122,14 @@ def test_expert_scaling_follows_http_load_inside_serve(server, engine):
 def test_killed_router_replica(server):
     """Streams in flight end with an error event (their tokens so far were sent), non-streaming requests
     with 503 (retryable), within seconds; requests not yet started on it are sent again; Serve restarts
-    the replica (and with it the replica's attention actors and expert shards) and it serves again."""
+    the replica (and with it the replica's attention actors), which joins the expert pool again and serves;
+    the pool's shards are never restarted."""
+    from ray.util.state import list_actors
+
+    def shards() -> set[str]:
+        return {a.actor_id for a in list_actors(filters=[("class_name", "=", "ExpertShard"), ("state", "=", "ALIVE")])}
+
+    pool = shards()
     pid = router("info")["pid"]
     outcomes = in_flight(server, 3, 2, lambda: os.kill(pid, signal.SIGKILL), model="tiny")
     for o in outcomes:
@@ -126,6 +138,7 @@ def test_killed_router_replica(server):
         assert o.kind == "done" or "retry" in o.detail, o
     assert serves_again(server, "tiny") < 120
     assert router("info")["pid"] != pid
+    assert shards() == pool
 
 
 def test_killed_ingress_replica(server):

@@ -147,8 +147,11 @@ def cmd_serve(a) -> int:
                                  "(`serve shutdown`)")
         for warning in exposure_warnings(cfg, s.host, s.grpc_port is not None):
             _say(f"WARNING: {warning}")
-        _say(f"model {cfg.model}: starting {p.attention.actors} attention actor(s), {p.experts.shards} expert shard(s) "
-             f"x {p.experts.replicas} replica(s) and {s.pipeline_replicas} router(s); loading weights...")
+        r = s.routers
+        routers = f"{r.min_replicas}" if r.min_replicas == r.max_replicas else f"{r.min_replicas}-{r.max_replicas}"
+        _say(f"model {cfg.model}: starting a pool of {p.experts.shards} expert shard(s) x {p.experts.replicas} "
+             f"replica(s) and {routers} router(s) with {p.attention.actors} attention actor(s) each; "
+             "loading weights...")
         serve.start(**serve_options(cfg), logging_config=system_logging)
         deployed = True
         serve.run(moeray_app(cfg), name="moeray", route_prefix="/", logging_config=logging_config)
@@ -285,6 +288,11 @@ def cmd_bench(a) -> int:
 
         loadgen.bench_load(a.url, a.config, a.model, a.preset, a.concurrency, a.duration, a.max_tokens, a.prompt_len,
                            a.skew, a.out)
+    elif a.bench == "pool":
+        from actors.cli import poolbench
+
+        poolbench.bench_pool(a.preset, a.replicas, a.concurrency, a.duration, a.max_tokens, a.prompt_len, a.shards,
+                             a.out)
     elif a.bench == "scaling":
         from actors.cli import loadgen
 
@@ -426,6 +434,17 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--skew", action="store_true", help="prompts whose tokens route mostly to one expert")
     ld.add_argument("--out", help="JSON results")
     ld.set_defaults(func=cmd_bench)
+    po = bsub.add_parser("pool", help="N pipeline replicas sharing one expert pool vs N private pipelines: expert "
+                                      "bytes, memory, throughput, rows per expert matmul")
+    po.add_argument("--preset", choices=["small", "tiny"], default="small", help="model size (default: %(default)s)")
+    po.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3], help="replica counts (default: 1 2 3)")
+    po.add_argument("--concurrency", type=int, default=4, help="streams per replica (default: %(default)s)")
+    po.add_argument("--duration", type=float, default=15.0, help="seconds of load per run (default: %(default)s)")
+    po.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default: %(default)s)")
+    po.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default: %(default)s)")
+    po.add_argument("--shards", type=int, default=2, help="expert shards per pool (default: %(default)s)")
+    po.add_argument("--out", default="bench-results/pool.json", help="JSON results (default: %(default)s)")
+    po.set_defaults(func=cmd_bench)
     sc = bsub.add_parser("scaling", help="a skewed load with expert scaling off, then on, in one run")
     sc.add_argument("--preset", choices=["small", "tiny"], default="tiny",
                     help="model size (default: %(default)s; small takes several minutes on a 2-core machine)")

@@ -15,6 +15,7 @@ layer's gate and keeps those whose rows (prompt and greedy continuation) go most
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sys
 import time
@@ -163,9 +164,12 @@ def table_row(name: str, r: Report) -> str:
             f"{s['ttft_p99_ms']:>6.1f}ms {s['itl_p50_ms']:>6.1f}ms {s['itl_p90_ms']:>5.1f}ms {s['itl_p99_ms']:>5.1f}ms")
 
 
-def _pipeline_stream(pipeline):
+def pipeline_stream(*pipelines):
+    """A load-generator stream over Pipeline replicas: each request goes to the next one in turn."""
+    turn = itertools.cycle(pipelines)
+
     async def stream(prompt: list[int], params: SamplingParams):
-        async for ev in pipeline.stream(prompt, params):
+        async for ev in next(turn).stream(prompt, params):
             yield ev.token
     return stream
 
@@ -204,7 +208,7 @@ async def run_load(target, prompts: list, params: SamplingParams | None, concurr
     if callable(target):
         stream = target
     else:
-        stream = http_stream(target, model) if isinstance(target, str) else _pipeline_stream(target)
+        stream = http_stream(target, model) if isinstance(target, str) else pipeline_stream(target)
     report, t0 = Report(), time.perf_counter()
 
     def more() -> bool:
