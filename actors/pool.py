@@ -16,9 +16,11 @@ them has acknowledged a table without it.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +132,12 @@ class ExpertPool:
 
 def call(handle: Any, method: str, *args) -> Any:
     """`method(*args)` on the pool behind `handle`, blocking: a Ray actor handle (the Pipeline API) or a Serve
-    deployment handle (the app)."""
-    response = getattr(handle, method).remote(*args)
-    return response.result() if hasattr(response, "result") else ray.get(response)
+    deployment handle (the app). Serve refuses a blocking wait on its handle from a thread running an event
+    loop (a replica's constructor), so there it waits from a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # no loop here: wait in this thread
+        response = getattr(handle, method).remote(*args)
+        return response.result() if hasattr(response, "result") else ray.get(response)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(call, handle, method, *args).result()
