@@ -1,17 +1,17 @@
-"""ExpertShard: the SwiGLU experts of a set of (layer, expert) pairs, answering one batched message per layer."""
+"""ExpertShard: the SwiGLU experts of a set of (layer, expert) pairs, answering one batched message per layer;
+concurrent messages for the same layer (from several attention actors) run as one batch (actors/batching.py)."""
 
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 
+from actors.batching import Batcher
 from actors.common import WorkerSpec, advertised, node_id, set_threads
 from cluster.dataplane import transport
 from kernels.build import Holds, build_role
 from kernels.checkpoint import Checkpoint
-from kernels.moe import blocks_of
 
 
 class ExpertShard:
@@ -24,23 +24,20 @@ class ExpertShard:
         self.dim, self.device, self.dtype = built.model.args.dim, built.device, built.dtype
         self.experts = built.experts  # {(layer, expert): FeedForward}
         self.run = built.stages  # layer -> run(rows, blocks) over its experts here (kernels/fused_moe.py)
-        self.busy_s = 0.0
+        self.batcher = Batcher(self.run)  # one compute at a time, of every call of its layer then waiting
         self.server = transport.serve(spec.transport_config, experts=self.forward)
 
     def forward(self, layer: int, blocks: list[tuple[int, int]], rows: torch.Tensor) -> torch.Tensor:
         """rows [R, D] -> [R, D]: this shard's share of a layer's rows (one per token and chosen expert, not
         per token); for each (expert, n) in blocks, the next n rows are that expert's. They arrive on CPU
-        (the wire's bytes, or gloo's) or the GPU (nccl); the transport sends the result back from where it is."""
+        (the wire's bytes, or gloo's) or the GPU (nccl); the transport sends the result back from where it is.
+        Checked here, before the batcher queues it with other callers' calls: a bad call fails alone."""
         if rows.shape[1] != self.dim:
             raise transport.BadRequest(f"rows have dim {rows.shape[1]}, the model has {self.dim}")
         missing = [e for e, _ in blocks if (layer, e) not in self.experts]
         if missing:
             raise transport.BadRequest(f"experts {missing} of layer {layer} are not on this shard")
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = self.run[layer](rows.to(self.device, self.dtype), blocks_of(blocks))  # [R, D]
-        self.busy_s += time.perf_counter() - t0
-        return out
+        return self.batcher(layer, blocks, rows.to(self.device, self.dtype))  # [R, D]
 
     # -- control plane (Ray calls) -------------------------------------------------------------
     def address(self) -> str:
@@ -52,6 +49,8 @@ class ExpertShard:
         self.server.join(rendezvous, world_size, rank)
 
     def info(self) -> dict:
-        return {"node_id": node_id(), "pid": os.getpid(), "pairs": sorted(self.experts), "busy_s": self.busy_s,
+        """Where it runs, what it holds, and its batching: calls, batches (computes run), rows_per_expert_call
+        (mean rows per expert GEMM), callers_per_batch, busy_s (seconds computing)."""
+        return {"node_id": node_id(), "pid": os.getpid(), "pairs": sorted(self.experts), **self.batcher.stats(),
                 "param_bytes": sum(t.numel() * t.element_size() for m in self.experts.values()
                                    for t in [*m.parameters(), *m.buffers()])}  # quantized weights are buffers
