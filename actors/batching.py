@@ -121,9 +121,10 @@ class Batcher:
         return list(out.split([c.rows.shape[0] for c in batch])), len(counts), merged.shape[0]
 
     def stats(self) -> dict:
-        """calls, batches, rows_per_expert_call (mean rows an expert's GEMM took), callers_per_batch, busy_s."""
+        """calls, batches, rows and expert_gemms (in all), rows_per_expert_call (mean rows an expert's GEMM
+        took), callers_per_batch, busy_s."""
         with self._cond:
-            return {"calls": self._calls, "batches": self._batches,
+            return {"calls": self._calls, "batches": self._batches, "rows": self._rows, "expert_gemms": self._gemms,
                     "rows_per_expert_call": self._rows / self._gemms if self._gemms else 0.0,
                     "callers_per_batch": self._calls / self._batches if self._batches else 0.0,
                     "busy_s": self._busy_s}

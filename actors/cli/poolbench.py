@@ -40,12 +40,12 @@ def _expert_bytes(pipes) -> int:
 
 
 def _shard_counters(pipes) -> tuple[int, int]:
-    """(rows, expert matrix multiplies) the replicas' shards have run so far (0, 0 without the counters)."""
+    """(rows, expert matrix multiplies) the replicas' shards have run so far."""
     import ray
 
     shards = {s._actor_id.hex(): s for p in pipes for s in p.experts}
     infos = ray.get([s.info.remote() for s in shards.values()])
-    return sum(i.get("rows", 0) for i in infos), sum(i.get("expert_calls", 0) for i in infos)
+    return sum(i["rows"] for i in infos), sum(i["expert_gemms"] for i in infos)
 
 
 def bench_pool(preset: str, replicas: list[int], concurrency: int, duration: float, max_tokens: int,
