@@ -288,6 +288,10 @@ def cmd_bench(a) -> int:
 
         loadgen.bench_load(a.url, a.config, a.model, a.preset, a.concurrency, a.duration, a.max_tokens, a.prompt_len,
                            a.skew, a.out)
+    elif a.bench == "autoscale":
+        from actors.cli import autoscale
+
+        autoscale.bench_autoscale(autoscale.PHASES, a.max_tokens, a.out)
     elif a.bench == "pool":
         from actors.cli import poolbench
 
@@ -434,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--skew", action="store_true", help="prompts whose tokens route mostly to one expert")
     ld.add_argument("--out", help="JSON results")
     ld.set_defaults(func=cmd_bench)
+    au = bsub.add_parser("autoscale", help="moeray serve's routers under a load ramp (2, 12, then 1 streams): a trace "
+                                           "of replicas, requests and tokens/s, as JSON and PNG")
+    au.add_argument("--max-tokens", type=int, default=48, help="tokens per request (default: %(default)s)")
+    au.add_argument("--out", default="bench-results/autoscale.json", help="JSON trace; the PNG beside it "
+                                                                          "(default: %(default)s)")
+    au.set_defaults(func=cmd_bench)
     po = bsub.add_parser("pool", help="N pipeline replicas sharing one expert pool vs N private pipelines: expert "
                                       "bytes, memory, throughput, rows per expert matmul")
     po.add_argument("--preset", choices=["small", "tiny"], default="small", help="model size (default: %(default)s)")
