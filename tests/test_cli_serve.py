@@ -124,11 +124,13 @@ def test_moeray_serve_secure_by_default_quiet_and_stops_on_ctrl_c(remote_address
             proc.kill()
     console = banner + proc.stdout.read() + err
     assert "shutting down" in err
-    proxy = [line for line in console.splitlines() if "(ProxyActor" in line]
-    if any("RequestCancelledError" in line for line in proxy):
-        # Ray's own race (ray-project/ray#52477): a gRPC stream cancelled while Serve's proxy awaits its next
-        # item can log "Task exception was never retrieved" from the proxy, whatever the deployment does
-        console = "\n".join(line for line in console.splitlines() if "(ProxyActor" not in line)
+    frames = [line for line in console.splitlines() if 'File "' in line]
+    if frames and all("site-packages/ray/" in line for line in frames):
+        # only Ray's own frames: its proxy's and replicas' races on a cancelled request or a client that left
+        # (ray-project/ray#52477: "Task exception was never retrieved", "async generator ignored GeneratorExit")
+        # can print a traceback whatever the deployment does; a frame of moeray's would still fail here
+        console = "\n".join(line for line in console.splitlines()
+                             if not any(f"({who}" in line for who in ("ProxyActor", "ServeReplica:moeray:")))
     for noise in ("INFO", "WARNING", "Traceback", "Error", "New http_options"):
         assert noise not in console, console
     assert not answers(f"http://127.0.0.1:{http}")
