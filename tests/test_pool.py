@@ -93,6 +93,10 @@ def test_three_replicas_share_one_pool(cluster, hf_mixtral, reference):
         assert sum(h["param_bytes"] for h in held) == one_copy
         # every replica's attention actors called the same shards (each shard counts its calls)
         assert all(p.stats()["data_plane"]["calls"] > 0 for p in pipes)
+        # the three decoding at once: a shard runs calls of several replicas for a layer as one batch
+        streams = [pipe._submit(q, GREEDY, None) for pipe in pipes for q in prompts()]
+        assert [[ray.get(ref).token for ref in gen] for gen in streams] == reference * 3
+        assert max(i["callers_per_batch"] for i in ray.get([e.info.remote() for e in first.experts])) > 1
 
         ray.kill(others[0].router)
         assert [c.token_ids for c in others[1].generate(prompts(), GREEDY)] == reference

@@ -22,7 +22,7 @@ def bench_autoscale(phases: tuple[tuple[float, int], ...], max_tokens: int, out:
     from ray import serve
     from ray.util.state import list_actors
 
-    from actors.app import moeray_app, serve_options
+    from actors.app import QUIET, moeray_app, serve_options
     from cluster.config import MoerayConfig, RoutersConfig
     from cluster.ports import free_port
     from kernels.engine import EngineConfig
@@ -41,20 +41,24 @@ def bench_autoscale(phases: tuple[tuple[float, int], ...], max_tokens: int, out:
         url = f"http://127.0.0.1:{cfg.serve.http_port}"
         ray.init(logging_level="ERROR", configure_logging=False)
         try:
-            serve.start(**serve_options(cfg), logging_config={"log_level": "WARNING", "enable_access_log": False})
-            serve.run(moeray_app(cfg), name="moeray", route_prefix="/")
+            serve.start(**serve_options(cfg), logging_config=QUIET)
+            serve.run(moeray_app(cfg), name="moeray", route_prefix="/", logging_config=QUIET)
             live = {"in_flight": 0, "tokens": 0}
-            http = http_stream(url, "tiny")
 
-            async def counted(prompt, p):
-                live["in_flight"] += 1
-                try:
-                    async for chunk in http(prompt, p):
-                        live["tokens"] += 1
-                        yield chunk
-                finally:
-                    live["in_flight"] -= 1
-            counted.client = http.client  # run_load closes it
+            def counted():
+                """A client stream (run_load closes its client at the end of a phase) counting tokens live."""
+                http = http_stream(url, "tiny")
+
+                async def stream(prompt, p):
+                    live["in_flight"] += 1
+                    try:
+                        async for chunk in http(prompt, p):
+                            live["tokens"] += 1
+                            yield chunk
+                    finally:
+                        live["in_flight"] -= 1
+                stream.client = http.client
+                return stream
 
             trace: list[dict] = []
             stop = threading.Event()
@@ -78,7 +82,7 @@ def bench_autoscale(phases: tuple[tuple[float, int], ...], max_tokens: int, out:
             reports = []
             for seconds, concurrency in phases:
                 print(f"[{time.monotonic() - t0:5.1f}s] {concurrency} streams for {seconds:.0f}s", flush=True)
-                reports.append(asyncio.run(run_load(counted, prompts, params, concurrency=concurrency,
+                reports.append(asyncio.run(run_load(counted(), prompts, params, concurrency=concurrency,
                                                     duration_s=seconds)).summary())
             time.sleep(5)
             stop.set()
