@@ -121,17 +121,14 @@ def test_a_killed_pool_shard_recovers_for_every_replica(cluster, hf_mixtral, ref
     first = Pipeline.start(config(hf_mixtral))
     second = Pipeline.start(config(hf_mixtral), pool=first.pool)
     try:
-        long = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+        long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
         want = [c.token_ids for c in Engine.from_dir(hf_mixtral).generate(prompts(), long)]
         streams = [pipe._submit(p, long, None) for pipe in (first, second) for p in prompts()]
-        time.sleep(1)  # both mid-decode
-        victim = first.experts[1]
-        ray.kill(victim, no_restart=False)
-        got = []
-        for gen in streams:
-            got.append([ray.get(ref).token for ref in gen])
+        firsts = [ray.get(next(gen)).token for gen in streams]  # every request is decoding
+        ray.kill(first.experts[1], no_restart=False)
+        got = [[token] + [ray.get(ref).token for ref in gen] for token, gen in zip(firsts, streams, strict=True)]
         assert got == want + want
-        assert first.stats()["worker_recoveries"] + second.stats()["worker_recoveries"] >= 2  # both found it
+        assert first.stats()["worker_recoveries"] >= 1 and second.stats()["worker_recoveries"] >= 1  # both found it
     finally:
         second.shutdown()
         first.shutdown()
