@@ -138,7 +138,7 @@ def test_killed_router_replica(server):
         assert o.kind == "done" or "retry" in o.detail, o
     assert serves_again(server, "tiny") < 120
     assert router("info")["pid"] != pid
-    assert shards() == pool
+    assert pool <= shards()  # the base shards never restarted (the scaler may have added a replica meanwhile)
 
 
 def test_killed_ingress_replica(server):
