@@ -89,13 +89,13 @@ def moeray_app(config: MoerayConfig) -> Application:
     router), Router (pipeline replicas, autoscaled on ongoing requests; each starts its attention actors and
     joins the pool) and Ingress (HTTP and gRPC, autoscaled on ongoing requests)."""
     from actors.ingress import Ingress, RouterReplica
-    from actors.pool import ExpertPool
+    from actors.pool import PoolReplica
 
     config = with_defaults(config)
     for warning in exposure_warnings(config):
         log.warning(warning)
     s, pc, r = config.serve, config.pipeline, config.serve.routers
-    pool = serve.deployment(ExpertPool, name="ExpertPool", num_replicas=1, max_ongoing_requests=1000,
+    pool = serve.deployment(PoolReplica, name="ExpertPool", num_replicas=1, max_ongoing_requests=1000,
                             ray_actor_options={"num_cpus": 0}).bind(config)
     router = serve.deployment(
         RouterReplica, name="Router", max_ongoing_requests=100_000, graceful_shutdown_timeout_s=r.drain_timeout_s,

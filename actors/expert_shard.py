@@ -20,6 +20,7 @@ class ExpertShard:
 
     def __init__(self, spec: WorkerSpec, pairs: list[tuple[int, int]]):
         set_threads(spec.threads)
+        self.spec, self.pairs = spec, sorted(pairs)
         built = build_role(Checkpoint.open(spec.model), spec.engine, Holds(experts=pairs))
         self.dim, self.device, self.dtype = built.model.args.dim, built.device, built.dtype
         self.experts = built.experts  # {(layer, expert): FeedForward}
@@ -42,6 +43,10 @@ class ExpertShard:
     # -- control plane (Ray calls) -------------------------------------------------------------
     def address(self) -> str:
         return advertised(self.server.address)
+
+    def layout(self) -> tuple[WorkerSpec, list[tuple[int, int]]]:
+        """What it was built from and holds: an expert pool starting again adopts a shard whose layout it wants."""
+        return self.spec, self.pairs
 
     def join_group(self, rendezvous: str, world_size: int, rank: int) -> None:
         """Join the router's collective group (transport kinds gloo, nccl) as `rank`: blocks until it has

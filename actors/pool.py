@@ -17,6 +17,7 @@ them has acknowledged a table without it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -26,9 +27,11 @@ from typing import Any
 
 import ray
 
-from actors.workers import RAY, Spawner, start_experts
+from actors.workers import RAY, Spawner, start_experts, stop_experts
 from cluster.config import MoerayConfig
 from cluster.placement import Placement
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,16 +54,22 @@ class _Load:
 
 
 class ExpertPool:
-    def __init__(self, config: MoerayConfig, spawner: Spawner = RAY):
-        self.config, self.placement, self.experts, self.addresses = start_experts(config, spawner)
-        self.version, self.table = 0, {}
+    """`name`: the shards are detached and named after it (start_experts), so the pool's process can go (a
+    crash, a `serve deploy` that replaces it) while they serve on; the next pool of that name adopts them.
+    Without a name they are this process's and die with it."""
+
+    def __init__(self, config: MoerayConfig, spawner: Spawner = RAY, name: str | None = None):
+        self.config, self.placement, self.experts, self.addresses, adopted = start_experts(config, spawner, name)
+        # an adopting pool's tables must supersede its predecessor's (whose extra replicas died with it), which
+        # routers may still use: its versions start at the clock (ms), above any table an earlier pool published
+        self.version, self.table = (time.time_ns() // 1_000_000 if adopted else 0), {}
         self._loads: dict[str, _Load] = {}
         self._lock = threading.Lock()  # report (a Ray call) against the scaler's thread
         self.scaler = None
         if config.scaling.enabled:
             from actors.scaler import ExpertScaler
 
-            self.scaler = ExpertScaler(self.config, self, self.placement)
+            self.scaler = ExpertScaler(self.config, self, self.placement, self.version)
 
     # -- pipeline replicas -------------------------------------------------------------------------
     def join(self, router: str) -> PoolInfo:
@@ -124,10 +133,43 @@ class ExpertPool:
         """Each base shard's info (node, pairs, parameter bytes, busy time)."""
         return ray.get([e.info.remote() for e in self.experts])
 
-    def shutdown(self) -> None:
-        """Stops the scaler and its replicas (base shards die with this process, their owner)."""
+    def shutdown(self, shards: bool = False) -> None:
+        """Stops the scaler and its replicas, and with `shards` the base shards (those of an unnamed pool die
+        with this process, their owner, anyway)."""
         if self.scaler:
             self.scaler.stop()
+        if shards:
+            stop_experts(self.experts)
+
+
+class PoolReplica(ExpertPool):
+    """The ExpertPool Serve deployment's replica: its shards are named after the application, so they outlive
+    the replica; Serve restarting it (a crash) or replacing it (`serve deploy` of changed args) starts a replica
+    that adopts them. When the application is deleted (`serve delete`, `serve shutdown`, Ctrl-C on `moeray
+    serve`) the replica stops them."""
+
+    def __init__(self, config: MoerayConfig):
+        from ray import serve
+
+        self.app = serve.get_replica_context().app_name
+        super().__init__(config, RAY, f"moeray-pool.{self.app}")
+
+    def __del__(self):  # Serve's graceful shutdown: the application deleted, or this replica replaced
+        if hasattr(self, "experts"):
+            self.shutdown(shards=app_deleted(self.app))
+
+
+def app_deleted(app: str) -> bool:
+    """Whether Serve is deleting application `app` (or has: it is gone)."""
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    try:
+        status = serve.status().applications.get(app)
+    except Exception as e:  # noqa: BLE001 (the controller is gone: so is the application)
+        log.info("Serve status unavailable (%s): taking application %s as deleted", e, app)
+        return True
+    return status is None or status.status == ApplicationStatus.DELETING
 
 
 def call(handle: Any, method: str, *args) -> Any:

@@ -124,12 +124,12 @@ class ExpertScaler:
     dict with "expert_tokens_per_s" and "placement_version", update_placement(version, table);
     `placement`: the deployment's, whose shards hold each pair once per shard replica (the base)."""
 
-    def __init__(self, config: MoerayConfig, pool, placement: Placement):
+    def __init__(self, config: MoerayConfig, pool, placement: Placement, version: int = 0):
         self.config, self.cfg, self.pool = config, config.scaling, pool
         self.base = {p: len(actors) for p, actors in placement.actors_of().items()}
         self.policy = Policy(self.cfg, self.base)
         self.replicas: list[Replica] = []
-        self.version, self.published, self.acked = 0, {}, 0
+        self.version, self.published, self.acked = version, {}, version  # tables are numbered on from `version`
         self.rates: dict[Pair, float] = {}
         self.events: deque[Event] = deque(maxlen=100)
         self.unplaceable = 0

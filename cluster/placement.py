@@ -61,14 +61,14 @@ class PipelineConfig:
 Role = AttentionPlacement | ExpertPlacement | RouterPlacement
 
 
-def ray_options(role: Role, name: str, device: str, **extra) -> dict:
-    """Ray actor options for the actors of role `name` ("attention", "experts", "router") running on
+def ray_options(role: Role, role_name: str, device: str, **extra) -> dict:
+    """Ray actor options for the actors of role `role_name` ("attention", "experts", "router") running on
     engine.device `device`: its CPUs, GPUs and custom resources, plus `extra`. A role on CUDA that asks
     Ray for no GPU is refused here, before anything starts: Ray would place it anywhere, and on a GPU
     node it would share a GPU others reserved."""
     if device != "cpu" and role.num_gpus <= 0:
-        raise ValueError(f"engine.device is {device!r}: set pipeline.{name}.num_gpus > 0 (a fraction shares "
-                         f"a GPU) so Ray gives each {name} actor a GPU")
+        raise ValueError(f"engine.device is {device!r}: set pipeline.{role_name}.num_gpus > 0 (a fraction shares "
+                         f"a GPU) so Ray gives each {role_name} actor a GPU")
     return {"num_cpus": role.num_cpus, "num_gpus": role.num_gpus, "resources": dict(role.resources), **extra}
 
 

@@ -127,3 +127,38 @@ def four_nodes():
     finally:
         ray.shutdown()
         c.shutdown()
+
+
+def serve_config(tiny_model: Path, pipeline=None, **sections):
+    """The Serve tests' moeray config: the tiny Mixtral over four_nodes' nodes (attention actors on the attention
+    node, two expert shards on the expert nodes), HTTP and gRPC on free ports, model name "tiny"; `sections`
+    (scaling=..., etc.) as MoerayConfig takes them."""
+    from cluster.config import MoerayConfig
+    from cluster.placement import PipelineConfig
+    from cluster.ports import free_port
+    from kernels.engine import EngineConfig
+
+    pc = pipeline or PipelineConfig()
+    pc.attention.resources, pc.experts.resources = {"attention_node": 0.01}, {"expert_node": 0.01}
+    pc.experts.shards = 2
+    cfg = MoerayConfig(model=str(tiny_model), pipeline=pc, **sections,
+                       engine=EngineConfig(max_num_seqs=16, kv_cache_tokens=16384, max_queued_requests=64))
+    cfg.serve.model_name, cfg.serve.http_port, cfg.serve.grpc_port = "tiny", free_port(), free_port()
+    return cfg
+
+
+@contextlib.contextmanager
+def serving(cfg):
+    """four_nodes running `cfg`'s application under Ray Serve, as `moeray serve` deploys it (app "moeray");
+    yields the HTTP base URL, and shuts Serve down after."""
+    from ray import serve
+
+    from actors.app import moeray_app, serve_options
+
+    with four_nodes():
+        serve.start(**serve_options(cfg))
+        serve.run(moeray_app(cfg), name="moeray", route_prefix="/")
+        try:
+            yield f"http://127.0.0.1:{cfg.serve.http_port}"
+        finally:
+            serve.shutdown()

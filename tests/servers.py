@@ -23,6 +23,16 @@ from kernels.engine import Engine, EngineConfig
 CHAT = [{"role": "user", "content": "Hello"}]
 
 
+def live_shards() -> dict[str, str]:
+    """The Ray cluster's live ExpertShard actors, actor id -> name: a Serve application's pool names its shards;
+    the Python API's and the expert scaler's extra replicas have none (""). Read from the GCS, which (unlike
+    ray.util.state) needs no dashboard: a loaded machine can take minutes to start one."""
+    from ray._private import state
+
+    return {actor_id: a["Name"] for actor_id, a in state.actors().items()
+            if a["ActorClassName"] == "ExpertShard" and a["State"] == "ALIVE"}
+
+
 class HttpServer:
     """uvicorn serving `app` from a background thread, on a free port of 127.0.0.1."""
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import ray
 from conftest import four_nodes
-from servers import prompts
+from servers import live_shards, prompts
 
 from actors.pipeline import Pipeline
 from actors.pool import ExpertPool
@@ -70,12 +70,6 @@ def reference(hf_mixtral):
     return [c.token_ids for c in Engine.from_dir(hf_mixtral).generate(prompts(), GREEDY)]
 
 
-def alive_shards() -> list:
-    from ray.util.state import list_actors
-
-    return list_actors(filters=[("class_name", "=", "ExpertShard"), ("state", "=", "ALIVE")])
-
-
 def test_three_replicas_share_one_pool(cluster, hf_mixtral, reference):
     """Three pipeline replicas on one pool: each one's greedy tokens equal the single process; the cluster
     holds one copy of the expert weights (2 shards), not three; one replica's router killed, the others and
@@ -86,7 +80,7 @@ def test_three_replicas_share_one_pool(cluster, hf_mixtral, reference):
     try:
         for pipe in pipes:
             assert [c.token_ids for c in pipe.generate(prompts(), GREEDY)] == reference
-        shards = alive_shards()
+        shards = live_shards()
         assert len(shards) == 2 and all(p.experts == first.experts for p in pipes)
         held = ray.get([e.info.remote() for e in first.experts])
         one_copy = 2 * 8 * 3 * 64 * 128 * 4  # 2 layers x 8 experts, 3 matrices of 64 x 128 fp32
@@ -107,7 +101,7 @@ def test_three_replicas_share_one_pool(cluster, hf_mixtral, reference):
         ray.kill(others[0].router)
         assert [c.token_ids for c in others[1].generate(prompts(), GREEDY)] == reference
         assert [c.token_ids for c in first.generate(prompts(), GREEDY)] == reference
-        assert len(alive_shards()) == 2
+        assert len(live_shards()) == 2
     finally:
         for pipe in reversed(pipes):
             try:
@@ -116,7 +110,7 @@ def test_three_replicas_share_one_pool(cluster, hf_mixtral, reference):
                 for actor in pipe.attention:
                     ray.kill(actor)
     deadline = time.monotonic() + 60
-    while alive_shards():  # they die with the pool, their owner (Ray's state API catches up in a moment)
+    while live_shards():  # they die with the pool, their owner (Ray's state API catches up in a moment)
         assert time.monotonic() < deadline, "the pool's shards outlived it"
         time.sleep(0.5)
 

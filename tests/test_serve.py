@@ -9,32 +9,20 @@ import time
 import grpc
 import httpx
 import pytest
-from conftest import four_nodes
+from conftest import serve_config, serving
 from ray import serve
 
-from actors.app import moeray_app, serve_options
-from cluster.config import MoerayConfig
-from cluster.placement import PipelineConfig
-from cluster.ports import free_port
 from cluster.rpc import moeray_pb2 as pb
 from cluster.rpc import moeray_pb2_grpc as rpc
-from kernels.engine import Engine, EngineConfig
+from kernels.engine import Engine
 from kernels.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    with four_nodes():
-        pc = PipelineConfig()
-        pc.attention.resources, pc.experts.resources = {"attention_node": 0.01}, {"expert_node": 0.01}
-        pc.experts.shards = 2
-        cfg = MoerayConfig(model=str(tiny_model), pipeline=pc,
-                           engine=EngineConfig(max_num_seqs=16, kv_cache_tokens=16384, max_queued_requests=64))
-        cfg.serve.model_name, cfg.serve.http_port, cfg.serve.grpc_port = "tiny", free_port(), free_port()
-        serve.start(**serve_options(cfg))
-        serve.run(moeray_app(cfg), name="moeray", route_prefix="/")
-        yield {"http": f"http://127.0.0.1:{cfg.serve.http_port}", "grpc": f"127.0.0.1:{cfg.serve.grpc_port}"}
-        serve.shutdown()
+    cfg = serve_config(tiny_model)
+    with serving(cfg) as url:
+        yield {"http": url, "grpc": f"127.0.0.1:{cfg.serve.grpc_port}"}
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import grpc
 import openai
 import pytest
 import yaml
+from servers import live_shards
 
 from actors.app import GRPC_SERVICERS
 from cluster.ports import free_port
@@ -40,9 +41,9 @@ def shipped_config(tmp_path: Path, http_port: int, grpc_port: int | None = None,
     return path
 
 
-def chat(base_url: str, api_key: str = "none") -> str:
+def chat(base_url: str, api_key: str = "none", model: str = "moeray-demo") -> str:
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=120)
-    reply = client.chat.completions.create(model="moeray-demo", max_tokens=30, temperature=0,
+    reply = client.chat.completions.create(model=model, max_tokens=30, temperature=0,
                                            messages=[{"role": "user", "content": "What is moeray?"}])
     return reply.choices[0].message.content
 
@@ -122,6 +123,18 @@ def test_serve_deploy_then_typos_are_refused_with_the_key_named(tmp_path, cluste
     subprocess.run(["serve", "deploy", str(good), "--address", url], check=True, env=ENV, timeout=120)
     wait_until(lambda: app_status(url).get("status") == "RUNNING", 300, "serve deploy reaching RUNNING")
     assert chat(f"http://127.0.0.1:{http}").startswith(ANSWER)
+    shards = live_shards()
+    assert len(shards) == 2, shards
+
+    # changed args: Serve replaces every replica (a new code version), the new pool adopts the running shards
+    moeray_config = yaml.safe_load((ROOT / "configs" / "pipeline-local.yaml").read_text())
+    moeray_config["serve"]["model_name"] = "renamed"
+    (tmp_path / "renamed.yaml").write_text(yaml.safe_dump(moeray_config))
+    subprocess.run(["serve", "deploy", str(shipped_config(tmp_path, http, config=str(tmp_path / "renamed.yaml"))),
+                    "--address", url], check=True, env=ENV, timeout=120)
+    wait_until(lambda: chat(f"http://127.0.0.1:{http}", model="renamed"), 300, "the updated app serving")
+    wait_until(lambda: app_status(url).get("status") == "RUNNING", 300, "the update reaching RUNNING")
+    assert live_shards() == shards
 
     # moeray deploy checks the file first: Ray's own schema would ignore this typo
     typo = yaml.safe_load(good.read_text())
@@ -141,3 +154,7 @@ def test_serve_deploy_then_typos_are_refused_with_the_key_named(tmp_path, cluste
     out = subprocess.run(["moeray", "serve", "--address", c.address, "--http-port", str(free_port())],
                          capture_output=True, text=True, env=ENV, timeout=120)
     assert out.returncode == 2 and "already runs" in out.stderr and str(http) in out.stderr
+
+    # deleting the application stops the pool's detached shards
+    subprocess.run(["serve", "shutdown", "-y", "--address", url], check=True, env=ENV, timeout=300)
+    wait_until(lambda: not live_shards(), 60, "the shards stopped")

@@ -10,16 +10,15 @@ import time
 
 import httpx
 import pytest
-from conftest import four_nodes
+from conftest import serve_config, serving
 from ray import serve
+from servers import live_shards
 
-from actors.app import moeray_app, serve_options
 from actors.cli.faults import in_flight, serve_pid, serves_again
 from actors.cli.loadgen import http_stream, run_load
-from cluster.config import MoerayConfig, ScalingConfig
+from cluster.config import ScalingConfig
 from cluster.placement import PipelineConfig
-from cluster.ports import free_port
-from kernels.engine import Engine, EngineConfig
+from kernels.engine import Engine
 from kernels.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -27,20 +26,11 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    with four_nodes():
-        pc = PipelineConfig(restart_timeout_s=60)
-        pc.attention.resources, pc.experts.resources = {"attention_node": 0.01}, {"expert_node": 0.01}
-        pc.experts.shards = 2
-        scaling = ScalingConfig(enabled=True, min_replicas=1, max_replicas=2, max_extra_replicas=1,
-                                target_tokens_per_s=5, upscale_delay_s=1, downscale_delay_s=2, cooldown_s=1, window_s=2,
-                                interval_s=0.25, ready_timeout_s=60)
-        cfg = MoerayConfig(model=str(tiny_model), pipeline=pc, scaling=scaling,
-                           engine=EngineConfig(max_num_seqs=16, kv_cache_tokens=16384, max_queued_requests=64))
-        cfg.serve.model_name, cfg.serve.http_port, cfg.serve.grpc_port = "tiny", free_port(), free_port()
-        serve.start(**serve_options(cfg))
-        serve.run(moeray_app(cfg), name="moeray", route_prefix="/")
-        yield f"http://127.0.0.1:{cfg.serve.http_port}"
-        serve.shutdown()
+    scaling = ScalingConfig(enabled=True, min_replicas=1, max_replicas=2, max_extra_replicas=1, target_tokens_per_s=5,
+                            upscale_delay_s=1, downscale_delay_s=2, cooldown_s=1, window_s=2, interval_s=0.25,
+                            ready_timeout_s=60)
+    with serving(serve_config(tiny_model, PipelineConfig(restart_timeout_s=60), scaling=scaling)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +114,7 @@ def test_killed_router_replica(server):
     with 503 (retryable), within seconds; requests not yet started on it are sent again; Serve restarts
     the replica (and with it the replica's attention actors), which joins the expert pool again and serves;
     the pool's shards are never restarted."""
-    from ray.util.state import list_actors
-
-    def shards() -> set[str]:
-        return {a.actor_id for a in list_actors(filters=[("class_name", "=", "ExpertShard"), ("state", "=", "ALIVE")])}
-
-    pool = shards()
+    pool = set(live_shards())
     pid = router("info")["pid"]
     outcomes = in_flight(server, 3, 2, lambda: os.kill(pid, signal.SIGKILL), model="tiny")
     for o in outcomes:
@@ -138,7 +123,28 @@ def test_killed_router_replica(server):
         assert o.kind == "done" or "retry" in o.detail, o
     assert serves_again(server, "tiny") < 120
     assert router("info")["pid"] != pid
-    assert pool <= shards()  # the base shards never restarted (the scaler may have added a replica meanwhile)
+    assert pool <= set(live_shards())  # the base shards never restarted (the scaler may have added a replica meanwhile)
+
+
+def test_killed_pool_replica(server):
+    """The ExpertPool replica dies mid-generation: its shards are detached, so every request in flight completes
+    (the data path never passes the pool); Serve restarts the replica, which adopts the same shards (none
+    restarted) and publishes tables that supersede its predecessor's, which the router takes."""
+    def shards() -> dict[str, str]:  # the base shards are named; extra replicas are not
+        return {actor: name for actor, name in live_shards().items() if name}
+
+    pool = serve.get_deployment_handle("ExpertPool", "moeray")
+    before, old_version = shards(), router("stats")["placement_version"]
+    assert len(before) == 2
+    pid = serve_pid("ServeReplica:moeray:ExpertPool")
+    outcomes = in_flight(server, 3, 2, lambda: os.kill(pid, signal.SIGKILL), model="tiny", max_tokens=200)
+    assert [o.kind for o in outcomes] == ["done"] * 5, outcomes
+    status = wait_for(lambda: (s := pool.status.remote().result())["routers"] and s, 120, "the routers to report")
+    assert serve_pid("ServeReplica:moeray:ExpertPool") != pid
+    assert shards() == before  # adopted, not restarted
+    assert status["version"] > old_version
+    wait_for(lambda: router("stats")["placement_version"] >= status["version"], 60, "the router to take the table")
+    assert serves_again(server, "tiny") < 60
 
 
 def test_killed_ingress_replica(server):

@@ -5,16 +5,13 @@ import asyncio
 import time
 
 import pytest
-from conftest import four_nodes
+from conftest import serve_config, serving
 from ray import serve
-from ray.util.state import list_actors
+from servers import live_shards
 
-from actors.app import moeray_app, serve_options
 from actors.cli.loadgen import run_load
-from cluster.config import MoerayConfig, RoutersConfig
-from cluster.placement import PipelineConfig
-from cluster.ports import free_port
-from kernels.engine import Engine, EngineConfig
+from cluster.config import RoutersConfig
+from kernels.engine import Engine
 from kernels.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -22,20 +19,11 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    with four_nodes():
-        pc = PipelineConfig()
-        pc.attention.resources, pc.experts.resources = {"attention_node": 0.01}, {"expert_node": 0.01}
-        pc.experts.shards = 2
-        cfg = MoerayConfig(model=str(tiny_model), pipeline=pc,
-                           engine=EngineConfig(max_num_seqs=16, kv_cache_tokens=16384, max_queued_requests=64))
-        cfg.serve.routers = RoutersConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=2,
-                                          upscale_delay_s=1, downscale_delay_s=3, look_back_period_s=2,
-                                          drain_timeout_s=60)
-        cfg.serve.model_name, cfg.serve.http_port = "tiny", free_port()
-        serve.start(**serve_options(cfg))
-        serve.run(moeray_app(cfg), name="moeray", route_prefix="/")
-        yield f"http://127.0.0.1:{cfg.serve.http_port}"
-        serve.shutdown()
+    cfg = serve_config(tiny_model)
+    cfg.serve.routers = RoutersConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=1,
+                                      downscale_delay_s=3, look_back_period_s=2, drain_timeout_s=60)
+    with serving(cfg) as url:
+        yield url
 
 
 def routers() -> int:
@@ -44,15 +32,11 @@ def routers() -> int:
     return states.get("RUNNING", 0)
 
 
-def shards() -> set[str]:
-    return {a.actor_id for a in list_actors(filters=[("class_name", "=", "ExpertShard"), ("state", "=", "ALIVE")])}
-
-
 def test_routers_scale_out_and_in_with_load_while_the_pool_stays(server, tiny_model):
     engine = Engine.from_dir(tiny_model)
     ps = [engine.tokenizer.encode(f"Question {i}: who serves the experts?") for i in range(8)]
     want = [c.text for c in engine.generate(ps, GREEDY)]
-    pool = shards()
+    pool = set(live_shards())
     assert len(pool) == 2 and routers() == 1
     seen = {"max": 1}
 
@@ -78,4 +62,4 @@ def test_routers_scale_out_and_in_with_load_while_the_pool_stays(server, tiny_mo
         assert report.failed == 0 and report.lost == 0, report.errors
         assert all("".join(chunks) == want[i] for i, chunks in report.outputs)  # every completed request
     assert light.requests >= 1 and seen["max"] == 2
-    assert shards() == pool  # the pool's shards served both routers and never restarted
+    assert set(live_shards()) == pool  # the pool's shards served both routers and never restarted
