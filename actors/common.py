@@ -36,6 +36,17 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
+def live_actors(class_name: str | None = None) -> list[dict]:
+    """The connected Ray cluster's live actors (of `class_name`: "ExpertShard", "ServeReplica:moeray:Router"),
+    each {"id", "class", "name", "pid"}, read from its GCS: unlike ray.util.state this needs no dashboard and
+    cannot pick another Ray instance running on the same machine."""
+    from ray._private import state
+
+    return [{"id": actor_id, "class": a["ActorClassName"], "name": a["Name"], "pid": a["Pid"]}
+            for actor_id, a in state.actors().items()
+            if a["State"] == "ALIVE" and class_name in (None, a["ActorClassName"])]
+
+
 def advertised(address: str) -> str:
     """The address other nodes should dial: a server bound to every interface (0.0.0.0, [::])
     is reached at this node's IP."""

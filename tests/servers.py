@@ -25,12 +25,10 @@ CHAT = [{"role": "user", "content": "Hello"}]
 
 def live_shards() -> dict[str, str]:
     """The Ray cluster's live ExpertShard actors, actor id -> name: a Serve application's pool names its shards;
-    the Python API's and the expert scaler's extra replicas have none (""). Read from the GCS, which (unlike
-    ray.util.state) needs no dashboard: a loaded machine can take minutes to start one."""
-    from ray._private import state
+    the Python API's and the expert scaler's extra replicas have none ("")."""
+    from actors.common import live_actors
 
-    return {actor_id: a["Name"] for actor_id, a in state.actors().items()
-            if a["ActorClassName"] == "ExpertShard" and a["State"] == "ALIVE"}
+    return {a["id"]: a["name"] for a in live_actors("ExpertShard")}
 
 
 class HttpServer:

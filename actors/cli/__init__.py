@@ -493,8 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     sk.set_defaults(func=cmd_bench)
     fl = bsub.add_parser("faults", help="kill workers and replicas under load; count what requests saw",
                          description="Injects each fault under load on a local Ray instance: SIGKILL an expert shard, "
-                         "SIGKILL the attention actor, SIGSTOP a shard (Pipeline API), SIGKILL the Router and the "
-                         "Ingress Serve replicas (HTTP). Prints, per fault, requests sent, completed, failed (with "
+                         "SIGKILL the attention actor, SIGSTOP a shard (Pipeline API), SIGKILL the Router, ExpertPool "
+                         "and Ingress Serve replicas (HTTP). Prints, per fault, requests sent, completed, failed (with "
                          "a retryable error), lost (no end: must be 0), when the last request in flight ended and "
                          "when the system served again; exits 1 if any request was lost.")
     fl.add_argument("--model", help="checkpoint directory (default: the built-in demo model)")

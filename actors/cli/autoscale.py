@@ -20,9 +20,9 @@ PHASES = ((20.0, 2), (40.0, 12), (40.0, 1))  # (seconds, concurrent streams): lo
 def bench_autoscale(phases: tuple[tuple[float, int], ...], max_tokens: int, out: str) -> dict:
     import ray
     from ray import serve
-    from ray.util.state import list_actors
 
     from actors.app import QUIET, moeray_app, serve_options
+    from actors.common import live_actors
     from cluster.config import MoerayConfig, RoutersConfig
     from cluster.ports import free_port
     from kernels.engine import EngineConfig
@@ -68,7 +68,7 @@ def bench_autoscale(phases: tuple[tuple[float, int], ...], max_tokens: int, out:
                 last = (t0, 0)
                 while not stop.wait(1.0):
                     states = serve.status().applications["moeray"].deployments["Router"].replica_states
-                    shards = list_actors(filters=[("class_name", "=", "ExpertShard"), ("state", "=", "ALIVE")])
+                    shards = live_actors("ExpertShard")
                     now, tokens = time.monotonic(), live["tokens"]
                     trace.append({"t": round(now - t0, 2), "routers": states.get("RUNNING", 0),
                                   "routers_starting_or_stopping": sum(v for k, v in states.items() if k != "RUNNING"),

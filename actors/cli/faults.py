@@ -217,10 +217,10 @@ def serve_fault(name: str, url: str, kill: Callable[[], None], model: str | None
 
 def serve_pid(class_name: str) -> int:
     """The pid of the live Serve replica actor of `class_name` ("ServeReplica:moeray:Router")."""
-    from ray.util.state import list_actors
+    from actors.common import live_actors
 
-    [pid] = [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True) if a.class_name == class_name]
-    return pid
+    [actor] = live_actors(class_name)
+    return actor["pid"]
 
 
 # -- `moeray bench faults` -------------------------------------------------------------------------
@@ -272,7 +272,8 @@ def bench_faults(model: str | None, concurrency: int, max_tokens: int, out: str 
         serve.start(**serve_options(config))
         serve.run(moeray_app(config), name="moeray", route_prefix="/")
         url, name = f"http://127.0.0.1:{config.serve.http_port}", config.serve.model_name
-        for fault, cls in (("router-replica-killed", "Router"), ("ingress-replica-killed", "Ingress")):
+        for fault, cls in (("router-replica-killed", "Router"), ("pool-replica-killed", "ExpertPool"),
+                           ("ingress-replica-killed", "Ingress")):
             pid = serve_pid(f"ServeReplica:moeray:{cls}")
             record(serve_fault(fault, url, partial(os.kill, pid, signal.SIGKILL), name)[0])
         serve.shutdown()

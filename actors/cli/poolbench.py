@@ -18,14 +18,15 @@ ROLES = ("Router", "AttentionActor", "ExpertShard", "ExpertPool")
 def _memory() -> dict[str, dict]:
     """Per role: live actors and their resident memory (bytes), from Ray's state API and /proc."""
     import psutil
-    from ray.util.state import list_actors
+
+    from actors.common import live_actors
 
     out: dict[str, dict] = {role: {"actors": 0, "rss": 0} for role in ROLES}
-    for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000):
-        if a.class_name in out and a.pid:
-            out[a.class_name]["actors"] += 1
+    for a in live_actors():
+        if a["class"] in out and a["pid"]:
+            out[a["class"]]["actors"] += 1
             try:
-                out[a.class_name]["rss"] += psutil.Process(a.pid).memory_info().rss
+                out[a["class"]]["rss"] += psutil.Process(a["pid"]).memory_info().rss
             except psutil.NoSuchProcess:
                 pass
     return out
