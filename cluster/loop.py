@@ -81,7 +81,8 @@ class EngineLoop:
 
     def _publish(self) -> None:
         e = self.engine
-        self._stats = {"running": e.num_running, "waiting": e.num_waiting, "kv_cache_usage": e.kv_cache_usage}
+        self._stats = {"running": e.num_running, "waiting": e.num_waiting, "kv_cache_usage": e.kv_cache_usage,
+                       **e.counters}
 
     def _deliver(self, request_id: str, item, last: bool) -> None:
         target = self._queues.pop(request_id, None) if last else self._queues.get(request_id)

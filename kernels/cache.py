@@ -7,7 +7,7 @@ bounded; a sequence owns a block table and gives its blocks back when it ends. I
 - sliding window W: the table covers W rounded up to whole blocks, and old positions are
   overwritten in place (Mistral-7B's rolling buffer). Attention masks by position, never by slot.
 
-Who owns what: the scheduler owns block tables (BlockAllocator); whoever runs attention owns the
+Who owns what: the scheduler owns block tables (kernels/blocks.py); whoever runs attention owns the
 pool (KVCache) and receives tables through AttentionMetadata. In the single-process engine both
 are local; in the pipeline the router schedules and the attention actors hold the pools.
 
@@ -21,28 +21,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-
-
-class CacheFull(RuntimeError):
-    pass
-
-
-class BlockAllocator:
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise CacheFull(f"need {n} KV blocks, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
 
 
 def blocks_for(num_tokens: int, block_size: int, window: int | None) -> int:

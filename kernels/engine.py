@@ -4,9 +4,18 @@ Every step runs one forward pass over a flat batch of new tokens from many seque
 token each) first, then prompt chunks of sequences being prefilled, within a token budget.
 Sequences join when there is room and leave the moment they finish, freeing their KV blocks.
 
-KV memory is reserved when a sequence is admitted, for its whole worst case (prompt + max_tokens,
-or just the window for a sliding-window model), so a running sequence never runs out of cache and
-nothing is ever preempted; a request that does not fit waits in the queue (FIFO).
+KV memory is allocated on demand (`kv_allocation: on_demand`, the default): a sequence is admitted when
+the blocks its prompt needs are free (plus a watermark of 1% of the cache while others run), and gets a
+block when it crosses into one. When none is free, the most recently admitted running sequence is
+preempted: its blocks are released, it goes back to the head of the queue, and when it runs again it
+recomputes its cache from its tokens (prompt + generated so far); nothing already streamed is sent again.
+`kv_allocation: reserve` reserves each sequence's worst case (prompt + max_tokens, or the window) at
+admission instead: never a preemption, fewer sequences at once. A request that does not fit waits (FIFO).
+
+Prefix caching (`enable_prefix_caching`, on by default; kernels/blocks.py): full blocks of computed tokens
+are named by their tokens and everything before them, and a sequence whose prompt starts with named blocks
+takes them instead of computing them (at least its last prompt token is computed, for its logits). Not
+for sliding-window models, whose rolling buffer overwrites its blocks.
 
 An executor that loses KV state (a restarted attention actor) raises CacheLost: every running
 sequence then recomputes its cache from its tokens (prompt + generated so far) in the next steps, in
@@ -26,8 +35,9 @@ from typing import Protocol
 import torch
 
 from kernels.args import ModelArgs
+from kernels.blocks import BlockPool, block_names
 from kernels.build import DTYPES, QUANT_BITS, Holds, build_role
-from kernels.cache import BlockAllocator, KVCache, StepSeq, blocks_for
+from kernels.cache import KVCache, StepSeq, blocks_for
 from kernels.checkpoint import Checkpoint
 from kernels.fused_moe import KERNELS
 from kernels.model import Step, Transformer
@@ -46,6 +56,8 @@ class EngineConfig:
     dtype: str = "float32"  # weights, activations and KV cache: float32 | bfloat16 | float16
     max_queued_requests: int = 256  # requests waiting for a batch slot at most; more -> QueueFull (HTTP 429)
     expert_quant: str = "none"  # expert weights: none | int8 | int4 (weight-only; kernels/quant.py)
+    kv_allocation: str = "on_demand"  # on_demand (blocks as sequences grow; preempt when out) | reserve (worst case)
+    enable_prefix_caching: bool = True  # reuse computed full blocks of equal prefixes (not with a sliding window)
     # weights, KV cache and activations: cpu | cuda | cuda:N. Only the spelling is checked here; whether
     # this process has that GPU is checked where tensors are made (kernels.build): a config loads anywhere
     device: str = "cpu"
@@ -58,6 +70,8 @@ class EngineConfig:
             raise ValueError(f"expert_quant must be one of {sorted(QUANT_BITS)}, got {self.expert_quant!r}")
         if not isinstance(self.device, str) or not DEVICE.fullmatch(self.device):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.kv_allocation not in ("on_demand", "reserve"):
+            raise ValueError(f"kv_allocation must be 'on_demand' or 'reserve', got {self.kv_allocation!r}")
         if self.moe_kernel not in KERNELS:
             raise ValueError(f"moe_kernel must be one of {list(KERNELS)}, got {self.moe_kernel!r}")
         if self.moe_kernel != "reference" and self.expert_quant != "none":
@@ -151,6 +165,8 @@ class Sequence:
         self.detok = IncrementalDetokenizer(tokenizer, req.prompt_ids) if tokenizer else None
         self.stops = set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else {eos_id})
         self.text, self.emitted = "", 0
+        self.names: list[bytes] = []  # prefix-cache names of its first full blocks of tokens (kernels/blocks.py)
+        self.named = 0  # its first blocks known to the pool by those names (computed, or taken from the cache)
 
     @property
     def pending(self) -> int:
@@ -192,42 +208,111 @@ class Scheduler:
 
     def __init__(self, config: EngineConfig, window: int | None):
         self.config, self.window = config, window
-        self.allocator = BlockAllocator(config.num_blocks)
+        self.pool = BlockPool(config.num_blocks)
+        self.caching = config.enable_prefix_caching and window is None
+        self.on_demand = config.kv_allocation == "on_demand"
+        self.watermark = max(1, config.num_blocks // 100)
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order
+        self.preemptions = 0
+        self.cache_queries = self.cache_hits = 0  # prompt tokens looked up in the prefix cache, and found
 
     def blocks_needed(self, seq: Sequence) -> int:
+        """Blocks for the sequence's worst case (prompt + max_tokens, or its window)."""
         return blocks_for(seq.max_len, self.config.block_size, self.window)
 
+    def _blocks_for(self, seq: Sequence, tokens: int) -> int:
+        """More blocks `seq` needs to hold `tokens` tokens (reserve: it has its worst case already)."""
+        return blocks_for(tokens, self.config.block_size, self.window) - len(seq.block_table) if self.on_demand else 0
+
     def schedule(self) -> list[tuple[Sequence, int]]:
-        budget, batch = self.config.max_num_batched_tokens, []
+        budget, batch = self.config.max_num_batched_tokens, list[tuple[Sequence, int]]()
         for seq in sorted(self.running, key=lambda s: s.pending > 1):  # decodes first, then prompt chunks
+            if seq not in self.running:  # preempted for a sequence before it
+                continue
             n = min(seq.pending, budget)
-            if n:
+            if n and self._grow(seq, seq.num_cached + n, batch):
                 batch.append((seq, n))
                 budget -= n
         while self.waiting and budget and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            need = self.blocks_needed(seq)
-            if need > self.allocator.num_free:
+            if not self._admit(seq, budget):
                 break  # FIFO: the head waits for memory rather than being overtaken
             self.waiting.popleft()
-            seq.block_table = self.allocator.allocate(need)
             self.running.append(seq)
             n = min(seq.pending, budget)
+            seq.block_table += self.pool.allocate(self._blocks_for(seq, seq.num_cached + n))
             batch.append((seq, n))
             budget -= n
         return batch
 
+    def _admit(self, seq: Sequence, budget: int) -> bool:
+        """Whether `seq` can start now; if so, it holds the cached blocks of its prompt's prefix (num_cached
+        after them) and, reserving, its worst case."""
+        bs = self.config.block_size
+        hits: list[int] = []
+        if self.caching:  # its last token is computed whatever is cached: its logits are needed
+            seq.names = block_names(seq.tokens[: len(seq.tokens) - 1], bs, seq.names)
+            hits = self.pool.lookup(seq.names)
+        cached = len(hits) * bs
+        if self.on_demand:  # its prompt's blocks, and room to grow while others run
+            need = blocks_for(len(seq.tokens), bs, self.window) - len(hits)
+            need += self.watermark if self.running else 0
+        else:
+            need = self.blocks_needed(seq) - len(hits)
+        if need > self.pool.num_free - self.pool.unreferenced(hits):
+            return False
+        self.pool.take(hits)
+        seq.block_table, seq.num_cached, seq.named = hits, cached, len(hits)
+        if not self.on_demand:
+            seq.block_table = hits + self.pool.allocate(self.blocks_needed(seq) - len(hits))
+        self.cache_queries += len(seq.tokens)
+        self.cache_hits += cached
+        return True
+
+    def _grow(self, seq: Sequence, tokens: int, batch: list[tuple[Sequence, int]]) -> bool:
+        """Gives `seq` the blocks to hold `tokens` tokens, preempting the most recently admitted sequences
+        while none are free; False if `seq` itself was preempted."""
+        need = self._blocks_for(seq, tokens)
+        while need > self.pool.num_free:
+            victim = self.running[-1]
+            self.preempt(victim)
+            batch[:] = [(s, n) for s, n in batch if s is not victim]
+            if victim is seq:
+                return False
+        seq.block_table += self.pool.allocate(max(need, 0))
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Back to the head of the queue with no blocks: it recomputes its cache when it runs again."""
+        self.preemptions += 1
+        self.running.remove(seq)
+        self.pool.free(seq.block_table)
+        seq.block_table, seq.num_cached, seq.named = [], 0, 0
+        self.waiting.appendleft(seq)
+
+    def computed(self, batch: list[tuple[Sequence, int]]) -> None:
+        """The step ran: its tokens are cached, and blocks it filled are named for others to share."""
+        for seq, n in batch:
+            seq.num_cached += n
+            full = seq.num_cached // self.config.block_size
+            if self.caching and full > seq.named:
+                seq.names = block_names(seq.tokens[: seq.num_cached], self.config.block_size, seq.names)
+                for i in range(seq.named, full):
+                    self.pool.name(seq.block_table[i], seq.names[i])
+                seq.named = full
+
     def recompute(self) -> None:
-        """Every running sequence's KV cache is to be written again from its tokens (it keeps its blocks)."""
+        """The cache's contents are lost: every running sequence writes its cache again from its tokens (it keeps
+        its blocks), and nothing cached is shared any more."""
+        self.pool.forget()
         for seq in self.running:
-            seq.num_cached = 0
+            seq.num_cached = seq.named = 0
 
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
-            self.allocator.free(seq.block_table)
+            self.pool.free(seq.block_table)
             seq.block_table = []
         elif seq in self.waiting:
             self.waiting.remove(seq)
@@ -326,8 +411,15 @@ class Engine:
 
     @property
     def kv_cache_usage(self) -> float:
-        alloc = self.scheduler.allocator
-        return 1 - alloc.num_free / alloc.num_blocks
+        pool = self.scheduler.pool
+        return 1 - pool.num_free / pool.num_blocks
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Since start: sequences preempted, and prompt tokens looked up in the prefix cache and found there."""
+        s = self.scheduler
+        return {"num_preemptions": s.preemptions, "prefix_cache_queries": s.cache_queries,
+                "prefix_cache_hits": s.cache_hits}
 
     # -- the step ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -346,8 +438,7 @@ class Engine:
             self.recomputes += 1
             self.scheduler.recompute()
             return []
-        for seq, n in batch:
-            seq.num_cached += n
+        self.scheduler.computed(batch)
         # sampling runs on CPU: its per-sequence generators are CPU ones, so a seed draws the same tokens
         # on every device (the cost: [S, V] fp32 copied to the host once per step)
         samples = sample(logits.cpu(), [s.params for s in sampling], [s.generator for s in sampling],

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.attention import paged_attention
-from kernels.cache import AttentionMetadata, BlockAllocator, CacheFull, StepSeq, blocks_for, ring_positions
+from kernels.blocks import BlockPool, CacheFull, block_names
+from kernels.cache import AttentionMetadata, StepSeq, blocks_for, ring_positions
 
 
 def test_ring_positions_docstring_example():
@@ -23,12 +24,40 @@ def test_blocks_for_window():
 
 
 def test_allocator_bounds():
-    a = BlockAllocator(4)
+    a = BlockPool(4)
     got = a.allocate(3)
     with pytest.raises(CacheFull):
         a.allocate(2)
     a.free(got)
     assert a.num_free == 4
+
+
+def test_block_names_chain_from_position_zero():
+    a, b = block_names(list(range(10)), 4, []), block_names([9] + list(range(1, 10)), 4, [])
+    assert len(a) == 2 and len(set(a + b)) == 4  # one token differs in block 0: every later name differs too
+    assert block_names(list(range(10)), 4, a[:1]) == a  # extended from a prefix of names
+    assert block_names([0, 1, 2, 3, 0, 1, 2, 3], 4, [])[1] != block_names([0, 1, 2, 3], 4, [])[0]
+
+
+def test_prefix_blocks_are_shared_counted_and_evicted_least_recent_first():
+    pool = BlockPool(4)
+    names = block_names(list(range(12)), 4, [])
+    first = pool.allocate(3)
+    for block, name in zip(first, names, strict=True):
+        pool.name(block, name)
+    assert pool.lookup(names) == first
+    assert pool.lookup(block_names([99] + list(range(1, 12)), 4, [])) == []  # names chain from position 0
+    pool.take(pool.lookup(names[:2]))  # a second sequence shares the first two blocks
+    pool.free(first)  # the first sequence ends: its third block is cached, unreferenced; the two are still held
+    assert pool.num_free == 2 and pool.unreferenced(first) == 1
+    assert pool.lookup(names) == first  # still named
+    other = pool.allocate(2)  # the free block first, then the cached one (evicted: it forgets its name)
+    assert first[2] in other and pool.lookup(names) == first[:2]
+    pool.free(other)
+    pool.free(first[:2])
+    assert pool.num_free == 4 and pool.lookup(names) == first[:2]
+    pool.forget()
+    assert pool.lookup(names) == [] and pool.num_free == 4
 
 
 @pytest.mark.parametrize("window", [None, 5, 12])
@@ -43,7 +72,7 @@ def test_paged_attention_equals_full_attention(window):
     k_all = [torch.randn(n, KV, hd) for n in lengths]
     v_all = [torch.randn(n, KV, hd) for n in lengths]
     pool_k, pool_v = torch.zeros(200 * bs, KV, hd), torch.zeros(200 * bs, KV, hd)
-    alloc = BlockAllocator(200)
+    alloc = BlockPool(200)
     tables = [alloc.allocate(blocks_for(n, bs, window)) for n in lengths]
     done, out = [0] * len(lengths), [[] for _ in lengths]
     while any(d < n for d, n in zip(done, lengths, strict=True)):

@@ -224,7 +224,7 @@ def test_lost_kv_cache_is_recomputed_and_output_unchanged(hf_tiny):
     engine = Engine.from_dir(hf_tiny, EngineConfig(max_num_batched_tokens=16, max_num_seqs=4))
     engine.executor = LosingExecutor(engine.executor, lose_at={2, 9, 20})
     got = engine.generate(ps, [GREEDY, GREEDY, seeded, seeded])
-    assert engine.recomputes == 3 and engine.scheduler.allocator.num_free == engine.config.num_blocks
+    assert engine.recomputes == 3 and engine.scheduler.pool.num_free == engine.config.num_blocks
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
     for a, b in zip(got[:2], expected[:2], strict=True):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)

@@ -390,6 +390,8 @@ def test_health_and_metrics(api):
     assert after["moeray:time_to_first_token_seconds_count"] == before["moeray:time_to_first_token_seconds_count"] + 1
     assert after["moeray:generation_tokens_total"] == before["moeray:generation_tokens_total"] + 3
     assert after["moeray:num_requests_running"] == 0
+    assert after["moeray:prefix_cache_queries_total"] > before["moeray:prefix_cache_queries_total"]
+    assert after["moeray:num_preemptions_total"] == 0 and "moeray:prefix_cache_hits_total" in after
 
 
 def test_health_is_503_while_the_backend_fails(tiny_model):

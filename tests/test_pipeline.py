@@ -32,7 +32,7 @@ def config(model, shards=1, replicas=1, attention_actors=1, micro_batches=1, **e
     pc = PipelineConfig(micro_batches=micro_batches)
     pc.attention.actors, pc.attention.resources = attention_actors, {"attention_node": 0.01}
     pc.experts.shards, pc.experts.replicas, pc.experts.resources = shards, replicas, {"expert_node": 0.01}
-    return MoerayConfig(model=str(model), engine=EngineConfig(kv_cache_tokens=4096, **engine), pipeline=pc)
+    return MoerayConfig(model=str(model), engine=EngineConfig(**{"kv_cache_tokens": 4096, **engine}), pipeline=pc)
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,24 @@ def test_unequal_micro_batches_and_sequences_finishing_at_different_steps(cluste
         assert [len(t) for t in want] == [2 + i % 9 for i in range(32)]
         stats = pipe.stats()
         assert stats["step"] < stats["data_plane"]["micro_batches"] <= 2 * stats["step"]  # some steps in 2 halves
+    finally:
+        pipe.shutdown()
+
+
+def test_prefix_cache_and_preemption_over_the_attention_actors(cluster, hf_mixtral):
+    """A shared 40-token prefix, and a KV cache of 16 blocks for 6 sequences that grow to 7 each: the router's
+    scheduler shares computed blocks between sequences and preempts the latest ones, whose cache the attention
+    actors recompute; tokens equal the single process with room for all and no prefix cache."""
+    shared = torch.randint(3, 512, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    ps = [shared + [5 + i] * (i + 1) for i in range(6)]
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    single = Engine.from_dir(hf_mixtral, EngineConfig(enable_prefix_caching=False))
+    want = [c.token_ids for c in single.generate(ps, params)]
+    pipe = Pipeline.start(config(hf_mixtral, shards=2, kv_cache_tokens=256))
+    try:  # the first alone computes the shared blocks; the others find them
+        assert [c.token_ids for c in pipe.generate(ps[:1], params) + pipe.generate(ps[1:], params)] == want
+        stats = pipe.stats()
+        assert stats["prefix_cache_hits"] >= 5 * 32 and stats["num_preemptions"] > 0
     finally:
         pipe.shutdown()
 

@@ -292,6 +292,11 @@ def cmd_bench(a) -> int:
         from actors.cli import autoscale
 
         autoscale.bench_autoscale(autoscale.PHASES, a.max_tokens, a.out)
+    elif a.bench == "kv":
+        from actors.cli import kvbench
+
+        kvbench.bench_kv(a.preset, a.conversations, a.turns, a.system_len, a.requests, a.max_tokens, a.stop_after,
+                         a.kv_tokens, a.out)
     elif a.bench == "pool":
         from actors.cli import poolbench
 
@@ -444,6 +449,22 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--out", default="bench-results/autoscale.json", help="JSON trace; the PNG beside it "
                                                                           "(default: %(default)s)")
     au.set_defaults(func=cmd_bench)
+    kv = bsub.add_parser("kv", help="KV-cache policies: prefix caching on vs off (multi-turn chat: TTFT, prompt "
+                                    "tokens computed); KV on demand vs reserved (early-stopping requests: peak running "
+                                    "sequences, tok/s)")
+    kv.add_argument("--preset", choices=["small", "tiny"], default="small", help="model size (default: %(default)s)")
+    kv.add_argument("--conversations", type=int, default=4, help="chat: conversations at once (default: %(default)s)")
+    kv.add_argument("--turns", type=int, default=8, help="chat: turns per conversation (default: %(default)s)")
+    kv.add_argument("--system-len", type=int, default=1024, help="chat: shared system prompt tokens "
+                                                                 "(default: %(default)s)")
+    kv.add_argument("--requests", type=int, default=32, help="early stop: requests (default: %(default)s)")
+    kv.add_argument("--max-tokens", type=int, default=512, help="early stop: max_tokens asked (default: %(default)s)")
+    kv.add_argument("--stop-after", type=int, default=32, help="early stop: tokens each client takes before it stops "
+                                                               "(default: %(default)s)")
+    kv.add_argument("--kv-tokens", type=int, default=4096, help="early stop: KV-cache size in tokens "
+                                                                "(default: %(default)s)")
+    kv.add_argument("--out", default="bench-results/kv.json", help="JSON results (default: %(default)s)")
+    kv.set_defaults(func=cmd_bench)
     po = bsub.add_parser("pool", help="N pipeline replicas sharing one expert pool vs N private pipelines: expert "
                                       "bytes, memory, throughput, rows per expert matmul")
     po.add_argument("--preset", choices=["small", "tiny"], default="small", help="model size (default: %(default)s)")

@@ -120,6 +120,11 @@ class LocalBackend:
         return self.loop.stats()
 
 
+COUNTERS = {"num_preemptions": "Sequences preempted for KV-cache memory (recomputed when they run again)",
+            "prefix_cache_queries": "Prompt tokens looked up in the prefix cache",
+            "prefix_cache_hits": "Prompt tokens found in the prefix cache (not computed)"}
+
+
 class Metrics:
     """Prometheus metrics of one API replica (vLLM's names, with our prefix). A registry of its own,
     so several services in one process (tests) do not collide."""
@@ -143,7 +148,8 @@ class Metrics:
                                      "expert scaler's ready replicas (absent while scaling is off)",
                                      ["layer", "expert"], registry=r)
         self._expert_tokens: dict[str, int] = {}
-        r.register(self)  # collect() below: tokens per (layer, expert), as the router last reported them
+        self._counters: dict[str, int] = {}
+        r.register(self)  # collect() below: counters as the engine last reported them
 
     def collect(self):
         family = CounterMetricFamily("moeray:expert_tokens", "Token rows routed to each expert",
@@ -151,12 +157,15 @@ class Metrics:
         for key, n in sorted(self._expert_tokens.items()):
             family.add_metric(key.split(":"), n)
         yield family
+        for name, doc in COUNTERS.items():  # vLLM's names, with moeray's prefix
+            yield CounterMetricFamily(f"moeray:{name}", doc, value=self._counters.get(name, 0))
 
     def update(self, stats: dict) -> None:
         self.running.set(stats.get("running", 0))
         self.waiting.set(stats.get("waiting", 0))
         self.kv.set(stats.get("kv_cache_usage", 0))
         self._expert_tokens = dict(stats.get("tokens_per_expert", {}))
+        self._counters = {name: stats[name] for name in COUNTERS if name in stats}
         self.expert_rate.clear()  # pairs that left the window drop out
         for key, rate in stats.get("expert_tokens_per_s", {}).items():
             self.expert_rate.labels(*key.split(":")).set(rate)
