@@ -34,7 +34,7 @@ from torch import nn
 
 from kernels.args import ModelArgs, MoeArgs
 from kernels.attention import paged_attention
-from kernels.cache import AttentionMetadata, KVCache, StepSeq
+from kernels.cache import AttentionMetadata, DecodeMetadata, KVCache, StepSeq, step_metadata
 from kernels.checkpoint import Checkpoint
 from kernels.moe import Blocks, ExpertsStage, Wait, expert_rows, moe, moe_start, start
 from kernels.packing import Fused, fuse, relayout
@@ -48,7 +48,7 @@ class Step:
     """What every layer's attention reads in one step: where the step's tokens are (meta), their RoPE
     rotations (freqs) and the KV pools (cache). Built once per step, by `begin`."""
 
-    meta: AttentionMetadata
+    meta: AttentionMetadata | DecodeMetadata
     freqs: torch.Tensor  # [T, hd/2]
     cache: KVCache
 
@@ -56,7 +56,7 @@ class Step:
     def begin(cls, seqs: list[StepSeq], args: ModelArgs, cache: KVCache) -> Step:
         """The per-step prologue, in the single-process engine and in an attention actor alike. The
         metadata is built on CPU (many tiny ops) and copied to the cache's device once, not per layer."""
-        meta = AttentionMetadata.build(seqs, cache.block_size, args.sliding_window).to(cache.device)
+        meta = step_metadata(seqs, cache.block_size, args.sliding_window).to(cache.device)
         return cls(meta, rope_freqs(meta.positions, args.head_dim, args.rope_theta), cache)  # [T, hd/2]
 
 
@@ -83,7 +83,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata | DecodeMetadata) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv(x, freqs)
         o = paged_attention(q, k, v, *kv, meta)  # [T, H, hd]

@@ -50,11 +50,11 @@ def fuse(*linears: nn.Module) -> Fused | None:
     a quantized linear, weights still on the meta device."""
     if not all(type(m) is nn.Linear and m.bias is None for m in linears):
         return None
-    ws = [m.weight for m in linears]
+    ws: list[torch.Tensor] = [m.weight for m in linears]  # type: ignore[misc]  # nn.Linear's, checked above
     if any(w.is_meta for w in ws) or len({(w.dtype, w.device, w.shape[1]) for w in ws}) != 1:
         return None
     weight = fast_layout(torch.cat(ws))  # [sum O, I]
-    sizes = [w.shape[0] for w in ws]
+    sizes = [int(w.shape[0]) for w in ws]
     parts = []
     for m, part in zip(linears, weight.split(sizes), strict=True):
         m.weight = nn.Parameter(part, requires_grad=False)
