@@ -6,17 +6,20 @@ Shapes as in kernels/cache.py; H query heads, KV kv-heads (GQA: H is a multiple 
 import torch
 import torch.nn.functional as F
 
-from kernels.cache import AttentionMetadata
+from kernels.cache import AttentionMetadata, DecodeMetadata
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    k_pool: torch.Tensor, v_pool: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                    meta: AttentionMetadata | DecodeMetadata) -> torch.Tensor:
     """q [T, H, hd], k/v [T, KV, hd] of the new tokens -> [T, H, hd]; then stores k/v in the pools.
+    A decode step (DecodeMetadata) goes to decode_attention.
 
     Keys are each sequence's cached ring followed by its new keys; the mask (built from positions)
     does causality, the sliding window and padding. New k/v are written after attention so a
     rolling buffer that wraps within the step cannot overwrite keys this step still needs.
     """
+    if isinstance(meta, DecodeMetadata):
+        return decode_attention(q, k, v, k_pool, v_pool, meta)
     B, N = meta.q_index.shape
     keys, values = k[meta.q_index], v[meta.q_index]  # [B, N, KV, hd]
     if meta.ctx_slots.shape[1]:
@@ -32,3 +35,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k_pool[meta.write_slots] = k[meta.write_index]
     v_pool[meta.write_slots] = v[meta.write_index]
     return out.transpose(1, 2).reshape(B * N, *q.shape[1:])[meta.unpad]  # [T, H, hd]
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                     meta: DecodeMetadata) -> torch.Tensor:
+    """paged_attention for one new token per sequence (T = B): writes k/v first (see DecodeMetadata),
+    then reads each sequence's keys from the pool, one gather, no concatenation. -> [B, H, hd]."""
+    k_pool[meta.write_slots] = k
+    v_pool[meta.write_slots] = v
+    out = F.scaled_dot_product_attention(
+        q[:, :, None],  # [B, H, 1, hd]
+        k_pool[meta.ctx_slots].transpose(1, 2),  # [B, KV, C, hd]
+        v_pool[meta.ctx_slots].transpose(1, 2),
+        attn_mask=meta.mask,  # [B, 1, 1, C]
+        enable_gqa=True,
+    )  # [B, H, 1, hd]
+    return out[:, :, 0]

@@ -12,6 +12,7 @@ about the modules is applied here, once:
     dtype         the held weights' (activations follow them)
     expert_quant  held experts are read and quantized on CPU, then moved: the device never holds them
                   unquantized
+    (CPU)         the held weights packed for fast decode once loaded (kernels/packing.py)
     moe_kernel    the experts stage: on the engine's MoE layers (use_kernel), or one stage per layer over
                   the pairs an expert shard holds (expert_runner); a dense FFN stays on the reference path,
                   which is what the single-process engine runs for it
@@ -28,7 +29,7 @@ from torch import nn
 
 from kernels.checkpoint import Checkpoint, attention_names, router_names
 from kernels.fused_moe import expert_runner, use_kernel
-from kernels.model import LayersStage, Transformer, build, expert_prefix, load_into
+from kernels.model import LayersStage, Transformer, build, expert_prefix, load_into, pack_
 from kernels.moe import ExpertsStage
 from kernels.quant import quantize_experts
 
@@ -127,6 +128,8 @@ def build_role(ckpt: Checkpoint, engine: Building, holds: Holds,
         quantize_experts(experts, bits)
         for ff in experts.values():
             ff.to(device)
+    if device.type == "cpu":
+        pack_(model)  # fused QKV and w1|w3, fast GEMV layout (kernels/packing.py): the held weights only
     if holds.whole:
         if engine.moe_kernel != "reference":
             use_kernel(model, engine.moe_kernel)

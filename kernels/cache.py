@@ -118,6 +118,54 @@ class AttentionMetadata:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
 
 
+@dataclass
+class DecodeMetadata:
+    """AttentionMetadata for a step in which every sequence has one new token (a decode step), built
+    without a per-sequence loop of tensor ops: the new k/v are written to the pool first, then each
+    sequence's keys are read from the pool alone, no concatenation of cached and new keys.
+
+    Writing first is safe with one new token at position p: the slot it takes held position p - ring,
+    which is unused (no window: ring > p) or out of the window (ring >= W). Its keys are the ring after
+    the write, ring indices [0, C_b) with C_b = min(ring, p + 1), index i holding position
+    p - ((p - i) mod ring) (ring_positions(p + 1, ring)).
+    """
+
+    positions: torch.Tensor  # [B] position of each new token
+    ctx_slots: torch.Tensor  # [B, C] pool slot of each ring index, the new token's included; pads -> 0
+    mask: torch.Tensor  # [B, 1, 1, C] True = may attend
+    write_slots: torch.Tensor  # [B] pool slot of each new token's k/v
+
+    @classmethod
+    def build(cls, seqs: list[StepSeq], block_size: int, window: int | None) -> DecodeMetadata:
+        assert all(s.n == 1 for s in seqs), "a decode step has one new token per sequence"
+        far = window if window is not None else 1 << 62
+        p = torch.tensor([s.start for s in seqs])  # [B]
+        ring = torch.tensor([len(s.block_table) * block_size for s in seqs])  # [B]
+        assert window is not None or bool((p < ring).all()), "block table too short"
+        C = int(torch.minimum(ring, p + 1).max())
+        width = -(-C // block_size)
+        tables = torch.tensor([(s.block_table + [0] * width)[:width] for s in seqs])  # [B, C / block_size]
+        i = torch.arange(C)  # [C] ring index
+        slots = (tables[:, :, None] * block_size + torch.arange(block_size)).flatten(1)[:, :C]  # [B, C]
+        kpos = p[:, None] - torch.remainder(p[:, None] - i, ring[:, None])  # [B, C] position at ring index i
+        mask = (i < ring[:, None]) & (kpos >= 0) & (p[:, None] - kpos < far)  # [B, C]
+        w = p % ring  # [B] ring index of the new token
+        write = torch.tensor([s.block_table[j // block_size] * block_size + j % block_size
+                              for s, j in zip(seqs, w.tolist(), strict=True)])
+        return cls(positions=p, ctx_slots=torch.where(mask, slots, 0), mask=mask[:, None, None], write_slots=write)
+
+    def to(self, device: torch.device | str) -> DecodeMetadata:
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
+
+def step_metadata(seqs: list[StepSeq], block_size: int, window: int | None) -> AttentionMetadata | DecodeMetadata:
+    """The attention metadata of a step: DecodeMetadata when every sequence has one new token, else the
+    general AttentionMetadata (prefill chunks, mixed steps)."""
+    if all(s.n == 1 for s in seqs):
+        return DecodeMetadata.build(seqs, block_size, window)
+    return AttentionMetadata.build(seqs, block_size, window)
+
+
 class KVCache:
     """The K and V pools of a contiguous range of layers: [layers, S, KV, hd] each."""
 

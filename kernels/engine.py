@@ -442,7 +442,7 @@ class Engine:
         # sampling runs on CPU: its per-sequence generators are CPU ones, so a seed draws the same tokens
         # on every device (the cost: [S, V] fp32 copied to the host once per step)
         samples = sample(logits.cpu(), [s.params for s in sampling], [s.generator for s in sampling],
-                         [torch.tensor(s.tokens) for s in sampling])
+                         [s.tokens for s in sampling])
         events = []
         for seq, smp in zip(sampling, samples, strict=True):
             ev = seq.append(smp.token, smp.logprob, smp.top)

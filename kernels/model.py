@@ -34,9 +34,10 @@ from torch import nn
 
 from kernels.args import ModelArgs, MoeArgs
 from kernels.attention import paged_attention
-from kernels.cache import AttentionMetadata, KVCache, StepSeq
+from kernels.cache import AttentionMetadata, DecodeMetadata, KVCache, StepSeq, step_metadata
 from kernels.checkpoint import Checkpoint
 from kernels.moe import Blocks, ExpertsStage, Wait, expert_rows, moe, moe_start, start
+from kernels.packing import Fused, fuse, relayout
 from kernels.rope import apply_rope, rope_freqs
 
 LayersStage = Callable[[torch.Tensor, Any], torch.Tensor]  # (h [T, D] embedded, step) -> h after every layer
@@ -47,7 +48,7 @@ class Step:
     """What every layer's attention reads in one step: where the step's tokens are (meta), their RoPE
     rotations (freqs) and the KV pools (cache). Built once per step, by `begin`."""
 
-    meta: AttentionMetadata
+    meta: AttentionMetadata | DecodeMetadata
     freqs: torch.Tensor  # [T, hd/2]
     cache: KVCache
 
@@ -55,7 +56,7 @@ class Step:
     def begin(cls, seqs: list[StepSeq], args: ModelArgs, cache: KVCache) -> Step:
         """The per-step prologue, in the single-process engine and in an attention actor alike. The
         metadata is built on CPU (many tiny ops) and copied to the cache's device once, not per layer."""
-        meta = AttentionMetadata.build(seqs, cache.block_size, args.sliding_window).to(cache.device)
+        meta = step_metadata(seqs, cache.block_size, args.sliding_window).to(cache.device)
         return cls(meta, rope_freqs(meta.positions, args.head_dim, args.rope_theta), cache)  # [T, hd/2]
 
 
@@ -71,6 +72,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    packed: Fused | None = None  # wq|wk|wv in one weight (kernels/packing.py), once pack_ made it
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -80,18 +83,37 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata | DecodeMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv(x, freqs)
+        o = paged_attention(q, k, v, *kv, meta)  # [T, H, hd]
+        return self.wo(o.reshape(T, -1))  # [T, D]
+
+    def qkv(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, D] -> q [T, H, hd], k and v [T, KV, hd], q and k rotated: one GEMV over the packed
+        weight and one RoPE over q|k, or the reference path (qkv_native) if there is no packed weight."""
+        f, a = self.packed, self.args
+        if f is None or not f.current(self.wq, self.wk, self.wv):
+            return self.qkv_native(x, freqs)
+        T, H, KV, hd = x.shape[0], a.n_heads, a.n_kv_heads, a.head_dim
+        y = F.linear(x, f.weight)  # [T, (H + 2 KV) hd]
+        qk = apply_rope(y[:, : (H + KV) * hd].view(T, H + KV, hd), freqs)  # [T, H + KV, hd]
+        return qk[:, :H], qk[:, H:], y[:, (H + KV) * hd :].view(T, KV, hd)
+
+    def qkv_native(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         T, a = x.shape[0], self.args
         q = apply_rope(self.wq(x).view(T, a.n_heads, a.head_dim), freqs)  # [T, H, hd]
         k = apply_rope(self.wk(x).view(T, a.n_kv_heads, a.head_dim), freqs)  # [T, KV, hd]
         v = self.wv(x).view(T, a.n_kv_heads, a.head_dim)  # [T, KV, hd]
-        o = paged_attention(q, k, v, *kv, meta)  # [T, H, hd]
-        return self.wo(o.reshape(T, -1))  # [T, D]
+        return q, k, v
 
 
 class FeedForward(nn.Module):
     """SwiGLU, w2(silu(w1 x) * w3 x): one Mixtral expert, or Mistral-7B's dense FFN. Calls its linears
-    (not their weights), so quantized ones (kernels/quant.py) run their own forward."""
+    (not their weights), so quantized ones (kernels/quant.py) run their own forward. Once pack_ has
+    stacked w1|w3 (plain linears only), one GEMV computes both; forward_native is the reference."""
+
+    packed: Fused | None = None  # w1|w3 in one weight [2F, D] (kernels/packing.py)
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -99,7 +121,14 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
+        f = self.packed
+        if f is None or not f.current(self.w1, self.w3):
+            return self.forward_native(x)
+        gate, up = F.linear(x, f.weight).chunk(2, dim=-1)  # [n, F] each
+        return self.w2(F.silu(gate) * up)
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -230,6 +259,23 @@ class Transformer(nn.Module):
                 block: TransformerBlock = self.layers[l]  # type: ignore[assignment]  # ModuleList erases it
                 waits[i] = block.start(hs[i], steps[i])
         return [h if wait is None else wait() for h, wait in zip(hs, waits, strict=True)]
+
+
+def pack_(module: nn.Module) -> nn.Module:
+    """Packs the loaded weights of `module` (a Transformer, a role's part of one, a FeedForward) for fast
+    CPU decode, in place (kernels/packing.py): wq|wk|wv and w1|w3 fused, other plain linears in the fast
+    layout. Names, shapes and values unchanged; call it after loading (and quantizing), on the weights'
+    final device. Returns `module`."""
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.packed = fuse(m.wq, m.wk, m.wv)
+        elif isinstance(m, FeedForward):
+            m.packed = fuse(m.w1, m.w3)
+    fused = {id(p) for m in module.modules() if (f := getattr(m, "packed", None)) for p in f.parts}
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and id(m.weight) not in fused:
+            relayout(m)
+    return module
 
 
 def expert_prefix(args: ModelArgs, layer: int, expert: int) -> str:

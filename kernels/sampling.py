@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -97,27 +98,29 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
-           seen: list[torch.Tensor]) -> list[Sample]:
-    """logits [B, V] fp32 -> one Sample per row. seen[i]: token ids of row i so far (for the penalty)."""
-    logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+           seen: Sequence[Sequence[int] | torch.Tensor]) -> list[Sample]:
+    """logits [B, V] fp32 -> one Sample per row. seen[i]: token ids of row i so far (for the penalty; made a
+    tensor only for a row that has one). Logprobs are logit - logsumexp(row): no [B, V] log_softmax is
+    written, only the rows' top ones are read where asked for."""
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [B, 1]
     tokens = logits.argmax(dim=-1)  # [B]: the greedy answer, replaced below where we sample
     for i, p in enumerate(params):
         if p.greedy and p.repetition_penalty == 1:
             continue
         row = logits[i].clone()
         if p.repetition_penalty != 1:
-            row = _penalize(row, seen[i], p.repetition_penalty)
+            row = _penalize(row, torch.as_tensor(seen[i], dtype=torch.long), p.repetition_penalty)
         if p.greedy:
             tokens[i] = row.argmax()
             continue
         row = _filter(row / p.temperature, p.top_k, p.top_p)
         tokens[i] = torch.multinomial(torch.softmax(row, dim=-1), 1, generator=generators[i])[0]
-    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()  # [B]
+    chosen = (logits.gather(1, tokens[:, None]) - lse)[:, 0].tolist()  # [B]
     out = []
     for i, p in enumerate(params):
         top = None
         if p.logprobs:
-            values, ids = torch.topk(logprobs[i], p.logprobs)
-            top = list(zip(ids.tolist(), values.tolist(), strict=True))
+            values, ids = torch.topk(logits[i], p.logprobs)
+            top = list(zip(ids.tolist(), (values - lse[i]).tolist(), strict=True))
         out.append(Sample(int(tokens[i]), chosen[i], top))
     return out

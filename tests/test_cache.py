@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from kernels.attention import paged_attention
 from kernels.blocks import BlockPool, CacheFull, block_names
-from kernels.cache import AttentionMetadata, StepSeq, blocks_for, ring_positions
+from kernels.cache import AttentionMetadata, DecodeMetadata, StepSeq, blocks_for, ring_positions, step_metadata
 
 
 def test_ring_positions_docstring_example():
@@ -93,3 +93,29 @@ def test_paged_attention_equals_full_attention(window):
         ref = F.scaled_dot_product_attention(q_all[i].transpose(0, 1), k_all[i].transpose(0, 1),
                                              v_all[i].transpose(0, 1), attn_mask=allowed, enable_gqa=True)
         torch.testing.assert_close(torch.cat(out[i]), ref.transpose(0, 1))
+
+
+@pytest.mark.parametrize("window", [None, 5, 12])
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_decode_path_equals_general_path(window, batch):
+    """A decode step (one new token per sequence) through DecodeMetadata == through the general
+    AttentionMetadata: same output, same pools after. Cached lengths 0..40 (windows wrap), scattered
+    block tables, sequences of unequal context side by side."""
+    rnd = random.Random(batch)
+    torch.manual_seed(batch)
+    H, KV, hd, bs = 4, 2, 8, 4
+    free = list(range(1, 400))  # block 0 is also the padding slot: no table holds it here
+    rnd.shuffle(free)  # scattered tables, not in allocation order
+    cached = [rnd.randint(0, 40) for _ in range(batch)]
+    tables = [[free.pop() for _ in range(blocks_for(c + rnd.randint(1, 9), bs, window))] for c in cached]
+    pool = torch.randn(400 * bs, KV, hd), torch.randn(400 * bs, KV, hd)  # garbage where nothing was written
+    seqs = [StepSeq(t, c, 1) for t, c in zip(tables, cached, strict=True)]
+    q, k, v = torch.randn(len(seqs), H, hd), torch.randn(len(seqs), KV, hd), torch.randn(len(seqs), KV, hd)
+    meta = step_metadata(seqs, bs, window)
+    assert isinstance(meta, DecodeMetadata)
+    fast_pools, ref_pools = [p.clone() for p in pool], [p.clone() for p in pool]
+    fast = paged_attention(q, k, v, *fast_pools, meta)
+    ref = paged_attention(q, k, v, *ref_pools, AttentionMetadata.build(seqs, bs, window))
+    torch.testing.assert_close(fast, ref)
+    for a, b in zip(fast_pools, ref_pools, strict=True):
+        assert torch.equal(a, b)
