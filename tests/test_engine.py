@@ -127,8 +127,9 @@ def test_output_does_not_depend_on_batch_or_join_time(hf_tiny):
 
 
 def test_kv_cache_is_bounded_and_queues(hf_mixtral):
-    """A cache with room for two sequences: the rest wait their turn, all finish, memory comes back."""
-    cfg = EngineConfig(kv_cache_tokens=2 * 48, block_size=16)
+    """Reserving the worst case, a cache with room for two sequences: the rest wait their turn, all finish,
+    memory comes back. (On demand, the default, admits more and preempts: tests/test_kv_blocks.py.)"""
+    cfg = EngineConfig(kv_cache_tokens=2 * 48, block_size=16, kv_allocation="reserve")
     engine = Engine.from_dir(hf_mixtral, cfg)
     ps = prompts((10, 12, 14, 16, 11))
     for i, p in enumerate(ps):
