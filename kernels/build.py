@@ -11,7 +11,7 @@ about the modules is applied here, once:
     device        checked before anything loads, by the process that uses it (a missing GPU fails clearly)
     dtype         the held weights' (activations follow them)
     expert_quant  held experts are read and quantized on CPU, then moved: the device never holds them
-                  unquantized
+                  unquantized; on CPU they run torch's packed int8 / int4 kernels (kernels/quant.py)
     moe_kernel    the experts stage: on the engine's MoE layers (use_kernel), or one stage per layer over
                   the pairs an expert shard holds (expert_runner); a dense FFN stays on the reference path,
                   which is what the single-process engine runs for it
@@ -124,7 +124,7 @@ def build_role(ckpt: Checkpoint, engine: Building, holds: Holds,
             done += len(part)
     experts = {(l, e): model.get_submodule(expert_prefix(a, l, e).rstrip(".")) for l, e in pairs}
     if bits:
-        quantize_experts(experts, bits)
+        quantize_experts(experts, bits, cpu_kernel=device.type == "cpu")
         for ff in experts.values():
             ff.to(device)
     if holds.whole:
