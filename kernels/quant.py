@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.model import FeedForward
+from kernels.model import Attention, FeedForward, Transformer
 
 BITS = (8, 4)
 # rows up to which the packed CPU kernels beat dequantize + GEMM (bf16, 2 threads, AVX2 and AVX-512:
@@ -283,3 +283,21 @@ def quantize_experts(module: nn.Module | Mapping, bits: int, group_size: int = 1
             if type(linear) is nn.Linear:
                 setattr(ff, name, QuantLinear.from_linear(linear, bits, group_size, scale_dtype, cpu_kernel))
     return module
+
+
+def quantize_dense(module: nn.Module, bits: int, group_size: int = 128, scale_dtype: torch.dtype = torch.bfloat16,
+                   cpu_kernel: bool | None = None) -> list[QuantLinear]:
+    """Replaces the attention projections (wq, wk, wv, wo) and the LM head (`output`) that `module` holds
+    (not those left on the meta device) by QuantLinear, in place; returns the new ones. Embeddings, norms
+    and MoE gates stay as they are (the gates decide routing and are a few thousand weights). At batch 1
+    on the small bench model the LM head is half the bytes a token reads."""
+    done = []
+    for owner in module.modules():
+        names = ("wq", "wk", "wv", "wo") if isinstance(owner, Attention) else \
+                ("output",) if isinstance(owner, Transformer) else ()
+        for name in names:
+            linear = getattr(owner, name)
+            if type(linear) is nn.Linear and not linear.weight.is_meta:
+                done.append(QuantLinear.from_linear(linear, bits, group_size, scale_dtype, cpu_kernel))
+                setattr(owner, name, done[-1])
+    return done

@@ -15,6 +15,7 @@ from kernels.quant import (
     QuantLinear,
     cpu_int4_block,
     pack_int4,
+    quantize_dense,
     quantize_experts,
     unpack_cpu_int4,
     unpack_int4,
@@ -370,3 +371,38 @@ def test_expert_quant_is_selectable_per_deployment(tmp_path):
     params = SamplingParams(max_tokens=4, temperature=0, logprobs=2, ignore_eos=True)
     a, b = plain.generate([[1, 20, 30]], params)[0], int8.generate([[1, 20, 30]], params)[0]
     assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 0.05
+
+
+def test_quantize_dense_replaces_exactly_attention_and_lm_head(mixtral):
+    """weight_quant's modules: wq / wk / wv / wo of every layer and the LM head; not the gates, norms,
+    embeddings or experts; and only what a role holds (weights on the meta device are left alone)."""
+    model = copy.deepcopy(mixtral)
+    done = quantize_dense(model, 8)
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert quantized == {"output"} | {f"layers.{l}.attention.{w}" for l in range(mixtral.args.n_layers)
+                                      for w in ("wq", "wk", "wv", "wo")}
+    assert len(done) == len(quantized) and all(q.kernel_scale is not None for q in done)
+    assert model.dtype == torch.float32 and type(model.layers[0].feed_forward.gate) is nn.Linear
+    with torch.device("meta"):
+        held_nothing = Transformer(mixtral.args)
+    assert quantize_dense(held_nothing, 8) == []
+
+
+def test_weight_quant_is_selectable_per_deployment(tmp_path):
+    """engine.weight_quant: attention and LM head in int8 (experts as expert_quant says), in a bf16 engine on
+    the CPU kernels; logprobs of greedy tokens within 0.1 of the unquantized bf16 engine's."""
+    from kernels.tiny import make_tiny
+
+    path = make_tiny(tmp_path / "m", "mixtral")
+    plain = Engine.from_dir(path, EngineConfig(dtype="bfloat16"))
+    quant = Engine.from_dir(path, EngineConfig(dtype="bfloat16", weight_quant="int8", expert_quant="int8"))
+    model = quant.executor.model
+    assert isinstance(model.output, QuantLinear) and model.output.kernel_scale is not None
+    assert isinstance(model.layers[1].attention.wo, QuantLinear)
+    assert isinstance(model.layers[0].feed_forward.experts[3].w2, QuantLinear)
+    assert quant.executor.model.dtype == torch.bfloat16
+    params = SamplingParams(max_tokens=4, temperature=0, logprobs=2, ignore_eos=True)
+    a, b = plain.generate([[1, 20, 30]], params)[0], quant.generate([[1, 20, 30]], params)[0]
+    assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 0.1
+    with pytest.raises(ValueError, match="weight_quant must be one of"):
+        EngineConfig(weight_quant="int2")

@@ -42,9 +42,10 @@ PRESETS = {
 }
 
 
-# moeray's precisions: engine.dtype (weights, activations, KV cache) and engine.expert_quant
-PRECISIONS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("bfloat16", "int8"),
-              "int4": ("bfloat16", "int4")}
+# moeray's precisions: engine.dtype (weights, activations, KV cache), expert_quant, weight_quant (attention, LM head)
+PRECISIONS = {"fp32": ("float32", "none", "none"), "bf16": ("bfloat16", "none", "none"),
+              "int8": ("bfloat16", "int8", "none"), "int4": ("bfloat16", "int4", "none"),
+              "int8-all": ("bfloat16", "int8", "int8"), "int4-all": ("bfloat16", "int4", "int4")}
 ROOFLINE_BYTES = 1 << 30  # a streaming read far beyond any cache: 1 GiB of fp32
 PEAK = "PEAK_RSS_KB"
 
@@ -92,10 +93,10 @@ def _worker(system: str, model_dir: str, batches: list[int], prompt_len: int, ne
         from kernels.engine import Engine, EngineConfig
         from kernels.sampling import SamplingParams
 
-        dtype, quant = PRECISIONS[system.split(":")[1]]
+        dtype, experts, dense = PRECISIONS[system.split(":")[1]]
         kv = max(batches) * (prompt_len + new)
         engine = Engine.from_dir(model_dir, EngineConfig(max_num_seqs=max(batches), kv_cache_tokens=-(-kv // 16) * 16,
-                                                         dtype=dtype, expert_quant=quant))
+                                                         dtype=dtype, expert_quant=experts, weight_quant=dense))
         vocab = engine.args.vocab_size
         results["weight_bytes"] = _weight_bytes(engine.executor.model)
 
