@@ -1,9 +1,9 @@
-"""Weight-only int8 / int4 quantization of the experts (96.6 % of Mixtral's 46.7 B parameters).
+"""Weight-only int8 / int4 quantization of the experts (96.6 % of Mixtral's 46.7 B parameters;
+engine.expert_quant), and optionally of the attention projections and LM head (engine.weight_quant).
 
 Expert weights in bf16 are 90 GB; int8 halves them (45 GB), int4 quarters them (24 GB with bf16
-scales, group 128). Activations stay in the model's dtype: a QuantLinear dequantizes its weight on
-every call and runs F.linear, so it is exact up to the stated rounding bounds on CPU and GPU alike.
-A fused dequantize-matmul kernel is a later step; this is its reference.
+scales, group 128). Activations stay in the model's dtype; a QuantLinear runs one of two paths
+(below), each within the stated rounding bounds of the dequantized weight.
 
 Formats, for a weight W [O, I] (O output features, I input features):
 
@@ -25,13 +25,14 @@ the final cast of W' to bf16 (2^-9 of the weight, the same rounding the bf16 che
 Measured on N(0, 1/I) weights: relative weight error 0.75 % (int8) and 10 % (int4, group 128); on a
 whole Mixtral-sized SwiGLU expert's output 1.7 % and 18 %.
 
-Two paths (STYLE.md: the reference beside the fast op, chosen once, at construction):
+Two paths (STYLE.md: the reference beside the fast op; the kernel chosen at load, use_cpu_kernel_):
 
   forward_native  dequantize W' in x's dtype and F.linear: the reference, any device and dtype. A full
                   pass over the weight per call: a Mixtral-sized expert at 8 rows takes 7.5x its bf16
                   time in int8 and 30x in int4 on CPU.
-  forward         on CPU with bf16 activations and at most FAST_ROWS rows, torch's packed weight-only
-                  matmuls, which read the int8 / int4 weight once and never write W':
+  forward         on CPU with bf16 activations and at most FAST_ROWS rows (decode: batch 16 at top-2
+                  gives an expert ~4 rows), torch's packed weight-only matmuls, which read the int8 /
+                  int4 weight once and never write W':
                   aten._weight_int8pack_mm (our int8 format as it is, scales [O] in bf16) and
                   aten._weight_int4pack_mm_for_cpu (the weight in its packed layout, which depends on the
                   CPU: converted from ours at load time, see use_cpu_kernel_; scales and zeros [G, O, 2] in
@@ -123,7 +124,7 @@ class QuantLinear(nn.Module):
     qweight: torch.Tensor  # int8 [O, I], or uint8 [O, I/2] packed int4 (in the CPU kernel's layout once packed)
     scale: torch.Tensor  # [O, 1] (int8) or [O, G] (int4)
     offset: torch.Tensor | None  # [O, G], int4 only
-    kernel_scale: torch.Tensor | None  # bf16 [O] (int8) or [G, O, 2] (int4): set by use_cpu_kernel_
+    kernel_scale: torch.Tensor | None  # int4 on the CPU kernel: its scales and zeros, bf16 [G, O, 2]
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 128,
                  dtype: torch.dtype = torch.float32, scale_dtype: torch.dtype = torch.bfloat16,
@@ -148,6 +149,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("offset", torch.zeros(out_features, groups, dtype=scale_dtype, device=device))
         self.register_buffer("kernel_scale", None, persistent=False)
         self.int4_block: int | None = None  # set while qweight is in the CPU int4 kernel's layout
+        self.cpu_kernel = False  # forward uses the CPU kernel where it can (use_cpu_kernel_)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 128,
@@ -170,6 +172,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"weight is {tuple(weight.shape)}, expected {(self.out_features, self.in_features)}")
         w = weight.float()
         self.int4_block = self.kernel_scale = None  # the stored format: use_cpu_kernel_ again to convert
+        self.cpu_kernel = False
         if self.bits == 8:
             absmax = w.abs().amax(dim=1, keepdim=True)  # [O, 1]
             s = round_toward(absmax / 127, self.scale.dtype, up=True)  # [O, 1]
@@ -194,12 +197,12 @@ class QuantLinear(nn.Module):
         place, so it is held once (values() still reads it); a layout this process does not know, or
         out_features not a multiple of its block, keeps int4 native. Scales must be stored in bf16 (the
         default), the kernels' dtype, so that the fast path stays within fp rounding of the reference."""
-        if self.kernel_scale is not None:
+        if self.cpu_kernel:
             return True
         if self.qweight.device.type != "cpu" or self.scale.dtype != torch.bfloat16:
             return False
-        if self.bits == 8:
-            self.kernel_scale = self.scale.view(-1)  # [O], the stored scales themselves
+        if self.bits == 8:  # the stored format as it is
+            self.cpu_kernel = True
             return True
         block = cpu_int4_block()
         if block is None or self.out_features % block:
@@ -208,7 +211,7 @@ class QuantLinear(nn.Module):
         s, m = self.scale.float(), self.offset.float()  # [O, G]
         self.kernel_scale = torch.stack([s, m + 8 * s], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
         self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.values().int(), 2)  # [O, I/2]
-        self.int4_block = block
+        self.int4_block, self.cpu_kernel = block, True
         return True
 
     def values(self) -> torch.Tensor:
@@ -239,12 +242,12 @@ class QuantLinear(nn.Module):
         return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., I] -> [..., O]
-        if (self.kernel_scale is None or x.dtype != torch.bfloat16 or not x.is_cpu
+        if (not self.cpu_kernel or x.dtype != torch.bfloat16 or not x.is_cpu
                 or x.numel() > FAST_ROWS * self.in_features):
             return self.forward_native(x)
         x2 = x.reshape(-1, self.in_features).contiguous()  # [n, I]
         if self.bits == 8:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.kernel_scale)  # [n, O]
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale.view(-1))  # [n, O]
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.kernel_scale)
         return y.view(*x.shape[:-1], self.out_features)
@@ -254,10 +257,9 @@ class QuantLinear(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the quantized weight plus its scales (and int4 offsets, and the CPU kernel's copy of
-        the int4 scales and zeros: 4 bytes a group more; int8's kernel scales are a view of the stored ones)."""
-        storages = {b.untyped_storage().data_ptr(): b.untyped_storage().nbytes() for b in self.buffers()}
-        return sum(storages.values())
+        """Bytes held: the quantized weight plus its scales (and int4 offsets, and on the CPU kernel its
+        scales and zeros: 4 bytes a group more)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
         group = "per channel" if self.bits == 8 else f"group_size={self.group_size}"

@@ -198,7 +198,7 @@ def test_cpu_kernel_matches_dequantized_reference(shape, bits, rows):
     lin = linear_of(random_weight(out_f, in_f, torch.bfloat16, seed=rows))
     stored = QuantLinear.from_linear(lin, bits, g, cpu_kernel=False)
     q = QuantLinear.from_linear(lin, bits, g)
-    assert q.kernel_scale is not None and stored.kernel_scale is None
+    assert q.cpu_kernel and not stored.cpu_kernel
     assert torch.equal(q.values(), stored.values()) and torch.equal(q.dequantize(), stored.dequantize())
     x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
     with torch.no_grad():
@@ -227,7 +227,7 @@ def test_cpu_kernel_expert_matches_reference():
     x = torch.randn(FAST_ROWS, 512, dtype=torch.bfloat16)
     for bits in (8, 4):
         fast, ref = (quantize_experts(copy.deepcopy(ff), bits, cpu_kernel=k) for k in (True, False))
-        assert fast.w1.kernel_scale is not None and ref.w1.kernel_scale is None
+        assert fast.w1.cpu_kernel and not ref.w1.cpu_kernel
         with torch.no_grad():
             for n in (1, 5, FAST_ROWS):
                 y, r = fast(x[:n]).float(), ref(x[:n]).float()
@@ -381,7 +381,7 @@ def test_quantize_dense_replaces_exactly_attention_and_lm_head(mixtral):
     quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert quantized == {"output"} | {f"layers.{l}.attention.{w}" for l in range(mixtral.args.n_layers)
                                       for w in ("wq", "wk", "wv", "wo")}
-    assert len(done) == len(quantized) and all(q.kernel_scale is not None for q in done)
+    assert len(done) == len(quantized) and all(q.cpu_kernel for q in done)
     assert model.dtype == torch.float32 and type(model.layers[0].feed_forward.gate) is nn.Linear
     with torch.device("meta"):
         held_nothing = Transformer(mixtral.args)
@@ -397,7 +397,7 @@ def test_weight_quant_is_selectable_per_deployment(tmp_path):
     plain = Engine.from_dir(path, EngineConfig(dtype="bfloat16"))
     quant = Engine.from_dir(path, EngineConfig(dtype="bfloat16", weight_quant="int8", expert_quant="int8"))
     model = quant.executor.model
-    assert isinstance(model.output, QuantLinear) and model.output.kernel_scale is not None
+    assert isinstance(model.output, QuantLinear) and model.output.cpu_kernel
     assert isinstance(model.layers[1].attention.wo, QuantLinear)
     assert isinstance(model.layers[0].feed_forward.experts[3].w2, QuantLinear)
     assert quant.executor.model.dtype == torch.bfloat16
