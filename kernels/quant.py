@@ -202,8 +202,9 @@ class QuantLinear(nn.Module):
         if self.qweight.device.type != "cpu" or self.scale.dtype != torch.bfloat16:
             return False
         if self.bits == 8:  # the stored format as it is
-            self.cpu_kernel = True
-            return True
+            # torch 2.13's AVX-512 int8 kernel reads rows in 32-byte loads: other widths crash it (SIGSEGV)
+            self.cpu_kernel = self.in_features % 16 == 0
+            return self.cpu_kernel
         block = cpu_int4_block()
         if block is None or self.out_features % block:
             return False
@@ -246,6 +247,8 @@ class QuantLinear(nn.Module):
                 or x.numel() > FAST_ROWS * self.in_features):
             return self.forward_native(x)
         x2 = x.reshape(-1, self.in_features).contiguous()  # [n, I]
+        if x2.data_ptr() % 64:  # e.g. rows read from a network buffer: the int8 kernel needs aligned rows
+            x2 = x2.clone()
         if self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale.view(-1))  # [n, O]
         else:

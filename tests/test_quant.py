@@ -219,6 +219,22 @@ def test_cpu_kernel_matches_dequantized_reference(shape, bits, rows):
         assert torch.equal(q(x.view(1, rows, in_f)), y.view(1, rows, out_f))
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cpu_kernel_takes_rows_at_any_address(bits):
+    """Rows that do not start on an aligned address (an expert shard reads them from a network buffer)
+    give the same result as aligned ones: torch's int8 kernel would crash on them (SIGSEGV with AVX-512),
+    so forward copies them first; and int8 widths its kernel cannot read stay on the reference path."""
+    q = QuantLinear.from_linear(linear_of(random_weight(128, 256, torch.bfloat16)), bits)
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    buffer = torch.empty(3 * 256 + 1, dtype=torch.bfloat16)
+    shifted = buffer[1:].view(3, 256)  # 2 bytes past an aligned start
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 64 and q.cpu_kernel
+    with torch.no_grad():
+        assert torch.equal(q(shifted), q(x))
+    assert not QuantLinear.from_linear(nn.Linear(40, 64, bias=False).to(torch.bfloat16), 8).cpu_kernel
+
+
 def test_cpu_kernel_expert_matches_reference():
     """A SwiGLU expert in bf16 on the kernels, 1..16 rows, against the same expert on the reference path:
     within 1 % (the outputs' bf16 rounding compounded through three matmuls), int8 and int4."""
