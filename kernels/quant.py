@@ -30,15 +30,18 @@ Two paths (STYLE.md: the reference beside the fast op; the kernel chosen at load
   forward_native  dequantize W' in x's dtype and F.linear: the reference, any device and dtype. A full
                   pass over the weight per call: a Mixtral-sized expert at 8 rows takes 7.5x its bf16
                   time in int8 and 30x in int4 on CPU.
-  forward         on CPU with bf16 activations and at most FAST_ROWS rows (decode: batch 16 at top-2
-                  gives an expert ~4 rows), torch's packed weight-only matmuls, which read the int8 /
-                  int4 weight once and never write W':
+  forward         on CPU with bf16 activations, torch's packed weight-only matmuls, which read the
+                  int8 / int4 weight once and never write W':
                   aten._weight_int8pack_mm (our int8 format as it is, scales [O] in bf16) and
                   aten._weight_int4pack_mm_for_cpu (the weight in its packed layout, which depends on the
                   CPU: converted from ours at load time, see use_cpu_kernel_; scales and zeros [G, O, 2] in
                   bf16 with W' = (q - 8) * s + z, so z = m + 8 s). Everything else (fp32 or fp16
-                  activations, where these kernels are scalar loops; more rows, where dequantize + one
-                  GEMM wins; GPU) runs forward_native.
+                  activations, where these kernels are scalar loops; GPU) runs forward_native.
+                  Measured on 2 threads (bf16, a 1024 x 512 expert matrix): about 4x faster than
+                  forward_native at 1 to 4 rows, even at 16, 2x slower from ~64 rows (prefill), where
+                  dequantize + one GEMM wins. It still runs there: each row's result is the same whatever
+                  the other rows are (checked), so a sequence's tokens do not depend on what it is
+                  batched with, here or in the pipeline's shards; switching paths by row count would.
 
   How far the fast path is from the reference, per output (tests/test_quant.py checks these bounds):
   int8  W' is rounded to bf16 in the reference and not in the kernel: |y - y'| <= 2^-8 |x| @ |W'|^T
@@ -61,9 +64,6 @@ from torch import nn
 from kernels.model import Attention, FeedForward, Transformer
 
 BITS = (8, 4)
-# rows up to which the packed CPU kernels beat dequantize + GEMM (bf16, 2 threads, AVX2 and AVX-512:
-# about 4x faster at 1 row, even at 16, slower from 32 on; bench: `moeray bench engine`)
-FAST_ROWS = 16
 
 
 def round_toward(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
@@ -192,7 +192,7 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def use_cpu_kernel_(self) -> bool:
-        """Makes forward use torch's packed CPU kernel where it can (CPU, bf16 x, <= FAST_ROWS rows); returns
+        """Makes forward use torch's packed CPU kernel where it can (CPU, bf16 x); returns
         whether it will. Call once, on CPU, after quantize_. int4 is converted to that kernel's layout in
         place, so it is held once (values() still reads it); a layout this process does not know, or
         out_features not a multiple of its block, keeps int4 native. Scales must be stored in bf16 (the
@@ -243,8 +243,7 @@ class QuantLinear(nn.Module):
         return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., I] -> [..., O]
-        if (not self.cpu_kernel or x.dtype != torch.bfloat16 or not x.is_cpu
-                or x.numel() > FAST_ROWS * self.in_features):
+        if not self.cpu_kernel or x.dtype != torch.bfloat16 or not x.is_cpu:
             return self.forward_native(x)
         x2 = x.reshape(-1, self.in_features).contiguous()  # [n, I]
         if x2.data_ptr() % 64:  # e.g. rows read from a network buffer: the int8 kernel needs aligned rows

@@ -11,7 +11,6 @@ from kernels.cache import KVCache, StepSeq, blocks_for
 from kernels.engine import Engine, EngineConfig, LocalExecutor
 from kernels.model import FeedForward, Step, Transformer
 from kernels.quant import (
-    FAST_ROWS,
     QuantLinear,
     cpu_int4_block,
     pack_int4,
@@ -148,7 +147,8 @@ def test_matches_nn_linear(bits, rel_tol, dtype):
     with torch.no_grad():
         y, yq = lin(x).float(), q(x)
     assert yq.dtype == dtype and yq.shape == (40, out_f)
-    assert torch.equal(yq, torch.nn.functional.linear(x, q.weight))  # forward = F.linear on the dequantized weight
+    # the reference is F.linear on the dequantized weight (forward on CPU in bf16: the kernel, checked below)
+    assert torch.equal(q.forward_native(x), torch.nn.functional.linear(x, q.weight))
     bound = x.float().abs() @ (per_weight(q.scale, q) / 2).T  # [n, O]
     # bf16 matmuls round their outputs (8 bits): allow 2^-7 of |y| on top, fp32 almost nothing
     eps = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
@@ -186,7 +186,7 @@ def test_cpu_int4_layout_round_trips(shape):
     assert torch.equal(unpack_cpu_int4(packed, cpu_int4_block()).int(), codes)
 
 
-@pytest.mark.parametrize("rows", [1, 3, FAST_ROWS])
+@pytest.mark.parametrize("rows", [1, 3, 16, 70])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("shape", KERNEL_SHAPES)
 def test_cpu_kernel_matches_dequantized_reference(shape, bits, rows):
@@ -211,10 +211,10 @@ def test_cpu_kernel_matches_dequantized_reference(shape, bits, rows):
     bound = 2 ** -8 * (x.float().abs() @ w.T + ref.float().abs())  # [n, O]
     assert ((y.float() - ref.float()).abs() <= bound).all()
     assert not torch.equal(y, ref)  # the kernel ran: it rounds differently from the reference
-    # more rows, fp32 activations: the reference itself; leading dimensions fold into rows
-    many = torch.randn(FAST_ROWS + 1, in_f, dtype=torch.bfloat16)
     with torch.no_grad():
-        assert torch.equal(q(many), stored(many))
+        # each row's result does not depend on the others (so tokens do not depend on the batch)
+        assert torch.equal(torch.cat([q(x[i : i + 1]) for i in range(rows)]), y)
+        # fp32 activations: the reference itself; leading dimensions fold into rows
         assert torch.equal(q(x.float()), stored(x.float()))
         assert torch.equal(q(x.view(1, rows, in_f)), y.view(1, rows, out_f))
 
@@ -240,12 +240,12 @@ def test_cpu_kernel_expert_matches_reference():
     within 1 % (the outputs' bf16 rounding compounded through three matmuls), int8 and int4."""
     torch.manual_seed(0)
     ff = FeedForward(512, 1024).to(torch.bfloat16)
-    x = torch.randn(FAST_ROWS, 512, dtype=torch.bfloat16)
+    x = torch.randn(16, 512, dtype=torch.bfloat16)
     for bits in (8, 4):
         fast, ref = (quantize_experts(copy.deepcopy(ff), bits, cpu_kernel=k) for k in (True, False))
         assert fast.w1.cpu_kernel and not ref.w1.cpu_kernel
         with torch.no_grad():
-            for n in (1, 5, FAST_ROWS):
+            for n in (1, 5, 16):
                 y, r = fast(x[:n]).float(), ref(x[:n]).float()
                 assert (y - r).norm() / r.norm() < 0.01, (bits, n)
 
