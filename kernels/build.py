@@ -11,8 +11,9 @@ about the modules is applied here, once:
     device        checked before anything loads, by the process that uses it (a missing GPU fails clearly)
     dtype         the held weights' (activations follow them)
     expert_quant  held experts are read and quantized on CPU, then moved: the device never holds them
-                  unquantized
-    (CPU)         the held weights packed for fast decode once loaded (kernels/packing.py)
+                  unquantized; on CPU they run torch's packed int8 / int4 kernels (kernels/quant.py)
+    weight_quant  likewise the held attention projections and LM head (kernels.quant.quantize_dense)
+    (CPU)         the held weights that stay unquantized packed for fast decode (kernels/packing.py)
     moe_kernel    the experts stage: on the engine's MoE layers (use_kernel), or one stage per layer over
                   the pairs an expert shard holds (expert_runner); a dense FFN stays on the reference path,
                   which is what the single-process engine runs for it
@@ -20,6 +21,7 @@ about the modules is applied here, once:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -31,10 +33,11 @@ from kernels.checkpoint import Checkpoint, attention_names, router_names
 from kernels.fused_moe import expert_runner, use_kernel
 from kernels.model import LayersStage, Transformer, build, expert_prefix, load_into, pack_
 from kernels.moe import ExpertsStage
-from kernels.quant import quantize_experts
+from kernels.quant import quantize_dense, quantize_experts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
+DENSE_QUANTIZED = re.compile(r"(layers\.\d+\.attention\.w[qkvo]|output)\.weight")  # what weight_quant covers
 
 Pair = tuple[int, int]  # (layer, expert)
 
@@ -45,6 +48,7 @@ class Building(Protocol):
     device: str
     dtype: str
     expert_quant: str
+    weight_quant: str
     moe_kernel: str
 
 
@@ -116,7 +120,9 @@ def build_role(ckpt: Checkpoint, engine: Building, holds: Holds,
         names = list(model.state_dict())  # with a layers stand-in, the model has only what the router holds
     else:
         names = [n for l in holds.layers for n in attention_names(a, l) + router_names(a, l)] + expert_names
-    on_cpu = set(expert_names) if bits else set()  # to be quantized there first
+    dense_bits = QUANT_BITS[engine.weight_quant]
+    on_cpu = ((set(expert_names) if bits else set())  # to be quantized there first
+              | ({n for n in names if DENSE_QUANTIZED.fullmatch(n)} if dense_bits else set()))
     done = 0
     for where, part in ((device, [n for n in names if n not in on_cpu]), ("cpu", [n for n in names if n in on_cpu])):
         if part:
@@ -125,10 +131,13 @@ def build_role(ckpt: Checkpoint, engine: Building, holds: Holds,
             done += len(part)
     experts = {(l, e): model.get_submodule(expert_prefix(a, l, e).rstrip(".")) for l, e in pairs}
     if bits:
-        quantize_experts(experts, bits)
+        quantize_experts(experts, bits, cpu_kernel=device.type == "cpu")
         for ff in experts.values():
             ff.to(device)
-    if device.type == "cpu":
+    if dense_bits:
+        for q in quantize_dense(model, dense_bits, cpu_kernel=device.type == "cpu"):
+            q.to(device)
+    if device.type == "cpu":  # after quantizing: a quantized linear is not packed
         pack_(model)  # fused QKV and w1|w3, fast GEMV layout (kernels/packing.py): the held weights only
     if holds.whole:
         if engine.moe_kernel != "reference":

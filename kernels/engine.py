@@ -56,6 +56,7 @@ class EngineConfig:
     dtype: str = "float32"  # weights, activations and KV cache: float32 | bfloat16 | float16
     max_queued_requests: int = 256  # requests waiting for a batch slot at most; more -> QueueFull (HTTP 429)
     expert_quant: str = "none"  # expert weights: none | int8 | int4 (weight-only; kernels/quant.py)
+    weight_quant: str = "none"  # attention projections and LM head: none | int8 | int4 (kernels.quant.quantize_dense)
     kv_allocation: str = "on_demand"  # on_demand (blocks as sequences grow; preempt when out) | reserve (worst case)
     enable_prefix_caching: bool = True  # reuse computed full blocks of equal prefixes (not with a sliding window)
     # weights, KV cache and activations: cpu | cuda | cuda:N. Only the spelling is checked here; whether
@@ -68,6 +69,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.expert_quant not in QUANT_BITS:
             raise ValueError(f"expert_quant must be one of {sorted(QUANT_BITS)}, got {self.expert_quant!r}")
+        if self.weight_quant not in QUANT_BITS:
+            raise ValueError(f"weight_quant must be one of {sorted(QUANT_BITS)}, got {self.weight_quant!r}")
         if not isinstance(self.device, str) or not DEVICE.fullmatch(self.device):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.kv_allocation not in ("on_demand", "reserve"):
@@ -364,7 +367,7 @@ class Engine:
     def from_dir(cls, path: str | Path, config: EngineConfig | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Engine:
         """The single-process engine on a checkpoint directory (HF or Mistral format), the whole model built
-        as config says (device, dtype, expert_quant, moe_kernel: kernels/build.py)."""
+        as config says (device, dtype, expert_quant, weight_quant, moe_kernel: kernels/build.py)."""
         config = config or EngineConfig()
         model = build_role(Checkpoint.open(path), config, Holds(whole=True), progress).model
         return cls(LocalExecutor(model, config), model.args, load_tokenizer(path), config)

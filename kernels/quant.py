@@ -1,9 +1,9 @@
-"""Weight-only int8 / int4 quantization of the experts (96.6 % of Mixtral's 46.7 B parameters).
+"""Weight-only int8 / int4 quantization of the experts (96.6 % of Mixtral's 46.7 B parameters;
+engine.expert_quant), and optionally of the attention projections and LM head (engine.weight_quant).
 
 Expert weights in bf16 are 90 GB; int8 halves them (45 GB), int4 quarters them (24 GB with bf16
-scales, group 128). Activations stay in the model's dtype: a QuantLinear dequantizes its weight on
-every call and runs F.linear, so it is exact up to the stated rounding bounds on CPU and GPU alike.
-A fused dequantize-matmul kernel is a later step; this is its reference.
+scales, group 128). Activations stay in the model's dtype; a QuantLinear runs one of two paths
+(below), each within the stated rounding bounds of the dequantized weight.
 
 Formats, for a weight W [O, I] (O output features, I input features):
 
@@ -25,21 +25,43 @@ the final cast of W' to bf16 (2^-9 of the weight, the same rounding the bf16 che
 Measured on N(0, 1/I) weights: relative weight error 0.75 % (int8) and 10 % (int4, group 128); on a
 whole Mixtral-sized SwiGLU expert's output 1.7 % and 18 %.
 
-Cost: dequantizing on every call is a full pass over the weight. On CPU (2 threads) a Mixtral-sized
-expert (176 M parameters) at 8 rows takes 7.5x its bf16 time in int8 and 30x in int4: memory, not
-speed, is what this buys until the fused kernel.
+Two paths (STYLE.md: the reference beside the fast op; the kernel chosen at load, use_cpu_kernel_):
+
+  forward_native  dequantize W' in x's dtype and F.linear: the reference, any device and dtype. A full
+                  pass over the weight per call: a Mixtral-sized expert at 8 rows takes 7.5x its bf16
+                  time in int8 and 30x in int4 on CPU.
+  forward         on CPU with bf16 activations, torch's packed weight-only matmuls, which read the
+                  int8 / int4 weight once and never write W':
+                  aten._weight_int8pack_mm (our int8 format as it is, scales [O] in bf16) and
+                  aten._weight_int4pack_mm_for_cpu (the weight in its packed layout, which depends on the
+                  CPU: converted from ours at load time, see use_cpu_kernel_; scales and zeros [G, O, 2] in
+                  bf16 with W' = (q - 8) * s + z, so z = m + 8 s). Everything else (fp32 or fp16
+                  activations, where these kernels are scalar loops; GPU) runs forward_native.
+                  Measured on 2 threads (bf16, a 1024 x 512 expert matrix): about 4x faster than
+                  forward_native at 1 to 4 rows, even at 16, 2x slower from ~64 rows (prefill), where
+                  dequantize + one GEMM wins. It still runs there: each row's result is the same whatever
+                  the other rows are (checked), so a sequence's tokens do not depend on what it is
+                  batched with, here or in the pipeline's shards; switching paths by row count would.
+
+  How far the fast path is from the reference, per output (tests/test_quant.py checks these bounds):
+  int8  W' is rounded to bf16 in the reference and not in the kernel: |y - y'| <= 2^-8 |x| @ |W'|^T
+        plus the rounding of y to bf16 (2^-8 |y|): fp rounding, nothing else.
+  int4  the same, plus z = m + 8 s rounded to bf16 (2^-9 |z| per weight): |y - y'| <= 2^-8 |x| @ (|W'| +
+        |z|)^T + 2^-8 |y|.
+
 Shapes: O out features, I in features, G = I / g groups, n rows of x.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.model import FeedForward
+from kernels.model import Attention, FeedForward, Transformer
 
 BITS = (8, 4)
 
@@ -73,16 +95,36 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(1)  # [O, I/2, 2] -> [O, I]
 
 
+def unpack_cpu_int4(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """uint8 [O, I/2] in aten._convert_weight_to_int4pack_for_cpu's layout -> uint8 [O, I], values 0..15.
+
+    That layout is [O/b, I, b/2] bytes: for rows n0 .. n0+b of the weight and input column i, byte j
+    holds row n0+j in its low nibble and row n0+b/2+j in its high one; b = cpu_int4_block()."""
+    O, I = packed.shape[0], packed.shape[1] * 2
+    p = packed.view(O // block, I, block // 2)  # [O/b, I, b/2]
+    return torch.stack([p & 0xF, p >> 4], dim=1).permute(0, 1, 3, 2).reshape(O, I)  # [O/b, 2, b/2, I] -> [O, I]
+
+
+@functools.cache
+def cpu_int4_block() -> int | None:
+    """The row block b of the CPU int4 kernel's packed layout in this process (64 with AVX-512, 32 with
+    AVX2), found by packing a probe; None where it is some other layout (then int4 stays native)."""
+    q = torch.randint(0, 16, (192, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    return next((b for b in (64, 32, 16) if torch.equal(unpack_cpu_int4(packed, b).int(), q)), None)
+
+
 class QuantLinear(nn.Module):
     """A bias-free nn.Linear whose weight is stored as int8 or packed int4 (see the module docstring).
 
-    forward() dequantizes and multiplies (FeedForward calls it); `weight` is a property that
-    dequantizes too, for code that reads weights. Each costs one dequantization per call.
+    forward() runs the CPU kernel where it can and forward_native otherwise (see the module docstring);
+    `weight` is a property that dequantizes, for code that reads weights.
     """
 
-    qweight: torch.Tensor  # int8 [O, I], or uint8 [O, I/2] packed int4
+    qweight: torch.Tensor  # int8 [O, I], or uint8 [O, I/2] packed int4 (in the CPU kernel's layout once packed)
     scale: torch.Tensor  # [O, 1] (int8) or [O, G] (int4)
     offset: torch.Tensor | None  # [O, G], int4 only
+    kernel_scale: torch.Tensor | None  # int4 on the CPU kernel: its scales and zeros, bf16 [G, O, 2]
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 128,
                  dtype: torch.dtype = torch.float32, scale_dtype: torch.dtype = torch.bfloat16,
@@ -105,16 +147,22 @@ class QuantLinear(nn.Module):
                                  torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
             self.register_buffer("scale", torch.ones(out_features, groups, dtype=scale_dtype, device=device))
             self.register_buffer("offset", torch.zeros(out_features, groups, dtype=scale_dtype, device=device))
+        self.register_buffer("kernel_scale", None, persistent=False)
+        self.int4_block: int | None = None  # set while qweight is in the CPU int4 kernel's layout
+        self.cpu_kernel = False  # forward uses the CPU kernel where it can (use_cpu_kernel_)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 128,
-                    scale_dtype: torch.dtype = torch.bfloat16) -> QuantLinear:
-        """Quantizes `linear.weight` (round to nearest). The result computes in the weight's dtype."""
+                    scale_dtype: torch.dtype = torch.bfloat16, cpu_kernel: bool | None = None) -> QuantLinear:
+        """Quantizes `linear.weight` (round to nearest). The result computes in the weight's dtype.
+        cpu_kernel: use_cpu_kernel_ after quantizing (default: when the weight is on CPU)."""
         if linear.bias is not None:
             raise ValueError("QuantLinear has no bias (no layer of Mixtral or Mistral has one)")
         w = linear.weight.detach()
         q = cls(w.shape[1], w.shape[0], bits, group_size, dtype=w.dtype, scale_dtype=scale_dtype, device=w.device)
         q.quantize_(w)
+        if cpu_kernel or (cpu_kernel is None and w.device.type == "cpu"):
+            q.use_cpu_kernel_()
         return q
 
     @torch.no_grad()
@@ -123,6 +171,8 @@ class QuantLinear(nn.Module):
         if weight.shape != (self.out_features, self.in_features):
             raise ValueError(f"weight is {tuple(weight.shape)}, expected {(self.out_features, self.in_features)}")
         w = weight.float()
+        self.int4_block = self.kernel_scale = None  # the stored format: use_cpu_kernel_ again to convert
+        self.cpu_kernel = False
         if self.bits == 8:
             absmax = w.abs().amax(dim=1, keepdim=True)  # [O, 1]
             s = round_toward(absmax / 127, self.scale.dtype, up=True)  # [O, 1]
@@ -140,6 +190,39 @@ class QuantLinear(nn.Module):
             self.scale.copy_(s)
             self.offset.copy_(m)
 
+    @torch.no_grad()
+    def use_cpu_kernel_(self) -> bool:
+        """Makes forward use torch's packed CPU kernel where it can (CPU, bf16 x); returns
+        whether it will. Call once, on CPU, after quantize_. int4 is converted to that kernel's layout in
+        place, so it is held once (values() still reads it); a layout this process does not know, or
+        out_features not a multiple of its block, keeps int4 native. Scales must be stored in bf16 (the
+        default), the kernels' dtype, so that the fast path stays within fp rounding of the reference."""
+        if self.cpu_kernel:
+            return True
+        if self.qweight.device.type != "cpu" or self.scale.dtype != torch.bfloat16:
+            return False
+        if self.bits == 8:  # the stored format as it is
+            # torch 2.13's AVX-512 int8 kernel reads rows in 32-byte loads: other widths crash it (SIGSEGV)
+            self.cpu_kernel = self.in_features % 16 == 0
+            return self.cpu_kernel
+        block = cpu_int4_block()
+        if block is None or self.out_features % block:
+            return False
+        assert self.offset is not None  # int4 has offsets
+        s, m = self.scale.float(), self.offset.float()  # [O, G]
+        self.kernel_scale = torch.stack([s, m + 8 * s], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+        self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.values().int(), 2)  # [O, I/2]
+        self.int4_block, self.cpu_kernel = block, True
+        return True
+
+    def values(self) -> torch.Tensor:
+        """q [O, I]: int8 in [-127, 127], or uint8 in [0, 15] (int4, unpacked from whichever layout)."""
+        if self.bits == 8:
+            return self.qweight
+        if self.int4_block is None:
+            return unpack_int4(self.qweight)
+        return unpack_cpu_int4(self.qweight, self.int4_block)
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight [O, I] in `dtype` (default: the original weight's), as if computed in fp32."""
         dtype = dtype or self.dtype
@@ -151,7 +234,7 @@ class QuantLinear(nn.Module):
             w = self.qweight.float() * self.scale.float()  # [O, I] * [O, 1]
         else:
             assert self.offset is not None  # int4 has offsets
-            q = unpack_int4(self.qweight).view(self.out_features, -1, self.group_size)  # [O, G, g]
+            q = self.values().view(self.out_features, -1, self.group_size)  # [O, G, g]
             w = (q.float() * self.scale.float()[..., None] + self.offset.float()[..., None]).flatten(1)  # [O, I]
         return w.to(dtype)
 
@@ -159,12 +242,25 @@ class QuantLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.dequantize()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(x.dtype))  # x [n, I] -> [n, O]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., I] -> [..., O]
+        if not self.cpu_kernel or x.dtype != torch.bfloat16 or not x.is_cpu:
+            return self.forward_native(x)
+        x2 = x.reshape(-1, self.in_features).contiguous()  # [n, I]
+        if x2.data_ptr() % 64:  # e.g. rows read from a network buffer: the int8 kernel needs aligned rows
+            x2 = x2.clone()
+        if self.bits == 8:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale.view(-1))  # [n, O]
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.kernel_scale)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:  # x [..., I] -> [..., O]
+        return F.linear(x, self.dequantize(x.dtype))
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the quantized weight plus its scales (and int4 offsets)."""
+        """Bytes held: the quantized weight plus its scales (and int4 offsets, and on the CPU kernel its
+        scales and zeros: 4 bytes a group more)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
@@ -174,12 +270,13 @@ class QuantLinear(nn.Module):
 
 
 def quantize_experts(module: nn.Module | Mapping, bits: int, group_size: int = 128,
-                     scale_dtype: torch.dtype = torch.bfloat16) -> nn.Module | Mapping:
+                     scale_dtype: torch.dtype = torch.bfloat16, cpu_kernel: bool | None = None) -> nn.Module | Mapping:
     """Replaces w1 / w2 / w3 of every FeedForward in `module` by QuantLinear, in place; returns `module`.
 
     `module`: a Transformer (its MoE experts, or a dense model's FFNs), a MoeLayer, one FeedForward,
     or a mapping of them (ExpertShard.experts: {(layer, expert): FeedForward}). Attention, gates,
     norms, embeddings and the LM head stay as they are. Layers already quantized are left alone.
+    cpu_kernel: QuantLinear.from_linear's (default: on CPU; pass False for weights moved to a GPU after).
     """
     ffns = [m for v in module.values() for m in v.modules()] if isinstance(module, Mapping) else list(module.modules())
     for ff in ffns:
@@ -188,5 +285,23 @@ def quantize_experts(module: nn.Module | Mapping, bits: int, group_size: int = 1
         for name in ("w1", "w2", "w3"):
             linear = getattr(ff, name)
             if type(linear) is nn.Linear:
-                setattr(ff, name, QuantLinear.from_linear(linear, bits, group_size, scale_dtype))
+                setattr(ff, name, QuantLinear.from_linear(linear, bits, group_size, scale_dtype, cpu_kernel))
     return module
+
+
+def quantize_dense(module: nn.Module, bits: int, group_size: int = 128, scale_dtype: torch.dtype = torch.bfloat16,
+                   cpu_kernel: bool | None = None) -> list[QuantLinear]:
+    """Replaces the attention projections (wq, wk, wv, wo) and the LM head (`output`) that `module` holds
+    (not those left on the meta device) by QuantLinear, in place; returns the new ones. Embeddings, norms
+    and MoE gates stay as they are (the gates decide routing and are a few thousand weights). At batch 1
+    on the small bench model the LM head is half the bytes a token reads."""
+    done = []
+    for owner in module.modules():
+        names = ("wq", "wk", "wv", "wo") if isinstance(owner, Attention) else \
+                ("output",) if isinstance(owner, Transformer) else ()
+        for name in names:
+            linear = getattr(owner, name)
+            if type(linear) is nn.Linear and not linear.weight.is_meta:
+                done.append(QuantLinear.from_linear(linear, bits, group_size, scale_dtype, cpu_kernel))
+                setattr(owner, name, done[-1])
+    return done

@@ -173,3 +173,37 @@ def test_chat_turn_that_fails_is_reported_and_the_conversation_goes_on(monkeypat
     [expected] = Engine.from_dir(demo_dir()).generate([encode_chat(history)],
                                                       SamplingParams(max_tokens=60, temperature=0))
     assert third == expected.text.lstrip()
+
+
+def test_bench_engine_reports_every_system_against_the_roofline(tmp_path):
+    """`moeray bench engine` on the tiny preset: each system's tok/s, its fraction of the memory bandwidth
+    measured in the same run, its peak memory, and fp32 greedy tokens equal to transformers'; the weight
+    bytes per step are the model's own (fp32 4 bytes a parameter; bf16 + int8 experts: 2 a dense one, 1 an
+    expert weight plus a bf16 scale a row)."""
+    from kernels.tiny import tiny_args
+
+    out = tmp_path / "engine.json"
+    assert cli.main(["bench", "engine", "--preset", "tiny", "--batch", "1", "3", "--prompt-len", "4",
+                     "--new-tokens", "4", "--precision", "fp32", "int8", "--out", str(out)]) in (0, None)
+    report = json.loads(out.read_text())
+    roof = report["roofline"]
+    assert 0.5 < roof["read_gb_s"] < 5000 and 0.5 < roof["gemv_gb_s"] < 5000
+    res = report["results"]
+    assert set(res) == {"transformers", "moeray:fp32", "moeray:int8"}
+    for name, r in res.items():
+        assert 50 < r["peak_rss_mb"] < 8000, name
+        for b in ("1", "3"):
+            assert r[b]["tokens_per_s"] > 0 and 0 < r[b]["roofline_fraction"] < 1.5, (name, b)
+        assert r["3"]["weight_bytes_per_step"] > r["1"]["weight_bytes_per_step"]  # more experts picked
+    assert res["moeray:fp32"]["1"]["first_tokens"] == res["transformers"]["1"]["first_tokens"]
+    assert res["moeray:fp32"]["3"]["first_tokens"] == res["transformers"]["3"]["first_tokens"]
+    a = tiny_args("mixtral")
+    D, F, E, L = a.dim, a.hidden_dim, a.moe.num_experts, a.n_layers
+    attn = D * a.n_heads * a.head_dim * 2 + D * a.n_kv_heads * a.head_dim * 2
+    dense = L * (attn + D * E + 2 * D) + D + a.vocab_size * D  # attention, gate, norms; final norm, LM head
+    fp32, int8 = res["moeray:fp32"]["weight_bytes"], res["moeray:int8"]["weight_bytes"]
+    assert (fp32["dense"], fp32["experts"], fp32["embedding_row"]) == (4 * dense, 4 * L * E * 3 * D * F, 4 * D)
+    assert (int8["dense"], int8["experts"]) == (2 * dense, L * E * (3 * D * F + 2 * (2 * F + D)))
+    # batch 1 reads exactly k of E experts a layer
+    k = a.moe.num_experts_per_tok
+    assert res["moeray:fp32"]["1"]["weight_bytes_per_step"] == 4 * (dense + D + L * k * 3 * D * F)

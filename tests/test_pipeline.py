@@ -70,6 +70,19 @@ def test_mixtral_expert_layouts_match_single_process(cluster, hf_mixtral, refere
         pipe.shutdown()
 
 
+def test_quantized_bf16_pipeline_matches_single_process(cluster, hf_mixtral):
+    """bf16 with int8 experts, attention and LM head: the shards, attention actor and router build them as
+    the single-process engine does (kernels.build) and run the same CPU kernels, so the tokens are the same."""
+    engine = dict(dtype="bfloat16", expert_quant="int8", weight_quant="int8")
+    want = [c.token_ids for c in Engine.from_dir(hf_mixtral, EngineConfig(kv_cache_tokens=4096, **engine))
+            .generate(prompts(), GREEDY)]
+    pipe = Pipeline.start(config(hf_mixtral, shards=2, **engine))
+    try:
+        assert [c.token_ids for c in pipe.generate(prompts(), GREEDY)] == want
+    finally:
+        pipe.shutdown()
+
+
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_mistral_dense_sliding_window_split_layers(cluster, hf_mistral, reference, micro_batches):
     """Dense FFN as one expert per layer, layers split over 2 attention actors and 2 shards; window 8."""

@@ -10,7 +10,15 @@ from torch import nn
 from kernels.cache import KVCache, StepSeq, blocks_for
 from kernels.engine import Engine, EngineConfig, LocalExecutor
 from kernels.model import FeedForward, Step, Transformer
-from kernels.quant import QuantLinear, pack_int4, quantize_experts, unpack_int4
+from kernels.quant import (
+    QuantLinear,
+    cpu_int4_block,
+    pack_int4,
+    quantize_dense,
+    quantize_experts,
+    unpack_cpu_int4,
+    unpack_int4,
+)
 from kernels.sampling import SamplingParams
 from kernels.tiny import random_weights, tiny_args
 
@@ -112,13 +120,19 @@ def test_storage_sizes(scale_dtype, int4_ratio):
     out_f, in_f = 256, 1024
     lin = linear_of(random_weight(out_f, in_f, torch.float32))
     fp32 = out_f * in_f * 4
-    q8, q4 = QuantLinear.from_linear(lin, 8, scale_dtype=scale_dtype), QuantLinear.from_linear(lin, 4, 128, scale_dtype)
+    q8, q4 = (QuantLinear.from_linear(lin, 8, scale_dtype=scale_dtype, cpu_kernel=False),
+              QuantLinear.from_linear(lin, 4, 128, scale_dtype, cpu_kernel=False))
     size = torch.finfo(scale_dtype).bits // 8
     assert q8.nbytes == out_f * in_f + out_f * size
     assert q4.nbytes == out_f * in_f // 2 + 2 * out_f * (in_f // 128) * size
     assert q8.nbytes / fp32 == pytest.approx(0.25, abs=0.005)
     assert q4.nbytes / fp32 == pytest.approx(int4_ratio)  # 0.1406 (fp32 scales) / 0.1328 (bf16)
-    assert set(dict(q4.named_buffers())) == {"qweight", "scale", "offset"} and not list(q4.parameters())
+    assert set(q4.state_dict()) == {"qweight", "scale", "offset"} and not list(q4.parameters())
+    if scale_dtype == torch.bfloat16 and cpu_int4_block():  # the CPU kernels: int8 as it is, int4's weight
+        # converted in place, plus its scales and zeros in bf16 (4 bytes a group)
+        assert q8.use_cpu_kernel_() and q4.use_cpu_kernel_()
+        assert q8.nbytes == out_f * in_f + out_f * size
+        assert q4.nbytes == out_f * in_f // 2 + 2 * out_f * (in_f // 128) * size * 2
 
 
 @pytest.mark.parametrize("bits, rel_tol", [(8, 0.015), (4, 0.15)])
@@ -133,7 +147,8 @@ def test_matches_nn_linear(bits, rel_tol, dtype):
     with torch.no_grad():
         y, yq = lin(x).float(), q(x)
     assert yq.dtype == dtype and yq.shape == (40, out_f)
-    assert torch.equal(yq, torch.nn.functional.linear(x, q.weight))  # forward = F.linear on the dequantized weight
+    # the reference is F.linear on the dequantized weight (forward on CPU in bf16: the kernel, checked below)
+    assert torch.equal(q.forward_native(x), torch.nn.functional.linear(x, q.weight))
     bound = x.float().abs() @ (per_weight(q.scale, q) / 2).T  # [n, O]
     # bf16 matmuls round their outputs (8 bits): allow 2^-7 of |y| on top, fp32 almost nothing
     eps = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
@@ -153,6 +168,86 @@ def test_rejects_what_it_cannot_store():
         QuantLinear.from_linear(nn.Linear(63, 8, bias=False), 4)
     with pytest.raises(ValueError, match="bias"):
         QuantLinear.from_linear(nn.Linear(64, 8), 8)
+
+
+# -- the CPU kernels (QuantLinear.forward) against the dequantized reference (forward_native) ------
+
+KERNEL_SHAPES = [(64, 128, 128), (128, 64, 128), (192, 640, 128), (256, 448, 64), (1024, 512, 128)]
+
+
+@pytest.mark.skipif(cpu_int4_block() is None, reason="this CPU's int4 kernel packs in a layout we do not read")
+@pytest.mark.parametrize("shape", KERNEL_SHAPES)
+def test_cpu_int4_layout_round_trips(shape):
+    """unpack_cpu_int4 reads back exactly what aten packed: the reference runs from the packed weight."""
+    out_f, _, _ = shape
+    codes = torch.randint(0, 16, shape[:2], generator=torch.Generator().manual_seed(out_f), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    assert packed.shape == (out_f, shape[1] // 2)
+    assert torch.equal(unpack_cpu_int4(packed, cpu_int4_block()).int(), codes)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 70])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape", KERNEL_SHAPES)
+def test_cpu_kernel_matches_dequantized_reference(shape, bits, rows):
+    """bf16 activations on CPU: the packed kernel against F.linear on the dequantized weight, output by
+    output within the module docstring's bound (fp rounding: 2^-8 of |x| @ |W'| (+ |z| for int4's
+    bf16 zeros) and of |y|). The quantized codes and the reference are the same before and after
+    converting to the kernel's format."""
+    out_f, in_f, g = shape
+    lin = linear_of(random_weight(out_f, in_f, torch.bfloat16, seed=rows))
+    stored = QuantLinear.from_linear(lin, bits, g, cpu_kernel=False)
+    q = QuantLinear.from_linear(lin, bits, g)
+    assert q.cpu_kernel and not stored.cpu_kernel
+    assert torch.equal(q.values(), stored.values()) and torch.equal(q.dequantize(), stored.dequantize())
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    with torch.no_grad():
+        y, ref = q(x), stored(x)
+    assert torch.equal(ref, torch.nn.functional.linear(x, stored.weight))  # stored: the reference path
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, out_f)
+    w = q.dequantize(torch.float32).abs()  # [O, I]
+    if bits == 4:
+        w = w + per_weight(q.offset.float() + 8 * q.scale.float(), q).abs()  # z = m + 8 s, in bf16
+    bound = 2 ** -8 * (x.float().abs() @ w.T + ref.float().abs())  # [n, O]
+    assert ((y.float() - ref.float()).abs() <= bound).all()
+    assert not torch.equal(y, ref)  # the kernel ran: it rounds differently from the reference
+    with torch.no_grad():
+        # each row's result does not depend on the others (so tokens do not depend on the batch)
+        assert torch.equal(torch.cat([q(x[i : i + 1]) for i in range(rows)]), y)
+        # fp32 activations: the reference itself; leading dimensions fold into rows
+        assert torch.equal(q(x.float()), stored(x.float()))
+        assert torch.equal(q(x.view(1, rows, in_f)), y.view(1, rows, out_f))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cpu_kernel_takes_rows_at_any_address(bits):
+    """Rows that do not start on an aligned address (an expert shard reads them from a network buffer)
+    give the same result as aligned ones: torch's int8 kernel would crash on them (SIGSEGV with AVX-512),
+    so forward copies them first; and int8 widths its kernel cannot read stay on the reference path."""
+    q = QuantLinear.from_linear(linear_of(random_weight(128, 256, torch.bfloat16)), bits)
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    buffer = torch.empty(3 * 256 + 1, dtype=torch.bfloat16)
+    shifted = buffer[1:].view(3, 256)  # 2 bytes past an aligned start
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 64 and q.cpu_kernel
+    with torch.no_grad():
+        assert torch.equal(q(shifted), q(x))
+    assert not QuantLinear.from_linear(nn.Linear(40, 64, bias=False).to(torch.bfloat16), 8).cpu_kernel
+
+
+def test_cpu_kernel_expert_matches_reference():
+    """A SwiGLU expert in bf16 on the kernels, 1..16 rows, against the same expert on the reference path:
+    within 1 % (the outputs' bf16 rounding compounded through three matmuls), int8 and int4."""
+    torch.manual_seed(0)
+    ff = FeedForward(512, 1024).to(torch.bfloat16)
+    x = torch.randn(16, 512, dtype=torch.bfloat16)
+    for bits in (8, 4):
+        fast, ref = (quantize_experts(copy.deepcopy(ff), bits, cpu_kernel=k) for k in (True, False))
+        assert fast.w1.cpu_kernel and not ref.w1.cpu_kernel
+        with torch.no_grad():
+            for n in (1, 5, 16):
+                y, r = fast(x[:n]).float(), ref(x[:n]).float()
+                assert (y - r).norm() / r.norm() < 0.01, (bits, n)
 
 
 # -- on a tiny Mixtral ---------------------------------------------------------------------------
@@ -269,8 +364,8 @@ def test_gpu_matches_cpu(bits):
     cpu = QuantLinear.from_linear(linear_of(w), bits)
     gpu = QuantLinear.from_linear(linear_of(w).cuda(), bits)
     assert gpu.qweight.is_cuda
-    # the same codes up to round-half ties in the division
-    assert (gpu.qweight.cpu() != cpu.qweight).float().mean() < 1e-3
+    # the same codes up to round-half ties in the division (the CPU one's int4 in its kernel's layout)
+    assert (gpu.values().cpu() != cpu.values()).float().mean() < 1e-3
     x = torch.randn(16, 1024, dtype=torch.bfloat16)
     with torch.no_grad():
         torch.testing.assert_close(gpu(x.cuda()).cpu().float(), cpu(x).float(), atol=0.05, rtol=0.02)
@@ -292,3 +387,38 @@ def test_expert_quant_is_selectable_per_deployment(tmp_path):
     params = SamplingParams(max_tokens=4, temperature=0, logprobs=2, ignore_eos=True)
     a, b = plain.generate([[1, 20, 30]], params)[0], int8.generate([[1, 20, 30]], params)[0]
     assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 0.05
+
+
+def test_quantize_dense_replaces_exactly_attention_and_lm_head(mixtral):
+    """weight_quant's modules: wq / wk / wv / wo of every layer and the LM head; not the gates, norms,
+    embeddings or experts; and only what a role holds (weights on the meta device are left alone)."""
+    model = copy.deepcopy(mixtral)
+    done = quantize_dense(model, 8)
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert quantized == {"output"} | {f"layers.{l}.attention.{w}" for l in range(mixtral.args.n_layers)
+                                      for w in ("wq", "wk", "wv", "wo")}
+    assert len(done) == len(quantized) and all(q.cpu_kernel for q in done)
+    assert model.dtype == torch.float32 and type(model.layers[0].feed_forward.gate) is nn.Linear
+    with torch.device("meta"):
+        held_nothing = Transformer(mixtral.args)
+    assert quantize_dense(held_nothing, 8) == []
+
+
+def test_weight_quant_is_selectable_per_deployment(tmp_path):
+    """engine.weight_quant: attention and LM head in int8 (experts as expert_quant says), in a bf16 engine on
+    the CPU kernels; logprobs of greedy tokens within 0.1 of the unquantized bf16 engine's."""
+    from kernels.tiny import make_tiny
+
+    path = make_tiny(tmp_path / "m", "mixtral")
+    plain = Engine.from_dir(path, EngineConfig(dtype="bfloat16"))
+    quant = Engine.from_dir(path, EngineConfig(dtype="bfloat16", weight_quant="int8", expert_quant="int8"))
+    model = quant.executor.model
+    assert isinstance(model.output, QuantLinear) and model.output.cpu_kernel
+    assert isinstance(model.layers[1].attention.wo, QuantLinear)
+    assert isinstance(model.layers[0].feed_forward.experts[3].w2, QuantLinear)
+    assert quant.executor.model.dtype == torch.bfloat16
+    params = SamplingParams(max_tokens=4, temperature=0, logprobs=2, ignore_eos=True)
+    a, b = plain.generate([[1, 20, 30]], params)[0], quant.generate([[1, 20, 30]], params)[0]
+    assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 0.1
+    with pytest.raises(ValueError, match="weight_quant must be one of"):
+        EngineConfig(weight_quant="int2")

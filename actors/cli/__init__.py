@@ -278,7 +278,8 @@ def cmd_bench(a) -> int:
     from actors.cli import bench
 
     if a.bench == "engine":
-        bench.bench_engine(a.preset, a.batch, a.prompt_len, a.new_tokens, a.out)
+        bench.bench_engine(a.preset, a.batch, a.prompt_len, a.new_tokens, a.out, a.precision, a.vllm_python,
+                           a.llama_bench, a.llama_convert)
     elif a.bench == "moe":
         return bench.bench_moe(a.batch, a.repeats, a.interpret, a.out)
     elif a.bench == "dataplane":
@@ -392,12 +393,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks that print ratios against a baseline run beside them")
     bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    e = bsub.add_parser("engine", help="single-process engine vs transformers generate: tok/s and peak memory")
+    e = bsub.add_parser("engine", help="single-process engine at each precision vs transformers (and vLLM-CPU, "
+                        "llama.cpp) and the measured memory roofline: tok/s, fraction of roofline, peak memory")
     e.add_argument("--preset", choices=["small", "tiny"], default="small", help="model size (default: %(default)s)")
     e.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (default: 1 16)")
     e.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default: %(default)s)")
     e.add_argument("--new-tokens", type=int, default=64, help="generated tokens (default: %(default)s)")
     e.add_argument("--out", default="bench-results/engine.json", help="JSON results (default: %(default)s)")
+    e.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "int8", "int4", "int8-all", "int4-all"],
+                   default=["fp32", "bf16", "int8", "int4", "int8-all", "int4-all"],
+                   help="moeray's weights: fp32, bf16, int8 / int4 experts in a bf16 model, -all: attention and "
+                   "LM head too (default: all)")
+    e.add_argument("--vllm-python", metavar="PATH", help="the Python of a vLLM-CPU install: run it beside "
+                   "(fp32, bf16); see shared/peers/README.md")
+    e.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-batched-bench: run it beside (f32, "
+                   "bf16, q8_0 GGUF made by the convert_hf_to_gguf.py of that tree)")
+    e.add_argument("--llama-convert", metavar="PATH", help="convert_hf_to_gguf.py (default: the one of the "
+                   "llama.cpp tree that --llama-bench is in, build/bin/..)")
     e.set_defaults(func=cmd_bench)
     mo = bsub.add_parser("moe", help="fused Triton MoE experts vs the reference, one Mixtral-8x7B layer on a GPU")
     mo.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256], help="tokens (default: 1 16 64 256)")

@@ -1,7 +1,8 @@
 """Benchmarks. Each prints ratios against a baseline measured in the same run, and writes JSON.
 
-`moeray bench engine`: the single-process engine against transformers' generate, same checkpoint;
-each system in its own subprocess so its peak memory is its own.
+`moeray bench engine`: the single-process engine at each precision against transformers' generate (and
+vLLM-CPU, llama.cpp where given), same checkpoint, and against the memory-bandwidth roofline measured in the
+same run; each system in its own subprocess so its peak memory is its own.
 `moeray bench pipeline`: the Ray pipeline (micro_batches 1 and 2) against the single-process engine, same
 checkpoint; where a step's time goes; round trips per decode step; a layer's expert call against a raw
 gRPC echo of the same payload.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,18 +42,63 @@ PRESETS = {
 }
 
 
+# moeray's precisions: engine.dtype (weights, activations, KV cache), expert_quant, weight_quant (attention, LM head)
+PRECISIONS = {"fp32": ("float32", "none", "none"), "bf16": ("bfloat16", "none", "none"),
+              "int8": ("bfloat16", "int8", "none"), "int4": ("bfloat16", "int4", "none"),
+              "int8-all": ("bfloat16", "int8", "int8"), "int4-all": ("bfloat16", "int4", "int4")}
+ROOFLINE_BYTES = 1 << 30  # a streaming read far beyond any cache: 1 GiB of fp32
+PEAK = "PEAK_RSS_KB"
+
+
+def _weight_bytes(model) -> dict:
+    """What a step of `model` reads of its weights, as bytes: `dense` (all but the experts and the embedding
+    table, of which a token reads one row: `embedding_row`) and `experts` (all MoE experts, of which a token
+    reads k/E). A QuantLinear counts its codes and the scales its path uses; everything else its parameters."""
+    from kernels.model import FeedForward
+    from kernels.quant import QuantLinear
+
+    def read(module) -> int:
+        total = 0
+        for m in module.modules():
+            if isinstance(m, QuantLinear):
+                used = [m.qweight, *([m.kernel_scale] if m.kernel_scale is not None else [m.scale, m.offset])]
+                total += sum(t.numel() * t.element_size() for t in used if t is not None)
+            else:
+                total += sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+        return total
+
+    a = model.args
+    experts = sum(read(m) for m in model.modules() if isinstance(m, FeedForward)) if a.moe else 0
+    embedding = read(model.tok_embeddings)
+    return {"dense": read(model) - experts - embedding, "experts": experts,
+            "embedding_row": embedding // a.vocab_size,
+            "num_experts": a.moe.num_experts if a.moe else 1, "k": a.moe.num_experts_per_tok if a.moe else 1}
+
+
+def step_bytes(w: dict, batch: int) -> float:
+    """Weight bytes a decode step of `batch` tokens reads: the dense part, one embedding row a token, and
+    each layer's experts that any token picks (batch 1: exactly k of E; more: E (1 - (1 - k/E)^batch) in
+    expectation under uniform routing)."""
+    picked = 1 - (1 - w["k"] / w["num_experts"]) ** batch
+    return w["dense"] + batch * w["embedding_row"] + w["experts"] * picked
+
+
 def _worker(system: str, model_dir: str, batches: list[int], prompt_len: int, new: int) -> dict:
+    """One system's decode rates (moeray:PRECISION or transformers), in its own process."""
     import torch
 
     torch.manual_seed(0)
-    results = {}
-    if system == "moeray":
+    results: dict = {}
+    if system.startswith("moeray:"):
         from kernels.engine import Engine, EngineConfig
         from kernels.sampling import SamplingParams
 
+        dtype, experts, dense = PRECISIONS[system.split(":")[1]]
         kv = max(batches) * (prompt_len + new)
-        engine = Engine.from_dir(model_dir, EngineConfig(max_num_seqs=max(batches), kv_cache_tokens=-(-kv // 16) * 16))
+        engine = Engine.from_dir(model_dir, EngineConfig(max_num_seqs=max(batches), kv_cache_tokens=-(-kv // 16) * 16,
+                                                         dtype=dtype, expert_quant=experts, weight_quant=dense))
         vocab = engine.args.vocab_size
+        results["weight_bytes"] = _weight_bytes(engine.executor.model)
 
         def run(prompts):
             out = engine.generate(prompts, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
@@ -80,33 +125,181 @@ def _worker(system: str, model_dir: str, batches: list[int], prompt_len: int, ne
             tokens = run(prompts)
             seconds = min(seconds, time.perf_counter() - t0)
         results[str(b)] = {"seconds": seconds, "tokens_per_s": b * new / seconds, "first_tokens": tokens[0][:16]}
-    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return results
 
 
-def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out: str | None) -> dict:
+def _roofline() -> dict:
+    """The memory bandwidth this process reaches, GB/s: a sum over a 1 GiB fp32 tensor (a streaming read)
+    and a 512 MiB fp32 matrix times a vector (a GEMV, what batch-1 decode is), best of 5 each."""
+    import torch
+
+    def best(f) -> float:
+        f()
+        t = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            f()
+            t = min(t, time.perf_counter() - t0)
+        return t
+
+    x = torch.ones(ROOFLINE_BYTES // 4)
+    read = ROOFLINE_BYTES / best(x.sum) / 1e9
+    del x
+    w, v = torch.ones(8192, ROOFLINE_BYTES // 2 // 4 // 8192), torch.ones(ROOFLINE_BYTES // 2 // 4 // 8192)
+    gemv = w.numel() * 4 / best(lambda: w @ v) / 1e9
+    return {"read_gb_s": read, "gemv_gb_s": gemv, "threads": torch.get_num_threads()}
+
+
+# vLLM-CPU's offline decode, measured as _worker measures (same prompts, warm-up, best of REPEATS); run with
+# the Python of a vLLM install (argv: model_dir dtype batches prompt_len new); one JSON line last
+VLLM_WORKER = f"""
+import json, sys, time
+import torch
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+if __name__ == "__main__":  # vLLM-CPU spawns its engine core
+    model, dtype, batches, plen, new = sys.argv[1], sys.argv[2], [int(b) for b in sys.argv[3].split(",")], \
+        int(sys.argv[4]), int(sys.argv[5])
+    llm = LLM(model=model, skip_tokenizer_init=True, dtype=dtype, max_model_len=plen + new + 16,
+              max_num_seqs=max(batches), seed=0)
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True, detokenize=False)
+    g, res = torch.Generator().manual_seed(1), {{}}
+    for b in batches:
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in torch.randint(3, vocab, (b, plen), generator=g).tolist()]
+        llm.generate(prompts, params, use_tqdm=False)
+        best = float("inf")
+        for _ in range({REPEATS}):
+            t0 = time.perf_counter()
+            out = llm.generate(prompts, params, use_tqdm=False)
+            best = min(best, time.perf_counter() - t0)
+        res[str(b)] = {{"seconds": best, "tokens_per_s": b * new / best,
+                       "first_tokens": list(out[0].outputs[0].token_ids[:16])}}
+    print(json.dumps(res))
+"""
+PEAK_WRAPPER = (f"import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+                f"print('{PEAK}', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+                f"sys.exit(r.returncode)")
+
+
+def _measured(cmd: list[str], env: dict | None = None) -> tuple[str, float]:
+    """Runs cmd; its stdout and the peak RSS (MB) of its largest process, children included."""
+    import os
+
+    proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *cmd], capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    peak = next(l for l in proc.stderr.splitlines()[::-1] if l.startswith(PEAK))
+    return proc.stdout, int(peak.split()[1]) / 1024
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads(next(l for l in stdout.splitlines()[::-1] if l.startswith("{")))
+
+
+def _vllm(python: str, model_dir: str, dtype: str, batches: list[int], prompt_len: int, new: int,
+          threads: int) -> dict:
+    """vLLM-CPU (peers/README.md's settings: all `threads` cores for the model, tcmalloc and iomp preloaded
+    where found next to that Python)."""
+    script = Path(model_dir).parent / "vllm_worker.py"
+    script.write_text(VLLM_WORKER)
+    preload = [p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                           str(Path(python).parent.parent / "lib" / "libiomp5.so")) if Path(p).exists()]
+    env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+           "VLLM_CPU_KVCACHE_SPACE": "1", **({"LD_PRELOAD": ":".join(preload)} if preload else {})}
+    out, peak = _measured([python, str(script), model_dir, dtype, ",".join(map(str, batches)), str(prompt_len),
+                           str(new)], env)
+    return {**_last_json(out), "peak_rss_mb": peak}
+
+
+def _llama(bench: str, convert: str, model_dir: str, outtype: str, batches: list[int], prompt_len: int, new: int,
+           threads: int) -> dict:
+    """llama.cpp's llama-batched-bench on the checkpoint converted to GGUF `outtype`. Its time includes the
+    prompt (so does every other system's here): generated tok/s = batch * new / t."""
+    gguf = Path(model_dir).parent / f"model-{outtype}.gguf"
+    if not gguf.exists():
+        subprocess.run([sys.executable, convert, model_dir, "--outtype", outtype, "--outfile", str(gguf)],
+                       check=True, capture_output=True)
+    out, peak = _measured([bench, "-m", str(gguf), "-c", str(max(batches) * (prompt_len + new) + 64), "-b", "2048",
+                           "-ub", "512", "-npp", str(prompt_len), "-ntg", str(new),
+                           "-npl", ",".join(map(str, batches)), "-t", str(threads), "-tb", str(threads),
+                           "--output-format", "jsonl"])
+    res: dict = {}
+    for line in out.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            res[str(r["pl"])] = {"seconds": r["t"], "tokens_per_s": r["pl"] * new / r["t"]}
+    return {**res, "peak_rss_mb": peak}
+
+
+def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out: str | None,
+                 precisions: list[str] | None = None, vllm_python: str | None = None,
+                 llama_bench: str | None = None, llama_convert: str | None = None) -> dict:
+    """moeray at each precision, transformers (fp32), and, given their paths, vLLM-CPU and llama.cpp, one
+    after the other, each in its own process (so its peak memory is its own); and the machine's memory
+    bandwidth measured in the same run: each system's decode as a fraction of that roofline."""
+    import torch
+
     from kernels.tiny import make_tiny
 
+    precisions = precisions or list(PRECISIONS)
+    threads = torch.get_num_threads()
+    sys_results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        make_tiny(tmp, "mixtral", seed=0, **PRESETS[preset])
-        res = {}
-        for system in ("transformers", "moeray"):
-            cmd = [sys.executable, "-m", "actors.cli.bench", "_worker", system, tmp, ",".join(map(str, batches)),
-                   str(prompt_len), str(new)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            res[system] = json.loads(proc.stdout.strip().splitlines()[-1])
-    ours, ref = res["moeray"], res["transformers"]
-    print(f"preset {preset}: Mixtral-shaped, {PRESETS[preset] or 'kernels.tiny defaults'}; fp32 CPU; "
-          f"prompt {prompt_len} tokens, {new} new tokens greedy, best of {REPEATS}")
-    print("| batch | transformers tok/s | moeray tok/s | moeray / transformers | same tokens |")
-    print("| --- | --- | --- | --- | --- |")
-    for b in map(str, batches):
-        same = "yes" if ours[b]["first_tokens"] == ref[b]["first_tokens"] else "NO"
-        print(f"| {b} | {ref[b]['tokens_per_s']:.1f} | {ours[b]['tokens_per_s']:.1f} | "
-              f"{ours[b]['tokens_per_s'] / ref[b]['tokens_per_s']:.2f}x | {same} |")
-    print(f"| peak RSS (MB) | {ref['peak_rss_mb']:.0f} | {ours['peak_rss_mb']:.0f} | "
-          f"{ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x | |")
-    report = {"preset": preset, "prompt_len": prompt_len, "new_tokens": new, "results": res}
+        model_dir = str(Path(tmp) / "model")
+        make_tiny(model_dir, "mixtral", seed=0, **PRESETS[preset])
+        worker = [sys.executable, "-m", "actors.cli.bench"]
+        out_, peak = _measured([*worker, "_roofline"])
+        roofline = {**_last_json(out_), "peak_rss_mb": peak}
+        for system in ["transformers", *(f"moeray:{p}" for p in precisions)]:
+            out_, peak = _measured([*worker, "_worker", system, model_dir, ",".join(map(str, batches)),
+                                    str(prompt_len), str(new)])
+            sys_results[system] = {**_last_json(out_), "peak_rss_mb": peak}
+        if vllm_python:
+            for dtype in ("float32", "bfloat16"):
+                sys_results[f"vllm:{dtype}"] = _vllm(vllm_python, model_dir, dtype, batches, prompt_len, new, threads)
+        if llama_bench:
+            convert = llama_convert or str(Path(llama_bench).resolve().parents[2] / "convert_hf_to_gguf.py")
+            for outtype in ("f32", "bf16", "q8_0"):
+                sys_results[f"llama.cpp:{outtype}"] = _llama(llama_bench, convert, model_dir, outtype, batches,
+                                                             prompt_len, new, threads)
+    bw = max(roofline["read_gb_s"], roofline["gemv_gb_s"]) * 1e9
+    # weights each system reads: moeray's own count; transformers and fp32 / bf16 peers as moeray at that
+    # dtype; llama.cpp's q8_0 at 34 bytes a block of 32 (2D weights; norms in f32: a rounding error)
+    fp32_w = sys_results.get("moeray:fp32", {}).get("weight_bytes")
+    same = {"transformers": "fp32", "vllm:float32": "fp32", "vllm:bfloat16": "bf16", "llama.cpp:f32": "fp32",
+            "llama.cpp:bf16": "bf16"}
+    for name, r in sys_results.items():
+        w = r.get("weight_bytes") or sys_results.get(f"moeray:{same.get(name, '')}", {}).get("weight_bytes")
+        if w is None and name == "llama.cpp:q8_0" and fp32_w:
+            w = {**fp32_w, **{k: fp32_w[k] * 34 / 32 / 4 for k in ("dense", "experts", "embedding_row")}}
+        for b in map(str, batches):
+            if w is not None and b in r:
+                r[b]["weight_bytes_per_step"] = step_bytes(w, int(b))
+                r[b]["roofline_fraction"] = step_bytes(w, int(b)) * r[b]["tokens_per_s"] / int(b) / bw
+    ref = sys_results["transformers"]
+    print(f"preset {preset}: Mixtral-shaped, {PRESETS[preset] or 'kernels.tiny defaults'}; CPU, {threads} threads; "
+          f"prompt {prompt_len} tokens, {new} new tokens greedy (time includes the prompt), best of {REPEATS}")
+    print(f"roofline, same run: streaming read {roofline['read_gb_s']:.1f} GB/s, fp32 GEMV "
+          f"{roofline['gemv_gb_s']:.1f} GB/s; fraction = weight bytes per step x steps/s / {bw / 1e9:.1f} GB/s")
+    head = " | ".join(f"batch {b} tok/s | x transformers | of roofline" for b in batches)
+    print(f"| system | {head} | peak RSS (MB) | same tokens as transformers |")
+    print("| --- " * (3 * len(batches) + 3) + "|")
+    for name, r in sys_results.items():
+        cells = []
+        for b in map(str, batches):
+            if b not in r:
+                cells.append("- | - | -")
+                continue
+            frac = f"{r[b]['roofline_fraction']:.0%}" if "roofline_fraction" in r[b] else "-"
+            cells.append(f"{r[b]['tokens_per_s']:.1f} | {r[b]['tokens_per_s'] / ref[b]['tokens_per_s']:.2f}x | {frac}")
+        same_tokens = ("-" if not all("first_tokens" in r.get(b, {}) for b in map(str, batches)) else
+                       "yes" if all(r[b]["first_tokens"] == ref[b]["first_tokens"] for b in map(str, batches))
+                       else "no")
+        print(f"| {name} | {' | '.join(cells)} | {r['peak_rss_mb']:.0f} | {same_tokens} |")
+    report = {"preset": preset, "prompt_len": prompt_len, "new_tokens": new, "threads": threads,
+              "roofline": roofline, "results": sys_results}
     write_report(out, report)
     return report
 
@@ -507,6 +700,8 @@ def bench_moe(batches: list[int], repeats: int, interpret: bool, out: str | None
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "_worker":
+    if sys.argv[1] == "_roofline":
+        print(json.dumps(_roofline()))
+    elif sys.argv[1] == "_worker":
         system, model_dir, batches, prompt_len, new = sys.argv[2:7]
         print(json.dumps(_worker(system, model_dir, [int(b) for b in batches.split(",")], int(prompt_len), int(new))))
