@@ -3,12 +3,19 @@ text is random, so every output that parses and validates against its schema is 
 
 import json
 import re
+from typing import Annotated, Literal
 
 import jsonschema
+import openai
+import pydantic
 import pytest
 import torch
+from huggingface_hub import InferenceClient
+from huggingface_hub.errors import TextGenerationError
+from servers import GrpcServer, serve_http
 from test_engine import LosingExecutor
 
+from cluster.rpc import moeray_pb2 as pb
 from kernels.engine import Engine, EngineConfig, Request
 from kernels.sampling import SamplingParams
 from kernels.structured import Grammar
@@ -162,3 +169,74 @@ def test_a_model_without_tokenizer_refuses_a_grammar(hf_mixtral):
     engine = Engine.from_dir(hf_mixtral)
     with pytest.raises(ValueError, match="structured output needs a tokenizer"):
         engine.add_request(Request("r", [1, 2, 3], SamplingParams(grammar=Grammar.json_object())))
+
+
+# -- through the servers, with the real clients ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def http(tiny_model):
+    service, loop, server = serve_http(tiny_model)
+    yield server.url
+    server.stop()
+    loop.stop()
+
+
+@pytest.fixture(scope="module")
+def grpc_server(tiny_model):
+    s = GrpcServer(tiny_model, EngineConfig(max_num_seqs=4))
+    yield s
+    s.close()
+
+
+class Person(pydantic.BaseModel):  # what openai's .parse() turns into a strict json_schema response_format
+    name: Annotated[str, pydantic.StringConstraints(max_length=6)]
+    color: Literal["red", "green", "blue"]
+    tags: Annotated[list[bool], pydantic.Field(max_length=3)]
+
+
+def test_openai_response_format(http):
+    client = openai.OpenAI(base_url=f"{http}/v1", api_key="x")
+    chat = [{"role": "user", "content": "Who?"}]
+    for seed in range(2):
+        r = client.chat.completions.parse(model="tiny", messages=chat, max_tokens=MAX, seed=seed,
+                                          response_format=Person)
+        assert r.choices[0].finish_reason == "stop" and isinstance(r.choices[0].message.parsed, Person)
+    schema = {"name": "nested", "schema": SCHEMAS["nested"], "strict": True}
+    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=chat, max_tokens=MAX, temperature=0, stream=True,
+        response_format={"type": "json_schema", "json_schema": schema}))
+    jsonschema.validate(json.loads(text), SCHEMAS["nested"])
+    r = client.completions.create(model="tiny", prompt="JSON:", max_tokens=MAX, temperature=0, n=2, seed=3,
+                                  extra_body={"response_format": {"type": "json_schema", "json_schema": {
+                                      "name": "enum", "schema": SCHEMAS["enum"]}}})
+    for c in r.choices:
+        jsonschema.validate(json.loads(c.text), SCHEMAS["enum"])
+    with pytest.raises(openai.BadRequestError, match="response_format.json_schema.schema: invalid JSON schema"):
+        client.chat.completions.create(model="tiny", messages=chat, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}})
+    # JSON mode: any object; the random model's unbounded keys may not end, so it says only how the text starts
+    r = client.chat.completions.create(model="tiny", messages=chat, max_tokens=8, temperature=0,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].message.content.startswith("{")
+
+
+def test_tgi_grammar(http):
+    client = InferenceClient(http)
+    for stream in (False, True):
+        out = client.text_generation("JSON:", max_new_tokens=MAX, seed=1, do_sample=True, stream=stream,
+                                     grammar={"type": "json", "value": SCHEMAS["object"]})
+        jsonschema.validate(json.loads(out if not stream else "".join(out)), SCHEMAS["object"])
+    out = client.text_generation("Answer:", max_new_tokens=MAX, grammar={"type": "regex", "value": "(yes|no)!"})
+    assert out in ("yes!", "no!")
+    with pytest.raises(TextGenerationError, match="invalid regex"):
+        client.text_generation("Answer:", grammar={"type": "regex", "value": "(yes"})
+
+
+def test_grpc_grammar(grpc_server):
+    params = pb.SamplingParameters(max_tokens=MAX, temperature=0.9, seed=2, json_schema=json.dumps(SCHEMAS["array"]))
+    request = pb.GenerateRequest(text="Numbers:", params=params)
+    unary = grpc_server.stub.Generate(request)
+    streamed = "".join(m.text for m in grpc_server.stub.GenerateStream(request))
+    assert unary.text == streamed and unary.finish_reason == pb.FINISH_REASON_STOP
+    jsonschema.validate(json.loads(unary.text), SCHEMAS["array"])
+    regex = pb.GenerateRequest(text="Code:", params=pb.SamplingParameters(max_tokens=MAX, regex="[A-Z]{3}-[0-9]{2}"))
+    assert re.fullmatch("[A-Z]{3}-[0-9]{2}", grpc_server.stub.Generate(regex).text)
