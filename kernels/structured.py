@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import llguidance
+import numpy as np
 import torch
 from sentencepiece import sentencepiece_model_pb2
 
@@ -157,10 +158,9 @@ def constrain(logits: torch.Tensor, states: list[GrammarState | None]) -> None:
     if not rows:
         return
     V = logits.shape[1]
-    bitmask = torch.empty(len(rows), (V + 31) // 32, dtype=torch.int32)  # [R, W]
+    bitmask = np.empty((len(rows), (V + 31) // 32), dtype=np.int32)  # [R, W]
     for r, i in enumerate(rows):
-        states[i].fill(bitmask[r])  # type: ignore[union-attr]
-    shifts = torch.arange(32, dtype=torch.int32)  # [32]
-    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :V]  # [R, W, 32] -> [R, V]
-    index = torch.tensor(rows)
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        states[i].fill(torch.from_numpy(bitmask[r]))  # type: ignore[union-attr]
+    allowed = torch.from_numpy(np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little").view(bool))  # [R, 32W]
+    for r, i in enumerate(rows):
+        logits[i].masked_fill_(~allowed[r, :V], float("-inf"))
