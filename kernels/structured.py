@@ -50,8 +50,8 @@ class Grammar:
 
     @classmethod
     def json_schema(cls, schema) -> Grammar:
-        """A JSON schema given as a dict (or True/False, the schemas that accept everything / nothing)."""
-        if not isinstance(schema, dict | bool):
+        """A JSON schema given as a dict."""
+        if not isinstance(schema, dict):
             raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
         return cls("json_schema", json.dumps(schema))
 
@@ -132,11 +132,12 @@ class GrammarState:
 
     def fill(self, row: torch.Tensor) -> None:
         """Writes the allowed next tokens into row [W] (int32, bit i of word i // 32 for token i). A matcher in
-        error (it never should be: it only sees tokens its masks allowed) allows EOS alone, so the sequence
-        ends rather than sampling from nothing."""
+        error or with nothing allowed (neither should happen: it only sees tokens its masks allowed, and
+        unsatisfiable grammars are refused when made) allows EOS alone, so the sequence ends rather than
+        sampling from nothing."""
         if not self.matcher.is_error():
             self.matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
-        if self.matcher.is_error():
+        if self.matcher.is_error() or not row.any():
             bit = 1 << (self.eos_id % 32)
             row.zero_()
             row[self.eos_id // 32] = bit - (bit >> 31 << 32)  # the int32 of those bits (bit 31 is the sign)

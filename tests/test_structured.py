@@ -18,7 +18,7 @@ from test_engine import LosingExecutor
 from cluster.rpc import moeray_pb2 as pb
 from kernels.engine import Engine, EngineConfig, Request
 from kernels.sampling import SamplingParams
-from kernels.structured import Grammar
+from kernels.structured import Grammar, constrain
 
 # Bounded strings, numbers and arrays: the random model would write an unbounded string until max_tokens.
 NAME = {"type": "string", "maxLength": 6}
@@ -240,3 +240,14 @@ def test_grpc_grammar(grpc_server):
     jsonschema.validate(json.loads(unary.text), SCHEMAS["array"])
     regex = pb.GenerateRequest(text="Code:", params=pb.SamplingParameters(max_tokens=MAX, regex="[A-Z]{3}-[0-9]{2}"))
     assert re.fullmatch("[A-Z]{3}-[0-9]{2}", grpc_server.stub.Generate(regex).text)
+
+
+def test_a_matcher_in_error_allows_only_eos(engine):
+    """Never reached by the engine (it feeds a matcher only tokens its mask allowed), but if llguidance ever
+    errs, the sequence must end, not sample from an empty distribution (NaN for the whole batch)."""
+    state = engine.grammars.state(Grammar.regex("[0-9]+"))
+    state.accept(engine.tokenizer.encode("x", bos=False)[-1])  # forbidden: the matcher is now in error
+    logits = torch.zeros(2, engine.args.vocab_size)
+    constrain(logits, [state, None])
+    assert logits[0].isfinite().nonzero().flatten().tolist() == [engine.args.eos_id]
+    assert logits[1].eq(0).all()
