@@ -42,6 +42,7 @@ from kernels.checkpoint import Checkpoint
 from kernels.fused_moe import KERNELS
 from kernels.model import Step, Transformer
 from kernels.sampling import SamplingParams, make_generator, sample
+from kernels.structured import Grammars, GrammarState, constrain
 from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
 
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -166,7 +167,10 @@ class Sequence:
         self.block_table: list[int] = []
         self.generator = make_generator(self.params.seed)
         self.detok = IncrementalDetokenizer(tokenizer, req.prompt_ids) if tokenizer else None
-        self.stops = set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else {eos_id})
+        self.grammar: GrammarState | None = None  # structured output: set by Engine.add_request
+        # under a grammar, EOS is sampled only where the output is complete, and it ends it (even with ignore_eos)
+        self.stops = set(self.params.stop_token_ids) | (
+            set() if self.params.ignore_eos and not self.params.grammar else {eos_id})
         self.text, self.emitted = "", 0
         self.names: list[bytes] = []  # prefix-cache names of its first full blocks of tokens (kernels/blocks.py)
         self.named = 0  # its first blocks known to the pool by those names (computed, or taken from the cache)
@@ -362,6 +366,7 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.recomputes = 0  # times the executor lost KV state and running sequences recomputed theirs
+        self.grammars = Grammars(tokenizer, args.vocab_size) if tokenizer else None
 
     @classmethod
     def from_dir(cls, path: str | Path, config: EngineConfig | None = None,
@@ -388,6 +393,10 @@ class Engine:
         if req.params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
         seq = Sequence(req, self.args.eos_id, self.tokenizer, self.args.max_seq_len)
+        if req.params.grammar:
+            if self.grammars is None:
+                raise ValueError("structured output needs a tokenizer; this model has none")
+            seq.grammar = self.grammars.state(req.params.grammar)
         if self.scheduler.blocks_needed(seq) > self.config.num_blocks:
             raise ValueError(f"request needs {total} tokens of KV cache; the cache holds {self.config.kv_cache_tokens}")
         if len(self.scheduler.waiting) >= self.config.max_queued_requests:
@@ -444,10 +453,14 @@ class Engine:
         self.scheduler.computed(batch)
         # sampling runs on CPU: its per-sequence generators are CPU ones, so a seed draws the same tokens
         # on every device (the cost: [S, V] fp32 copied to the host once per step)
-        samples = sample(logits.cpu(), [s.params for s in sampling], [s.generator for s in sampling],
+        logits = logits.cpu()
+        constrain(logits, [s.grammar for s in sampling])
+        samples = sample(logits, [s.params for s in sampling], [s.generator for s in sampling],
                          [s.tokens for s in sampling])
         events = []
         for seq, smp in zip(sampling, samples, strict=True):
+            if seq.grammar:
+                seq.grammar.accept(smp.token)
             ev = seq.append(smp.token, smp.logprob, smp.top)
             events.append(ev)
             if ev.finish_reason:

@@ -2,7 +2,8 @@
 
 Each sequence has its own torch.Generator, so a seeded request draws the same tokens whatever else
 shares its batch. Logprobs are those of the model's raw distribution (before temperature and
-filters), as vLLM reports them by default. Shapes: B rows, V vocab.
+filters), as vLLM reports them by default; under a grammar, of the masked distribution (the engine
+masks the logits before they get here: kernels/structured.py). Shapes: B rows, V vocab.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from kernels.structured import Grammar
 
 MAX_LOGPROBS = 20
 # Logits divided by a temperature or repetition penalty smaller than these overflow to inf and the
@@ -34,6 +37,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; n: the chosen token's logprob and the n most likely
+    grammar: Grammar | None = None  # structured output: the text must match it (kernels/structured.py)
 
     def __post_init__(self):
         # before the ranges: NaN (a float field can hold it) fails every range check, which blames the range
@@ -54,6 +58,7 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
             ("stop_token_ids", all(type(i) is int and i >= 0 for i in self.stop_token_ids), "a list of integers >= 0"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]"),
+            ("grammar", self.grammar is None or isinstance(self.grammar, Grammar), "a Grammar"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -121,6 +126,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         top = None
         if p.logprobs:
             values, ids = torch.topk(logits[i], p.logprobs)
-            top = list(zip(ids.tolist(), (values - lse[i]).tolist(), strict=True))
+            # tokens a grammar forbids (-inf) are not among the likely ones, however few remain
+            ranked = zip(ids.tolist(), (values - lse[i]).tolist(), strict=True)
+            top = [(t, v) for t, v in ranked if v > float("-inf")]
         out.append(Sample(int(tokens[i]), chosen[i], top))
     return out

@@ -145,6 +145,9 @@ BAD = [
     ("Generate", generate(text="hi", stop_token_ids=[2, 512]), "stop_token_ids"),
     ("Generate", generate(text="hi", stop_token_ids=[2**31 - 1]), "stop_token_ids"),
     ("Generate", generate(text="hi", stop_token_ids=[-1]), "stop_token_ids"),
+    ("Generate", generate(text="hi", json_schema='{"type": "strin"}'), "params.json_schema: invalid JSON schema"),
+    ("Generate", generate(text="hi", json_schema="{not json"), "params.json_schema"),
+    ("Generate", generate(text="hi", regex="a(b"), "params.regex: invalid regex"),
 ]
 
 

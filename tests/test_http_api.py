@@ -171,7 +171,7 @@ def test_huggingface_chat_completion(api, oracle):
 
 
 def test_response_format_text_is_plain_output(api, oracle):
-    """Absent, null and {"type": "text"} mean prose, so they generate; JSON modes are refused (BAD_OPENAI)."""
+    """Absent, null and {"type": "text"} mean prose: the same text as without (JSON modes: test_structured.py)."""
     url, service = api
     want = oracle(service.tokenizer.encode_chat(CHAT), 4).text.removeprefix(" ")
     for response_format in (None, {"type": "text"}):
@@ -200,9 +200,15 @@ BAD_OPENAI = [  # (route, body, the field the error must name)
     ("chat", {**OK_CHAT, "max_completion_tokens": 5000}, "max_completion_tokens"),
     ("chat", {**OK_CHAT, "model": "gpt-4"}, "model"),
     ("chat", {**OK_CHAT, "model": "tgi-x"}, "model"),  # only huggingface_hub's exact placeholders pass
-    ("chat", {**OK_CHAT, "response_format": {"type": "json_object"}}, "response_format"),
-    ("chat", {**OK_CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-     "response_format"),
+    ("chat", {**OK_CHAT, "response_format": {"type": "yaml"}}, "response_format"),
+    ("chat", {**OK_CHAT, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ("chat", {**OK_CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+     "response_format.json_schema.name"),
+    ("chat", {**OK_CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format.json_schema.schema"),
+    ("chat", {**OK_CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "strin"}}}}}},
+     "response_format.json_schema.schema"),
     ("chat", {**OK_CHAT, "response_format": "json"}, "response_format"),
     ("chat", {**OK_CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("chat", {**OK_CHAT, "stop": 5}, "stop"),
@@ -221,7 +227,8 @@ BAD_OPENAI = [  # (route, body, the field the error must name)
     ("completions", {**OK_TEXT, "logprobs": 6}, "logprobs"),
     ("completions", {**OK_TEXT, "echo": True, "logprobs": 1}, "echo"),
     ("completions", {**OK_TEXT, "stream": True, "seed": 1.5}, "seed"),
-    ("completions", {**OK_TEXT, "response_format": {"type": "json_object"}}, "response_format"),
+    ("completions", {**OK_TEXT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"$ref": "#/$defs/missing"}}}}, "response_format.json_schema.schema"),
 ]
 
 
@@ -247,6 +254,11 @@ BAD_TGI = [  # (body, a word the message must contain)
     ({"inputs": "Hi", "parameters": {"watermark": True}}, "watermark"),
     ({"inputs": "Hi", "parameters": {"details": "yes"}}, "details"),
     ({"inputs": "Hi", "parameters": {"decoder_input_details": True, "details": True}}, "decoder_input_details"),
+    ({"inputs": "Hi", "parameters": {"grammar": {"type": "xml", "value": "<a/>"}}}, "grammar.type"),
+    ({"inputs": "Hi", "parameters": {"grammar": {"type": "json"}}}, "grammar.value"),
+    ({"inputs": "Hi", "parameters": {"grammar": {"type": "json", "value": {"type": "strin"}}}}, "invalid JSON schema"),
+    ({"inputs": "Hi", "parameters": {"grammar": {"type": "json", "value": "{oops"}}}, "grammar.value"),
+    ({"inputs": "Hi", "parameters": {"grammar": {"type": "regex", "value": "a(b"}}}, "invalid regex"),
 ]
 
 

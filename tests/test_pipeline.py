@@ -4,6 +4,7 @@ Every result is compared with the single-process engine, token for token."""
 
 import asyncio
 import copy
+import json
 import time
 
 import pytest
@@ -18,6 +19,7 @@ from cluster.dataplane import transport
 from cluster.placement import PipelineConfig
 from kernels.engine import Engine, EngineConfig
 from kernels.sampling import SamplingParams
+from kernels.structured import Grammar
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
@@ -164,6 +166,25 @@ def test_prefix_cache_and_preemption_over_the_attention_actors(cluster, hf_mixtr
         assert stats["prefix_cache_hits"] >= 5 * 32 and stats["num_preemptions"] > 0
     finally:
         pipe.shutdown()
+
+
+def test_structured_output_matches_single_process(cluster, tiny_model):
+    """The router samples with the engine's own code, so a JSON schema constrains the pipeline's output as it
+    does the single process's, token for token, batched with an unconstrained request."""
+    schema = {"type": "object", "required": ["id", "ok"], "additionalProperties": False,
+              "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}}}
+    grammar = Grammar.json_schema(schema)
+    params = [SamplingParams(max_tokens=40, temperature=t, seed=1, grammar=grammar) for t in (0, 1.0)] + [GREEDY]
+    ps = prompts()[:3]
+    want = Engine.from_dir(tiny_model).generate(ps, params)
+    pipe = Pipeline.start(config(tiny_model, shards=2))
+    try:
+        got = pipe.generate(ps, params)
+    finally:
+        pipe.shutdown()
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    for c in got[:2]:
+        assert c.finish_reason == "stop" and set(json.loads(c.text)) == {"id", "ok"}
 
 
 @pytest.fixture(scope="module")

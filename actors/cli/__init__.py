@@ -280,6 +280,8 @@ def cmd_bench(a) -> int:
     if a.bench == "engine":
         bench.bench_engine(a.preset, a.batch, a.prompt_len, a.new_tokens, a.out, a.precision, a.vllm_python,
                            a.llama_bench, a.llama_convert)
+    elif a.bench == "structured":
+        bench.bench_structured(a.model, a.batch, a.prompt_len, a.new_tokens, a.out)
     elif a.bench == "moe":
         return bench.bench_moe(a.batch, a.repeats, a.interpret, a.out)
     elif a.bench == "dataplane":
@@ -411,6 +413,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--llama-convert", metavar="PATH", help="convert_hf_to_gguf.py (default: the one of the "
                    "llama.cpp tree that --llama-bench is in, build/bin/..)")
     e.set_defaults(func=cmd_bench)
+    so = bsub.add_parser("structured", help="decode tok/s with a JSON schema vs unconstrained, same prompts, "
+                                            "single-process engine")
+    so.add_argument("--model", choices=["demo", "small"], default="demo",
+                    help="demo: the shipped demo model; small: the small preset with Mistral's 32000-piece tokenizer "
+                         "(needs mistral-common) (default: %(default)s)")
+    so.add_argument("--batch", type=int, default=8, help="sequences (default: %(default)s)")
+    so.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default: %(default)s)")
+    so.add_argument("--new-tokens", type=int, default=64, help="generated tokens at most (default: %(default)s)")
+    so.add_argument("--out", default="bench-results/structured.json", help="JSON results (default: %(default)s)")
+    so.set_defaults(func=cmd_bench)
     mo = bsub.add_parser("moe", help="fused Triton MoE experts vs the reference, one Mixtral-8x7B layer on a GPU")
     mo.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256], help="tokens (default: 1 16 64 256)")
     mo.add_argument("--repeats", type=int, default=20, help="timed calls of each, best kept (default: %(default)s)")

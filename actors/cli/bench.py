@@ -8,6 +8,8 @@ checkpoint; where a step's time goes; round trips per decode step; a layer's exp
 gRPC echo of the same payload.
 `moeray bench dataplane`: one data-plane call of each transport kind against a raw gRPC echo of the
 same bytes, without Ray or a model: servers in child processes, a handler that returns its input.
+`moeray bench structured`: decode tok/s with a JSON schema against unconstrained, same prompts, single-process
+engine.
 `moeray bench moe`: the fused Triton MoE experts against the reference expert_rows, one Mixtral layer
 on a GPU.
 """
@@ -608,7 +610,9 @@ def _mean(fn) -> float:
 
 
 def bench_moe(batches: list[int], repeats: int, interpret: bool, out: str | None) -> int:
-    """`moeray bench moe`: the fused Triton experts (kernels/fused_moe.py) against the reference
+    """`moeray bench structured`: decode tok/s with a JSON schema against unconstrained, same prompts, single-process
+engine.
+`moeray bench moe`: the fused Triton experts (kernels/fused_moe.py) against the reference
     kernels.moe.expert_rows (one cuBLAS matmul per projection per expert), on one Mixtral-8x7B MoE layer
     (dim 4096, hidden 14336, 8 experts, top-2, bf16, random weights and routing), timed alternately in
     one run. GB/s: the weight bytes of the experts the batch touches, over the time. Needs CUDA; without
@@ -705,3 +709,67 @@ if __name__ == "__main__":
     elif sys.argv[1] == "_worker":
         system, model_dir, batches, prompt_len, new = sys.argv[2:7]
         print(json.dumps(_worker(system, model_dir, [int(b) for b in batches.split(",")], int(prompt_len), int(new))))
+
+
+# A schema with free text in it, so a random or small model keeps writing for the whole run, as it does unconstrained
+STRUCTURED_SCHEMA = {"type": "object", "required": ["title", "tags", "score"], "properties": {
+    "title": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}},
+    "score": {"type": "number"}, "kind": {"enum": ["report", "note", "story"]}}}
+
+
+def bench_structured(model: str, batch: int, prompt_len: int, new: int, out: str | None, rounds: int = 5) -> dict:
+    """Decode tokens/s of the single-process engine with a JSON schema against the same engine unconstrained, same
+    prompts, greedy, the two alternating for `rounds` rounds, best of each kept. model "demo": the shipped demo
+    model (vocabulary 1024); "small": the small preset with Mistral's own 32000-piece tokenizer (from
+    mistral-common), where a token mask costs the most."""
+    import shutil
+
+    import torch
+
+    from kernels.engine import Engine, EngineConfig
+    from kernels.sampling import SamplingParams
+    from kernels.structured import Grammar
+    from kernels.tiny import make_tiny
+    from kernels.train import demo_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = demo_dir()
+        if model == "small":
+            import mistral_common
+
+            path = make_tiny(tmp, "mixtral", seed=0, **PRESETS["small"])
+            shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", path / "tokenizer.model")
+        kv = batch * (prompt_len + new + 16)
+        engine = Engine.from_dir(path, EngineConfig(max_num_seqs=batch, kv_cache_tokens=kv))
+    tok = engine.tokenizer
+    g = torch.Generator().manual_seed(0)
+    text = tok.decode(torch.randint(3, tok.vocab_size, (batch * prompt_len,), generator=g).tolist())
+    prompts = [tok.encode(text[i::batch])[:prompt_len] for i in range(batch)]
+    grammar = Grammar.json_schema(STRUCTURED_SCHEMA)
+    runs = {"unconstrained": SamplingParams(max_tokens=new, temperature=0, ignore_eos=True),
+            "json_schema": SamplingParams(max_tokens=new, temperature=0, grammar=grammar)}
+    for params in runs.values():
+        engine.generate(prompts, params)  # warm-up (and llguidance's vocabulary, built on first use)
+    best, outs = dict.fromkeys(runs, float("inf")), {}
+    for _ in range(rounds):  # alternating, so a busy spell of the machine falls on both
+        for name, params in runs.items():
+            t0 = time.perf_counter()
+            outs[name] = engine.generate(prompts, params)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    res: dict = {}
+    for name, o in outs.items():
+        tokens = sum(len(c.token_ids) for c in o)
+        res[name] = {"seconds": best[name], "tokens": tokens, "tokens_per_s": tokens / best[name],
+                     "finished_stop": sum(c.finish_reason == "stop" for c in o), "sample": o[0].text[:200]}
+    ratio = res["json_schema"]["tokens_per_s"] / res["unconstrained"]["tokens_per_s"]
+    print(f"model {model} (vocabulary {engine.args.vocab_size}); batch {batch}, prompt {prompt_len} tokens, "
+          f"{new} new tokens greedy, best of {rounds} alternating rounds")
+    print("| run | tokens | tok/s |\n| --- | --- | --- |")
+    for name, r in res.items():
+        print(f"| {name} | {r['tokens']} | {r['tokens_per_s']:.1f} |")
+    print(f"json_schema / unconstrained: {ratio:.2f}x")
+    print(f"a json_schema output: {res['json_schema']['sample']!r}")
+    report = {"model": model, "batch": batch, "prompt_len": prompt_len, "new_tokens": new, "schema": STRUCTURED_SCHEMA,
+              "results": res, "ratio": ratio}
+    write_report(out, report)
+    return report

@@ -242,9 +242,11 @@ class GrpcApi:
     def _sampling(self, ids: list[int], p: pb.SamplingParameters) -> SamplingParams:
         """Unset optional fields keep SamplingParams' defaults; the Service checks the values."""
         optional = {name: getattr(p, name) for name in OPTIONAL if p.HasField(name)}
+        kind = p.WhichOneof("grammar")  # "json_schema" | "regex" | None
+        grammar = self.service.grammar(kind, getattr(p, kind), f"params.{kind}") if kind else None
         return self.service.sampling(ids, p.max_tokens if p.HasField("max_tokens") else None, "max_tokens",
                                      top_k=p.top_k, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
-                                     ignore_eos=p.ignore_eos, **optional)
+                                     ignore_eos=p.ignore_eos, grammar=grammar, **optional)
 
     async def _open(self, grpc_context, prepare, request) -> tuple[TokenStream, SamplingParams, int]:
         ids, params = prepare(request)

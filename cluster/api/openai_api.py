@@ -11,7 +11,9 @@ Decisions clients can rely on:
   would stop at 16). Note the engine reserves KV cache for prompt + max_tokens when it admits a request.
 - echo (completions) prepends the prompt text; echo with logprobs is refused (no prompt logprobs).
 - Extra OpenAI fields, as vLLM's: top_k, repetition_penalty, ignore_eos.
-- response_format: only absent, null or {"type": "text"}; JSON modes are refused (400), not ignored.
+- response_format: {"type": "text"} (or absent), {"type": "json_object"} (any JSON object) and
+  {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}: the schema is enforced whatever
+  `strict` says (kernels/structured.py); an invalid schema is a 400 that names the problem.
 - model: absent, this server's model name, or huggingface_hub's placeholder ("dummy", "tgi"); others are 400.
 """
 
@@ -31,6 +33,7 @@ from cluster.api.http_common import Body, EventStream, close_all, open_all, pars
 from cluster.api.service import MAX_STOP, ApiError, InvalidRequest, Service, TokenStream
 from kernels.engine import TokenEvent
 from kernels.sampling import SamplingParams
+from kernels.structured import Grammar
 
 # The "model" that huggingface_hub's InferenceClient(base_url).chat_completion sends when it knows no model name
 # ("dummy"; "tgi" in older versions): TGI ignores the field on its OpenAI routes, so these name no model here.
@@ -163,15 +166,33 @@ def _jobs(service: Service, body: _OpenAIBody, prompts: list[list[int]], max_tok
     refuse(("presence_penalty", bool(body.presence_penalty), "only 0 is supported; use repetition_penalty"),
            ("frequency_penalty", bool(body.frequency_penalty), "only 0 is supported; use repetition_penalty"),
            ("logit_bias", bool(body.logit_bias), "not supported"), ("suffix", bool(body.suffix), "not supported"),
-           ("best_of", (body.best_of or 1) > 1, "not supported; use n"),
-           ("response_format", body.response_format not in (None, {"type": "text"}),
-            'structured output is not supported; only {"type": "text"}'))
+           ("best_of", (body.best_of or 1) > 1, "not supported; use n"))
     n, seed, stop = body.n or 1, body.seed, _stops(body)
     kw = dict(temperature=1.0 if body.temperature is None else body.temperature, top_p=body.top_p or 1.0,
               top_k=body.top_k or 0, repetition_penalty=body.repetition_penalty or 1.0, stop=stop,
-              logprobs=top or None, ignore_eos=bool(body.ignore_eos))
+              logprobs=top or None, ignore_eos=bool(body.ignore_eos), grammar=_grammar(body.response_format))
     return [(ids, service.sampling(ids, max_tokens, param, seed=None if seed is None else (seed + j) % 2**63, **kw))
             for ids in prompts for j in range(n)]
+
+
+def _grammar(response_format: Any) -> Grammar | None:
+    """response_format -> the Grammar the output must match (None: free text)."""
+    param = "response_format"
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Grammar.json_object()
+    if kind != "json_schema":
+        raise InvalidRequest(f'{param}.type must be "text", "json_object" or "json_schema", got {kind!r}', param)
+    spec = response_format.get("json_schema")
+    refuse((f"{param}.json_schema", not isinstance(spec, dict), "must be an object with name and schema"))
+    refuse((f"{param}.json_schema.name", not isinstance(spec.get("name"), str) or not spec["name"],
+            "must be a non-empty string"),
+           (f"{param}.json_schema.schema", "schema" not in spec, "is required"))
+    return Service.grammar("json_schema", spec["schema"], f"{param}.json_schema.schema")
 
 
 # -- responses -------------------------------------------------------------------------------

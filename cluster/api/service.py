@@ -9,6 +9,7 @@ pipeline replica behind a Serve handle, or an EngineLoop in this process (LocalB
 from __future__ import annotations
 
 import hmac
+import json
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -22,6 +23,7 @@ from cluster.loop import EngineLoop
 from cluster.ports import is_loopback_host
 from kernels.engine import QueueFull, Request, RequestIdInUse, TokenEvent
 from kernels.sampling import SamplingParams
+from kernels.structured import Grammar
 from kernels.tokenizer import ChatTemplateError, Tokenizer
 
 
@@ -318,6 +320,17 @@ class Service:
             return SamplingParams(max_tokens=max_tokens, **kwargs)
         except (ValueError, TypeError) as e:
             raise InvalidRequest(str(e), str(e).split(" ", 1)[0]) from None
+
+    @staticmethod
+    def grammar(kind: str, value, param: str) -> Grammar:
+        """Structured output's Grammar: kind "json_schema" (value a schema, or its JSON text) or "regex";
+        InvalidRequest naming `param` and the problem if llguidance cannot compile it."""
+        try:
+            if kind == "json_schema":
+                return Grammar.json_schema(json.loads(value) if isinstance(value, str) else value)
+            return Grammar.regex(value)
+        except ValueError as e:  # json.JSONDecodeError too
+            raise InvalidRequest(f"{param}: {e}", param) from None
 
     # -- generation ------------------------------------------------------------------------------
     async def open_stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,

@@ -4,8 +4,10 @@ InferenceClient.text_generation posts).
 Decisions clients can rely on:
 - generated_text keeps the stop sequence that ended it, as TGI does; when sampling without a
   seed, one is drawn here so `details.seed` can report it; `truncate` keeps the last N prompt tokens;
-  stream events count `index` from 1; best_of > 1, decoder_input_details, watermark, grammar, typical_p
-  and adapters are refused.
+  stream events count `index` from 1; best_of > 1, decoder_input_details, watermark, typical_p and adapters
+  are refused.
+- grammar: {"type": "json", "value": schema (an object, or its JSON text)} and {"type": "regex", "value": str},
+  as TGI's; an invalid one is a 400 (error_type "validation") that names the problem.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pydantic import Field
 from cluster.api.http_common import Body, EventStream, open_all, parse, refuse, sse, stream_error
 from cluster.api.service import MAX_STOP, ApiError, Service, TokenStream
 from kernels.engine import TokenEvent
+from kernels.structured import Grammar
 
 TGI_PATHS = ("/", "/generate", "/generate_stream")
 
@@ -85,7 +88,6 @@ async def _generate(service: Service, request: Request, stream: bool | None) -> 
     refuse(("parameters.best_of", (p.best_of or 1) > 1, "best_of > 1 is not supported"),
            ("parameters.decoder_input_details", bool(p.decoder_input_details), "prompt logprobs: not supported"),
            ("parameters.watermark", bool(p.watermark), "watermarking is not supported"),
-           ("parameters.grammar", p.grammar is not None, "grammars are not supported"),
            ("parameters.typical_p", p.typical_p not in (None, 1.0), "typical_p is not supported"),
            ("parameters.frequency_penalty", bool(p.frequency_penalty), "only 0; use repetition_penalty"),
            ("parameters.adapter_id", bool(p.adapter_id), "adapters are not supported"))
@@ -97,13 +99,23 @@ async def _generate(service: Service, request: Request, stream: bool | None) -> 
     params = service.sampling(ids, p.max_new_tokens, "parameters.max_new_tokens",
                               temperature=(p.temperature or 1.0) if sample else 0.0, top_p=p.top_p or 1.0,
                               top_k=p.top_k or 0, repetition_penalty=p.repetition_penalty or 1.0, seed=seed,
-                              stop=p.stop or [], logprobs=p.top_n_tokens or None)
+                              stop=p.stop or [], logprobs=p.top_n_tokens or None, grammar=_grammar(p.grammar))
     (s,) = await open_all(service, [(ids, params)])
     prefix = body.inputs if p.return_full_text else ""
     if not stream:
         out = await _whole(service, s, p, prefix, seed)
         return JSONResponse([out] if request.scope["route"].path == "/" else out)  # TGI's `/` answers a list
     return EventStream(_events(service, s, p, prefix, seed, len(ids)), [s])
+
+
+def _grammar(grammar: Any) -> Grammar | None:
+    param = "parameters.grammar"
+    if grammar is None:
+        return None
+    kind = grammar.get("type") if isinstance(grammar, dict) else None
+    refuse((f"{param}.type", kind not in ("json", "regex"), f'must be "json" or "regex", got {kind!r}'),
+           (f"{param}.value", not isinstance(grammar, dict) or "value" not in grammar, "is required"))
+    return Service.grammar("json_schema" if kind == "json" else "regex", grammar["value"], f"{param}.value")
 
 
 async def _whole(service: Service, s: TokenStream, p: TgiParameters, prefix: str, seed: int | None) -> dict:

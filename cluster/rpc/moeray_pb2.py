@@ -24,43 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63luster/rpc/moeray.proto\x12\tmoeray.v1\"\xc5\x02\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xbb\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.moeray.v1.TokenIdsH\x00\x12-\n\x06params\x18\x04 \x01(\x0b\x32\x1d.moeray.v1.SamplingParameters\x12\x17\n\nrequest_id\x18\x05 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06promptB\r\n\x0b_request_id\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x99\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.moeray.v1.Message\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x1d.moeray.v1.SamplingParameters\x12\x17\n\nrequest_id\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_request_id\"T\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12$\n\x08messages\x18\x03 \x03(\x0b\x32\x12.moeray.v1.Message\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"?\n\x08Logprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\"\n\x03top\x18\x02 \x03(\x0b\x32\x15.moeray.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x80\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12%\n\x08logprobs\x18\x03 \x03(\x0b\x32\x13.moeray.v1.Logprobs\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.moeray.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x05 \x01(\x05H\x00\x12\x17\n\rstop_sequence\x18\x06 \x01(\tH\x00\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.moeray.v1.Usage\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\r\n\x0bstop_reason\"\x85\x02\n\x16GenerateStreamResponse\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12%\n\x08logprobs\x18\x03 \x01(\x0b\x32\x13.moeray.v1.Logprobs\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.moeray.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x05 \x01(\x05H\x00\x12\x17\n\rstop_sequence\x18\x06 \x01(\tH\x00\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.moeray.v1.Usage\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\r\n\x0bstop_reason\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"\xcf\x01\n\x11ModelInfoResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x05 \x01(\x05\x12\x1b\n\x13num_experts_per_tok\x18\x06 \x01(\x05\x12\x14\n\x0c\x62os_token_id\x18\x07 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x08 \x01(\x05\x12\x0f\n\x07\x63reated\x18\t \x01(\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xc0\x03\n\x11GenerationService\x12\x43\n\x08Generate\x12\x1a.moeray.v1.GenerateRequest\x1a\x1b.moeray.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.moeray.v1.GenerateRequest\x1a!.moeray.v1.GenerateStreamResponse0\x01\x12;\n\x04\x43hat\x12\x16.moeray.v1.ChatRequest\x1a\x1b.moeray.v1.GenerateResponse\x12I\n\nChatStream\x12\x16.moeray.v1.ChatRequest\x1a!.moeray.v1.GenerateStreamResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.moeray.v1.TokenizeRequest\x1a\x1b.moeray.v1.TokenizeResponse\x12\x46\n\tModelInfo\x12\x1b.moeray.v1.ModelInfoRequest\x1a\x1c.moeray.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63luster/rpc/moeray.proto\x12\tmoeray.v1\"\xf8\x02\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x03\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x06\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x0b \x01(\tH\x00\x12\x0f\n\x05regex\x18\x0c \x01(\tH\x00\x42\t\n\x07grammarB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xbb\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.moeray.v1.TokenIdsH\x00\x12-\n\x06params\x18\x04 \x01(\x0b\x32\x1d.moeray.v1.SamplingParameters\x12\x17\n\nrequest_id\x18\x05 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06promptB\r\n\x0b_request_id\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x99\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.moeray.v1.Message\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x1d.moeray.v1.SamplingParameters\x12\x17\n\nrequest_id\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_request_id\"T\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12$\n\x08messages\x18\x03 \x03(\x0b\x32\x12.moeray.v1.Message\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"?\n\x08Logprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\"\n\x03top\x18\x02 \x03(\x0b\x32\x15.moeray.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x80\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12%\n\x08logprobs\x18\x03 \x03(\x0b\x32\x13.moeray.v1.Logprobs\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.moeray.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x05 \x01(\x05H\x00\x12\x17\n\rstop_sequence\x18\x06 \x01(\tH\x00\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.moeray.v1.Usage\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\r\n\x0bstop_reason\"\x85\x02\n\x16GenerateStreamResponse\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12%\n\x08logprobs\x18\x03 \x01(\x0b\x32\x13.moeray.v1.Logprobs\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.moeray.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x05 \x01(\x05H\x00\x12\x17\n\rstop_sequence\x18\x06 \x01(\tH\x00\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.moeray.v1.Usage\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\r\n\x0bstop_reason\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"\xcf\x01\n\x11ModelInfoResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x05 \x01(\x05\x12\x1b\n\x13num_experts_per_tok\x18\x06 \x01(\x05\x12\x14\n\x0c\x62os_token_id\x18\x07 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x08 \x01(\x05\x12\x0f\n\x07\x63reated\x18\t \x01(\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xc0\x03\n\x11GenerationService\x12\x43\n\x08Generate\x12\x1a.moeray.v1.GenerateRequest\x1a\x1b.moeray.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.moeray.v1.GenerateRequest\x1a!.moeray.v1.GenerateStreamResponse0\x01\x12;\n\x04\x43hat\x12\x16.moeray.v1.ChatRequest\x1a\x1b.moeray.v1.GenerateResponse\x12I\n\nChatStream\x12\x16.moeray.v1.ChatRequest\x1a!.moeray.v1.GenerateStreamResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.moeray.v1.TokenizeRequest\x1a\x1b.moeray.v1.TokenizeResponse\x12\x46\n\tModelInfo\x12\x1b.moeray.v1.ModelInfoRequest\x1a\x1c.moeray.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cluster.rpc.moeray_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1876
-  _globals['_FINISHREASON']._serialized_end=1971
+  _globals['_FINISHREASON']._serialized_start=1927
+  _globals['_FINISHREASON']._serialized_end=2022
   _globals['_SAMPLINGPARAMETERS']._serialized_start=40
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=365
-  _globals['_TOKENIDS']._serialized_start=367
-  _globals['_TOKENIDS']._serialized_end=390
-  _globals['_GENERATEREQUEST']._serialized_start=393
-  _globals['_GENERATEREQUEST']._serialized_end=580
-  _globals['_MESSAGE']._serialized_start=582
-  _globals['_MESSAGE']._serialized_end=622
-  _globals['_CHATREQUEST']._serialized_start=625
-  _globals['_CHATREQUEST']._serialized_end=778
-  _globals['_TOKENIZEREQUEST']._serialized_start=780
-  _globals['_TOKENIZEREQUEST']._serialized_end=864
-  _globals['_MODELINFOREQUEST']._serialized_start=866
-  _globals['_MODELINFOREQUEST']._serialized_end=899
-  _globals['_TOPLOGPROB']._serialized_start=901
-  _globals['_TOPLOGPROB']._serialized_end=962
-  _globals['_LOGPROBS']._serialized_start=964
-  _globals['_LOGPROBS']._serialized_end=1027
-  _globals['_USAGE']._serialized_start=1029
-  _globals['_USAGE']._serialized_end=1086
-  _globals['_GENERATERESPONSE']._serialized_start=1089
-  _globals['_GENERATERESPONSE']._serialized_end=1345
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1348
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1609
-  _globals['_TOKENIZERESPONSE']._serialized_start=1611
-  _globals['_TOKENIZERESPONSE']._serialized_end=1664
-  _globals['_MODELINFORESPONSE']._serialized_start=1667
-  _globals['_MODELINFORESPONSE']._serialized_end=1874
-  _globals['_GENERATIONSERVICE']._serialized_start=1974
-  _globals['_GENERATIONSERVICE']._serialized_end=2422
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=416
+  _globals['_TOKENIDS']._serialized_start=418
+  _globals['_TOKENIDS']._serialized_end=441
+  _globals['_GENERATEREQUEST']._serialized_start=444
+  _globals['_GENERATEREQUEST']._serialized_end=631
+  _globals['_MESSAGE']._serialized_start=633
+  _globals['_MESSAGE']._serialized_end=673
+  _globals['_CHATREQUEST']._serialized_start=676
+  _globals['_CHATREQUEST']._serialized_end=829
+  _globals['_TOKENIZEREQUEST']._serialized_start=831
+  _globals['_TOKENIZEREQUEST']._serialized_end=915
+  _globals['_MODELINFOREQUEST']._serialized_start=917
+  _globals['_MODELINFOREQUEST']._serialized_end=950
+  _globals['_TOPLOGPROB']._serialized_start=952
+  _globals['_TOPLOGPROB']._serialized_end=1013
+  _globals['_LOGPROBS']._serialized_start=1015
+  _globals['_LOGPROBS']._serialized_end=1078
+  _globals['_USAGE']._serialized_start=1080
+  _globals['_USAGE']._serialized_end=1137
+  _globals['_GENERATERESPONSE']._serialized_start=1140
+  _globals['_GENERATERESPONSE']._serialized_end=1396
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1399
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1660
+  _globals['_TOKENIZERESPONSE']._serialized_start=1662
+  _globals['_TOKENIZERESPONSE']._serialized_end=1715
+  _globals['_MODELINFORESPONSE']._serialized_start=1718
+  _globals['_MODELINFORESPONSE']._serialized_end=1925
+  _globals['_GENERATIONSERVICE']._serialized_start=2025
+  _globals['_GENERATIONSERVICE']._serialized_end=2473
 # @@protoc_insertion_point(module_scope)
