@@ -21,6 +21,12 @@ from cluster.rpc import moeray_pb2_grpc
 from kernels.engine import Engine, EngineConfig
 
 CHAT = [{"role": "user", "content": "Hello"}]
+IDLE = {"running": 0, "waiting": 0, "kv_cache_usage": 0}
+
+
+def load(stats: dict) -> dict:
+    """An engine loop's running and waiting sequences and KV-cache use, out of its stats (IDLE when idle)."""
+    return {key: stats[key] for key in IDLE}
 
 
 def live_shards() -> dict[str, str]:

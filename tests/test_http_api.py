@@ -15,7 +15,7 @@ try:
 except ImportError:  # some environments ship httpx as "httpx2" (what openai and huggingface_hub import there)
     import httpx2 as httpx
 
-from servers import CHAT, serve_http
+from servers import CHAT, IDLE, load, serve_http
 
 from cluster.api.http_api import build_http_app
 from cluster.api.service import ModelCard, Service
@@ -327,7 +327,7 @@ async def wait_idle(service, seconds=15.0) -> dict:
     stats = {}
     for _ in range(int(seconds / 0.05)):
         stats = await service.backend.stats()
-        if stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_cache_usage"] == 0:
+        if load(stats) == IDLE:
             break
         await asyncio.sleep(0.05)
     return stats
@@ -351,7 +351,7 @@ def test_disconnect_frees_the_sequence(api, path, body):
         return await wait_idle(service)
 
     before = aborted._value.get()
-    assert asyncio.run(run()) == {"running": 0, "waiting": 0, "kv_cache_usage": 0}
+    assert load(asyncio.run(run())) == IDLE
     assert aborted._value.get() == before + 1  # closed early, not run to the end of the context
 
 
@@ -544,7 +544,7 @@ def test_a_stream_whose_client_left_before_its_first_event_is_aborted(tiny_model
         return await wait_idle(service)
 
     try:
-        assert asyncio.run(run()) == {"running": 0, "waiting": 0, "kv_cache_usage": 0}
+        assert load(asyncio.run(run())) == IDLE
     finally:
         server.stop()
         loop.stop()
