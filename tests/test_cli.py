@@ -207,3 +207,18 @@ def test_bench_engine_reports_every_system_against_the_roofline(tmp_path):
     # batch 1 reads exactly k of E experts a layer
     k = a.moe.num_experts_per_tok
     assert res["moeray:fp32"]["1"]["weight_bytes_per_step"] == 4 * (dense + D + L * k * 3 * D * F)
+
+
+def test_bench_kv_reports_both_policies_against_their_baselines(tmp_path):
+    """`moeray bench kv` on the tiny preset: prefix caching computes fewer prompt tokens than no caching, KV on
+    demand runs more sequences at once than reserving the worst case, and neither changes a token."""
+    out = tmp_path / "kv.json"
+    assert cli.main(["bench", "kv", "--preset", "tiny", "--conversations", "2", "--turns", "2", "--system-len", "40",
+                     "--requests", "6", "--max-tokens", "96", "--stop-after", "4", "--kv-tokens", "256",
+                     "--out", str(out)]) in (0, None)
+    report = json.loads(out.read_text())
+    chat, early = report["chat"], report["early_stop"]
+    assert report["chat_same_tokens"] and report["early_stop_same_tokens"]
+    assert chat["off"]["prompt_tokens_computed"] == chat["off"]["prompt_tokens"] == chat["on"]["prompt_tokens"]
+    assert chat["on"]["prompt_tokens_computed"] < chat["off"]["prompt_tokens_computed"]
+    assert early["reserve"]["peak_running"] == 2 and early["on_demand"]["peak_running"] == 6
