@@ -18,9 +18,8 @@ them.)
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict, deque
-
-import torch
 
 
 class CacheFull(RuntimeError):
@@ -33,7 +32,7 @@ def block_names(tokens: list[int], block_size: int, names: list[bytes]) -> list[
     equal tokens from position 0 (no cheap collision: a client cannot forge another's prefix)."""
     out = list(names)
     for i in range(len(out), len(tokens) // block_size):
-        block = torch.tensor(tokens[i * block_size : (i + 1) * block_size], dtype=torch.int64).numpy().tobytes()
+        block = array("q", tokens[i * block_size : (i + 1) * block_size]).tobytes()
         out.append(hashlib.blake2b((out[-1] if out else b"") + block, digest_size=16).digest())
     return out
 
