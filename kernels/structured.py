@@ -24,7 +24,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from kernels.tokenizer import Tokenizer
 
-KINDS = ("json_schema", "regex")
+KINDS = ("json_schema", "regex", "lark")
 JSON_STYLE: dict = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _LIMITS = llguidance.LLParserLimits()  # llguidance's default fuel and size limits: a huge grammar is an error, no hang
 
@@ -32,7 +32,8 @@ _LIMITS = llguidance.LLParserLimits()  # llguidance's default fuel and size limi
 @dataclass(frozen=True)
 class Grammar:
     """What the output must match. kind "json_schema": value is the schema as JSON text; "regex": a regular
-    expression the whole output must match (Rust regex syntax: no look-around, no backreferences).
+    expression the whole output must match (Rust regex syntax: no look-around, no backreferences); "lark": a
+    grammar in llguidance's Lark format, made by moeray (tool calls: kernels/tools.py), never taken from a client.
     ValueError, naming the problem, if it is not one llguidance can compile."""
 
     kind: str
@@ -45,7 +46,7 @@ class Grammar:
             raise ValueError(f"grammar value must be a string, got {type(self.value).__name__}")
         error = llguidance.LLMatcher.validate_grammar(self.lark, limits=_LIMITS)
         if error:
-            what = "JSON schema" if self.kind == "json_schema" else "regex"
+            what = {"json_schema": "JSON schema", "regex": "regex", "lark": "grammar"}[self.kind]
             raise ValueError(f"invalid {what}: {error.strip()}")
 
     @classmethod
@@ -69,6 +70,8 @@ class Grammar:
         """The grammar in llguidance's own format."""
         if self.kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(self.value)
+        if self.kind == "lark":
+            return self.value
         try:
             return llguidance.LLMatcher.grammar_from_json_schema(self.value, overrides=JSON_STYLE)  # type: ignore[arg-type]
         except ValueError as e:  # not JSON text, or not an object

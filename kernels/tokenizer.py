@@ -1,21 +1,27 @@
-"""SentencePiece tokenizer, the Mistral v1 chat template, streaming detokenization, tiny-tokenizer training.
+"""SentencePiece tokenizer, Mistral's v1 and v3 chat templates (tools included), streaming detokenization,
+tiny-tokenizer training.
 
-One file because the four share one fact: ids are SentencePiece pieces with byte fallback
-(ids 3..258 are the bytes 0x00..0xFF), and the first non-control piece loses its leading space
-on decode (the "dummy prefix" that encode added).
+One file because the four share one fact: ids are SentencePiece pieces with byte fallback (ids 3..258 are the
+bytes 0x00..0xFF in v1; v3 puts its control tokens before them), and the first non-control piece loses its
+leading space on decode (the "dummy prefix" that encode added).
 """
 
 from __future__ import annotations
 
 import codecs
 import io
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
 
 _MODEL_NAMES = ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1")  # HF, then Mistral native
-_ROLES = ("system", "developer", "user", "assistant")
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+# control tokens of v3 SentencePiece tokenizers (mistral-common's SpecialTokens); a v1 tokenizer has none of them
+_CONTROLS = ("[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+             "[/TOOL_RESULTS]")
 _SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system message
 _CORPUS = Path(__file__).parent / "assets" / "corpus.txt"
 
@@ -25,7 +31,7 @@ class ChatTemplateError(ValueError):
 
 
 class Tokenizer:
-    """Thin wrapper over a SentencePiece model, with the Mixtral/Mistral v1 instruct template."""
+    """Thin wrapper over a SentencePiece model, with Mistral's v1 and v3 instruct templates."""
 
     def __init__(self, model_file: str | Path):
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
@@ -33,6 +39,9 @@ class Tokenizer:
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
         self.unk_id: int = self.sp.unk_id()
+        ids = {name: self.sp.piece_to_id(name) for name in _CONTROLS}
+        # {name: id} of the v3 control tokens, or {} for a v1 tokenizer (there [INST] is text)
+        self.controls: dict[str, int] = ids if all(self.sp.is_control(i) for i in ids.values()) else {}
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -58,30 +67,94 @@ class Tokenizer:
     def is_special(self, i: int) -> bool:
         return self.sp.is_control(i) or self.sp.is_unknown(i) or self.sp.is_unused(i)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Mistral v1 instruct template, token for token what mistral-common's `MistralTokenizer.v1()` gives:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """A conversation as a prompt, token for token what mistral-common's instruct tokenizer of this
+        tokenizer's version gives. `tools`: the function tools to offer, as Mistral renders them
+        ({"type": "function", "function": {"name", "description", "parameters"}}; kernels/tools.py).
+
+        v1 (Mixtral-8x7B-Instruct-v0.1), where [INST] is text (`MistralTokenizer.v1()`):
 
             <s>[INST] {system}\\n\\n{user 1} [/INST] {answer 1}</s>[INST] {user 2} [/INST]
 
         Each segment is encoded on its own (so each gets SentencePiece's dummy-prefix space), which is
         why this is not `encode(one_big_string)`. The system prompt (role "system" or OpenAI's "developer")
-        goes into the FIRST user turn, as in mistral-common's InstructTokenizerV1. (v3 tokenizer files make
-        [INST] a control token; not handled here.)
+        goes into the FIRST user turn, as in mistral-common's InstructTokenizerV1.
+
+        v3 (Mistral-7B-Instruct-v0.3, Mixtral-8x22B-Instruct): [INST], [/INST] and the tool markers are
+        control tokens, the system prompt goes into the LAST user turn, before which the tools are listed:
+
+            <s>[INST]{user 1}[/INST]{answer 1}</s>[AVAILABLE_TOOLS]{tools}[/AVAILABLE_TOOLS][INST]{system}\\n\\n
+            {user 2}[/INST][TOOL_CALLS]{calls}</s>[TOOL_RESULTS]{result}[/TOOL_RESULTS]
+
+        mistral-common has no tools for v1; here a v1 conversation with tools is that same layout written
+        out as text (our own convention, the README's): "[AVAILABLE_TOOLS] {tools}[/AVAILABLE_TOOLS]" before
+        the last "[INST]", "[TOOL_CALLS] {calls}" as the answer, "[TOOL_RESULTS] {result}[/TOOL_RESULTS]".
         """
         system, turns = _validate(messages)
+        last_user = max(i for i, t in enumerate(turns) if t.role == "user")
+        return (self._encode_v3 if self.controls else self._encode_v1)(system, turns, tools or [], last_user)
+
+    @property
+    def tool_calls_id(self) -> int | None:
+        """The [TOOL_CALLS] control token that starts a reply calling tools (None: a v1 tokenizer has none)."""
+        return self.controls.get("[TOOL_CALLS]")
+
+    def _encode_v1(self, system: str, turns: list[_Turn], tools: list[dict], last_user: int) -> list[int]:
         ids = [self.bos_id]
-        for i, text in enumerate(turns):
-            if i % 2:  # assistant
-                ids += self.sp.encode(text) + [self.eos_id]
+        for i, t in enumerate(turns):
+            if t.role == "user":
+                text = f"{system}\n\n{t.text}" if system and i == 0 else t.text
+                head = f"[AVAILABLE_TOOLS] {_json(tools)}[/AVAILABLE_TOOLS]" if tools and i == last_user else ""
+                ids += self.sp.encode(f"{head}[INST] {text} [/INST]")
+            elif t.role == "assistant":
+                ids += self.sp.encode(t.text if t.calls is None else f"[TOOL_CALLS] {_json(t.calls)}") + [self.eos_id]
             else:
-                if i == 0 and system:
-                    text = f"{system}\n\n{text}"
-                ids += self.sp.encode(f"[INST] {text} [/INST]")
+                ids += self.sp.encode(f"[TOOL_RESULTS] {_json(t.result)}[/TOOL_RESULTS]")
+        return ids
+
+    def _encode_v3(self, system: str, turns: list[_Turn], tools: list[dict], last_user: int) -> list[int]:
+        c, enc = self.controls, self.sp.encode
+        ids = [self.bos_id]
+        for i, t in enumerate(turns):
+            if t.role == "user":
+                if tools and i == last_user:
+                    ids += [c["[AVAILABLE_TOOLS]"], *enc(_json(tools)), c["[/AVAILABLE_TOOLS]"]]
+                text = f"{system}\n\n{t.text}" if system and i == last_user else t.text
+                ids += [c["[INST]"], *enc(text), c["[/INST]"]]
+            elif t.role == "assistant":
+                ids += ([c["[TOOL_CALLS]"], *enc(_json(t.calls))] if t.calls is not None
+                        else enc(t.text.rstrip(" "))) + [self.eos_id]
+            else:
+                ids += [c["[TOOL_RESULTS]"], *enc(_json(t.result)), c["[/TOOL_RESULTS]"]]
         return ids
 
 
-def _content(message: dict, i: int) -> str:
-    """Content as a str; OpenAI-style text parts are joined with "\\n\\n", as mistral-common does."""
+@dataclass
+class _Turn:
+    """One message of a conversation, checked: a user or assistant text, an assistant's tool calls
+    ([{"name", "arguments", "id"}], Mistral's order), or a tool's result ({"content", "call_id"})."""
+
+    role: str  # "user" | "assistant" | "tool"
+    text: str = ""
+    calls: list[dict] | None = None
+    result: dict | None = None
+
+
+def _json(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _maybe_json(text: str):
+    """mistral-common's rule for arguments and tool results: the parsed JSON, or the text if it is not JSON."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _content(message: dict, i: int, sep: str = "\n\n") -> str:
+    """Content as a str; OpenAI-style text parts are joined with "\\n\\n" ("" in a tool message), as mistral-common
+    does."""
     content = message.get("content")
     if isinstance(content, str):
         return content
@@ -91,35 +164,75 @@ def _content(message: dict, i: int) -> str:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise ChatTemplateError(f"messages[{i}].content[{j}]: expected {{'type': 'text', 'text': str}}")
             parts.append(part["text"])
-        return "\n\n".join(p for p in parts if p)  # mistral-common skips empty chunks
+        return sep.join(p for p in parts if p)  # mistral-common skips empty chunks
     raise ChatTemplateError(f"messages[{i}].content: expected str or list of text parts, got {type(content).__name__}")
 
 
-def _validate(messages: list[dict]) -> tuple[str, list[str]]:
-    """Split into (system prompt, alternating user/assistant texts), or say exactly what is wrong."""
+def _calls(message: dict, i: int) -> list[dict]:
+    """An assistant message's OpenAI tool_calls as Mistral writes them: {"name", "arguments", "id"}."""
+    calls = message["tool_calls"]
+    if not isinstance(calls, list) or not calls:
+        raise ChatTemplateError(f"messages[{i}].tool_calls: expected a non-empty list")
+    if message.get("content"):
+        raise ChatTemplateError(f"messages[{i}].content: an assistant message with tool_calls must have no content "
+                                "(Mistral's format has no place for both)")
+    out = []
+    for j, call in enumerate(calls):
+        where = f"messages[{i}].tool_calls[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ChatTemplateError(f"{where}: expected {{'id', 'type': 'function', "
+                                    "'function': {'name', 'arguments'}}")
+        args = fn.get("arguments", "{}")
+        if not isinstance(args, (str, dict)):
+            raise ChatTemplateError(f"{where}.function.arguments: expected a JSON string, got {type(args).__name__}")
+        if not isinstance(call.get("id", ""), str):
+            raise ChatTemplateError(f"{where}.id: expected a string")
+        entry = {"name": fn["name"], "arguments": _maybe_json(args) if isinstance(args, str) else args}
+        if call.get("id") and call["id"] != "null":  # mistral-common leaves out an id it does not have
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def _validate(messages: list[dict]) -> tuple[str, list[_Turn]]:
+    """Split into (system prompt, turns), or say exactly what is wrong. Turns go user -> assistant -> user ...;
+    an assistant message with tool_calls is followed by one tool message or more, then an assistant or user
+    message; the conversation ends with a user or tool message."""
     if not isinstance(messages, list) or not messages:
         raise ChatTemplateError("messages: expected a non-empty list")
     system = ""
-    turns: list[str] = []
+    turns: list[_Turn] = []
+    follows = {None: ("user",), "user": ("assistant",), "assistant": ("user",), "calls": ("tool",),
+               "tool": ("tool", "assistant", "user")}
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         if role not in _ROLES:
             raise ChatTemplateError(f"messages[{i}].role: expected one of {_ROLES}, got {role!r}")
-        text = _content(m, i)
         if role in _SYSTEM_ROLES:
             if i != 0:
                 raise ChatTemplateError(f"messages[{i}].role: a {role} message is only allowed at position 0")
-            system = text
+            system = _content(m, i)
             continue
-        expected = ("user", "assistant")[len(turns) % 2]
-        if role != expected:
-            raise ChatTemplateError(f"messages[{i}].role: expected role {expected!r}, got {role!r}")
-        if role == "assistant" and not text:
-            raise ChatTemplateError(f"messages[{i}].content: assistant message is empty")
-        turns.append(text)
-    if len(turns) % 2 == 0:  # no user turn at all, or ends with an assistant turn
+        prev = None if not turns else "calls" if turns[-1].calls is not None else turns[-1].role
+        if role not in follows[prev]:
+            expected = " or ".join(repr(r) for r in follows[prev])
+            raise ChatTemplateError(f"messages[{i}].role: expected role {expected}, got {role!r}")
+        if role == "assistant" and m.get("tool_calls") is not None:
+            turns.append(_Turn(role, calls=_calls(m, i)))
+        elif role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise ChatTemplateError(f"messages[{i}].tool_call_id: expected the id of the tool call answered")
+            turns.append(_Turn(role, result={"content": _maybe_json(_content(m, i, sep="")), "call_id": call_id}))
+        else:
+            text = _content(m, i)
+            if role == "assistant" and not text:
+                raise ChatTemplateError(f"messages[{i}].content: assistant message is empty")
+            turns.append(_Turn(role, text))
+    if not turns or turns[-1].role not in ("user", "tool"):  # no user turn at all, or ends with an answer
         i, role = len(messages) - 1, messages[-1]["role"]
-        raise ChatTemplateError(f"messages[{i}].role: conversation must end with role 'user', got {role!r}")
+        raise ChatTemplateError(f"messages[{i}].role: conversation must end with role 'user' or 'tool', got {role!r}")
     return system, turns
 
 

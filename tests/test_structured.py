@@ -158,7 +158,8 @@ def test_grammar_survives_a_lost_kv_cache(tiny_model, engine):
     (lambda: Grammar("json_schema", "{not json"), "invalid JSON schema"),
     (lambda: Grammar.regex("a(b"), "invalid regex"),
     (lambda: Grammar.regex(None), "grammar value must be a string"),
-    (lambda: Grammar("lark", "start: /a/"), "grammar kind must be one of"),
+    (lambda: Grammar("ebnf", "start: /a/"), "grammar kind must be one of"),
+    (lambda: Grammar("lark", "start: b"), "invalid grammar"),
 ])
 def test_invalid_grammars_are_refused_naming_the_problem(make, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("?", r"\?").replace("$", r"\$")):

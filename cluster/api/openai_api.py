@@ -14,6 +14,12 @@ Decisions clients can rely on:
 - response_format: {"type": "text"} (or absent), {"type": "json_object"} (any JSON object) and
   {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}: the schema is enforced whatever
   `strict` says (kernels/structured.py); an invalid schema is a 400 that names the problem.
+- tools, tool_choice ("none" | "auto" | "required" | a named function), parallel_tool_calls: kernels/tools.py. A reply
+  that calls tools has message.tool_calls (content null) and finish_reason "tool_calls"; each call names an offered
+  function and its arguments validate against its parameters schema (the grammar holds the reply to them). A
+  stream holds a reply back while it may still be a tool call and sends the calls whole, one delta, at its end.
+  Tools with response_format are refused (both constrain the reply). The conversation may carry earlier calls
+  (assistant tool_calls) and their results (role "tool", with tool_call_id).
 - model: absent, this server's model name, or huggingface_hub's placeholder ("dummy", "tgi"); others are 400.
 """
 
@@ -34,6 +40,7 @@ from cluster.api.service import MAX_STOP, ApiError, InvalidRequest, Service, Tok
 from kernels.engine import TokenEvent
 from kernels.sampling import SamplingParams
 from kernels.structured import Grammar
+from kernels.tools import ToolCall, ToolError, Tools
 
 # The "model" that huggingface_hub's InferenceClient(base_url).chat_completion sends when it knows no model name
 # ("dummy"; "tgi" in older versions): TGI ignores the field on its OpenAI routes, so these name no model here.
@@ -72,7 +79,9 @@ class ChatBody(_OpenAIBody):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    tools: list[Any] | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
 
 
 class CompletionBody(_OpenAIBody):
@@ -94,19 +103,25 @@ def routes(service: Service) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await parse(request, ChatBody)
-        refuse(("tools", bool(body.tools), "tool calls are not supported"),
-               ("top_logprobs", bool(body.top_logprobs) and not body.logprobs, "requires logprobs: true"))
-        prompt = service.prompt_from_chat(body.messages)
+        refuse(("top_logprobs", bool(body.top_logprobs) and not body.logprobs, "requires logprobs: true"))
+        try:
+            tools = Tools.parse(body.tools, body.tool_choice, body.parallel_tool_calls)
+        except ToolError as e:
+            raise InvalidRequest(f"{e.param}: {e}", e.param) from None
+        grammar = tools.grammar(service.tokenizer) if tools else None
+        refuse(("response_format", grammar is not None and _grammar(body.response_format) is not None,
+                "cannot be combined with tools (both constrain the reply); use tool_choice \"none\""))
+        prompt = service.prompt_from_chat(body.messages, tools=list(tools.offered) if tools else None)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = body.top_logprobs if body.logprobs else None
         try:
-            jobs = _jobs(service, body, [prompt], max_tokens, param, top)
+            jobs = _jobs(service, body, [prompt], max_tokens, param, top, grammar)
         except InvalidRequest as e:  # the service calls a too-long prompt "prompt"; here it is the messages
             if e.param != "prompt":
                 raise
             raise InvalidRequest(f"messages: {e.message}", "messages") from None
-        return await _respond(service, body, [prompt], jobs, chat=True, logprobs=bool(body.logprobs))
+        return await _respond(service, body, [prompt], jobs, chat=True, logprobs=bool(body.logprobs), tools=tools)
 
     @router.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -160,8 +175,9 @@ def _stops(body: _OpenAIBody) -> list[str]:
 
 
 def _jobs(service: Service, body: _OpenAIBody, prompts: list[list[int]], max_tokens: int | None, param: str,
-          top: int | None) -> list[tuple[list[int], SamplingParams]]:
-    """(prompt ids, sampling params) for each choice: n per prompt, prompt-major."""
+          top: int | None, grammar: Grammar | None = None) -> list[tuple[list[int], SamplingParams]]:
+    """(prompt ids, sampling params) for each choice: n per prompt, prompt-major. `grammar`: the tools' (else
+    response_format's)."""
     service.check_model(None if body.model in HF_PLACEHOLDER_MODELS else body.model)
     refuse(("presence_penalty", bool(body.presence_penalty), "only 0 is supported; use repetition_penalty"),
            ("frequency_penalty", bool(body.frequency_penalty), "only 0 is supported; use repetition_penalty"),
@@ -170,7 +186,7 @@ def _jobs(service: Service, body: _OpenAIBody, prompts: list[list[int]], max_tok
     n, seed, stop = body.n or 1, body.seed, _stops(body)
     kw = dict(temperature=1.0 if body.temperature is None else body.temperature, top_p=body.top_p or 1.0,
               top_k=body.top_k or 0, repetition_penalty=body.repetition_penalty or 1.0, stop=stop,
-              logprobs=top or None, ignore_eos=bool(body.ignore_eos), grammar=_grammar(body.response_format))
+              logprobs=top or None, ignore_eos=bool(body.ignore_eos), grammar=grammar or _grammar(body.response_format))
     return [(ids, service.sampling(ids, max_tokens, param, seed=None if seed is None else (seed + j) % 2**63, **kw))
             for ids in prompts for j in range(n)]
 
@@ -198,9 +214,9 @@ def _grammar(response_format: Any) -> Grammar | None:
 # -- responses -------------------------------------------------------------------------------
 async def _respond(service: Service, body: _OpenAIBody, prompts: list[list[int]],
                    jobs: list[tuple[list[int], SamplingParams]], chat: bool, logprobs: bool,
-                   echo: list[str] | None = None) -> Response:
+                   echo: list[str] | None = None, tools: Tools | None = None) -> Response:
     """Runs the jobs (one per choice, prompt-major) and answers in OpenAI's shape, streamed or not."""
-    reply = _Reply(service, prompts, await open_all(service, jobs, chat), chat, logprobs, echo)
+    reply = _Reply(service, prompts, await open_all(service, jobs, chat), chat, logprobs, echo, tools)
     if not body.stream:
         return await reply.whole()
     return EventStream(reply.events(include_usage=bool(body.stream_options and body.stream_options.include_usage)),
@@ -231,11 +247,13 @@ class _Choice:
 
 class _Reply:
     """One response's choices, one per open stream (prompt-major, `echo` holding each prompt's text), and
-    the fields that the response, or each chunk of a stream, starts with."""
+    the fields that the response, or each chunk of a stream, starts with. `tools`: a chat request's tools,
+    whose calls a reply may make."""
 
     def __init__(self, service: Service, prompts: list[list[int]], streams: list[TokenStream], chat: bool,
-                 logprobs: bool, echo: list[str] | None):
+                 logprobs: bool, echo: list[str] | None, tools: Tools | None = None):
         self.service, self.prompts, self.streams, self.chat, self.logprobs = service, prompts, streams, chat, logprobs
+        self.tools = tools
         per_prompt = len(streams) // len(prompts)
         self.choices = [_Choice(i, prefix=echo[i // per_prompt] if echo else "") for i in range(len(streams))]
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
@@ -250,10 +268,14 @@ class _Reply:
                     c.add(ev)
         finally:
             await close_all(self.streams)
-        out = [{"index": c.index, **({"message": {"role": "assistant", "content": c.text}} if chat
-                                     else {"text": c.text}),
-                "logprobs": self.logprobs_of(c.events, c.offsets), "finish_reason": c.finish_reason}
-               for c in self.choices]
+        out = []
+        for c in self.choices:
+            calls = self.tool_calls(c)
+            message = ({"role": "assistant", "content": None, "tool_calls": [k.openai() for k in calls]} if calls
+                       else {"role": "assistant", "content": c.text})
+            out.append({"index": c.index, **({"message": message} if chat else {"text": c.text}),
+                        "logprobs": self.logprobs_of(c.events, c.offsets),
+                        "finish_reason": "tool_calls" if calls else c.finish_reason})
         return JSONResponse({**self.head, "choices": out, "usage": self.usage(), "system_fingerprint": None})
 
     async def events(self, include_usage: bool) -> AsyncGenerator[str, None]:
@@ -261,20 +283,33 @@ class _Reply:
         head = {**self.head, "object": "chat.completion.chunk" if chat else "text_completion"}
         extra = {"usage": None} if include_usage else {}
 
-        def chunk(c: _Choice, delta: dict | str, ev: TokenEvent | None = None) -> str:
+        def chunk(c: _Choice, delta: dict | str, evs: list[TokenEvent] | None = None, finish: str | None = None) -> str:
             choice = {"index": c.index, ("delta" if chat else "text"): delta,
-                      "logprobs": self.logprobs_of([ev], c.offsets[-1:]) if ev else None,
-                      "finish_reason": ev.finish_reason if ev else None}
+                      "logprobs": self.logprobs_of(evs, c.offsets[-len(evs):]) if evs else None,
+                      "finish_reason": finish or (evs[-1].finish_reason if evs else None)}
             return sse({**head, "choices": [choice], **extra})
 
         try:
             for s, c in zip(self.streams, self.choices, strict=True):  # a choice per stream
                 if chat:
                     yield chunk(c, {"role": "assistant", "content": ""})
+                holding, held, pending = self.may_call(c), [], ""  # a reply that may be tool calls is held back
                 async for ev in s:
-                    text = c.add(ev)
+                    text, evs = c.add(ev), [ev]
+                    if holding:
+                        held.append(ev)
+                        pending += text
+                        holding = self.may_call(c)
+                        if holding and not ev.finish_reason:
+                            continue
+                        calls = self.tool_calls(c) if holding else None
+                        if calls:
+                            yield chunk(c, {"tool_calls": [k.openai(j) for j, k in enumerate(calls)]}, held,
+                                        "tool_calls")
+                            continue
+                        text, evs, held, pending = pending, held, [], ""  # text after all: send what was held
                     delta = {"content": text} if text or not ev.finish_reason else {}
-                    yield chunk(c, delta if chat else text, ev)
+                    yield chunk(c, delta if chat else text, evs)
             if include_usage:
                 yield sse({**head, "choices": [], "usage": self.usage()})
         except Exception as e:  # the backend failed mid-stream: headers are gone, so say it in the stream
@@ -282,6 +317,17 @@ class _Reply:
         finally:
             await close_all(self.streams)
         yield "data: [DONE]\n\n"
+
+    def may_call(self, c: _Choice) -> bool:
+        """Can this choice's reply, as far as it has come, still turn out to be tool calls?"""
+        first = c.events[0].token if c.events else None
+        return bool(self.chat and self.tools) and self.tools.may_call(first, c.text, self.service.tokenizer)  # type: ignore[union-attr]
+
+    def tool_calls(self, c: _Choice) -> list[ToolCall] | None:
+        """The tool calls a finished choice makes; None if its reply is text."""
+        if not (self.chat and self.tools) or c.finish_reason != "stop":
+            return None
+        return self.tools.calls([ev.token for ev in c.events], self.service.tokenizer)  # type: ignore[union-attr]
 
     def usage(self) -> dict:
         p, c = sum(map(len, self.prompts)), sum(len(ch.events) for ch in self.choices)

@@ -290,9 +290,9 @@ class Service:
         if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.card.vocab_size for i in ids):
             raise InvalidRequest(f"{param}: token ids must be integers in [0, {self.card.vocab_size})", param)
 
-    def prompt_from_chat(self, messages, param: str = "messages") -> list[int]:
+    def prompt_from_chat(self, messages, param: str = "messages", tools: list[dict] | None = None) -> list[int]:
         try:
-            return self.tokenizer.encode_chat(messages)
+            return self.tokenizer.encode_chat(messages, tools)
         except ChatTemplateError as e:
             raise InvalidRequest(f"{param}: {e}", param) from None
         except (TypeError, AttributeError) as e:
