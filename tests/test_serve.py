@@ -60,6 +60,28 @@ def test_openai_chat_and_completions(server, engine):
     assert [m.id for m in client.models.list()] == ["tiny"]
 
 
+def test_openai_tool_call(server, engine):
+    """A forced tool call through Serve and the pipeline: the single process's greedy call, token for token."""
+    from openai import OpenAI
+
+    from kernels.tools import Tools
+
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"],
+        "additionalProperties": False}}}]
+    messages = [{"role": "user", "content": "Add."}]
+    spec = Tools.parse(tools, "required", False)
+    want = engine.generate([engine.tokenizer.encode_chat(messages, tools)], SamplingParams(
+        max_tokens=96, temperature=0, grammar=spec.grammar(engine.tokenizer)))[0]
+    [expected] = spec.calls(want.token_ids, engine.tokenizer)
+    r = OpenAI(base_url=server["http"] + "/v1", api_key="none").chat.completions.create(
+        model="tiny", messages=messages, tools=tools, tool_choice="required", parallel_tool_calls=False, max_tokens=96,
+        temperature=0)
+    [call] = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and r.usage.completion_tokens == len(want.token_ids)
+    assert (call.function.name, call.function.arguments) == (expected.name, expected.arguments)
+
+
 def test_tgi_stream_with_details(server, engine):
     from huggingface_hub import InferenceClient
 
