@@ -183,12 +183,16 @@ def test_bench_engine_reports_every_system_against_the_roofline(tmp_path):
     from kernels.tiny import tiny_args
 
     out = tmp_path / "engine.json"
+    no_peer = tmp_path / "llama.cpp" / "build" / "bin" / "llama-batched-bench"  # a peer that cannot run: a row
     assert cli.main(["bench", "engine", "--preset", "tiny", "--batch", "1", "3", "--prompt-len", "4",
-                     "--new-tokens", "4", "--precision", "fp32", "int8", "--out", str(out)]) in (0, None)
+                     "--new-tokens", "4", "--precision", "fp32", "int8", "--out", str(out),
+                     "--llama-bench", str(no_peer)]) in (0, None)
     report = json.loads(out.read_text())
     roof = report["roofline"]
     assert 0.5 < roof["read_gb_s"] < 5000 and 0.5 < roof["gemv_gb_s"] < 5000
     res = report["results"]
+    peers = {f"llama.cpp:{t}": res.pop(f"llama.cpp:{t}") for t in ("f32", "bf16", "q8_0")}
+    assert all("convert_hf_to_gguf.py" in p["error"] for p in peers.values()), peers
     assert set(res) == {"transformers", "moeray:fp32", "moeray:int8"}
     for name, r in res.items():
         assert 50 < r["peak_rss_mb"] < 8000, name

@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-batched-bench: run it beside (f32, "
                    "bf16, q8_0 GGUF made by the convert_hf_to_gguf.py of that tree)")
     e.add_argument("--llama-convert", metavar="PATH", help="convert_hf_to_gguf.py (default: the one of the "
-                   "llama.cpp tree that --llama-bench is in, build/bin/..)")
+                   "llama.cpp tree that --llama-bench is in, build/bin/..; run by the Python of the llama-venv beside "
+                   "that tree if there is one, as ../shared/peers/setup.sh installs it)")
     e.set_defaults(func=cmd_bench)
     so = bsub.add_parser("structured", help="decode tok/s with a JSON schema vs unconstrained, same prompts, "
                                             "single-process engine")

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -190,8 +191,12 @@ def _measured(cmd: list[str], env: dict | None = None) -> tuple[str, float]:
 
     proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *cmd], capture_output=True, text=True,
                           env=None if env is None else {**os.environ, **env})
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    if proc.returncode:  # first line: the root cause as far as a line of stderr says it; then stderr's tail
+        errors = [line.strip() for line in proc.stderr.splitlines()
+                  if ("Error" in line or "error:" in line) and "WARNING" not in line]
+        cause = next((e for e in errors if "EngineDeadError" not in e and "stack trace" not in e), "")
+        raise RuntimeError(f"{Path(cmd[0]).name} failed (exit {proc.returncode}) {cause[-200:]}\n"
+                           f"{' '.join(cmd[:3])} ...\n{proc.stderr[-3000:]}")
     peak = next(l for l in proc.stderr.splitlines()[::-1] if l.startswith(PEAK))
     return proc.stdout, int(peak.split()[1]) / 1024
 
@@ -220,9 +225,10 @@ def _llama(bench: str, convert: str, model_dir: str, outtype: str, batches: list
     """llama.cpp's llama-batched-bench on the checkpoint converted to GGUF `outtype`. Its time includes the
     prompt (so does every other system's here): generated tok/s = batch * new / t."""
     gguf = Path(model_dir).parent / f"model-{outtype}.gguf"
-    if not gguf.exists():
-        subprocess.run([sys.executable, convert, model_dir, "--outtype", outtype, "--outfile", str(gguf)],
-                       check=True, capture_output=True)
+    if not gguf.exists():  # the converter needs gguf, numpy, transformers: the peers' llama-venv has them
+        venv = Path(convert).resolve().parent.parent / "llama-venv" / "bin" / "python"
+        subprocess.run([str(venv) if venv.exists() else sys.executable, convert, model_dir, "--outtype", outtype,
+                        "--outfile", str(gguf)], check=True, capture_output=True)
     out, peak = _measured([bench, "-m", str(gguf), "-c", str(max(batches) * (prompt_len + new) + 64), "-b", "2048",
                            "-ub", "512", "-npp", str(prompt_len), "-ntg", str(new),
                            "-npl", ",".join(map(str, batches)), "-t", str(threads), "-tb", str(threads),
@@ -258,14 +264,20 @@ def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out
             out_, peak = _measured([*worker, "_worker", system, model_dir, ",".join(map(str, batches)),
                                     str(prompt_len), str(new)])
             sys_results[system] = {**_last_json(out_), "peak_rss_mb": peak}
+        peers: list[tuple[str, Callable[[], dict]]] = []
         if vllm_python:
-            for dtype in ("float32", "bfloat16"):
-                sys_results[f"vllm:{dtype}"] = _vllm(vllm_python, model_dir, dtype, batches, prompt_len, new, threads)
+            peers += [(f"vllm:{d}", partial(_vllm, vllm_python, model_dir, d, batches, prompt_len, new, threads))
+                      for d in ("float32", "bfloat16")]
         if llama_bench:
             convert = llama_convert or str(Path(llama_bench).resolve().parents[2] / "convert_hf_to_gguf.py")
-            for outtype in ("f32", "bf16", "q8_0"):
-                sys_results[f"llama.cpp:{outtype}"] = _llama(llama_bench, convert, model_dir, outtype, batches,
-                                                             prompt_len, new, threads)
+            peers += [(f"llama.cpp:{t}", partial(_llama, llama_bench, convert, model_dir, t, batches, prompt_len, new,
+                                                 threads)) for t in ("f32", "bf16", "q8_0")]
+        for name, run in peers:  # a peer that cannot run this checkpoint is a row saying why, not a lost run
+            try:
+                sys_results[name] = run()
+            except (RuntimeError, subprocess.CalledProcessError) as e:
+                sys_results[name] = {"error": str(e).splitlines()[0]}
+                print(f"{name}: {e}", file=sys.stderr)
     bw = max(roofline["read_gb_s"], roofline["gemv_gb_s"]) * 1e9
     # weights each system reads: moeray's own count; transformers and fp32 / bf16 peers as moeray at that
     # dtype; llama.cpp's q8_0 at 34 bytes a block of 32 (2D weights; norms in f32: a rounding error)
@@ -289,6 +301,9 @@ def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out
     print(f"| system | {head} | peak RSS (MB) | same tokens as transformers |")
     print("| --- " * (3 * len(batches) + 3) + "|")
     for name, r in sys_results.items():
+        if "error" in r:
+            print(f"| {name} | {r['error']} |")
+            continue
         cells = []
         for b in map(str, batches):
             if b not in r:
