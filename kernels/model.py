@@ -37,7 +37,7 @@ from kernels.attention import paged_attention
 from kernels.cache import AttentionMetadata, DecodeMetadata, KVCache, StepSeq, step_metadata
 from kernels.checkpoint import Checkpoint
 from kernels.moe import Blocks, ExpertsStage, Wait, expert_rows, moe_start, moe_token, start
-from kernels.packing import Fused, fuse, relayout
+from kernels.packing import Fused, fuse, prepack, relayout
 from kernels.rope import apply_rope, rope_freqs
 
 LayersStage = Callable[[torch.Tensor, Any], torch.Tensor]  # (h [T, D] embedded, step) -> h after every layer
@@ -269,13 +269,21 @@ class Transformer(nn.Module):
 def pack_(module: nn.Module) -> nn.Module:
     """Packs the loaded weights of `module` (a Transformer, a role's part of one, a FeedForward) for fast
     CPU decode, in place (kernels/packing.py): wq|wk|wv and w1|w3 fused, other plain linears in the fast
-    layout. Names, shapes and values unchanged; call it after loading (and quantizing), on the weights'
-    final device. Returns `module`."""
-    for m in module.modules():
+    layout; in bf16, the attention projections and the LM head prepacked for oneDNN instead (PackedLinear:
+    no Parameter, so not in state_dict). Names, shapes and values unchanged; call it after loading (and
+    quantizing), on the weights' final device. Returns `module`."""
+    for m in list(module.modules()):
         if isinstance(m, Attention):
-            m.packed = fuse(m.wq, m.wk, m.wv)
+            prepacked = {n: prepack(getattr(m, n)) for n in ("wq", "wk", "wv", "wo")}  # bf16 on CPU
+            if all(prepacked.values()):
+                for n, p in prepacked.items():
+                    setattr(m, n, p)  # q, k, v then come from three oneDNN calls (qkv_native), no fused weight
+            else:
+                m.packed = fuse(m.wq, m.wk, m.wv)
         elif isinstance(m, FeedForward):
             m.packed = fuse(m.w1, m.w3)
+        elif isinstance(m, Transformer) and (head := prepack(m.output)) is not None:
+            m.output = head  # type: ignore[assignment]  # typed nn.Linear: a PackedLinear computes the same
     fused = {id(p) for m in module.modules() if (f := getattr(m, "packed", None)) for p in f.parts}
     for m in module.modules():
         if isinstance(m, nn.Linear) and id(m.weight) not in fused:
