@@ -1,5 +1,8 @@
 """Attention over the paged KV cache for a step of many sequences (prefill and decode mixed).
 
+The pools may be narrower than the activations (engine.kv_cache_dtype bfloat16 with fp32 weights): k/v are
+rounded to the pools' dtype when stored, and what is read back is cast to q's dtype: attention computes in
+the activations' dtype on cached keys as stored (casts are no-ops when the dtypes agree).
 Shapes as in kernels/cache.py; H query heads, KV kv-heads (GQA: H is a multiple of KV).
 """
 
@@ -23,8 +26,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
     B, N = meta.q_index.shape
     keys, values = k[meta.q_index], v[meta.q_index]  # [B, N, KV, hd]
     if meta.ctx_slots.shape[1]:
-        keys = torch.cat([k_pool[meta.ctx_slots], keys], dim=1)  # [B, C + N, KV, hd]
-        values = torch.cat([v_pool[meta.ctx_slots], values], dim=1)
+        keys = torch.cat([k_pool[meta.ctx_slots].to(k.dtype), keys], dim=1)  # [B, C + N, KV, hd]
+        values = torch.cat([v_pool[meta.ctx_slots].to(v.dtype), values], dim=1)
     out = F.scaled_dot_product_attention(
         q[meta.q_index].transpose(1, 2),  # [B, H, N, hd]
         keys.transpose(1, 2),  # [B, KV, C + N, hd]
@@ -32,8 +35,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
         attn_mask=meta.mask,  # [B, 1, N, C + N]
         enable_gqa=True,
     )  # [B, H, N, hd]
-    k_pool[meta.write_slots] = k[meta.write_index]
-    v_pool[meta.write_slots] = v[meta.write_index]
+    k_pool[meta.write_slots] = k[meta.write_index].to(k_pool.dtype)
+    v_pool[meta.write_slots] = v[meta.write_index].to(v_pool.dtype)
     return out.transpose(1, 2).reshape(B * N, *q.shape[1:])[meta.unpad]  # [T, H, hd]
 
 
@@ -41,12 +44,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: 
                      meta: DecodeMetadata) -> torch.Tensor:
     """paged_attention for one new token per sequence (T = B): writes k/v first (see DecodeMetadata),
     then reads each sequence's keys from the pool, one gather, no concatenation. -> [B, H, hd]."""
-    k_pool[meta.write_slots] = k
-    v_pool[meta.write_slots] = v
+    k_pool[meta.write_slots] = k.to(k_pool.dtype)
+    v_pool[meta.write_slots] = v.to(v_pool.dtype)
     out = F.scaled_dot_product_attention(
         q[:, :, None],  # [B, H, 1, hd]
-        k_pool[meta.ctx_slots].transpose(1, 2),  # [B, KV, C, hd]
-        v_pool[meta.ctx_slots].transpose(1, 2),
+        k_pool[meta.ctx_slots].to(q.dtype).transpose(1, 2),  # [B, KV, C, hd]
+        v_pool[meta.ctx_slots].to(q.dtype).transpose(1, 2),
         attn_mask=meta.mask,  # [B, 1, 1, C]
         enable_gqa=True,
     )  # [B, H, 1, hd]

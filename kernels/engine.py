@@ -54,7 +54,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # new tokens in one step at most; longer prompts prefill in chunks
     kv_cache_tokens: int = 65536  # KV-cache capacity, all sequences together, in tokens
     block_size: int = 16  # KV-cache block, in tokens
-    dtype: str = "float32"  # weights, activations and KV cache: float32 | bfloat16 | float16
+    dtype: str = "float32"  # weights and activations: float32 | bfloat16 | float16
+    kv_cache_dtype: str = "auto"  # the KV cache: auto (= dtype) | float32 | bfloat16 | float16
     max_queued_requests: int = 256  # requests waiting for a batch slot at most; more -> QueueFull (HTTP 429)
     expert_quant: str = "none"  # expert weights: none | int8 | int4 (weight-only; kernels/quant.py)
     weight_quant: str = "none"  # attention projections and LM head: none | int8 | int4 (kernels.quant.quantize_dense)
@@ -68,6 +69,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in DTYPES:
+            raise ValueError(f"kv_cache_dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.expert_quant not in QUANT_BITS:
             raise ValueError(f"expert_quant must be one of {sorted(QUANT_BITS)}, got {self.expert_quant!r}")
         if self.weight_quant not in QUANT_BITS:
@@ -91,6 +94,12 @@ class EngineConfig:
     @property
     def num_blocks(self) -> int:
         return self.kv_cache_tokens // self.block_size
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The KV cache's dtype: kv_cache_dtype, or dtype's under auto. bf16 / fp16 halve an fp32 model's
+        cache (twice the tokens in the same memory); attention computes in the activations' dtype."""
+        return DTYPES[self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype]
 
 
 class CacheLost(RuntimeError):
@@ -342,7 +351,7 @@ class LocalExecutor:
         a, self.model = model.args, model
         self.device = model.device
         self.cache = KVCache(a.n_layers, config.num_blocks, config.block_size, a.n_kv_heads, a.head_dim,
-                             dtype=model.dtype, device=self.device)
+                             dtype=config.kv_dtype, device=self.device)
 
     def forward(self, tokens, seqs, logits_index):
         step = Step.begin(seqs, self.model.args, self.cache)

@@ -36,8 +36,8 @@ from kernels.args import ModelArgs, MoeArgs
 from kernels.attention import paged_attention
 from kernels.cache import AttentionMetadata, DecodeMetadata, KVCache, StepSeq, step_metadata
 from kernels.checkpoint import Checkpoint
-from kernels.moe import Blocks, ExpertsStage, Wait, expert_rows, moe, moe_start, start
-from kernels.packing import Fused, fuse, relayout
+from kernels.moe import Blocks, ExpertsStage, Wait, expert_rows, moe_start, moe_token, start
+from kernels.packing import Fused, fuse, prepack, relayout
 from kernels.rope import apply_rope, rope_freqs
 
 LayersStage = Callable[[torch.Tensor, Any], torch.Tensor]  # (h [T, D] embedded, step) -> h after every layer
@@ -150,9 +150,14 @@ class MoeLayer(nn.Module):
         self.k = args.num_experts_per_tok
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
-        return moe(x, self.gate.weight, self.k, self.experts)
+        return self.start(x)()
 
     def start(self, x: torch.Tensor) -> Wait:  # [T, D] -> (later) [T, D]
+        """One token with the experts here (Experts: decode at batch 1) takes moe_token, which equals moe
+        bit for bit in half the ops; anything else (more tokens, fused kernels, stand-ins) moe_start."""
+        if x.shape[0] == 1 and type(self.experts) is Experts:
+            y = moe_token(x, self.gate.weight, self.k, self.experts)
+            return lambda: y
         return moe_start(x, self.gate.weight, self.k, self.experts)
 
 
@@ -264,13 +269,21 @@ class Transformer(nn.Module):
 def pack_(module: nn.Module) -> nn.Module:
     """Packs the loaded weights of `module` (a Transformer, a role's part of one, a FeedForward) for fast
     CPU decode, in place (kernels/packing.py): wq|wk|wv and w1|w3 fused, other plain linears in the fast
-    layout. Names, shapes and values unchanged; call it after loading (and quantizing), on the weights'
-    final device. Returns `module`."""
-    for m in module.modules():
+    layout; in bf16, the attention projections and the LM head prepacked for oneDNN instead (PackedLinear:
+    no Parameter, so not in state_dict). Names, shapes and values unchanged; call it after loading (and
+    quantizing), on the weights' final device. Returns `module`."""
+    for m in list(module.modules()):
         if isinstance(m, Attention):
-            m.packed = fuse(m.wq, m.wk, m.wv)
+            prepacked = {n: prepack(getattr(m, n)) for n in ("wq", "wk", "wv", "wo")}  # bf16 on CPU
+            if all(prepacked.values()):
+                for n, p in prepacked.items():
+                    setattr(m, n, p)  # q, k, v then come from three oneDNN calls (qkv_native), no fused weight
+            else:
+                m.packed = fuse(m.wq, m.wk, m.wv)
         elif isinstance(m, FeedForward):
             m.packed = fuse(m.w1, m.w3)
+        elif isinstance(m, Transformer) and (head := prepack(m.output)) is not None:
+            m.output = head  # type: ignore[assignment]  # typed nn.Linear: a PackedLinear computes the same
     fused = {id(p) for m in module.modules() if (f := getattr(m, "packed", None)) for p in f.parts}
     for m in module.modules():
         if isinstance(m, nn.Linear) and id(m.weight) not in fused:

@@ -112,3 +112,15 @@ def test_ingress_capacity_reaches_the_routers_queue_before_serve_queues():
     assert cfg.serve.ingress.capacity(2, cfg.engine) == 215  # ceil(2 * (64 + 256) / 3) + 1
     cfg.serve.ingress.max_ongoing_requests = 10
     assert cfg.serve.ingress.capacity(2, cfg.engine) == 10
+
+
+def test_engine_kv_cache_dtype_from_yaml(tmp_path):
+    """engine.kv_cache_dtype reaches EngineConfig from YAML; a dtype it cannot hold is refused with its path."""
+    import torch
+
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"engine": {"dtype": "float32", "kv_cache_dtype": "bfloat16"}}))
+    assert load_config(p).engine.kv_dtype == torch.bfloat16
+    assert load_config().engine.kv_dtype == torch.float32  # auto: the weights' dtype
+    with pytest.raises(ConfigError, match="engine: kv_cache_dtype must be 'auto' or one of"):
+        load_config(overrides={"engine": {"kv_cache_dtype": "int8"}})

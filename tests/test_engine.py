@@ -188,6 +188,38 @@ def test_half_precision_close_to_fp32(hf_mixtral, dtype):
             assert abs(top_a[t] - top_b[t]) < 0.15
 
 
+@pytest.mark.parametrize("kv", ["float16", "bfloat16"])
+def test_half_precision_kv_cache_halves_memory_and_stays_close(hf_mixtral, kv):
+    """engine.kv_cache_dtype on fp32 weights: the cache takes half the bytes. Prompts prefilled in chunks
+    (the later chunks and the decodes read cached keys as stored) then decoded greedily: fp16 keeps every
+    token of fp32's, the chosen tokens' logprobs within 1e-2 (measured 5e-3). bf16 (8 bits of mantissa)
+    on this checkpoint, whose weights (std 0.2) make attention sharp, moves logprobs by up to 0.6 and
+    flips near-ties later on: checked on the first token's top-5, as bf16 weights are."""
+    ps = prompts()
+    cfg = dict(block_size=4, max_num_batched_tokens=16, max_num_seqs=4)
+    fp32 = Engine.from_dir(hf_mixtral, EngineConfig(**cfg))
+    half = Engine.from_dir(hf_mixtral, EngineConfig(**cfg, kv_cache_dtype=kv))
+    assert half.executor.cache.k.dtype == getattr(torch, kv)
+    assert half.executor.cache.nbytes * 2 == fp32.executor.cache.nbytes
+    params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=5)
+    ref, out = fp32.generate(ps, params), half.generate(ps, params)
+    for a, b in zip(ref, out, strict=True):
+        if kv == "float16":
+            assert b.token_ids == a.token_ids
+            torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-2, rtol=0)
+        assert b.token_ids[0] == a.token_ids[0]
+        top_a, top_b = dict(a.top_logprobs[0]), dict(b.top_logprobs[0])
+        assert len(set(top_a) & set(top_b)) >= 4, (top_a, top_b)
+        assert all(abs(top_a[t] - top_b[t]) < 0.15 for t in set(top_a) & set(top_b)), (top_a, top_b)
+
+
+def test_kv_cache_dtype_auto_follows_dtype_and_unknown_is_named():
+    assert EngineConfig(dtype="bfloat16").kv_dtype == torch.bfloat16
+    assert EngineConfig(dtype="bfloat16", kv_cache_dtype="float32").kv_dtype == torch.float32
+    with pytest.raises(ValueError, match="kv_cache_dtype must be 'auto' or one of .* got 'int8'"):
+        EngineConfig(kv_cache_dtype="int8")
+
+
 def test_waiting_queue_is_bounded(hf_mixtral):
     from kernels.engine import QueueFull
 
@@ -231,24 +263,56 @@ def test_lost_kv_cache_is_recomputed_and_output_unchanged(hf_tiny):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
 
 
+def test_bf16_dense_prepacked_equals_reference_path(hf_tiny):
+    """In bf16 on CPU, pack_ holds the attention projections and the LM head prepacked for oneDNN
+    (kernels.packing.PackedLinear), their weights once: prefill and decode logits are those of plain
+    nn.Linear modules on the same weights, bit for bit, and the weights unpack to the checkpoint's."""
+    from torch import nn
+
+    from kernels.model import Attention, Transformer
+    from kernels.packing import PackedLinear, onednn_bf16
+
+    if not onednn_bf16():
+        pytest.skip("this CPU / torch build has no oneDNN bf16 linear: bf16 stays on F.linear")
+    def dense(model):  # (owner, name) of each attention projection and of the LM head
+        return [(m, n) for m in model.modules() for n in ("wq", "wk", "wv", "wo", "output")
+                if isinstance(m, Attention | Transformer) and hasattr(m, n)]
+
+    cfg = EngineConfig(dtype="bfloat16")
+    packed = build_role(Checkpoint.open(hf_tiny), cfg, Holds(whole=True)).model
+    assert len(dense(packed)) == 4 * packed.args.n_layers + 1
+    assert all(isinstance(getattr(m, n), PackedLinear) for m, n in dense(packed))
+    plain = build_role(Checkpoint.open(hf_tiny), cfg, Holds(whole=True)).model
+    for m, n in dense(plain):
+        w = getattr(m, n).weight
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        linear.weight = nn.Parameter(w, requires_grad=False)
+        setattr(m, n, linear)  # the reference: F.linear on the unpacked weight
+    head = Checkpoint.open(hf_tiny).load(["output.weight"], dtype=torch.bfloat16)["output.weight"]
+    assert torch.equal(packed.output.weight, head)
+    assert torch.equal(decode_logits(packed), decode_logits(plain))
+
+
+def decode_logits(model):
+    """Logits of a prefill step of two prompts, then of a decode step of both, on a fresh cache."""
+    a = model.args
+    ps = prompts((5, 12))
+    cache, out = KVCache(a.n_layers, 16, 4, a.n_kv_heads, a.head_dim, dtype=model.dtype), []
+    steps = [([StepSeq([0, 1, 2, 3], 0, 5), StepSeq([4, 5, 6, 7], 0, 12)], ps[0] + ps[1]),
+             ([StepSeq([0, 1, 2, 3], 5, 1), StepSeq([4, 5, 6, 7], 12, 1)], [7, 9])]
+    with torch.no_grad():
+        for seqs, tokens in steps:
+            step = Step.begin(seqs, a, cache)
+            out.append(model(torch.tensor(tokens), step, torch.arange(len(tokens))))
+    return torch.cat(out)
+
+
 def test_packed_weights_equal_reference_path(hf_tiny):
     """pack_ (fused wq|wk|wv and w1|w3, fast layout; build_role does it on CPU) computes what the unfused
     modules compute: prefill and decode logits agree and the parts are views of the packed weight. A module
     replaced after packing (here: experts quantized) runs its own path, not the stale packed weight."""
     from kernels.model import Attention, FeedForward
     from kernels.quant import quantize_experts
-
-    def logits(model):
-        a = model.args
-        ps = prompts((5, 12))
-        cache, out = KVCache(a.n_layers, 16, 4, a.n_kv_heads, a.head_dim), []
-        steps = [([StepSeq([0, 1, 2, 3], 0, 5), StepSeq([4, 5, 6, 7], 0, 12)], ps[0] + ps[1]),
-                 ([StepSeq([0, 1, 2, 3], 5, 1), StepSeq([4, 5, 6, 7], 12, 1)], [7, 9])]
-        with torch.no_grad():
-            for seqs, tokens in steps:
-                step = Step.begin(seqs, a, cache)
-                out.append(model(torch.tensor(tokens), step, torch.arange(len(tokens))))
-        return torch.cat(out)
 
     def unpacked(model):
         for m in model.modules():
@@ -261,13 +325,14 @@ def test_packed_weights_equal_reference_path(hf_tiny):
     assert fused and all(m.packed is not None for m in fused)
     attn = packed.layers[0].attention
     assert attn.wq.weight.untyped_storage().data_ptr() == attn.packed.weight.untyped_storage().data_ptr()
-    fast = logits(packed)
-    ref = logits(unpacked(build_role(Checkpoint.open(hf_tiny), EngineConfig(), Holds(whole=True)).model))
+    fast = decode_logits(packed)
+    ref = decode_logits(unpacked(build_role(Checkpoint.open(hf_tiny), EngineConfig(), Holds(whole=True)).model))
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(fast.argmax(-1), ref.argmax(-1))
 
-    quantized = logits(quantize_experts(packed, 8))
-    expected = logits(build_role(Checkpoint.open(hf_tiny), EngineConfig(expert_quant="int8"), Holds(whole=True)).model)
+    quantized = decode_logits(quantize_experts(packed, 8))
+    expected = decode_logits(build_role(Checkpoint.open(hf_tiny), EngineConfig(expert_quant="int8"),
+                                        Holds(whole=True)).model)
     torch.testing.assert_close(quantized, expected, atol=1e-5, rtol=1e-5)
     assert (quantized - fast).abs().max() > 1e-4  # int8 experts do change the logits: the quantized path ran
 

@@ -56,8 +56,10 @@ PEAK = "PEAK_RSS_KB"
 def _weight_bytes(model) -> dict:
     """What a step of `model` reads of its weights, as bytes: `dense` (all but the experts and the embedding
     table, of which a token reads one row: `embedding_row`) and `experts` (all MoE experts, of which a token
-    reads k/E). A QuantLinear counts its codes and the scales its path uses; everything else its parameters."""
+    reads k/E). A QuantLinear counts its codes and the scales its path uses, a PackedLinear its bf16 weight;
+    everything else its parameters."""
     from kernels.model import FeedForward
+    from kernels.packing import PackedLinear
     from kernels.quant import QuantLinear
 
     def read(module) -> int:
@@ -66,6 +68,8 @@ def _weight_bytes(model) -> dict:
             if isinstance(m, QuantLinear):
                 used = [m.qweight, *([m.kernel_scale] if m.kernel_scale is not None else [m.scale, m.offset])]
                 total += sum(t.numel() * t.element_size() for t in used if t is not None)
+            elif isinstance(m, PackedLinear):  # its weight is held prepacked, not as a Parameter
+                total += m.nbytes
             else:
                 total += sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
         return total
