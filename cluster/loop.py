@@ -20,6 +20,7 @@ import threading
 from collections.abc import AsyncGenerator, Callable
 
 from kernels.engine import Engine, Request, TokenEvent
+from kernels.structured import GrammarState
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,11 @@ class EngineLoop:
         for a bad request, the engine's QueueFull when its waiting queue is full."""
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        self._commands.put(lambda: self._add(req, loop, events))
+        # a grammar is compiled here, on a worker thread, not on the step thread, where it would stall every
+        # running sequence for its milliseconds (a refusal raises here, before any event, as add_request's)
+        grammar = (await asyncio.to_thread(self.engine.grammar_state, req.params.grammar)
+                   if req.params.grammar else None)
+        self._commands.put(lambda: self._add(req, loop, events, grammar))
         done = False
         try:
             while not done:
@@ -64,9 +69,10 @@ class EngineLoop:
         self._thread.join(timeout=5)
 
     # -- the step thread ------------------------------------------------------------------------
-    def _add(self, req: Request, loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> None:
+    def _add(self, req: Request, loop: asyncio.AbstractEventLoop, events: asyncio.Queue,
+             grammar: GrammarState | None) -> None:
         try:
-            self.engine.add_request(req)
+            self.engine.add_request(req, grammar)
         except Exception as e:  # not registered: a duplicate id must not take over the running one's queue
             _send(loop, events, e)
             return

@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+import time
 
 import pytest
 from servers import IDLE, load
@@ -9,6 +10,7 @@ from servers import IDLE, load
 from cluster.loop import EngineLoop
 from kernels.engine import Engine, EngineConfig, QueueFull, Request
 from kernels.sampling import SamplingParams
+from kernels.structured import Grammar
 
 LONG = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
 SHORT = SamplingParams(max_tokens=5, temperature=0)
@@ -89,3 +91,45 @@ def test_refused_requests_raise_before_any_token_and_leave_the_others_alone(held
     in_engine, tokens = asyncio.run(run())
     assert in_engine == ["a", "b", "c"]
     assert tokens == Engine.from_dir(tiny_model).generate([PROMPT], SHORT)[0].token_ids
+
+
+class SlowGrammarEngine(Engine):
+    """An Engine whose grammars take 0.5 s to build (a large vocabulary's first one takes ~0.1 s), noting
+    the thread that built them."""
+
+    def grammar_state(self, grammar):
+        self.built_on = threading.current_thread().name
+        time.sleep(0.5)
+        return super().grammar_state(grammar)
+
+
+def test_a_grammar_is_built_off_the_step_thread(tiny_model):
+    """While a structured-output request's grammar is built, the running sequences keep stepping."""
+    engine = SlowGrammarEngine.from_dir(tiny_model)
+    loop = EngineLoop(engine)
+
+    async def run():
+        a = loop.generate(Request("a", PROMPT, LONG))
+        await anext(a)
+        b = loop.generate(Request("b", PROMPT, SamplingParams(max_tokens=8, temperature=0,
+                                                              grammar=Grammar.regex("(yes|no)!"))))
+        b_events = asyncio.ensure_future(_collect(b))
+        await asyncio.sleep(0.05)  # b's grammar is being built
+        t0, during = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 0.3:
+            await anext(a)
+            during += 1
+        await a.aclose()
+        return during, await b_events
+
+    try:
+        during, b_events = asyncio.run(run())
+    finally:
+        loop.stop()
+    assert engine.built_on != "engine-loop"
+    assert during > 5, during  # a step thread building the grammar would have given `a` no token in 0.3 s
+    assert "".join(ev.text for ev in b_events) in ("yes!", "no!")
+
+
+async def _collect(stream):
+    return [ev async for ev in stream]
