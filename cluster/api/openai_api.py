@@ -8,7 +8,8 @@ Decisions clients can rely on:
   multiplicative `repetition_penalty`, accepted as an extra field (with `top_k`), as vLLM does.
 - n > 1 runs n generations; with a seed, choice j samples with seed + j (distinct, and reproducible).
 - max_tokens / max_completion_tokens absent: up to the context (also on /v1/completions, where OpenAI
-  would stop at 16). Note the engine reserves KV cache for prompt + max_tokens when it admits a request.
+  would stop at 16). The KV cache grows as the reply does (engine.kv_allocation on_demand): a large
+  max_tokens reserves nothing up front.
 - echo (completions) prepends the prompt text; echo with logprobs is refused (no prompt logprobs).
 - Extra OpenAI fields, as vLLM's: top_k, repetition_penalty, ignore_eos.
 - response_format: {"type": "text"} (or absent), {"type": "json_object"} (any JSON object) and
