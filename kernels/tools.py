@@ -144,6 +144,19 @@ class Tools:
         head = text.lstrip(" ")
         return not head or head.startswith("[")
 
+    def body(self, first: int | None, text: str, tokenizer: Tokenizer) -> str | None:
+        """The calls' JSON so far of a reply known to be tool calls (first token `first`, text so far `text`),
+        "" while its marker is still arriving; None while it is not known to be calls, or is text."""
+        if self.choice == "none":
+            return None
+        marker = tokenizer.tool_calls_id
+        if marker is not None:
+            return text if first == marker else None
+        head = text.lstrip(" ")
+        if not head.startswith("["):  # under the grammar, a v1 reply that starts with "[" is calls
+            return None
+        return head[len(TEXT_MARKER):] if head.startswith(TEXT_MARKER) else ""
+
     def calls(self, ids: list[int], tokenizer: Tokenizer) -> list[ToolCall] | None:
         """The tool calls a finished reply makes; None if it is text, or calls cut short (max_tokens, a stop
         string) that do not parse."""
@@ -167,5 +180,79 @@ class Tools:
                 isinstance(c, dict) and c.get("name") in self.callable and isinstance(c.get("arguments"), dict)
                 for c in calls):
             return None
-        return [ToolCall("".join(secrets.choice(_ID_CHARS) for _ in range(9)), c["name"],
-                         json.dumps(c["arguments"], ensure_ascii=False)) for c in calls]
+        return [ToolCall(new_id(), c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in calls]
+
+
+def new_id() -> str:
+    return "".join(secrets.choice(_ID_CHARS) for _ in range(9))
+
+
+class CallStream:
+    """A stream's tool calls as their JSON arrives: each call's id and name once its name is complete, then its
+    arguments piece by piece, as OpenAI's stream deltas (delta.tool_calls entries). It reads the layout the
+    grammar writes (json.dumps style, "name" before "arguments"): ` [{"name": N, "arguments": {...}}, ...]`."""
+
+    _HEAD = re.compile(r' ?\[')
+    _CALL = re.compile(r'\{"name": "((?:[^"\\]|\\.)*)", "arguments": ')
+    _TAIL = re.compile(r'\}(, |\])')
+
+    def __init__(self):
+        self.at, self.state, self.index = 0, "head", -1  # read up to body[at]; state: head|call|args|tail|done
+        self.depth, self.in_string, self.escaped = 0, False, False  # where the arguments object is
+        self.opened = False  # its "{" read
+
+    def feed(self, body: str) -> list[dict]:
+        """The deltas that the calls' JSON so far, `body` (a longer string each time), adds."""
+        out: list[dict] = []
+        while self.state != "done":
+            rest = body[self.at:]
+            if self.state == "args":
+                n = self._scan(rest)
+                if n:
+                    out.append({"index": self.index, "function": {"arguments": rest[:n]}})
+                    self.at += n
+                if self.depth or not self.opened:  # the arguments go on, or have not begun
+                    break
+                self.state = "tail"
+                continue
+            m = {"head": self._HEAD, "call": self._CALL, "tail": self._TAIL}[self.state].match(rest)
+            if not m:
+                break
+            self.at += m.end()
+            if self.state == "head":
+                self.state = "call"
+            elif self.state == "call":
+                self.index += 1
+                out.append({"index": self.index, "id": new_id(), "type": "function",
+                            "function": {"name": json.loads(f'"{m.group(1)}"'), "arguments": ""}})
+                self.state, self.opened = "args", False
+            else:
+                self.state = "call" if m.group(1) == ", " else "done"
+        return _merged(out)
+
+    def _scan(self, text: str) -> int:
+        """How much of `text` belongs to the arguments object (all of it while it is still open)."""
+        for i, ch in enumerate(text):
+            if self.in_string:
+                self.escaped, self.in_string = (False, True) if self.escaped else (ch == "\\", ch != '"')
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "{[":
+                self.depth += 1
+                self.opened = True
+            elif ch in "}]":
+                self.depth -= 1
+                if not self.depth:
+                    return i + 1
+        return len(text)
+
+
+def _merged(deltas: list[dict]) -> list[dict]:
+    """One entry per call in a chunk: a call's name and the first piece of its arguments together."""
+    out: list[dict] = []
+    for d in deltas:
+        if out and out[-1]["index"] == d["index"]:
+            out[-1]["function"]["arguments"] += d["function"]["arguments"]
+        else:
+            out.append(d)
+    return out

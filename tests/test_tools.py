@@ -21,7 +21,7 @@ from kernels.engine import Engine
 from kernels.sampling import SamplingParams
 from kernels.tiny import make_tiny
 from kernels.tokenizer import ChatTemplateError, Tokenizer
-from kernels.tools import ToolError, Tools
+from kernels.tools import CallStream, ToolError, Tools
 
 V3_FILE = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
@@ -143,6 +143,28 @@ def test_calls_are_read_back_or_not(v3, tiny_model):
     assert tools.calls([5, *reply_ids(v3, '[{"name": "rm", "arguments": {}}]')], v3) is None  # not an offered tool
 
 
+def test_call_stream_reads_calls_however_the_text_is_cut():
+    """CallStream on the grammar's layout, the text arriving in random pieces: the deltas add up to the calls
+    (strings with quotes and braces, nested arrays and objects, empty arguments)."""
+    import random
+
+    body = (' [{"name": "get_weather", "arguments": {"city": "Pa\\"r}is", "n": [1, {"a": 2}]}}, '
+            '{"name": "add", "arguments": {}}]')
+    rng = random.Random(0)
+    for _ in range(300):
+        stream, calls = CallStream(), {}
+        for cut in [*sorted(rng.sample(range(1, len(body)), rng.randint(1, 40))), len(body)]:
+            for d in stream.feed(body[:cut]):
+                call = calls.setdefault(d["index"], {"name": None, "arguments": ""})
+                if "id" in d:
+                    assert call["name"] is None and len(d["id"]) == 9
+                    call["name"] = d["function"]["name"]
+                call["arguments"] += d["function"]["arguments"]
+        assert stream.state == "done"
+        assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] == [
+            ("get_weather", {"city": 'Pa"r}is', "n": [1, {"a": 2}]}), ("add", {})]
+
+
 # -- replies, through the engine ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def v3_model(tmp_path_factory):
@@ -262,6 +284,13 @@ def test_openai_tool_call_stream(client):
     assert final.choices[0].finish_reason == "tool_calls"
     assert ([(c.function.name, c.function.arguments) for c in final.choices[0].message.tool_calls]
             == [(c.function.name, c.function.arguments) for c in whole.choices[0].message.tool_calls])
+    # as OpenAI streams them: a call's id and name first, then its arguments in pieces
+    chunks = list(client.chat.completions.create(**kw, tool_choice="required", parallel_tool_calls=False,
+                                                 stream=True))
+    deltas = [d for ch in chunks if ch.choices for d in ch.choices[0].delta.tool_calls or []]
+    assert deltas[0].id and deltas[0].function.name and all(d.id is None for d in deltas[1:])
+    assert len(deltas) > 2 and {d.index for d in deltas} == {0}
+    jsonschema.validate(json.loads("".join(d.function.arguments for d in deltas)), SCHEMAS[deltas[0].function.name])
     # auto, greedy: the stream holds nothing back from a text reply it can tell apart, and says the same as
     # the whole response, whichever the reply is
     whole = client.chat.completions.create(**kw, tool_choice="auto", n=1, seed=5)

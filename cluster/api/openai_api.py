@@ -18,7 +18,8 @@ Decisions clients can rely on:
 - tools, tool_choice ("none" | "auto" | "required" | a named function), parallel_tool_calls: kernels/tools.py. A reply
   that calls tools has message.tool_calls (content null) and finish_reason "tool_calls"; each call names an offered
   function and its arguments validate against its parameters schema (the grammar holds the reply to them). A
-  stream holds a reply back while it may still be a tool call and sends the calls whole, one delta, at its end.
+  stream holds a reply back while it may still be a tool call; a call streams as OpenAI's do: its id and name,
+  then its arguments piece by piece (a reply cut by max_tokens mid-call then ends with finish_reason "length").
   Tools with response_format are refused (both constrain the reply). The conversation may carry earlier calls
   (assistant tool_calls) and their results (role "tool", with tool_call_id).
 - model: absent, this server's model name, or huggingface_hub's placeholder ("dummy", "tgi"); others are 400.
@@ -41,7 +42,7 @@ from cluster.api.service import MAX_STOP, ApiError, InvalidRequest, Service, Tok
 from kernels.engine import TokenEvent
 from kernels.sampling import SamplingParams
 from kernels.structured import Grammar
-from kernels.tools import ToolCall, ToolError, Tools
+from kernels.tools import CallStream, ToolCall, ToolError, Tools
 
 # The "model" that huggingface_hub's InferenceClient(base_url).chat_completion sends when it knows no model name
 # ("dummy"; "tgi" in older versions): TGI ignores the field on its OpenAI routes, so these name no model here.
@@ -295,18 +296,23 @@ class _Reply:
                 if chat:
                     yield chunk(c, {"role": "assistant", "content": ""})
                 holding, held, pending = self.may_call(c), [], ""  # a reply that may be tool calls is held back
+                calls = CallStream()
                 async for ev in s:
                     text, evs = c.add(ev), [ev]
                     if holding:
                         held.append(ev)
                         pending += text
+                        body = self.call_body(c)
+                        if body is not None:  # tool calls: each call's name, then its arguments as they come
+                            deltas = calls.feed(body)
+                            if deltas or ev.finish_reason:
+                                done = ev.finish_reason == "stop" and calls.state == "done"
+                                yield chunk(c, {"tool_calls": deltas} if deltas else {}, held,
+                                            "tool_calls" if done else ev.finish_reason)
+                                held = []
+                            continue
                         holding = self.may_call(c)
                         if holding and not ev.finish_reason:
-                            continue
-                        calls = self.tool_calls(c) if holding else None
-                        if calls:
-                            yield chunk(c, {"tool_calls": [k.openai(j) for j, k in enumerate(calls)]}, held,
-                                        "tool_calls")
                             continue
                         text, evs, held, pending = pending, held, [], ""  # text after all: send what was held
                     delta = {"content": text} if text or not ev.finish_reason else {}
@@ -323,6 +329,12 @@ class _Reply:
         """Can this choice's reply, as far as it has come, still turn out to be tool calls?"""
         first = c.events[0].token if c.events else None
         return bool(self.chat and self.tools) and self.tools.may_call(first, c.text, self.service.tokenizer)  # type: ignore[union-attr]
+
+    def call_body(self, c: _Choice) -> str | None:
+        """The calls' JSON so far, if this choice's reply is known to be tool calls (kernels.tools.Tools.body)."""
+        if not (self.chat and self.tools):
+            return None
+        return self.tools.body(c.events[0].token if c.events else None, c.text, self.service.tokenizer)
 
     def tool_calls(self, c: _Choice) -> list[ToolCall] | None:
         """The tool calls a finished choice makes; None if its reply is text."""
