@@ -138,7 +138,8 @@ def build_role(ckpt: Checkpoint, engine: Building, holds: Holds,
         for q in quantize_dense(model, dense_bits, cpu_kernel=device.type == "cpu"):
             q.to(device)
     if device.type == "cpu":  # after quantizing: a quantized linear is not packed
-        pack_(model)  # fused QKV and w1|w3, fast GEMV layout (kernels/packing.py): the held weights only
+        # fused QKV and w1|w3, fast GEMV layout or oneDNN's (kernels/packing.py): the held weights only
+        pack_(model, experts=engine.moe_kernel == "reference")
     if holds.whole:
         if engine.moe_kernel != "reference":
             use_kernel(model, engine.moe_kernel)

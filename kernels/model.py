@@ -110,8 +110,9 @@ class Attention(nn.Module):
 
 class FeedForward(nn.Module):
     """SwiGLU, w2(silu(w1 x) * w3 x): one Mixtral expert, or Mistral-7B's dense FFN. Calls its linears
-    (not their weights), so quantized ones (kernels/quant.py) run their own forward. Once pack_ has
-    stacked w1|w3 (plain linears only), one GEMV computes both; forward_native is the reference."""
+    (not their weights), so quantized ones (kernels/quant.py) and bf16 ones prepacked for oneDNN
+    (kernels/packing.py) run their own forward. Once pack_ has stacked w1|w3 (plain fp32 linears), one GEMV
+    computes both; forward_native is the reference."""
 
     packed: Fused | None = None  # w1|w3 in one weight [2F, D] (kernels/packing.py)
 
@@ -266,11 +267,12 @@ class Transformer(nn.Module):
         return [h if wait is None else wait() for h, wait in zip(hs, waits, strict=True)]
 
 
-def pack_(module: nn.Module) -> nn.Module:
+def pack_(module: nn.Module, experts: bool = True) -> nn.Module:
     """Packs the loaded weights of `module` (a Transformer, a role's part of one, a FeedForward) for fast
     CPU decode, in place (kernels/packing.py): wq|wk|wv and w1|w3 fused, other plain linears in the fast
-    layout; in bf16, the attention projections and the LM head prepacked for oneDNN instead (PackedLinear:
-    no Parameter, so not in state_dict). Names, shapes and values unchanged; call it after loading (and
+    layout; in bf16, the attention projections, the FFNs / experts (unless `experts` is False: a fused expert
+    kernel stacks their nn.Linear weights) and the LM head prepacked for oneDNN instead (PackedLinear: no
+    Parameter, so not in state_dict). Names, shapes and values unchanged; call it after loading (and
     quantizing), on the weights' final device. Returns `module`."""
     for m in list(module.modules()):
         if isinstance(m, Attention):
@@ -281,7 +283,12 @@ def pack_(module: nn.Module) -> nn.Module:
             else:
                 m.packed = fuse(m.wq, m.wk, m.wv)
         elif isinstance(m, FeedForward):
-            m.packed = fuse(m.w1, m.w3)
+            prepacked = {n: prepack(getattr(m, n)) for n in ("w1", "w2", "w3")} if experts else {}
+            if prepacked and all(prepacked.values()):  # bf16 on CPU
+                for n, p in prepacked.items():
+                    setattr(m, n, p)  # three oneDNN calls (forward_native), no fused weight
+            else:
+                m.packed = fuse(m.w1, m.w3)
         elif isinstance(m, Transformer) and (head := prepack(m.output)) is not None:
             m.output = head  # type: ignore[assignment]  # typed nn.Linear: a PackedLinear computes the same
     fused = {id(p) for m in module.modules() if (f := getattr(m, "packed", None)) for p in f.parts}

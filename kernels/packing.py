@@ -10,13 +10,13 @@ Two things, neither of which changes a checkpoint name, a module or a state_dict
   1536x512: 16 vs 6 GB/s), and slower when out < in (512x1024: 7 vs 15 GB/s); so such weights are
   stored transposed, seen as the same [out, in] through a view. bf16 showed no such gap: left as is.
 
-bf16 dense linears (attention projections, LM head) on CPU are held prepacked for oneDNN instead
+bf16 linears (attention projections, FFNs and experts, LM head) on CPU are held prepacked for oneDNN instead
 (`PackedLinear`, made by `prepack`): torch's bf16 F.linear runs oneDNN too, but reorders the weight on every
 call; on the prepacked weight the same kernel gives the same bits (checked at load on a probe) 1.3-1.7x
 faster at 1 to 16 rows (measured, AVX-512 with AMX; small bench model, int8 experts: a batch-1 step 25%
-faster). The weight is held once, in oneDNN's layout; `weight` unpacks it for the reference path. Not for
-experts (the fused Triton stage and expert shards read their nn.Linear weights) nor fp32 (MKL's GEMV on the
-fast layout is as fast at 1 row).
+faster; an expert's three linears 1.5-1.6x at 1-4 rows, two threads). The weight is held once, in oneDNN's
+layout; `weight` unpacks it for the reference path. Not for experts that a fused kernel stacks (it reads their
+nn.Linear weights: model.pack_(experts=False)) nor fp32 (MKL's GEMV on the fast layout is as fast at 1 row).
 
 A fused weight remembers the Parameters it was made of: if a module is replaced later (quantized,
 loaded again), `Fused.current` is False and the layer runs its reference path, never stale weights.

@@ -263,24 +263,25 @@ def test_lost_kv_cache_is_recomputed_and_output_unchanged(hf_tiny):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
 
 
-def test_bf16_dense_prepacked_equals_reference_path(hf_tiny):
-    """In bf16 on CPU, pack_ holds the attention projections and the LM head prepacked for oneDNN
-    (kernels.packing.PackedLinear), their weights once: prefill and decode logits are those of plain
+def test_bf16_prepacked_equals_reference_path(hf_tiny):
+    """In bf16 on CPU, pack_ holds the attention projections, the experts and the LM head prepacked for
+    oneDNN (kernels.packing.PackedLinear), their weights once: prefill and decode logits are those of plain
     nn.Linear modules on the same weights, bit for bit, and the weights unpack to the checkpoint's."""
     from torch import nn
 
-    from kernels.model import Attention, Transformer
+    from kernels.model import Attention, FeedForward, Transformer
     from kernels.packing import PackedLinear, onednn_bf16
 
     if not onednn_bf16():
         pytest.skip("this CPU / torch build has no oneDNN bf16 linear: bf16 stays on F.linear")
-    def dense(model):  # (owner, name) of each attention projection and of the LM head
-        return [(m, n) for m in model.modules() for n in ("wq", "wk", "wv", "wo", "output")
-                if isinstance(m, Attention | Transformer) and hasattr(m, n)]
+    def dense(model):  # (owner, name) of each attention projection, expert linear and of the LM head
+        return [(m, n) for m in model.modules() for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+                if isinstance(m, Attention | FeedForward | Transformer) and hasattr(m, n)]
 
     cfg = EngineConfig(dtype="bfloat16")
     packed = build_role(Checkpoint.open(hf_tiny), cfg, Holds(whole=True)).model
-    assert len(dense(packed)) == 4 * packed.args.n_layers + 1
+    a = packed.args
+    assert len(dense(packed)) == (4 + 3 * (a.moe.num_experts if a.moe else 1)) * a.n_layers + 1
     assert all(isinstance(getattr(m, n), PackedLinear) for m, n in dense(packed))
     plain = build_role(Checkpoint.open(hf_tiny), cfg, Holds(whole=True)).model
     for m, n in dense(plain):
