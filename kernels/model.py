@@ -275,19 +275,11 @@ def pack_(module: nn.Module, experts: bool = True) -> nn.Module:
     Parameter, so not in state_dict). Names, shapes and values unchanged; call it after loading (and
     quantizing), on the weights' final device. Returns `module`."""
     for m in list(module.modules()):
-        if isinstance(m, Attention):
-            prepacked = {n: prepack(getattr(m, n)) for n in ("wq", "wk", "wv", "wo")}  # bf16 on CPU
-            if all(prepacked.values()):
-                for n, p in prepacked.items():
-                    setattr(m, n, p)  # q, k, v then come from three oneDNN calls (qkv_native), no fused weight
-            else:
+        if isinstance(m, Attention):  # prepacked: q, k, v from three oneDNN calls (qkv_native), no fused weight
+            if not _prepack_all(m, ("wq", "wk", "wv", "wo")):
                 m.packed = fuse(m.wq, m.wk, m.wv)
-        elif isinstance(m, FeedForward):
-            prepacked = {n: prepack(getattr(m, n)) for n in ("w1", "w2", "w3")} if experts else {}
-            if prepacked and all(prepacked.values()):  # bf16 on CPU
-                for n, p in prepacked.items():
-                    setattr(m, n, p)  # three oneDNN calls (forward_native), no fused weight
-            else:
+        elif isinstance(m, FeedForward):  # prepacked: three oneDNN calls (forward_native), no fused weight
+            if not (experts and _prepack_all(m, ("w1", "w2", "w3"))):
                 m.packed = fuse(m.w1, m.w3)
         elif isinstance(m, Transformer) and (head := prepack(m.output)) is not None:
             m.output = head  # type: ignore[assignment]  # typed nn.Linear: a PackedLinear computes the same
@@ -296,6 +288,17 @@ def pack_(module: nn.Module, experts: bool = True) -> nn.Module:
         if isinstance(m, nn.Linear) and id(m.weight) not in fused:
             relayout(m)
     return module
+
+
+def _prepack_all(owner: nn.Module, names: tuple[str, ...]) -> bool:
+    """Replaces `owner`'s linears `names` by PackedLinears if every one of them can be (bf16 on CPU); whether
+    it did."""
+    packed = {n: prepack(getattr(owner, n)) for n in names}
+    if not all(packed.values()):
+        return False
+    for n, p in packed.items():
+        setattr(owner, n, p)
+    return True
 
 
 def expert_prefix(args: ModelArgs, layer: int, expert: int) -> str:

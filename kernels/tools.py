@@ -46,11 +46,9 @@ class ToolCall:
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
-    def openai(self, index: int | None = None) -> dict:
-        """As OpenAI's message.tool_calls[i] (with `index`: as a stream's delta.tool_calls[i])."""
-        head = {} if index is None else {"index": index}
-        return {**head, "id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments}}
+    def openai(self) -> dict:
+        """As OpenAI's message.tool_calls[i]."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 @dataclass(frozen=True)
@@ -138,11 +136,8 @@ class Tools:
         While it can, a stream holds its text back."""
         if self.choice == "none":
             return False
-        marker = tokenizer.tool_calls_id
-        if marker is not None:
-            return first is None or first == marker
-        head = text.lstrip(" ")
-        return not head or head.startswith("[")
+        undecided = first is None if tokenizer.tool_calls_id is not None else not text.lstrip(" ")
+        return undecided or self.body(first, text, tokenizer) is not None
 
     def body(self, first: int | None, text: str, tokenizer: Tokenizer) -> str | None:
         """The calls' JSON so far of a reply known to be tool calls (first token `first`, text so far `text`),
@@ -160,20 +155,11 @@ class Tools:
     def calls(self, ids: list[int], tokenizer: Tokenizer) -> list[ToolCall] | None:
         """The tool calls a finished reply makes; None if it is text, or calls cut short (max_tokens, a stop
         string) that do not parse."""
-        if self.choice == "none" or not ids:
+        body = self.body(ids[0] if ids else None, tokenizer.decode(ids), tokenizer)  # a control token decodes to ""
+        if not body:
             return None
-        marker = tokenizer.tool_calls_id
-        if marker is not None:
-            if ids[0] != marker:
-                return None
-            text = tokenizer.decode(ids[1:])
-        else:
-            text = tokenizer.decode(ids).lstrip(" ")
-            if not text.startswith(TEXT_MARKER):
-                return None
-            text = text[len(TEXT_MARKER):]
         try:
-            calls = json.loads(text)
+            calls = json.loads(body)
         except ValueError:
             return None
         if not isinstance(calls, list) or not calls or not all(

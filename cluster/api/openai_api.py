@@ -246,6 +246,11 @@ class _Choice:
     def finish_reason(self) -> str | None:
         return self.events[-1].finish_reason if self.events else None
 
+    @property
+    def first(self) -> int | None:
+        """The first generated token (None before it)."""
+        return self.events[0].token if self.events else None
+
 
 class _Reply:
     """One response's choices, one per open stream (prompt-major, `echo` holding each prompt's text), and
@@ -255,7 +260,7 @@ class _Reply:
     def __init__(self, service: Service, prompts: list[list[int]], streams: list[TokenStream], chat: bool,
                  logprobs: bool, echo: list[str] | None, tools: Tools | None = None):
         self.service, self.prompts, self.streams, self.chat, self.logprobs = service, prompts, streams, chat, logprobs
-        self.tools = tools
+        self.tools = tools if chat else None
         per_prompt = len(streams) // len(prompts)
         self.choices = [_Choice(i, prefix=echo[i // per_prompt] if echo else "") for i in range(len(streams))]
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
@@ -327,20 +332,17 @@ class _Reply:
 
     def may_call(self, c: _Choice) -> bool:
         """Can this choice's reply, as far as it has come, still turn out to be tool calls?"""
-        first = c.events[0].token if c.events else None
-        return bool(self.chat and self.tools) and self.tools.may_call(first, c.text, self.service.tokenizer)  # type: ignore[union-attr]
+        return self.tools is not None and self.tools.may_call(c.first, c.text, self.service.tokenizer)
 
     def call_body(self, c: _Choice) -> str | None:
         """The calls' JSON so far, if this choice's reply is known to be tool calls (kernels.tools.Tools.body)."""
-        if not (self.chat and self.tools):
-            return None
-        return self.tools.body(c.events[0].token if c.events else None, c.text, self.service.tokenizer)
+        return None if self.tools is None else self.tools.body(c.first, c.text, self.service.tokenizer)
 
     def tool_calls(self, c: _Choice) -> list[ToolCall] | None:
         """The tool calls a finished choice makes; None if its reply is text."""
-        if not (self.chat and self.tools) or c.finish_reason != "stop":
+        if self.tools is None or c.finish_reason != "stop":
             return None
-        return self.tools.calls([ev.token for ev in c.events], self.service.tokenizer)  # type: ignore[union-attr]
+        return self.tools.calls([ev.token for ev in c.events], self.service.tokenizer)
 
     def usage(self) -> dict:
         p, c = sum(map(len, self.prompts)), sum(len(ch.events) for ch in self.choices)
