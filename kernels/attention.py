@@ -26,8 +26,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
     B, N = meta.q_index.shape
     keys, values = k[meta.q_index], v[meta.q_index]  # [B, N, KV, hd]
     if meta.ctx_slots.shape[1]:
-        keys = torch.cat([k_pool[meta.ctx_slots].to(k.dtype), keys], dim=1)  # [B, C + N, KV, hd]
-        values = torch.cat([v_pool[meta.ctx_slots].to(v.dtype), values], dim=1)
+        keys = torch.cat([gather(k_pool, meta.ctx_slots).to(k.dtype), keys], dim=1)  # [B, C + N, KV, hd]
+        values = torch.cat([gather(v_pool, meta.ctx_slots).to(v.dtype), values], dim=1)
     out = F.scaled_dot_product_attention(
         q[meta.q_index].transpose(1, 2),  # [B, H, N, hd]
         keys.transpose(1, 2),  # [B, KV, C + N, hd]
@@ -44,13 +44,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: 
                      meta: DecodeMetadata) -> torch.Tensor:
     """paged_attention for one new token per sequence (T = B): writes k/v first (see DecodeMetadata),
     then reads each sequence's keys from the pool, one gather, no concatenation. -> [B, H, hd]."""
-    k_pool[meta.write_slots] = k.to(k_pool.dtype)
-    v_pool[meta.write_slots] = v.to(v_pool.dtype)
+    k_pool.index_copy_(0, meta.write_slots, k.to(k_pool.dtype))  # one slot per sequence: no two writes collide
+    v_pool.index_copy_(0, meta.write_slots, v.to(v_pool.dtype))
     out = F.scaled_dot_product_attention(
         q[:, :, None],  # [B, H, 1, hd]
-        k_pool[meta.ctx_slots].to(q.dtype).transpose(1, 2),  # [B, KV, C, hd]
-        v_pool[meta.ctx_slots].to(q.dtype).transpose(1, 2),
+        gather(k_pool, meta.ctx_slots).to(q.dtype).transpose(1, 2),  # [B, KV, C, hd]
+        gather(v_pool, meta.ctx_slots).to(q.dtype).transpose(1, 2),
         attn_mask=meta.mask,  # [B, 1, 1, C]
         enable_gqa=True,
     )  # [B, H, 1, hd]
     return out[:, :, 0]
+
+
+def gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """pool[slots] ([S, KV, hd] at [B, C] -> [B, C, KV, hd]) as one index_select: the same copy, 4-5x faster
+    on CPU than advanced indexing at decode sizes (measured, 16 sequences x 46 slots, bf16)."""
+    return pool.index_select(0, slots.flatten()).view(*slots.shape, *pool.shape[1:])

@@ -96,7 +96,7 @@ class Attention(nn.Module):
         if f is None or not f.current(self.wq, self.wk, self.wv):
             return self.qkv_native(x, freqs)
         T, H, KV, hd = x.shape[0], a.n_heads, a.n_kv_heads, a.head_dim
-        y = F.linear(x, f.weight)  # [T, (H + 2 KV) hd]
+        y = f(x)  # [T, (H + 2 KV) hd]
         qk = apply_rope(y[:, : (H + KV) * hd].view(T, H + KV, hd), freqs)  # [T, H + KV, hd]
         return qk[:, :H], qk[:, H:], y[:, (H + KV) * hd :].view(T, KV, hd)
 
@@ -126,7 +126,7 @@ class FeedForward(nn.Module):
         f = self.packed
         if f is None or not f.current(self.w1, self.w3):
             return self.forward_native(x)
-        gate, up = F.linear(x, f.weight).chunk(2, dim=-1)  # [n, F] each
+        gate, up = f(x).chunk(2, dim=-1)  # [n, F] each
         return self.w2(F.silu(gate) * up)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
@@ -269,20 +269,21 @@ class Transformer(nn.Module):
 
 def pack_(module: nn.Module, experts: bool = True) -> nn.Module:
     """Packs the loaded weights of `module` (a Transformer, a role's part of one, a FeedForward) for fast
-    CPU decode, in place (kernels/packing.py): wq|wk|wv and w1|w3 fused, other plain linears in the fast
-    layout; in bf16, the attention projections, the FFNs / experts (unless `experts` is False: a fused expert
-    kernel stacks their nn.Linear weights) and the LM head prepacked for oneDNN instead (PackedLinear: no
-    Parameter, so not in state_dict). Names, shapes and values unchanged; call it after loading (and
-    quantizing), on the weights' final device. Returns `module`."""
+    CPU decode, in place (kernels/packing.py): wq|wk|wv and w1|w3 fused into one weight each, other plain
+    linears in the fast layout; in bf16 on CPU every linear is held prepacked for oneDNN instead (the fused ones
+    as one stack, their parts PackedParts; the others PackedLinears: no Parameter, so not in state_dict), but
+    for experts when `experts` is False (a fused expert kernel reads their nn.Linear weights). Names, shapes
+    and values unchanged; call it after loading (and quantizing), on the weights' final device. Returns `module`."""
     for m in list(module.modules()):
-        if isinstance(m, Attention):  # prepacked: q, k, v from three oneDNN calls (qkv_native), no fused weight
-            if not _prepack_all(m, ("wq", "wk", "wv", "wo")):
-                m.packed = fuse(m.wq, m.wk, m.wv)
-        elif isinstance(m, FeedForward):  # prepacked: three oneDNN calls (forward_native), no fused weight
-            if not (experts and _prepack_all(m, ("w1", "w2", "w3"))):
-                m.packed = fuse(m.w1, m.w3)
-        elif isinstance(m, Transformer) and (head := prepack(m.output)) is not None:
-            m.output = head  # type: ignore[assignment]  # typed nn.Linear: a PackedLinear computes the same
+        if isinstance(m, Attention):
+            m.packed = fuse(m, ("wq", "wk", "wv"))
+            _prepack(m, "wo")
+        elif isinstance(m, FeedForward):
+            m.packed = fuse(m, ("w1", "w3"), prepacked=experts)
+            if experts:
+                _prepack(m, "w2")
+        elif isinstance(m, Transformer):
+            _prepack(m, "output")
     fused = {id(p) for m in module.modules() if (f := getattr(m, "packed", None)) for p in f.parts}
     for m in module.modules():
         if isinstance(m, nn.Linear) and id(m.weight) not in fused:
@@ -290,15 +291,10 @@ def pack_(module: nn.Module, experts: bool = True) -> nn.Module:
     return module
 
 
-def _prepack_all(owner: nn.Module, names: tuple[str, ...]) -> bool:
-    """Replaces `owner`'s linears `names` by PackedLinears if every one of them can be (bf16 on CPU); whether
-    it did."""
-    packed = {n: prepack(getattr(owner, n)) for n in names}
-    if not all(packed.values()):
-        return False
-    for n, p in packed.items():
-        setattr(owner, n, p)
-    return True
+def _prepack(owner: nn.Module, name: str) -> None:
+    """Replaces `owner`'s linear `name` by a PackedLinear if it can be one (bf16 on CPU)."""
+    if (packed := prepack(getattr(owner, name))) is not None:
+        setattr(owner, name, packed)
 
 
 def expert_prefix(args: ModelArgs, layer: int, expert: int) -> str:

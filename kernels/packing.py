@@ -42,34 +42,49 @@ def fast_layout(w: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Fused:
-    """Linears stacked along their outputs: weight [sum O, I]; parts[i] the Parameter of linear i, a view."""
+    """Linears stacked along their outputs, computed by one call: `weight` a tensor [sum O, I] (parts[i] the
+    Parameter of linear i, a view of it) or that stack prepacked for oneDNN (parts[i] the PackedPart that
+    replaced linear i)."""
 
-    weight: torch.Tensor
-    parts: tuple[nn.Parameter, ...]
+    weight: torch.Tensor | PackedLinear
+    parts: tuple[nn.Module | nn.Parameter, ...]
     sizes: list[int]  # each part's O
 
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [..., I] -> [..., sum O]
+        w = self.weight
+        return F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
+
     def current(self, *linears: nn.Module) -> bool:
-        """Whether `linears` still hold the weights this was made of (none was replaced since)."""
-        return all(getattr(m, "weight", None) is p for m, p in zip(linears, self.parts, strict=True))
+        """Whether `linears` are still what this was made of (none was replaced since)."""
+        return all(p is m or p is getattr(m, "weight", None) for m, p in zip(linears, self.parts, strict=True))
 
 
 @torch.no_grad()
-def fuse(*linears: nn.Module) -> Fused | None:
-    """Stacks plain bias-free nn.Linear weights (same dtype, device, in features) into one, in the fast
-    layout, and makes each linear's weight a view of it. None (nothing changed) for anything else:
-    a quantized linear, weights still on the meta device."""
+def fuse(owner: nn.Module, names: tuple[str, ...], prepacked: bool = True) -> Fused | None:
+    """Stacks `owner`'s plain bias-free nn.Linears `names` (same dtype, device, in features) into one weight:
+    prepacked for oneDNN where `prepacked` and the weights can be (bf16 on CPU; each linear replaced by a
+    PackedPart of the stack), else in the fast layout with each linear's weight a view of it. None (nothing
+    changed) for anything else: a quantized linear, weights still on the meta device."""
+    linears = [getattr(owner, n) for n in names]
     if not all(type(m) is nn.Linear and m.bias is None for m in linears):
         return None
     ws: list[torch.Tensor] = [m.weight for m in linears]  # type: ignore[misc]  # nn.Linear's, checked above
     if any(w.is_meta for w in ws) or len({(w.dtype, w.device, w.shape[1]) for w in ws}) != 1:
         return None
-    weight = fast_layout(torch.cat(ws))  # [sum O, I]
     sizes = [int(w.shape[0]) for w in ws]
-    parts = []
+    if prepacked and can_prepack(ws[0]):
+        stack = PackedLinear(torch.cat(ws))
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        parts = tuple(PackedPart(stack, start, size) for start, size in zip(starts, sizes, strict=True))
+        for n, part in zip(names, parts, strict=True):
+            setattr(owner, n, part)
+        return Fused(stack, parts, sizes)
+    weight = fast_layout(torch.cat(ws))  # [sum O, I]
+    params = []
     for m, part in zip(linears, weight.split(sizes), strict=True):
         m.weight = nn.Parameter(part, requires_grad=False)
-        parts.append(m.weight)
-    return Fused(weight, tuple(parts), sizes)
+        params.append(m.weight)
+    return Fused(weight, tuple(params), sizes)
 
 
 @torch.no_grad()
@@ -128,12 +143,35 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16, prepacked for oneDNN"
 
 
+class PackedPart(nn.Module):
+    """Outputs [start, start + size) of a stacked PackedLinear: one of the linears `fuse` stacked. Run alone (the
+    reference path) it computes the whole stack and keeps its part: the same bits (oneDNN splits the outputs,
+    not the sum over inputs; tests/test_engine.py checks it)."""
+
+    def __init__(self, stack: PackedLinear, start: int, size: int):
+        super().__init__()
+        self.stack, self.start = stack, start
+        self.in_features, self.out_features = stack.in_features, size
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.stack.weight[self.start : self.start + self.out_features]  # [O, I]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., I] -> [..., O]
+        return self.stack(x)[..., self.start : self.start + self.out_features]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, part of a prepacked stack"
+
+
+def can_prepack(w: torch.Tensor) -> bool:
+    """Whether weight `w` can be held as a PackedLinear: bf16 on CPU, and onednn_bf16()."""
+    return not w.is_meta and w.device.type == "cpu" and w.dtype == torch.bfloat16 and onednn_bf16()
+
+
 @torch.no_grad()
 def prepack(linear: nn.Module) -> PackedLinear | None:
-    """`linear` as a PackedLinear if it is a plain bias-free bf16 nn.Linear on CPU and onednn_bf16(); else None."""
-    if type(linear) is not nn.Linear or linear.bias is not None:
+    """`linear` as a PackedLinear if it is a plain bias-free nn.Linear whose weight can_prepack; else None."""
+    if type(linear) is not nn.Linear or linear.bias is not None or not can_prepack(linear.weight):
         return None
-    w = linear.weight
-    if w.is_meta or w.device.type != "cpu" or w.dtype != torch.bfloat16 or not onednn_bf16():
-        return None
-    return PackedLinear(w)
+    return PackedLinear(linear.weight)

@@ -265,12 +265,13 @@ def test_lost_kv_cache_is_recomputed_and_output_unchanged(hf_tiny):
 
 def test_bf16_prepacked_equals_reference_path(hf_tiny):
     """In bf16 on CPU, pack_ holds the attention projections, the experts and the LM head prepacked for
-    oneDNN (kernels.packing.PackedLinear), their weights once: prefill and decode logits are those of plain
-    nn.Linear modules on the same weights, bit for bit, and the weights unpack to the checkpoint's."""
+    oneDNN (kernels.packing.PackedLinear; wq|wk|wv and w1|w3 each one stack, of which the linears are
+    PackedParts), their weights once: prefill and decode logits are those of plain nn.Linear modules on the
+    same weights, bit for bit, and the weights unpack to the checkpoint's."""
     from torch import nn
 
     from kernels.model import Attention, FeedForward, Transformer
-    from kernels.packing import PackedLinear, onednn_bf16
+    from kernels.packing import PackedLinear, PackedPart, onednn_bf16
 
     if not onednn_bf16():
         pytest.skip("this CPU / torch build has no oneDNN bf16 linear: bf16 stays on F.linear")
@@ -282,7 +283,12 @@ def test_bf16_prepacked_equals_reference_path(hf_tiny):
     packed = build_role(Checkpoint.open(hf_tiny), cfg, Holds(whole=True)).model
     a = packed.args
     assert len(dense(packed)) == (4 + 3 * (a.moe.num_experts if a.moe else 1)) * a.n_layers + 1
-    assert all(isinstance(getattr(m, n), PackedLinear) for m, n in dense(packed))
+    assert all(isinstance(getattr(m, n), PackedPart if n in ("wq", "wk", "wv", "w1", "w3") else PackedLinear)
+               for m, n in dense(packed))
+    for m in packed.modules():
+        if isinstance(m, Attention | FeedForward):  # one stack, computed by one call (the fast path)
+            parts = (m.wq, m.wk, m.wv) if isinstance(m, Attention) else (m.w1, m.w3)
+            assert m.packed.current(*parts) and all(p.stack is m.packed.weight for p in parts)
     plain = build_role(Checkpoint.open(hf_tiny), cfg, Holds(whole=True)).model
     for m, n in dense(plain):
         w = getattr(m, n).weight
