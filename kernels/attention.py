@@ -1,8 +1,13 @@
 """Attention over the paged KV cache for a step of many sequences (prefill and decode mixed).
 
 The pools may be narrower than the activations (engine.kv_cache_dtype bfloat16 with fp32 weights): k/v are
-rounded to the pools' dtype when stored, and what is read back is cast to q's dtype: attention computes in
-the activations' dtype on cached keys as stored (casts are no-ops when the dtypes agree).
+rounded to the pools' dtype when stored, and attention computes on cached keys as stored, in fp32 on CPU
+(`compute_dtype`) and in the activations' dtype elsewhere; the output is cast back to q's dtype. Why fp32 on
+CPU: torch's CPU SDPA in bf16 gives a sequence results that depend on how long the other sequences of its
+step are (its blocking follows the padded length), so bf16 greedy tokens depended on what a request was batched
+with (tests/test_engine.py::test_bf16_tokens_do_not_depend_on_batching); in fp32 such differences vanish in the
+rounding back to bf16, at about 1% of a bf16 decode step (attention alone: 55 -> 66 us a layer at batch 1,
+172 -> 210 at 16, 64 cached keys).
 Shapes as in kernels/cache.py; H query heads, KV kv-heads (GQA: H is a multiple of KV).
 """
 
@@ -24,12 +29,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
     if isinstance(meta, DecodeMetadata):
         return decode_attention(q, k, v, k_pool, v_pool, meta)
     B, N = meta.q_index.shape
-    keys, values = k[meta.q_index], v[meta.q_index]  # [B, N, KV, hd]
+    dt = compute_dtype(q)
+    keys, values = k[meta.q_index].to(dt), v[meta.q_index].to(dt)  # [B, N, KV, hd]
     if meta.ctx_slots.shape[1]:
-        keys = torch.cat([gather(k_pool, meta.ctx_slots).to(k.dtype), keys], dim=1)  # [B, C + N, KV, hd]
-        values = torch.cat([gather(v_pool, meta.ctx_slots).to(v.dtype), values], dim=1)
+        keys = torch.cat([gather(k_pool, meta.ctx_slots).to(dt), keys], dim=1)  # [B, C + N, KV, hd]
+        values = torch.cat([gather(v_pool, meta.ctx_slots).to(dt), values], dim=1)
     out = F.scaled_dot_product_attention(
-        q[meta.q_index].transpose(1, 2),  # [B, H, N, hd]
+        q[meta.q_index].to(dt).transpose(1, 2),  # [B, H, N, hd]
         keys.transpose(1, 2),  # [B, KV, C + N, hd]
         values.transpose(1, 2),
         attn_mask=meta.mask,  # [B, 1, N, C + N]
@@ -37,7 +43,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
     )  # [B, H, N, hd]
     k_pool[meta.write_slots] = k[meta.write_index].to(k_pool.dtype)
     v_pool[meta.write_slots] = v[meta.write_index].to(v_pool.dtype)
-    return out.transpose(1, 2).reshape(B * N, *q.shape[1:])[meta.unpad]  # [T, H, hd]
+    return out.transpose(1, 2).reshape(B * N, *q.shape[1:])[meta.unpad].to(q.dtype)  # [T, H, hd]
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -46,17 +52,23 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: 
     then reads each sequence's keys from the pool, one gather, no concatenation. -> [B, H, hd]."""
     k_pool.index_copy_(0, meta.write_slots, k.to(k_pool.dtype))  # one slot per sequence: no two writes collide
     v_pool.index_copy_(0, meta.write_slots, v.to(v_pool.dtype))
+    dt = compute_dtype(q)
     out = F.scaled_dot_product_attention(
-        q[:, :, None],  # [B, H, 1, hd]
-        gather(k_pool, meta.ctx_slots).to(q.dtype).transpose(1, 2),  # [B, KV, C, hd]
-        gather(v_pool, meta.ctx_slots).to(q.dtype).transpose(1, 2),
+        q[:, :, None].to(dt),  # [B, H, 1, hd]
+        gather(k_pool, meta.ctx_slots).to(dt).transpose(1, 2),  # [B, KV, C, hd]
+        gather(v_pool, meta.ctx_slots).to(dt).transpose(1, 2),
         attn_mask=meta.mask,  # [B, 1, 1, C]
         enable_gqa=True,
     )  # [B, H, 1, hd]
-    return out[:, :, 0]
+    return out[:, :, 0].to(q.dtype)
 
 
 def gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """pool[slots] ([S, KV, hd] at [B, C] -> [B, C, KV, hd]) as one index_select: the same copy, 4-5x faster
     on CPU than advanced indexing at decode sizes (measured, 16 sequences x 46 slots, bf16)."""
     return pool.index_select(0, slots.flatten()).view(*slots.shape, *pool.shape[1:])
+
+
+def compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """What attention computes in for activations like q: fp32 on CPU, q's dtype elsewhere (module docstring)."""
+    return torch.float32 if q.device.type == "cpu" else q.dtype

@@ -358,3 +358,28 @@ def test_greedy_tokens_identical_at_batch_sizes(hf_tiny, batch):
     ref = hf_model(hf_tiny)
     for p, n, r in zip(ps, lengths, got, strict=True):
         assert r.token_ids == hf_greedy(ref, p)[0][:n]
+
+
+@pytest.mark.parametrize("weight_quant", ["none", "int8"])
+def test_bf16_tokens_do_not_depend_on_batching(hf_mixtral, weight_quant):
+    """bf16 (int8 experts; attention projections and LM head per weight_quant): each request's greedy tokens
+    are the same whether the prompts are admitted all at once or one every 1 or 2 steps, i.e. whatever
+    prefills and decodes of other lengths share its steps. CPU attention computes in fp32 for this
+    (kernels/attention.py): with bf16 SDPA the second prompt's tokens changed with the schedule."""
+    ps = prompts(n_list=(3, 8, 15, 21, 6), seed=5)
+    runs = []
+    for gap in (0, 1, 2):  # 0: all at once
+        engine = Engine.from_dir(hf_mixtral, EngineConfig(dtype="bfloat16", expert_quant="int8",
+                                                          weight_quant=weight_quant))
+        pending, out, n = list(enumerate(ps)), {i: [] for i in range(len(ps))}, 0
+        while pending or engine.has_unfinished():
+            while pending and (gap == 0 or n % gap == 0):
+                i, p = pending.pop(0)
+                engine.add_request(Request(str(i), p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)))
+                if gap:
+                    break
+            for ev in engine.step():
+                out[int(ev.request_id)].append(ev.token)
+            n += 1
+        runs.append(out)
+    assert runs[0] == runs[1] == runs[2]
