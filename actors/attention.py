@@ -58,7 +58,7 @@ class AttentionActor:
                                                                            experts_stand_in=self.experts.stage))
         self.model, self.args, self.device, self.dtype = built.model, built.model.args, built.device, built.dtype
         a, e = self.args, spec.engine
-        self.cache = KVCache(len(layers), e.num_blocks, e.block_size, a.n_kv_heads, a.head_dim, e.kv_dtype,
+        self.cache = KVCache(len(layers), e.num_blocks, e.block_size, a.n_kv_heads, a.head_dim, e.kv_dtype(self.dtype),
                              first_layer=layers[0], device=self.device)
         self.busy_s = 0.0  # time in forward, for the benchmark's breakdown
         self.server = transport.serve(spec.transport_config, attention=self.forward)

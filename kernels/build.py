@@ -9,7 +9,7 @@ stay shapes, never allocated (or, behind stand-ins, are not there at all). What 
 about the modules is applied here, once:
 
     device        checked before anything loads, by the process that uses it (a missing GPU fails clearly)
-    dtype         the held weights' (activations follow them)
+    dtype         the held weights' (activations follow them); auto: model_dtype's choice for the checkpoint
     expert_quant  held experts are read and quantized on CPU, then moved: the device never holds them
                   unquantized; on CPU they run torch's packed int8 / int4 kernels (kernels/quant.py)
     weight_quant  likewise the held attention projections and LM head (kernels.quant.quantize_dense)
@@ -33,9 +33,26 @@ from kernels.checkpoint import Checkpoint, attention_names, router_names
 from kernels.fused_moe import expert_runner, use_kernel
 from kernels.model import LayersStage, Transformer, build, expert_prefix, load_into, pack_
 from kernels.moe import ExpertsStage
+from kernels.packing import onednn_bf16
 from kernels.quant import quantize_dense, quantize_experts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)  # engine.dtype
+
+
+def model_dtype(name: str, ckpt: Checkpoint, device: torch.device) -> torch.dtype:
+    """engine.dtype `name` for `ckpt` on `device`. A dtype's name is that dtype. auto (the default) is the
+    checkpoint's own precision where this machine computes in it fast: fp32 checkpoints run fp32; 16-bit
+    ones (every released Mixtral and Mistral: bf16) run as stored on a GPU, and on a CPU in bf16 where oneDNN
+    runs bf16 natively (AVX-512 BF16 or AMX: kernels.packing.onednn_bf16), else in fp32 (bf16 and fp16
+    matmuls are emulated there, slower than fp32), as vLLM's CPU backend does. What bf16 gives up against
+    fp32: the activations' 8-bit mantissa (greedy tokens can differ from an fp32 run's; README)."""
+    if name != "auto":
+        return DTYPES[name]
+    stored = ckpt.stored_dtype
+    if stored == torch.float32 or device.type != "cpu":
+        return stored
+    return torch.bfloat16 if onednn_bf16() else torch.float32
 QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
 DENSE_QUANTIZED = re.compile(r"(layers\.\d+\.attention\.w[qkvo]|output)\.weight")  # what weight_quant covers
 
@@ -112,7 +129,7 @@ def build_role(ckpt: Checkpoint, engine: Building, holds: Holds,
     """The modules of a role that holds `holds` of the model in `ckpt`, as `engine` says (see the module
     docstring). `progress(done, total)`: tensors read so far."""
     device = torch_device(engine.device)  # before loading anything
-    a, dtype, bits = ckpt.args, DTYPES[engine.dtype], QUANT_BITS[engine.expert_quant]
+    a, dtype, bits = ckpt.args, model_dtype(engine.dtype, ckpt, device), QUANT_BITS[engine.expert_quant]
     model = build(Transformer, a, holds.layers_stand_in, holds.experts_stand_in)
     pairs = [(l, e) for l in range(a.n_layers) for e in range(max(a.num_experts, 1))] if holds.whole else holds.experts
     expert_names = [expert_prefix(a, l, e) + f"{w}.weight" for l, e in pairs for w in ("w1", "w2", "w3")]

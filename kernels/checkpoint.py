@@ -135,6 +135,8 @@ def _rename(fmt: str, name: str, to_theirs: bool) -> tuple[str, Rule] | None:
 
 # ---- reading ----------------------------------------------------------------------------------------
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
 def _header(file: Path) -> dict[str, dict]:
     """A safetensors header (name -> dtype, shape, offsets): 8-byte little-endian length + JSON."""
     with open(file, "rb") as f:
@@ -178,6 +180,15 @@ class Checkpoint:
             expected = ", ".join(w for _, _, ws in _FORMATS.values() for w in ws)
             raise FileNotFoundError(f"{path}: has {', '.join(configs)} but no weights (none of {expected})")
         raise FileNotFoundError(f"{path}: no config.json (Hugging Face) or params.json (Mistral) found")
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype the checkpoint stores its weights in: the token embedding's, from its file's header."""
+        theirs, _ = self._source("tok_embeddings.weight")
+        code = _header(self.path / self.weight_map[theirs])[theirs]["dtype"]
+        if code not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{self.path}: weights stored as {code}, not a float dtype moeray runs")
+        return SAFETENSORS_DTYPES[code]
 
     def _source(self, name: str) -> tuple[str, Rule]:
         if self.args.tie_embeddings and name == "output.weight":  # tied: no head tensor is stored

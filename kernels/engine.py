@@ -36,7 +36,7 @@ import torch
 
 from kernels.args import ModelArgs
 from kernels.blocks import BlockPool, block_names
-from kernels.build import DTYPES, QUANT_BITS, Holds, build_role
+from kernels.build import DTYPE_CHOICES, DTYPES, QUANT_BITS, Holds, build_role
 from kernels.cache import KVCache, StepSeq, blocks_for
 from kernels.checkpoint import Checkpoint
 from kernels.fused_moe import KERNELS
@@ -54,8 +54,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # new tokens in one step at most; longer prompts prefill in chunks
     kv_cache_tokens: int = 65536  # KV-cache capacity, all sequences together, in tokens
     block_size: int = 16  # KV-cache block, in tokens
-    dtype: str = "float32"  # weights and activations: float32 | bfloat16 | float16
-    kv_cache_dtype: str = "auto"  # the KV cache: auto (= dtype) | float32 | bfloat16 | float16
+    # weights and activations: auto (the checkpoint's precision where this CPU computes it fast: bf16 for a bf16
+    # checkpoint with AVX-512 BF16 / AMX, else fp32; kernels.build.model_dtype) | float32 | bfloat16 | float16
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # the KV cache: auto (= the weights') | float32 | bfloat16 | float16
     max_queued_requests: int = 256  # requests waiting for a batch slot at most; more -> QueueFull (HTTP 429)
     expert_quant: str = "none"  # expert weights: none | int8 | int4 (weight-only; kernels/quant.py)
     weight_quant: str = "none"  # attention projections and LM head: none | int8 | int4 (kernels.quant.quantize_dense)
@@ -67,8 +69,8 @@ class EngineConfig:
     moe_kernel: str = "reference"  # the MoE experts stage: reference (kernels/moe.py) | triton (kernels/fused_moe.py)
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in DTYPES:
             raise ValueError(f"kv_cache_dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.expert_quant not in QUANT_BITS:
@@ -95,11 +97,10 @@ class EngineConfig:
     def num_blocks(self) -> int:
         return self.kv_cache_tokens // self.block_size
 
-    @property
-    def kv_dtype(self) -> torch.dtype:
-        """The KV cache's dtype: kv_cache_dtype, or dtype's under auto. bf16 / fp16 halve an fp32 model's
-        cache (twice the tokens in the same memory); attention computes in the activations' dtype."""
-        return DTYPES[self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype]
+    def kv_dtype(self, weights: torch.dtype) -> torch.dtype:
+        """The KV cache's dtype for a model whose weights are `weights`: kv_cache_dtype, or `weights` under
+        auto. bf16 / fp16 halve an fp32 model's cache (twice the tokens in the same memory)."""
+        return weights if self.kv_cache_dtype == "auto" else DTYPES[self.kv_cache_dtype]
 
 
 class CacheLost(RuntimeError):
@@ -351,7 +352,7 @@ class LocalExecutor:
         a, self.model = model.args, model
         self.device = model.device
         self.cache = KVCache(a.n_layers, config.num_blocks, config.block_size, a.n_kv_heads, a.head_dim,
-                             dtype=config.kv_dtype, device=self.device)
+                             dtype=config.kv_dtype(model.dtype), device=self.device)
 
     def forward(self, tokens, seqs, logits_index):
         step = Step.begin(seqs, self.model.args, self.cache)

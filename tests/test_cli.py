@@ -66,6 +66,15 @@ def test_help_explains_itself():
     assert "--max-tokens" in moeray("generate", "--help").stdout
 
 
+def test_generate_dtype_choices_are_the_engines():
+    """`--dtype` lists its choices without importing torch (a fast --help): they must be engine.dtype's."""
+    from actors.cli import build_parser
+    from kernels.build import DTYPE_CHOICES
+
+    generate = next(a for a in build_parser()._actions if a.dest == "command").choices["generate"]
+    assert next(a for a in generate._actions if a.dest == "dtype").choices == list(DTYPE_CHOICES)
+
+
 def test_make_tiny_refuses_a_non_empty_dir_unless_forced(tmp_path):
     mine = tmp_path / "model.safetensors"
     mine.write_bytes(b"someone's real checkpoint")

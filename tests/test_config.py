@@ -120,7 +120,7 @@ def test_engine_kv_cache_dtype_from_yaml(tmp_path):
 
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({"engine": {"dtype": "float32", "kv_cache_dtype": "bfloat16"}}))
-    assert load_config(p).engine.kv_dtype == torch.bfloat16
-    assert load_config().engine.kv_dtype == torch.float32  # auto: the weights' dtype
+    assert load_config(p).engine.kv_dtype(torch.float32) == torch.bfloat16
+    assert load_config().engine.kv_dtype(torch.float32) == torch.float32  # auto: the weights' dtype
     with pytest.raises(ConfigError, match="engine: kv_cache_dtype must be 'auto' or one of"):
         load_config(overrides={"engine": {"kv_cache_dtype": "int8"}})

@@ -214,8 +214,8 @@ def test_half_precision_kv_cache_halves_memory_and_stays_close(hf_mixtral, kv):
 
 
 def test_kv_cache_dtype_auto_follows_dtype_and_unknown_is_named():
-    assert EngineConfig(dtype="bfloat16").kv_dtype == torch.bfloat16
-    assert EngineConfig(dtype="bfloat16", kv_cache_dtype="float32").kv_dtype == torch.float32
+    assert EngineConfig().kv_dtype(torch.bfloat16) == torch.bfloat16
+    assert EngineConfig(kv_cache_dtype="float32").kv_dtype(torch.bfloat16) == torch.float32
     with pytest.raises(ValueError, match="kv_cache_dtype must be 'auto' or one of .* got 'int8'"):
         EngineConfig(kv_cache_dtype="int8")
 
@@ -383,3 +383,35 @@ def test_bf16_tokens_do_not_depend_on_batching(hf_mixtral, weight_quant):
             n += 1
         runs.append(out)
     assert runs[0] == runs[1] == runs[2]
+
+
+def test_dtype_auto_is_the_checkpoints_precision_where_this_cpu_is_fast(hf_mixtral, tmp_path, monkeypatch):
+    """engine.dtype auto (the default): an fp32 checkpoint runs in fp32; a bf16 or fp16 one in bf16 on a CPU
+    with native bf16 (oneDNN's bf16 linear: kernels.packing.onednn_bf16), in fp32 on one without."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import kernels.build
+    from kernels.build import DTYPE_CHOICES, model_dtype
+    from kernels.packing import onednn_bf16
+    from kernels.train import demo_dir
+
+    half = tmp_path / "fp16"
+    shutil.copytree(hf_mixtral, half)
+    save_file({n: t.half() for n, t in load_file(hf_mixtral / "model.safetensors").items()},
+              half / "model.safetensors")
+    cpu = torch.device("cpu")
+    stored = {p: Checkpoint.open(p).stored_dtype for p in (hf_mixtral, demo_dir(), half)}
+    assert list(stored.values()) == [torch.float32, torch.bfloat16, torch.float16]
+    fast = torch.bfloat16 if onednn_bf16() else torch.float32
+    assert [model_dtype("auto", Checkpoint.open(p), cpu) for p in stored] == [torch.float32, fast, fast]
+    assert model_dtype("auto", Checkpoint.open(half), torch.device("cuda")) == torch.float16  # as stored
+    assert model_dtype("float32", Checkpoint.open(half), cpu) == torch.float32
+    assert Engine.from_dir(demo_dir(), EngineConfig(kv_cache_tokens=64)).executor.model.dtype == fast
+    assert Engine.from_dir(hf_mixtral, EngineConfig(kv_cache_tokens=64)).executor.model.dtype == torch.float32
+    monkeypatch.setattr(kernels.build, "onednn_bf16", lambda: False)  # a CPU without native bf16
+    assert model_dtype("auto", Checkpoint.open(demo_dir()), cpu) == torch.float32
+    assert EngineConfig().dtype == "auto" and DTYPE_CHOICES == ("auto", "float32", "bfloat16", "float16")
+    with pytest.raises(ValueError, match="dtype must be one of \\['auto', 'float32'"):
+        EngineConfig(dtype="fp8")

@@ -148,7 +148,7 @@ def test_moe_layer_uses_the_fused_kernel_and_shares_weights():
 def test_demo_model_generates_the_same_tokens():
     """The built-in demo model (4 MoE layers, bf16 weights run in fp32): greedy tokens with the fused
     kernel equal the reference's, token for token."""
-    engine = Engine.from_dir(demo_dir(), EngineConfig(kv_cache_tokens=256, device=DEVICE))
+    engine = Engine.from_dir(demo_dir(), EngineConfig(kv_cache_tokens=256, device=DEVICE, dtype="float32"))
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "What is an expert?"}])
     params = SamplingParams(max_tokens=6, temperature=0)
     ref = engine.generate([prompt], params)[0].token_ids

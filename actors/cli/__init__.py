@@ -389,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely; 0 = off (default)")
     g.add_argument("--seed", type=int, help="sampling seed: the same seed gives the same output")
     g.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override the config's dtype")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],  # kernels.build.DTYPE_CHOICES
+                   help="override the config's dtype (default auto: the checkpoint's, bf16 on CPUs with native bf16)")
     g.add_argument("--json", action="store_true", help="print one JSON object: prompt_ids, token_ids, text, ...")
     g.set_defaults(func=cmd_generate)
 
