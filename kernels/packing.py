@@ -15,7 +15,9 @@ bf16 linears (attention projections, FFNs and experts, LM head) on CPU are held 
 call; on the prepacked weight the same kernel gives the same bits (checked at load on a probe) 1.3-1.7x
 faster at 1 to 16 rows (measured, AVX-512 with AMX; small bench model, int8 experts: a batch-1 step 25%
 faster; an expert's three linears 1.5-1.6x at 1-4 rows, two threads). The weight is held once, in oneDNN's
-layout; `weight` unpacks it for the reference path. Not for experts that a fused kernel stacks (it reads their
+layout; `weight` unpacks it for the reference path. wq|wk|wv and w1|w3 are one prepacked stack each (`fuse`),
+each of those linears a `PackedPart` of it: one call for the three (2.2x at 1-16 rows) or two (1.15x), same bits
+(oneDNN splits the outputs, not the sum over inputs). Not for experts that a fused kernel stacks (it reads their
 nn.Linear weights: model.pack_(experts=False)) nor fp32 (MKL's GEMV on the fast layout is as fast at 1 row).
 
 A fused weight remembers the Parameters it was made of: if a module is replaced later (quantized,
