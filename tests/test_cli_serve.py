@@ -18,6 +18,7 @@ import pytest
 from cluster.ports import free_port
 from cluster.rpc import moeray_pb2 as pb
 from cluster.rpc import moeray_pb2_grpc as rpc
+from kernels.packing import onednn_bf16
 
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 ENV.pop("RAY_ADDRESS", None)
@@ -124,6 +125,8 @@ def test_moeray_serve_secure_by_default_quiet_and_stops_on_ctrl_c(remote_address
             proc.kill()
     console = banner + proc.stdout.read() + err
     assert "shutting down" in err
+    # the demo is a bf16 checkpoint: engine.dtype auto runs it in bf16 where the CPU has native bf16
+    assert f"in {'bfloat16' if onednn_bf16() else 'float32'} (auto): starting a pool" in err
     frames = [line for line in console.splitlines() if 'File "' in line]
     if frames and all("site-packages/ray/" in line for line in frames):
         # only Ray's own frames: its proxy's and replicas' races on a cancelled request or a client that left

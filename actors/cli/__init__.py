@@ -99,6 +99,18 @@ def _serving(url: str, timeout: float = 5.0) -> bool:
         return False
 
 
+def _dtype(cfg) -> str:
+    """engine.dtype as the model will run, e.g. "bfloat16 (auto)": what auto chooses on this machine's CPU."""
+    import torch
+
+    from kernels.build import model_dtype
+    from kernels.checkpoint import Checkpoint
+
+    e = cfg.engine
+    dtype = str(model_dtype(e.dtype, Checkpoint.open(cfg.model), torch.device(e.device))).removeprefix("torch.")
+    return dtype + (" (auto)" if e.dtype == "auto" else "")
+
+
 def cmd_serve(a) -> int:
     import logging
     import signal
@@ -149,9 +161,9 @@ def cmd_serve(a) -> int:
             _say(f"WARNING: {warning}")
         r = s.routers
         routers = f"{r.min_replicas}" if r.min_replicas == r.max_replicas else f"{r.min_replicas}-{r.max_replicas}"
-        _say(f"model {cfg.model}: starting a pool of {p.experts.shards} expert shard(s) x {p.experts.replicas} "
-             f"replica(s) and {routers} router(s) with {p.attention.actors} attention actor(s) each; "
-             "loading weights...")
+        _say(f"model {cfg.model} in {_dtype(cfg)}: starting a pool of {p.experts.shards} expert shard(s) x "
+             f"{p.experts.replicas} replica(s) and {routers} router(s) with {p.attention.actors} attention actor(s) "
+             "each; loading weights...")
         serve.start(**serve_options(cfg), logging_config=system_logging)
         deployed = True
         serve.run(moeray_app(cfg), name="moeray", route_prefix="/", logging_config=logging_config)
