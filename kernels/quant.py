@@ -30,13 +30,16 @@ Two paths (STYLE.md: the reference beside the fast op; the kernel chosen at load
   forward_native  dequantize W' in x's dtype and F.linear: the reference, any device and dtype. A full
                   pass over the weight per call: a Mixtral-sized expert at 8 rows takes 7.5x its bf16
                   time in int8 and 30x in int4 on CPU.
-  forward         on CPU with bf16 activations, torch's packed weight-only matmuls, which read the
-                  int8 / int4 weight once and never write W':
-                  aten._weight_int8pack_mm (our int8 format as it is, scales [O] in bf16) and
+  forward         on CPU, kernels that read the int8 / int4 weight once and never write W':
+                  int8, fp32 activations: moeray's C kernel (kernels/native.py, our format as it is; where
+                  there is no C compiler, the reference); bf16 activations: torch's aten._weight_int8pack_mm
+                  (our format as it is, scales [O] in bf16);
+                  int4, bf16 activations:
                   aten._weight_int4pack_mm_for_cpu (the weight in its packed layout, which depends on the
                   CPU: converted from ours at load time, see use_cpu_kernel_; scales and zeros [G, O, 2] in
-                  bf16 with W' = (q - 8) * s + z, so z = m + 8 s). Everything else (fp32 or fp16
-                  activations, where these kernels are scalar loops; GPU) runs forward_native.
+                  bf16 with W' = (q - 8) * s + z, so z = m + 8 s). Everything else (int4 with fp32 or
+                  fp16 activations, where torch's kernels are scalar loops; int8 with fp16, or fp32 without
+                  the C kernel; GPU) runs forward_native.
                   Measured on 2 threads (bf16, a 1024 x 512 expert matrix): about 4x faster than
                   forward_native at 1 to 4 rows, even at 16, 2x slower from ~64 rows (prefill), where
                   dequantize + one GEMM wins. It still runs there: each row's result is the same whatever
@@ -45,7 +48,8 @@ Two paths (STYLE.md: the reference beside the fast op; the kernel chosen at load
 
   How far the fast path is from the reference, per output (tests/test_quant.py checks these bounds):
   int8  W' is rounded to bf16 in the reference and not in the kernel: |y - y'| <= 2^-8 |x| @ |W'|^T
-        plus the rounding of y to bf16 (2^-8 |y|): fp rounding, nothing else.
+        plus the rounding of y to bf16 (2^-8 |y|): fp rounding, nothing else. fp32 activations (C kernel):
+        the sums in another order and s applied after them, |y - y'| <= (I + 2) 2^-24 |x| @ |W'|^T.
   int4  the same, plus z = m + 8 s rounded to bf16 (2^-9 |z| per weight): |y - y'| <= 2^-8 |x| @ (|W'| +
         |z|)^T + 2^-8 |y|.
 
@@ -62,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.model import Attention, FeedForward, Transformer
+from kernels.native import int8_linear
 
 BITS = (8, 4)
 
@@ -243,9 +248,14 @@ class QuantLinear(nn.Module):
         return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., I] -> [..., O]
-        if not self.cpu_kernel or x.dtype != torch.bfloat16 or not x.is_cpu:
+        if not self.cpu_kernel or not x.is_cpu:
             return self.forward_native(x)
-        x2 = x.reshape(-1, self.in_features).contiguous()  # [n, I]
+        x2 = x.reshape(-1, self.in_features)  # [n, I]
+        if self.bits == 8 and (y := int8_linear(x2, self.qweight, self.scale)) is not None:  # fp32 x
+            return y.view(*x.shape[:-1], self.out_features)
+        if x.dtype != torch.bfloat16:
+            return self.forward_native(x)
+        x2 = x2.contiguous()
         if x2.data_ptr() % 64:  # e.g. rows read from a network buffer: the int8 kernel needs aligned rows
             x2 = x2.clone()
         if self.bits == 8:

@@ -190,10 +190,10 @@ def test_cpu_int4_layout_round_trips(shape):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("shape", KERNEL_SHAPES)
 def test_cpu_kernel_matches_dequantized_reference(shape, bits, rows):
-    """bf16 activations on CPU: the packed kernel against F.linear on the dequantized weight, output by
-    output within the module docstring's bound (fp rounding: 2^-8 of |x| @ |W'| (+ |z| for int4's
-    bf16 zeros) and of |y|). The quantized codes and the reference are the same before and after
-    converting to the kernel's format."""
+    """bf16 activations on CPU: torch's packed kernel against F.linear on the dequantized weight, output by
+    output within the module docstring's bound (fp rounding: 2^-8 of |x| @ |W'| (+ |z| for int4's bf16 zeros)
+    and of |y|); fp32 activations with int8: moeray's C kernel (kernels/native.py) within fp32 summation error.
+    The quantized codes and the reference are the same before and after converting to the kernel's format."""
     out_f, in_f, g = shape
     lin = linear_of(random_weight(out_f, in_f, torch.bfloat16, seed=rows))
     stored = QuantLinear.from_linear(lin, bits, g, cpu_kernel=False)
@@ -214,9 +214,43 @@ def test_cpu_kernel_matches_dequantized_reference(shape, bits, rows):
     with torch.no_grad():
         # each row's result does not depend on the others (so tokens do not depend on the batch)
         assert torch.equal(torch.cat([q(x[i : i + 1]) for i in range(rows)]), y)
-        # fp32 activations: the reference itself; leading dimensions fold into rows
-        assert torch.equal(q(x.float()), stored(x.float()))
-        assert torch.equal(q(x.view(1, rows, in_f)), y.view(1, rows, out_f))
+        assert torch.equal(q(x.view(1, rows, in_f)), y.view(1, rows, out_f))  # leading dimensions fold into rows
+        # fp32 activations: int8 on moeray's kernel, within fp32 summation error ((I + 2) 2^-24 |x| @ |W'|: the
+        # sums in another order, the scale applied after); int4: the reference itself
+        y32, ref32 = q(x.float()), stored(x.float())
+        if bits == 8:
+            assert y32.dtype == torch.float32 and not torch.equal(y32, ref32)
+            assert ((y32 - ref32).abs() <= (in_f + 2) * 2 ** -24 * (x.float().abs() @ w.T)).all()
+            assert torch.equal(torch.cat([q(x[i : i + 1].float()) for i in range(rows)]), y32)
+        else:
+            assert torch.equal(y32, ref32)
+
+
+def test_native_int8_kernel_builds_here_is_thread_independent_and_optional(monkeypatch):
+    """This machine (and CI's) has a C compiler: moeray's int8 kernel is built (kernels/native.py) and runs
+    QuantLinear's fp32 activations; its results do not depend on the thread count (threads split outputs, not
+    sums); without it (no compiler) fp32 activations take the reference, with the same result within bound."""
+    import kernels.quant
+    from kernels.native import int8_linear, library
+
+    assert library() is not None
+    q = QuantLinear.from_linear(linear_of(random_weight(96, 256, torch.bfloat16)), 8)
+    x = torch.randn(5, 256)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            y = q(x)
+            assert torch.equal(y, int8_linear(x, q.qweight, q.scale))
+            torch.set_num_threads(1)
+            assert torch.equal(q(x), y)
+    finally:
+        torch.set_num_threads(threads)
+    assert int8_linear(x[:, :40], q.qweight[:, :40], q.scale) is None  # 40 inputs: not a multiple of 16
+    assert int8_linear(x.bfloat16(), q.qweight, q.scale) is None  # bf16: torch's kernel (faster there)
+    monkeypatch.setattr(kernels.quant, "int8_linear", lambda *a: None)
+    with torch.no_grad():
+        ref = q(x)
+    assert torch.equal(ref, q.forward_native(x)) and torch.allclose(y, ref, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
