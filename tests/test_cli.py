@@ -188,13 +188,13 @@ def test_bench_engine_reports_every_system_against_the_roofline(tmp_path):
     """`moeray bench engine` on the tiny preset: each system's tok/s, its fraction of the memory bandwidth
     measured in the same run, its peak memory, and fp32 greedy tokens equal to transformers'; the weight
     bytes per step are the model's own (fp32 4 bytes a parameter; bf16 + int8 experts: 2 a dense one, 1 an
-    expert weight plus a bf16 scale a row)."""
+    expert weight plus a bf16 scale a row; fp32 + int8 experts: 4 a dense one)."""
     from kernels.tiny import tiny_args
 
     out = tmp_path / "engine.json"
     no_peer = tmp_path / "llama.cpp" / "build" / "bin" / "llama-batched-bench"  # a peer that cannot run: a row
     assert cli.main(["bench", "engine", "--preset", "tiny", "--batch", "1", "3", "--prompt-len", "4",
-                     "--new-tokens", "4", "--precision", "fp32", "int8", "--out", str(out),
+                     "--new-tokens", "4", "--precision", "fp32", "int8", "fp32-int8", "--out", str(out),
                      "--llama-bench", str(no_peer)]) in (0, None)
     report = json.loads(out.read_text())
     roof = report["roofline"]
@@ -202,7 +202,7 @@ def test_bench_engine_reports_every_system_against_the_roofline(tmp_path):
     res = report["results"]
     peers = {f"llama.cpp:{t}": res.pop(f"llama.cpp:{t}") for t in ("f32", "bf16", "q8_0")}
     assert all("convert_hf_to_gguf.py" in p["error"] for p in peers.values()), peers
-    assert set(res) == {"transformers", "moeray:fp32", "moeray:int8"}
+    assert set(res) == {"transformers", "moeray:fp32", "moeray:int8", "moeray:fp32-int8"}
     for name, r in res.items():
         assert 50 < r["peak_rss_mb"] < 8000, name
         for b in ("1", "3"):
@@ -217,6 +217,8 @@ def test_bench_engine_reports_every_system_against_the_roofline(tmp_path):
     fp32, int8 = res["moeray:fp32"]["weight_bytes"], res["moeray:int8"]["weight_bytes"]
     assert (fp32["dense"], fp32["experts"], fp32["embedding_row"]) == (4 * dense, 4 * L * E * 3 * D * F, 4 * D)
     assert (int8["dense"], int8["experts"]) == (2 * dense, L * E * (3 * D * F + 2 * (2 * F + D)))
+    fp32_int8 = res["moeray:fp32-int8"]["weight_bytes"]  # int8 experts in an fp32 model (the C kernel)
+    assert (fp32_int8["dense"], fp32_int8["experts"]) == (4 * dense, int8["experts"])
     # batch 1 reads exactly k of E experts a layer
     k = a.moe.num_experts_per_tok
     assert res["moeray:fp32"]["1"]["weight_bytes_per_step"] == 4 * (dense + D + L * k * 3 * D * F)
