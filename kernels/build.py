@@ -44,9 +44,11 @@ def model_dtype(name: str, ckpt: Checkpoint, device: torch.device) -> torch.dtyp
     """engine.dtype `name` for `ckpt` on `device`. A dtype's name is that dtype. auto (the default) is the
     checkpoint's own precision where this machine computes in it fast: fp32 checkpoints run fp32; 16-bit
     ones (every released Mixtral and Mistral: bf16) run as stored on a GPU, and on a CPU in bf16 where oneDNN
-    runs bf16 natively (AVX-512 BF16 or AMX: kernels.packing.onednn_bf16), else in fp32 (bf16 and fp16
-    matmuls are emulated there, slower than fp32), as vLLM's CPU backend does. What bf16 gives up against
-    fp32: the activations' 8-bit mantissa (greedy tokens can differ from an fp32 run's; README)."""
+    runs bf16 natively (AVX-512 BF16 or AMX: kernels.packing.onednn_bf16), else in fp32: there bf16 matmuls
+    were 1.3x slower at batch 16 and no faster at 1 (small bench model, AVX2 emulated with
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2), at twice the weight memory:
+    a config sets bfloat16 (or int8 experts) where fp32 would not fit. What bf16 gives up against fp32: the
+    activations' 8-bit mantissa (greedy tokens can differ from an fp32 run's; README)."""
     if name != "auto":
         return DTYPES[name]
     stored = ckpt.stored_dtype
