@@ -11,7 +11,8 @@ about the modules is applied here, once:
     device        checked before anything loads, by the process that uses it (a missing GPU fails clearly)
     dtype         the held weights' (activations follow them); auto: model_dtype's choice for the checkpoint
     expert_quant  held experts are read and quantized on CPU, then moved: the device never holds them
-                  unquantized; on CPU they run torch's packed int8 / int4 kernels (kernels/quant.py)
+                  unquantized; on CPU they run torch's packed int8 / int4 kernels, or with fp32 activations
+                  our int8 one (kernels/quant.py, kernels/native.py)
     weight_quant  likewise the held attention projections and LM head (kernels.quant.quantize_dense)
     (CPU)         the held weights that stay unquantized packed for fast decode (kernels/packing.py)
     moe_kernel    the experts stage: on the engine's MoE layers (use_kernel), or one stage per layer over
@@ -38,6 +39,8 @@ from kernels.quant import quantize_dense, quantize_experts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)  # engine.dtype
+QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
+DENSE_QUANTIZED = re.compile(r"(layers\.\d+\.attention\.w[qkvo]|output)\.weight")  # what weight_quant covers
 
 
 def model_dtype(name: str, ckpt: Checkpoint, device: torch.device) -> torch.dtype:
@@ -55,8 +58,7 @@ def model_dtype(name: str, ckpt: Checkpoint, device: torch.device) -> torch.dtyp
     if stored == torch.float32 or device.type != "cpu":
         return stored
     return torch.bfloat16 if onednn_bf16() else torch.float32
-QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
-DENSE_QUANTIZED = re.compile(r"(layers\.\d+\.attention\.w[qkvo]|output)\.weight")  # what weight_quant covers
+
 
 Pair = tuple[int, int]  # (layer, expert)
 

@@ -137,6 +137,7 @@ def _rename(fmt: str, name: str, to_theirs: bool) -> tuple[str, Rule] | None:
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
+
 def _header(file: Path) -> dict[str, dict]:
     """A safetensors header (name -> dtype, shape, offsets): 8-byte little-endian length + JSON."""
     with open(file, "rb") as f:
