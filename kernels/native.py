@@ -86,9 +86,8 @@ def library() -> ctypes.CDLL | None:
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     """x fp32 [n, I] @ (qweight int8 [O, I] * scale bf16 [O, 1] or [O])^T -> fp32 [n, O], by the C kernel (CPU
     tensors); None where it does not run: no library, x not fp32, I not a multiple of 16."""
-    lib = library()
-    if lib is None or x.dtype != torch.float32 or scale.dtype != torch.bfloat16 or x.shape[-1] % 16:
-        return None
+    if x.dtype != torch.float32 or scale.dtype != torch.bfloat16 or x.shape[-1] % 16 or (lib := library()) is None:
+        return None  # checked before library(): a bf16-only process never builds it
     x, qweight, scale = x.contiguous(), qweight.contiguous(), scale.contiguous()
     (n, I), O = x.shape, qweight.shape[0]
     y = torch.empty(n, O)
