@@ -37,7 +37,7 @@ from kernels.attention import paged_attention
 from kernels.cache import AttentionMetadata, DecodeMetadata, KVCache, StepSeq, step_metadata
 from kernels.checkpoint import Checkpoint
 from kernels.moe import Blocks, ExpertsStage, Wait, expert_rows, moe_start, moe_token, start
-from kernels.packing import Fused, fuse, prepack, relayout
+from kernels.packing import Fused, call, fuse, prepack, relayout
 from kernels.rope import apply_rope, rope_freqs
 
 LayersStage = Callable[[torch.Tensor, Any], torch.Tensor]  # (h [T, D] embedded, step) -> h after every layer
@@ -87,7 +87,7 @@ class Attention(nn.Module):
         T = x.shape[0]
         q, k, v = self.qkv(x, freqs)
         o = paged_attention(q, k, v, *kv, meta)  # [T, H, hd]
-        return self.wo(o.reshape(T, -1))  # [T, D]
+        return call(self.wo, o.reshape(T, -1))  # [T, D]
 
     def qkv(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, D] -> q [T, H, hd], k and v [T, KV, hd], q and k rotated: one GEMV over the packed
@@ -127,7 +127,7 @@ class FeedForward(nn.Module):
         if f is None or not f.current(self.w1, self.w3):
             return self.forward_native(x)
         gate, up = f(x).chunk(2, dim=-1)  # [n, F] each
-        return self.w2(F.silu(gate) * up)
+        return call(self.w2, F.silu(gate) * up)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -248,7 +248,7 @@ class Transformer(nn.Module):
             h = self.layers_stand_in(h, step)
         else:
             [h] = self.run_layers([h], [step], range(len(self.layers)))
-        return self.output(self.norm(h[logits_index])).float()  # [S, V]: the LM head only where we sample
+        return call(self.output, self.norm(h[logits_index])).float()  # [S, V]: the LM head only where we sample
 
     def run_layers(self, hs: list[torch.Tensor], steps: list[Step], layers: Iterable[int]) -> list[torch.Tensor]:
         """Runs `layers` (consecutive) on micro-batches: hs[i] [T_i, D] the hidden states of the tokens in

@@ -1,14 +1,21 @@
-"""Small CPU kernels of our own (kernels/csrc/), compiled on first use for this machine's CPU, called through ctypes.
+"""Small CPU kernels of our own (kernels/csrc/linear.c), compiled on first use for this machine's CPU, called
+through ctypes: linears of fp32 activations at decode sizes.
 
-Why: torch's weight-only int8 CPU matmul (aten._weight_int8pack_mm) takes bf16 activations only: int8 weights
-in an fp32 model (engine.dtype float32, or auto on a CPU without native bf16) took the dequantizing reference,
-a pass writing the whole weight in fp32 per call. `int8_linear` is a plain C kernel for fp32 activations (see
-kernels/csrc/int8_linear.c for how it sums: the same way at any batch, so a row's result never depends on the
-other rows): 1.7-2.4x the reference on an expert matrix and 6-14x on the LM head at 1-16 rows, and faster than
-the same linear with fp32 weights (it reads a quarter of the bytes). For bf16 activations torch's kernel stays:
-the same C loop was 0.83-0.94x of it at 1-4 rows (measured, 2 threads). Written in C with neither torch's nor
-Python's headers, it builds in a fraction of a second with the system's C compiler (`$CC`, else `cc` / `gcc`)
-and needs no build step at install, no ninja.
+- `linear`: fp32 weights. torch's fp32 CPU linear is MKL's, which reads a weight at 10 GB/s at one row on an
+  AMD EPYC (AVX-512) and is slower still at 4-16 rows (6 and 5 GB/s on the LM head); this kernel streams it at
+  22-27 GB/s there, 2-4x MKL from 1 to 16 rows and ~1.3x at 32, at the CPU's FMA peak from ~32 rows (measured,
+  2 threads). It runs for 1 to MAX_ROWS rows (a decode step); prefill chunks keep MKL's blocked GEMM, which
+  reads the rows once per block where this kernel reads them once per 4 outputs.
+- `int8_linear`: int8 weights with a bf16 scale per output. torch's weight-only int8 CPU matmul
+  (aten._weight_int8pack_mm) takes bf16 activations only: int8 weights in an fp32 model (engine.dtype float32,
+  or auto on a CPU without native bf16) took the dequantizing reference, a pass writing the whole weight in fp32
+  per call; this kernel is 2-14x that. For bf16 activations torch's kernel stays (the same loop was 0.83-0.94x
+  of it at 1-4 rows on an AVX-512 + AMX Xeon).
+
+Both sum each output the same way at any row count (kernels/csrc/linear.c): a row's result never depends on the
+other rows nor on the thread count. Written in C with neither torch's nor Python's headers, the library builds
+in a fraction of a second with the system's C compiler (`$CC`, else `cc` / `gcc`) and needs no build step at
+install, no ninja.
 
 The library is cached under `$MOERAY_KERNEL_CACHE` (default ~/.cache/moeray/kernels), keyed by the source, the
 compiler's version, the flags and this CPU's (-march=native), and written atomically: the processes of a node
@@ -34,7 +41,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "int8_linear.c"
+SOURCE = Path(__file__).parent / "csrc" / "linear.c"
+MAX_ROWS = 32  # `linear` runs for 1 to MAX_ROWS rows (see the module docstring)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -54,7 +62,7 @@ def library() -> ctypes.CDLL | None:
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        log.warning("no C compiler (cc, gcc or $CC): moeray's int8 CPU kernel is off, torch's runs instead")
+        log.warning("no C compiler (cc, gcc or $CC): moeray's CPU kernels are off, torch's run instead")
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
@@ -70,17 +78,26 @@ def library() -> ctypes.CDLL | None:
                 os.replace(built, so)  # atomic: a racing process loads a whole file or builds its own
         lib = ctypes.CDLL(str(so))
     except subprocess.CalledProcessError as e:
-        log.warning("moeray's int8 CPU kernel did not build with %s (torch's runs instead): %s", cc,
+        log.warning("moeray's CPU kernels did not build with %s (torch's run instead): %s", cc,
                     (e.stderr or "").strip()[-2000:])
         return None
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("moeray's int8 CPU kernel is off (torch's runs instead): %s", e)
+        log.warning("moeray's CPU kernels are off (torch's run instead): %s", e)
         return None
-    fn = lib.moeray_int8_linear
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_void_p, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.moeray_linear_f32.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
+    lib.moeray_linear_i8.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
+    lib.moeray_linear_f32.restype = lib.moeray_linear_i8.restype = ctypes.c_int
     return lib
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x fp32 [n, I] @ weight fp32 [O, I]^T -> fp32 [n, O] by the C kernel (CPU tensors, 1 <= n <= MAX_ROWS);
+    None where it does not run: no library, not fp32, more rows, I not a multiple of 16."""
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or not 1 <= x.shape[0] <= MAX_ROWS
+            or x.shape[-1] % 16 or (lib := library()) is None):
+        return None
+    return _call(lib.moeray_linear_f32, x, weight)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
@@ -88,11 +105,14 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     tensors); None where it does not run: no library, x not fp32, I not a multiple of 16."""
     if x.dtype != torch.float32 or scale.dtype != torch.bfloat16 or x.shape[-1] % 16 or (lib := library()) is None:
         return None  # checked before library(): a bf16-only process never builds it
-    x, qweight, scale = x.contiguous(), qweight.contiguous(), scale.contiguous()
-    (n, I), O = x.shape, qweight.shape[0]
+    return _call(lib.moeray_linear_i8, x, qweight, scale.contiguous())
+
+
+def _call(fn, x: torch.Tensor, weight: torch.Tensor, *scale: torch.Tensor) -> torch.Tensor:
+    x, weight = x.contiguous(), weight.contiguous()
+    (n, I), O = x.shape, weight.shape[0]
     y = torch.empty(n, O)
-    rc = lib.moeray_int8_linear(x.data_ptr(), n, I, qweight.data_ptr(), scale.data_ptr(), O, y.data_ptr(),
-                                torch.get_num_threads())
-    if rc:
-        raise RuntimeError(f"moeray_int8_linear failed ({rc}) on x {tuple(x.shape)}, weight {tuple(qweight.shape)}")
+    if fn(x.data_ptr(), n, I, weight.data_ptr(), *(t.data_ptr() for t in scale), O, y.data_ptr(),
+          torch.get_num_threads()):
+        raise RuntimeError(f"{fn.__name__} failed on x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     return y

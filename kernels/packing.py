@@ -5,10 +5,12 @@ Two things, neither of which changes a checkpoint name, a module or a state_dict
   decode step runs one GEMV where it ran three (or two), and RoPE once over q|k. Each part's weight
   becomes a view of the stack, so memory is not doubled and the unfused modules (the reference path,
   `forward_native`) still run, on the same numbers;
-- memory layout: torch's CPU fp32 GEMV (one to a few rows) is ~2.5x faster on a weight [out, in]
-  stored transposed (in-major) when out > in (measured on the LM head 32000x512 and on 2048x512,
-  1536x512: 16 vs 6 GB/s), and slower when out < in (512x1024: 7 vs 15 GB/s); so such weights are
-  stored transposed, seen as the same [out, in] through a view. bf16 showed no such gap: left as is.
+- fp32 on CPU: plain linears of the fast path (`linear`, `call`) run moeray's C kernel at decode sizes
+  (kernels/native.py: 2-4x MKL's GEMV at 1 to 16 rows on an AMD EPYC), which reads weights [out, in] as
+  stored. Where the kernel does not build, MKL runs, and its GEMV (one to a few rows) is ~2.5x faster on a
+  weight stored transposed (in-major) when out > in (measured on a Xeon, LM head 32000x512 and 2048x512,
+  1536x512: 16 vs 6 GB/s) and slower when out < in (512x1024: 7 vs 15 GB/s); so there such weights are stored
+  transposed, seen as the same [out, in] through a view (`fast_layout`). bf16 showed no such gap: left as is.
 
 bf16 linears (attention projections, FFNs and experts, LM head) on CPU are held prepacked for oneDNN instead
 (`PackedLinear`, made by `prepack`): torch's bf16 F.linear runs oneDNN too, but reorders the weight on every
@@ -18,7 +20,7 @@ faster; an expert's three linears 1.5-1.6x at 1-4 rows, two threads). The weight
 layout; `weight` unpacks it for the reference path. wq|wk|wv and w1|w3 are one prepacked stack each (`fuse`),
 each of those linears a `PackedPart` of it: one call for the three (2.2x at 1-16 rows) or two (1.15x), same bits
 (oneDNN splits the outputs, not the sum over inputs). Not for experts that a fused kernel stacks (it reads their
-nn.Linear weights: model.pack_(experts=False)) nor fp32 (MKL's GEMV on the fast layout is as fast at 1 row).
+nn.Linear weights: model.pack_(experts=False)) nor fp32 (our kernel, or MKL on the fast layout).
 
 A fused weight remembers the Parameters it was made of: if a module is replaced later (quantized,
 loaded again), `Fused.current` is False and the layer runs its reference path, never stale weights.
@@ -34,12 +36,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import native
+
 
 def fast_layout(w: torch.Tensor) -> torch.Tensor:
-    """w [O, I] in the memory layout torch's CPU GEMV reads fastest (see the module docstring), same values."""
-    if w.device.type == "cpu" and w.dtype == torch.float32 and w.shape[0] > w.shape[1]:
-        return w.t().contiguous().t()  # [O, I], stored [I, O]
+    """w [O, I] in the memory layout the CPU linear of the fast path reads fastest (see the module docstring),
+    same values."""
+    if (w.device.type == "cpu" and w.dtype == torch.float32 and w.shape[0] > w.shape[1]
+            and native.library() is None):
+        return w.t().contiguous().t()  # [O, I], stored [I, O]: for MKL's GEMV
     return w.contiguous()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) for x [..., I] and w [O, I], by moeray's C kernel where it runs: fp32 on CPU, 1 to
+    native.MAX_ROWS rows, w as stored by fast_layout, no autograd (kernels/native.py)."""
+    if (w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        if (y := native.linear(x.reshape(-1, x.shape[-1]), w)) is not None:
+            return y.view(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w)
+
+
+def call(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """m(x), by `linear` if m is a plain bias-free nn.Linear (any other module, a quantized or prepacked
+    linear, runs its own forward)."""
+    if type(m) is nn.Linear and m.bias is None:
+        return linear(x, m.weight)
+    return m(x)
 
 
 @dataclass
@@ -54,7 +78,7 @@ class Fused:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [..., I] -> [..., sum O]
         w = self.weight
-        return F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
+        return linear(x, w) if isinstance(w, torch.Tensor) else w(x)
 
     def current(self, *linears: nn.Module) -> bool:
         """Whether `linears` are still what this was made of (none was replaced since)."""

@@ -1,0 +1,136 @@
+/* y = x @ W^T on CPU for the rows of a decode step, fp32 activations: x [n, I] and y [n, O] fp32, W [O, I] as
+ *   moeray_linear_f32   fp32 weights;
+ *   moeray_linear_i8    int8 weights q with one bf16 scale per output s [O] (weight-only int8: W = q * s).
+ * Compiled and loaded by kernels/native.py (which says why, when each runs, and what checks it); no Python, no
+ * torch headers.
+ *
+ * Every y[r, o] = sum_k x[r, k] W[o, k] (times s[o]) is summed the same way whatever n is and wherever row r and
+ * output o fall: 16 lane-wise fp32 partial sums (lane k mod 16) in k order, then a fixed tree over the lanes.
+ * So a row's result does not depend on the other rows (a sequence's tokens do not depend on what it is batched
+ * with) nor on the thread count.
+ *
+ * Tiles of 4 outputs x up to 6 rows (24 accumulators, 4 weight vectors and a row vector: 29 of AVX-512's 32
+ * registers): a weight vector is loaded (and converted) once for the tile's rows and a row vector once for its
+ * 4 outputs; the 4 weight rows stay in L1 while every row tile passes over them, so the weight is read from
+ * memory once per call at any n. Threads split the outputs (OpenMP, the runtime torch uses). GCC/Clang vector
+ * extensions: AVX-512, AVX2 or whatever -march gives.
+ */
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+#define OUTS 4 /* outputs a tile */
+#define ROWS 6 /* rows a tile, at most */
+
+static inline v16f load_f32(const float *p) { /* 16 fp32 weights */
+    v16f r;
+    memcpy(&r, p, 64);
+    return r;
+}
+
+static inline v16f load_i8(const int8_t *p) { /* 16 int8 weights as fp32 (exact) */
+    v16f r;
+#if defined(__AVX512F__)
+    __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    memcpy(&r, &v, 64);
+#elif defined(__AVX2__)
+    __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+    __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
+    memcpy(&r, &lo, 32);
+    memcpy((char *)&r + 32, &hi, 32);
+#else
+    for (int i = 0; i < 16; i++) r[i] = (float)p[i];
+#endif
+    return r;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float hsum(v16f a) { /* a fixed tree: lane i + (i + 8), then + 4, + 2, + 1 (as vector halves) */
+    v8f b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+            __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4f c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
+    v4f d = c + __builtin_shufflevector(c, c, 2, 3, 2, 3);
+    return d[0] + d[1];
+}
+
+/* R rows of x [., I] against the OUTS weight rows w[c]: acc[r][c] gets the 16 partial sums */
+#define TILE(NAME, WT, LOAD, R)                                                                              \
+    static inline void NAME##R(const float *x, int64_t I, const WT *const *w, v16f acc[][OUTS]) {            \
+        for (int r = 0; r < R; r++)                                                                          \
+            for (int c = 0; c < OUTS; c++) acc[r][c] = (v16f){0};                                            \
+        for (int64_t k = 0; k < I; k += 16) {                                                                \
+            v16f wv[OUTS];                                                                                   \
+            for (int c = 0; c < OUTS; c++) wv[c] = LOAD(w[c] + k);                                           \
+            for (int r = 0; r < R; r++) {                                                                    \
+                v16f xv;                                                                                     \
+                memcpy(&xv, x + r * I + k, 64);                                                              \
+                for (int c = 0; c < OUTS; c++) acc[r][c] += xv * wv[c];                                      \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+
+/* tiles of up to ROWS rows, each output's sum times SCALE(o); threads split the output tiles */
+#define LINEAR(NAME, WT, LOAD, SCALE)                                                                        \
+    TILE(NAME##_, WT, LOAD, 1)                                                                               \
+    TILE(NAME##_, WT, LOAD, 2)                                                                               \
+    TILE(NAME##_, WT, LOAD, 3)                                                                               \
+    TILE(NAME##_, WT, LOAD, 4)                                                                               \
+    TILE(NAME##_, WT, LOAD, 5)                                                                               \
+    TILE(NAME##_, WT, LOAD, 6)                                                                               \
+    static void NAME(const float *x, int64_t n, int64_t I, const WT *w, const uint16_t *s, int64_t O, float *y,  \
+                     int threads) {                                                                          \
+        (void)s;                                                                                             \
+        const int64_t tiles = (O + OUTS - 1) / OUTS;                                                         \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)") for (int64_t t = 0; t < tiles; t++) { \
+            const WT *wr[OUTS];                                                                              \
+            for (int c = 0; c < OUTS; c++) /* past the end: the last output again (computed, not stored) */  \
+                wr[c] = w + (t * OUTS + c < O ? t * OUTS + c : O - 1) * I;                                   \
+            for (int64_t r0 = 0; r0 < n; r0 += ROWS) {                                                       \
+                v16f acc[ROWS][OUTS];                                                                        \
+                const int R = n - r0 < ROWS ? (int)(n - r0) : ROWS;                                          \
+                const float *xr = x + r0 * I;                                                                \
+                switch (R) {                                                                                 \
+                    case 1: NAME##_1(xr, I, wr, acc); break;                                                 \
+                    case 2: NAME##_2(xr, I, wr, acc); break;                                                 \
+                    case 3: NAME##_3(xr, I, wr, acc); break;                                                 \
+                    case 4: NAME##_4(xr, I, wr, acc); break;                                                 \
+                    case 5: NAME##_5(xr, I, wr, acc); break;                                                 \
+                    default: NAME##_6(xr, I, wr, acc);                                                       \
+                }                                                                                            \
+                for (int r = 0; r < R; r++)                                                                  \
+                    for (int c = 0; c < OUTS && t * OUTS + c < O; c++)                                       \
+                        y[(r0 + r) * O + t * OUTS + c] = hsum(acc[r][c]) SCALE(t * OUTS + c);                \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+
+#define NO_SCALE(o)
+#define BF16_SCALE(o) *bf16_to_f32(s[o])
+LINEAR(linear_f32, float, load_f32, NO_SCALE)
+LINEAR(linear_i8, int8_t, load_i8, BF16_SCALE)
+
+/* 0 on success; 1: I not a multiple of 16, or n or O < 1 */
+int moeray_linear_f32(const float *x, int64_t n, int64_t I, const float *w, int64_t O, float *y, int threads) {
+    if (I % 16 || n < 1 || O < 1) return 1;
+    linear_f32(x, n, I, w, NULL, O, y, threads);
+    return 0;
+}
+
+int moeray_linear_i8(const float *x, int64_t n, int64_t I, const int8_t *q, const uint16_t *s, int64_t O, float *y,
+                     int threads) {
+    if (I % 16 || n < 1 || O < 1) return 1;
+    linear_i8(x, n, I, q, s, O, y, threads);
+    return 0;
+}

@@ -1,0 +1,93 @@
+"""kernels/native.py: moeray's fp32 CPU linear (kernels/csrc/linear.c) against float64, its row and thread
+independence, where it runs and where torch's runs instead, and the fp32 engine on it and without it.
+(The int8 kernel: tests/test_quant.py.)"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_engine import hf_greedy, hf_model, prompts
+
+import kernels.native
+from kernels import native
+from kernels.build import Holds, build_role
+from kernels.checkpoint import Checkpoint
+from kernels.engine import Engine, EngineConfig
+from kernels.packing import linear
+from kernels.sampling import SamplingParams
+
+
+def bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 summation error of x @ w^T over I terms: I * eps * sum_k |x_k w_k| (a loose, sure bound)."""
+    return x.shape[1] * torch.finfo(torch.float32).eps * (x.double().abs() @ w.double().abs().T)
+
+
+@pytest.mark.parametrize("O,I", [(1, 16), (5, 64), (96, 528), (130, 256)])
+def test_fp32_kernel_within_summation_error_at_every_row_count(O, I):
+    """1 to MAX_ROWS rows (tiles of up to 6 rows, 4 outputs: O not a multiple of 4 ends in a part tile), each
+    result within fp32 summation error of float64, and each row the same bits alone as in any batch."""
+    g = torch.Generator().manual_seed(O * I)
+    w, xs = torch.randn(O, I, generator=g), torch.randn(native.MAX_ROWS, I, generator=g)
+    alone = torch.cat([native.linear(xs[r : r + 1], w) for r in range(native.MAX_ROWS)])
+    exact = xs.double() @ w.double().T
+    assert ((alone.double() - exact).abs() <= bound(xs, w)).all()
+    for n in range(1, native.MAX_ROWS + 1):
+        assert torch.equal(native.linear(xs[:n], w), alone[:n]), n
+
+
+def test_fp32_kernel_is_thread_independent_and_reads_views():
+    """Threads split outputs, not sums: one thread gives two threads' bits. Rows given as a strided view (a
+    slice of a wider tensor) are read as their values."""
+    g = torch.Generator().manual_seed(1)
+    w, wide = torch.randn(200, 512, generator=g), torch.randn(7, 1024, generator=g)
+    x = wide[:, 256:768]  # not contiguous
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        y = native.linear(x, w)
+        torch.set_num_threads(1)
+        assert torch.equal(native.linear(x, w), y)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y, native.linear(x.contiguous(), w))
+
+
+def test_where_the_fp32_kernel_runs():
+    """packing.linear (the fast path's linear) takes the kernel for fp32 CPU rows 1 to MAX_ROWS, any leading
+    shape; torch's F.linear for more rows, bf16, inputs not a multiple of 16, and under autograd."""
+    assert native.library() is not None  # this machine and CI's have a C compiler
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(48, 64, generator=g)
+    x = torch.randn(2, 3, 64, generator=g)
+    assert torch.equal(linear(x, w), native.linear(x.reshape(6, 64), w).view(2, 3, 48))
+    many = torch.randn(native.MAX_ROWS + 1, 64, generator=g)
+    assert native.linear(many, w) is None and torch.equal(linear(many, w), F.linear(many, w))
+    assert native.linear(x[0].bfloat16(), w.bfloat16()) is None
+    assert native.linear(x[0, :, :40], w[:, :40]) is None  # 40 inputs: not a multiple of 16
+    grad = w.clone().requires_grad_()
+    y = linear(x, grad)
+    assert y.grad_fn is not None and torch.equal(y, F.linear(x, grad))
+
+
+@pytest.mark.parametrize("kernel", ["ours", "none"])
+def test_fp32_engine_with_and_without_the_kernel(hf_tiny, monkeypatch, kernel):
+    """The fp32 engine's decode runs the kernel (every plain linear of the fast path: fused wq|wk|wv and w1|w3,
+    wo, w2, LM head) and, where it cannot build (no compiler: library() None), MKL on the transposed fast
+    layout; greedy tokens equal transformers' either way."""
+    calls = []
+    if kernel == "none":
+        monkeypatch.setattr(kernels.native, "library", lambda: None)
+    else:
+        ours = kernels.native.linear
+        monkeypatch.setattr(kernels.native, "linear", lambda x, w: calls.append(w.shape) or ours(x, w))
+    model = build_role(Checkpoint.open(hf_tiny), EngineConfig(), Holds(whole=True)).model
+    head = model.output.weight
+    assert head.is_contiguous() == (kernel == "ours")  # [V, D], V > D: stored transposed for MKL
+    ps = prompts((3, 9))
+    got = Engine.from_dir(hf_tiny).generate(ps, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    ref = hf_model(hf_tiny)
+    assert [r.token_ids for r in got] == [hf_greedy(ref, p)[0][:6] for p in ps]
+    a = model.args
+    if kernel == "ours":
+        hd = a.head_dim
+        assert {(a.vocab_size, a.dim), ((a.n_heads + 2 * a.n_kv_heads) * hd, a.dim), (a.dim, a.n_heads * hd),
+                (2 * a.hidden_dim, a.dim), (a.dim, a.hidden_dim)} <= set(calls)
