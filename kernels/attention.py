@@ -14,6 +14,7 @@ Shapes as in kernels/cache.py; H query heads, KV kv-heads (GQA: H is a multiple 
 import torch
 import torch.nn.functional as F
 
+from kernels import native
 from kernels.cache import AttentionMetadata, DecodeMetadata
 
 
@@ -49,9 +50,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                      meta: DecodeMetadata) -> torch.Tensor:
     """paged_attention for one new token per sequence (T = B): writes k/v first (see DecodeMetadata),
-    then reads each sequence's keys from the pool, one gather, no concatenation. -> [B, H, hd]."""
+    then reads each sequence's keys from the pool: on CPU in place by moeray's C kernel (kernels/native.py),
+    else (and as the reference: decode_attention_native) one gather and SDPA. -> [B, H, hd]."""
     k_pool.index_copy_(0, meta.write_slots, k.to(k_pool.dtype))  # one slot per sequence: no two writes collide
     v_pool.index_copy_(0, meta.write_slots, v.to(v_pool.dtype))
+    if q.device.type == "cpu" and (out := native.decode_attention(q, k_pool, v_pool, meta.ctx_slots,
+                                                                  meta.mask[:, 0, 0])) is not None:
+        return out.to(q.dtype)
+    return decode_attention_native(q, k_pool, v_pool, meta)
+
+
+def decode_attention_native(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                            meta: DecodeMetadata) -> torch.Tensor:
+    """decode_attention's reads of the pools (the new k/v already written) by a gather and torch's SDPA."""
     dt = compute_dtype(q)
     out = F.scaled_dot_product_attention(
         q[:, :, None].to(dt),  # [B, H, 1, hd]

@@ -91,3 +91,37 @@ def test_fp32_engine_with_and_without_the_kernel(hf_tiny, monkeypatch, kernel):
         hd = a.head_dim
         assert {(a.vocab_size, a.dim), ((a.n_heads + 2 * a.n_kv_heads) * hd, a.dim), (a.dim, a.n_heads * hd),
                 (2 * a.hidden_dim, a.dim), (a.dim, a.hidden_dim)} <= set(calls)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_kernel_equals_sdpa_and_is_per_sequence(dtype):
+    """The C kernel reads the paged pools in place (decode_attention on CPU) and gives torch's SDPA over the
+    gathered keys (decode_attention_native) within fp32 rounding, on sequences of different lengths, a sliding
+    window that wrapped its ring, GQA 8/2; each sequence's output is the same bits alone as in the batch."""
+    from kernels.attention import decode_attention, decode_attention_native
+    from kernels.cache import DecodeMetadata, StepSeq
+
+    g = torch.Generator().manual_seed(3)
+    B, H, KV, hd, block, S = 5, 8, 2, 32, 4, 64
+    pools = [torch.randn(S, KV, hd, generator=g).to(dtype) for _ in range(2)]
+    tables = torch.randperm(S // block, generator=g).tolist()
+    seqs = [StepSeq(tables[3 * b : 3 * b + 3], start, 1) for b, start in enumerate([0, 5, 11, 17, 40])]
+    q, k, v = (torch.randn(B, n, hd, generator=g).to(dtype) for n in (H, KV, KV))
+    for window in (None, 6):
+        if window is None:
+            seqs_w = [s for s in seqs if s.start < 12]  # no window: the ring (12 slots) holds every position
+        else:
+            seqs_w = seqs
+        n = len(seqs_w)
+        meta = DecodeMetadata.build(seqs_w, block, window)
+        kp, vp = (p.clone() for p in pools)
+        got = decode_attention(q[:n], k[:n], v[:n], kp, vp, meta)
+        ref = decode_attention_native(q[:n], kp, vp, meta)
+        assert got.dtype == dtype
+        atol = 1e-5 if dtype == torch.float32 else 2 ** -7
+        torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=0)
+        for b in range(n):
+            one = DecodeMetadata.build([seqs_w[b]], block, window)
+            alone = native.decode_attention(q[b : b + 1], kp, vp, one.ctx_slots, one.mask[:, 0, 0])
+            batch = native.decode_attention(q[:n], kp, vp, meta.ctx_slots, meta.mask[:, 0, 0])
+            assert torch.equal(alone[0], batch[b]), (window, b)

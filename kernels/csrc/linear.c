@@ -1,4 +1,5 @@
-/* y = x @ W^T on CPU for the rows of a decode step, fp32 activations: x [n, I] and y [n, O] fp32, W [O, I] as
+/* CPU kernels of a decode step (moeray_decode_attention: see above it, at the end). Linears, fp32 activations:
+ * y = x @ W^T, x [n, I] and y [n, O] fp32, W [O, I] as
  *   moeray_linear_f32   fp32 weights;
  *   moeray_linear_i8    int8 weights q with one bf16 scale per output s [O] (weight-only int8: W = q * s).
  * Compiled and loaded by kernels/native.py (which says why, when each runs, and what checks it); no Python, no
@@ -15,7 +16,9 @@
  * memory once per call at any n. Threads split the outputs (OpenMP, the runtime torch uses). GCC/Clang vector
  * extensions: AVX-512, AVX2 or whatever -march gives.
  */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -47,6 +50,14 @@ static inline v16f load_i8(const int8_t *p) { /* 16 int8 weights as fp32 (exact)
 #else
     for (int i = 0; i < 16; i++) r[i] = (float)p[i];
 #endif
+    return r;
+}
+
+static inline v16f load_bf16(const uint16_t *p) { /* 16 bf16 values as fp32 (exact) */
+    uint32_t u[16];
+    for (int i = 0; i < 16; i++) u[i] = (uint32_t)p[i] << 16;
+    v16f r;
+    memcpy(&r, u, 64);
     return r;
 }
 
@@ -133,4 +144,69 @@ int moeray_linear_i8(const float *x, int64_t n, int64_t I, const int8_t *q, cons
     if (I % 16 || n < 1 || O < 1) return 1;
     linear_i8(x, n, I, q, s, O, y, threads);
     return 0;
+}
+
+/* Decode attention over a paged KV cache, read in place: for each sequence b and query head h (of H; kv-head
+ * h / (H / KV), GQA), out[b, h] = sum_c p_c v[slot(b, c), kvh] with p = softmax over the allowed c of
+ * scale * q[b, h] . k[slot(b, c), kvh]. q [B, H, hd] and out fp32; the pools [S, KV, hd] fp32 (pool_bf16 0) or
+ * bf16 (1); slots [B, C] pool rows, mask [B, C] bytes (nonzero: may attend; each b has one at least). Per
+ * (b, h), in a fixed order whatever B, C beyond b's last allowed key or the thread count: a dot product as 16
+ * lane-wise partial sums and the lane tree, the max, exp, their sum in c order, then the v rows summed in c
+ * order: a sequence's result does not depend on the others of its step. hd a multiple of 16. Threads split the
+ * (b, kv-head) pairs; a pair's G = H / KV heads share each k and v row loaded. 0 on success, 1 bad arguments,
+ * 2 out of memory. */
+static inline v16f load_kv(const void *pool, int bf16, int64_t at) {
+    return bf16 ? load_bf16((const uint16_t *)pool + at) : load_f32((const float *)pool + at);
+}
+
+int moeray_decode_attention(const float *q, int64_t B, int64_t H, int64_t hd, const void *k_pool,
+                            const void *v_pool, int pool_bf16, int64_t KV, const int64_t *slots, const uint8_t *mask,
+                            int64_t C, float scale, float *out, int threads) {
+    if (hd % 16 || B < 1 || KV < 1 || H % KV || C < 1) return 1;
+    const int64_t G = H / KV, pairs = B * KV;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *p = malloc(sizeof(float) * G * C);
+        if (!p) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t pair = 0; pair < pairs; pair++) {
+            if (!p) continue;
+            const int64_t b = pair / KV, kvh = pair % KV;
+            const float *qb = q + (b * H + kvh * G) * hd;
+            float *ob = out + (b * H + kvh * G) * hd;
+            float top[G], sum[G];
+            for (int64_t g = 0; g < G; g++) top[g] = -INFINITY, sum[g] = 0.f;
+            for (int64_t c = 0; c < C; c++) {
+                if (!mask[b * C + c]) continue;
+                const int64_t row = (slots[b * C + c] * KV + kvh) * hd;
+                for (int64_t g = 0; g < G; g++) {
+                    v16f acc = {0};
+                    for (int64_t d = 0; d < hd; d += 16) acc += load_f32(qb + g * hd + d) * load_kv(k_pool, pool_bf16, row + d);
+                    const float s = hsum(acc) * scale;
+                    p[g * C + c] = s;
+                    if (s > top[g]) top[g] = s;
+                }
+            }
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t c = 0; c < C; c++)
+                    if (mask[b * C + c]) sum[g] += p[g * C + c] = expf(p[g * C + c] - top[g]);
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t d = 0; d < hd; d++) ob[g * hd + d] = 0.f;
+            for (int64_t c = 0; c < C; c++) {
+                if (!mask[b * C + c]) continue;
+                const int64_t row = (slots[b * C + c] * KV + kvh) * hd;
+                for (int64_t d = 0; d < hd; d += 16) {
+                    const v16f vv = load_kv(v_pool, pool_bf16, row + d);
+                    for (int64_t g = 0; g < G; g++) {
+                        v16f o = load_f32(ob + g * hd + d);
+                        o += (p[g * C + c] / sum[g]) * vv;
+                        memcpy(ob + g * hd + d, &o, 64);
+                    }
+                }
+            }
+        }
+        free(p);
+    }
+    return failed ? 2 : 0;
 }
