@@ -37,7 +37,7 @@ from kernels.attention import paged_attention
 from kernels.cache import AttentionMetadata, DecodeMetadata, KVCache, StepSeq, step_metadata
 from kernels.checkpoint import Checkpoint
 from kernels.moe import Blocks, ExpertsStage, Wait, expert_rows, moe_start, moe_token, start
-from kernels.packing import Fused, call, fuse, prepack, relayout
+from kernels.packing import Fused, NativeFFNs, call, fuse, native_ffns, prepack, relayout
 from kernels.rope import apply_rope, rope_freqs
 
 LayersStage = Callable[[torch.Tensor, Any], torch.Tensor]  # (h [T, D] embedded, step) -> h after every layer
@@ -115,6 +115,7 @@ class FeedForward(nn.Module):
     computes both; forward_native is the reference."""
 
     packed: Fused | None = None  # w1|w3 in one weight [2F, D] (kernels/packing.py)
+    native: NativeFFNs | None = None  # w1, w3, w2 as moeray's C FFN reads them (fp32 or int8 on CPU; pack_)
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -123,6 +124,9 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
+        c = self.native
+        if c is not None and c.current([self]) and (y := c.weights.ffn(x)) is not None:
+            return y
         f = self.packed
         if f is None or not f.current(self.w1, self.w3):
             return self.forward_native(x)
@@ -144,6 +148,8 @@ class MoeLayer(nn.Module):
     """route -> dispatch -> experts -> combine (kernels/moe.py). As in mistral-inference, the experts are
     given: Experts, FusedExperts (kernels/fused_moe.py) or a stand-in for expert shards."""
 
+    native: NativeFFNs | None = None  # the experts as moeray's C MoE kernel reads them (fp32 or int8 on CPU; pack_)
+
     def __init__(self, experts: ExpertsStage, gate: nn.Linear, args: MoeArgs):
         super().__init__()
         self.gate = gate
@@ -154,8 +160,14 @@ class MoeLayer(nn.Module):
         return self.start(x)()
 
     def start(self, x: torch.Tensor) -> Wait:  # [T, D] -> (later) [T, D]
-        """One token with the experts here (Experts: decode at batch 1) takes moe_token, which equals moe
-        bit for bit in half the ops; anything else (more tokens, fused kernels, stand-ins) moe_start."""
+        """With the experts here (Experts) and the C kernels reading their weights (`native`: fp32 or int8 on
+        CPU), up to native.MAX_ROWS tokens (decode) take the C MoE kernel, the whole layer in one call; else one
+        token takes moe_token, which equals moe bit for bit in half the ops; anything else (more tokens,
+        fused kernels, stand-ins) moe_start."""
+        c = self.native
+        if (c is not None and type(self.experts) is Experts and c.current(list(self.experts))
+                and (y := c.weights.moe(x, self.gate.weight, self.k)) is not None):
+            return lambda: y
         if x.shape[0] == 1 and type(self.experts) is Experts:
             y = moe_token(x, self.gate.weight, self.k, self.experts)
             return lambda: y
@@ -284,6 +296,11 @@ def pack_(module: nn.Module, experts: bool = True) -> nn.Module:
                 _prepack(m, "w2")
         elif isinstance(m, Transformer):
             _prepack(m, "output")
+    for m in module.modules():  # after fusing: the C kernels read the final weights
+        if isinstance(m, FeedForward):
+            m.native = native_ffns([m])
+        elif isinstance(m, MoeLayer) and type(m.experts) is Experts:
+            m.native = native_ffns(list(m.experts))
     fused = {id(p) for m in module.modules() if (f := getattr(m, "packed", None)) for p in f.parts}
     for m in module.modules():
         if isinstance(m, nn.Linear) and id(m.weight) not in fused:

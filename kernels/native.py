@@ -93,7 +93,10 @@ def library() -> ctypes.CDLL | None:
     lib.moeray_linear_i8.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
     lib.moeray_decode_attention.argtypes = [p, i64, i64, i64, p, p, ctypes.c_int, i64, p, p, i64, ctypes.c_float, p,
                                             ctypes.c_int]
-    for fn in (lib.moeray_linear_f32, lib.moeray_linear_i8, lib.moeray_decode_attention):
+    lib.moeray_ffn.argtypes = [p, i64, i64, i64, p, p, p, p, p, p, ctypes.c_int, p, ctypes.c_int]
+    lib.moeray_moe.argtypes = [p, i64, i64, i64, p, i64, i64, p, p, p, p, p, p, ctypes.c_int, p, ctypes.c_int]
+    for fn in (lib.moeray_linear_f32, lib.moeray_linear_i8, lib.moeray_decode_attention, lib.moeray_ffn,
+               lib.moeray_moe):
         fn.restype = ctypes.c_int
     return lib
 
@@ -136,6 +139,72 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     if rc:
         raise RuntimeError(f"moeray_decode_attention failed ({rc}) on q {tuple(q.shape)}, slots {tuple(slots.shape)}")
     return out
+
+
+Weight = tuple[torch.Tensor, torch.Tensor | None]  # fp32 [O, I] and None, or int8 [O, I] and its bf16 scales [O]
+
+
+class SwiGLUWeights:
+    """The weights of one or more SwiGLU FFNs (experts) as `ffn` and `moe` read them: each FFN's w1, w3 [F, D]
+    and w2 [D, F], all fp32 or all int8 with bf16 scales; held here, so the pointers given to C stay valid.
+    `of` is None for anything else (mixed kinds, other dtypes, views not contiguous, D or F not a multiple
+    of 16), or where there is no library."""
+
+    def __init__(self, ffns: list[tuple[Weight, Weight, Weight]], wtype: int):
+        self.tensors = [t for ws in ffns for w in ws for t in w if t is not None]
+        self.wtype, self.count = wtype, len(ffns)
+        self.D, self.F = ffns[0][2][0].shape[0], ffns[0][0][0].shape[0]
+        arrays = []
+        for i in range(3):  # w1, w3, w2
+            arrays.append((ctypes.c_void_p * len(ffns))(*(ws[i][0].data_ptr() for ws in ffns)))
+        for i in range(3):  # their scales
+            arrays.append((ctypes.c_void_p * len(ffns))(*(ws[i][1].data_ptr() if wtype else None for ws in ffns)))
+        self.arrays = arrays  # w1, w3, w2, s1, s3, s2: arrays of pointers, one per FFN
+
+    @classmethod
+    def of(cls, ffns: list[tuple[Weight, Weight, Weight]]) -> SwiGLUWeights | None:
+        kinds = {(w.dtype, None if s is None else s.dtype) for ws in ffns for w, s in ws}
+        wtype = {(torch.float32, None): 0, (torch.int8, torch.bfloat16): 1}.get(kinds.pop()) if len(kinds) == 1 else None
+        if wtype is None or library() is None:
+            return None
+        D, F = ffns[0][2][0].shape[0], ffns[0][0][0].shape[0]
+        shapes = {(F, D), (D, F)}
+        for w1, w3, w2 in ffns:
+            if (w1[0].shape, w3[0].shape, w2[0].shape) != ((F, D), (F, D), (D, F)) or D % 16 or F % 16:
+                return None
+            if not all(w.device.type == "cpu" and w.is_contiguous() and tuple(w.shape) in shapes
+                       and (s is None or s.numel() == w.shape[0] and s.is_contiguous()) for w, s in (w1, w3, w2)):
+                return None
+        return cls(ffns, wtype)
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor | None:
+        """FFN 0 on rows x fp32 [n, D] (1 to MAX_ROWS) -> fp32 [n, D], w2(silu(w1 x) * w3 x); None where it
+        does not run (another dtype, more rows)."""
+        if x.dtype != torch.float32 or not 1 <= x.shape[0] <= MAX_ROWS:
+            return None
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        w1, w3, w2, s1, s3, s2 = self.arrays
+        rc = library().moeray_ffn(x.data_ptr(), x.shape[0], self.D, self.F, w1[0], w3[0], w2[0], s1[0], s3[0],
+                                  s2[0], self.wtype, y.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"moeray_ffn failed ({rc}) on x {tuple(x.shape)}")
+        return y
+
+    def moe(self, x: torch.Tensor, gate: torch.Tensor, k: int) -> torch.Tensor | None:
+        """A MoE layer over these experts: x fp32 [n, D] (1 to MAX_ROWS), router gate fp32 [E, D], top k ->
+        fp32 [n, D] (kernels/csrc/linear.c says how: as kernels/moe.py's route, dispatch, experts, combine);
+        None where it does not run."""
+        if (x.dtype != torch.float32 or gate.dtype != torch.float32 or not 1 <= x.shape[0] <= MAX_ROWS
+                or gate.shape != (self.count, self.D)):
+            return None
+        x, gate = x.contiguous(), gate.contiguous()
+        y = torch.empty_like(x)
+        rc = library().moeray_moe(x.data_ptr(), x.shape[0], self.D, self.F, gate.data_ptr(), self.count, k,
+                                  *self.arrays, self.wtype, y.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"moeray_moe failed ({rc}) on x {tuple(x.shape)}")
+        return y
 
 
 def _call(fn, x: torch.Tensor, weight: torch.Tensor, *scale: torch.Tensor) -> torch.Tensor:

@@ -201,3 +201,39 @@ def prepack(linear: nn.Module) -> PackedLinear | None:
     if type(linear) is not nn.Linear or linear.bias is not None or not can_prepack(linear.weight):
         return None
     return PackedLinear(linear.weight)
+
+
+@dataclass
+class NativeFFNs:
+    """SwiGLU FFNs (w1, w3, w2; a MoE layer's experts, or one FFN) whose weights moeray's C kernels read
+    (native.SwiGLUWeights: `ffn` runs one, `moe` a whole MoE layer), with the linears they were read from:
+    `current` is False once any was replaced (quantized, loaded again), and the caller runs its torch path."""
+
+    weights: native.SwiGLUWeights
+    linears: tuple[nn.Module, ...]
+
+    def current(self, ffns: list[nn.Module]) -> bool:
+        return all(a is b for a, b in zip(_linears(ffns), self.linears, strict=True))
+
+
+def _linears(ffns: list[nn.Module]) -> tuple[nn.Module, ...]:
+    return tuple(m for ff in ffns for m in (ff.w1, ff.w3, ff.w2))
+
+
+def _native_weight(m: nn.Module) -> native.Weight | None:
+    """A linear's weight as the C kernels read it: a plain fp32 nn.Linear's, or what the module offers
+    (QuantLinear.native_weight: int8 on the CPU kernel)."""
+    if type(m) is nn.Linear and m.bias is None and not m.weight.is_meta:
+        return m.weight.detach(), None
+    offer = getattr(m, "native_weight", None)
+    return offer() if offer is not None else None
+
+
+def native_ffns(ffns: list[nn.Module]) -> NativeFFNs | None:
+    """NativeFFNs of `ffns` (FeedForwards) if the C kernels read all their weights (all fp32 or all int8, on
+    CPU, shapes they take: native.SwiGLUWeights.of), else None."""
+    weights = [_native_weight(m) for m in _linears(ffns)]
+    if not ffns or any(w is None for w in weights):
+        return None
+    held = native.SwiGLUWeights.of([tuple(weights[i : i + 3]) for i in range(0, len(weights), 3)])
+    return None if held is None else NativeFFNs(held, _linears(ffns))

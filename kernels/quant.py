@@ -267,6 +267,13 @@ class QuantLinear(nn.Module):
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:  # x [..., I] -> [..., O]
         return F.linear(x, self.dequantize(x.dtype))
 
+    def native_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(qweight int8 [O, I], scale bf16 [O]) where moeray's C kernels can read this weight (int8 on the CPU
+        kernel, bf16 scales: kernels/native.py, kernels/packing.py's native_ffns), else None."""
+        if self.bits == 8 and self.cpu_kernel and self.scale.dtype == torch.bfloat16 and not self.qweight.is_meta:
+            return self.qweight, self.scale.view(-1)
+        return None
+
     @property
     def nbytes(self) -> int:
         """Bytes held: the quantized weight plus its scales (and int4 offsets, and on the CPU kernel its

@@ -33,6 +33,9 @@ def test_one_token_equals_moe(k, dtype, quant):
         for x in xs.split(1):  # [1, D] each: 32 tokens, many different choices of experts
             ref = moe(x, m.gate.weight, k, m.experts)
             assert torch.equal(moe_token(x, m.gate.weight, k, m.experts), ref)
-            assert torch.equal(m(x), ref)  # the layer takes this path for one token
+            if m.native is None:
+                assert torch.equal(m(x), ref)  # the layer takes this path for one token
+            else:  # fp32 on CPU: the C MoE kernel (tests/test_native.py), within rounding
+                torch.testing.assert_close(m(x), ref, atol=1e-6, rtol=1e-6)
             seen.add(tuple(sorted(torch.topk(x.float() @ m.gate.weight.float().T, k).indices[0].tolist())))
     assert len(seen) > 4  # the tokens did choose different experts

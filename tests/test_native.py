@@ -69,28 +69,33 @@ def test_where_the_fp32_kernel_runs():
 
 
 @pytest.mark.parametrize("kernel", ["ours", "none"])
-def test_fp32_engine_with_and_without_the_kernel(hf_tiny, monkeypatch, kernel):
-    """The fp32 engine's decode runs the kernel (every plain linear of the fast path: fused wq|wk|wv and w1|w3,
-    wo, w2, LM head) and, where it cannot build (no compiler: library() None), MKL on the transposed fast
-    layout; greedy tokens equal transformers' either way."""
+def test_fp32_engine_with_and_without_the_kernels(hf_tiny, monkeypatch, kernel):
+    """The fp32 engine's decode runs the C kernels: the linear for fused wq|wk|wv, wo and the LM head, the MoE
+    kernel for a Mixtral layer's experts (the FFN kernel for Mistral's dense FFN); where they cannot build (no
+    compiler: library() None) torch's path runs, MKL on the transposed fast layout. Greedy tokens equal
+    transformers' either way."""
     calls = []
     if kernel == "none":
         monkeypatch.setattr(kernels.native, "library", lambda: None)
     else:
-        ours = kernels.native.linear
-        monkeypatch.setattr(kernels.native, "linear", lambda x, w: calls.append(w.shape) or ours(x, w))
+        for name in ("ffn", "moe"):
+            ours = getattr(native.SwiGLUWeights, name)
+            monkeypatch.setattr(native.SwiGLUWeights, name,
+                                lambda self, x, *a, ours=ours, name=name: calls.append(name) or ours(self, x, *a))
+        linear = kernels.native.linear
+        monkeypatch.setattr(kernels.native, "linear", lambda x, w: calls.append(tuple(w.shape)) or linear(x, w))
     model = build_role(Checkpoint.open(hf_tiny), EngineConfig(), Holds(whole=True)).model
-    head = model.output.weight
-    assert head.is_contiguous() == (kernel == "ours")  # [V, D], V > D: stored transposed for MKL
+    assert model.output.weight.is_contiguous() == (kernel == "ours")  # [V, D], V > D: stored transposed for MKL
     ps = prompts((3, 9))
     got = Engine.from_dir(hf_tiny).generate(ps, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     ref = hf_model(hf_tiny)
     assert [r.token_ids for r in got] == [hf_greedy(ref, p)[0][:6] for p in ps]
     a = model.args
     if kernel == "ours":
-        hd = a.head_dim
-        assert {(a.vocab_size, a.dim), ((a.n_heads + 2 * a.n_kv_heads) * hd, a.dim), (a.dim, a.n_heads * hd),
-                (2 * a.hidden_dim, a.dim), (a.dim, a.hidden_dim)} <= set(calls)
+        qkv = ((a.n_heads + 2 * a.n_kv_heads) * a.head_dim, a.dim)
+        assert {(a.vocab_size, a.dim), qkv, (a.dim, a.n_heads * a.head_dim), "moe" if a.moe else "ffn"} <= set(calls)
+    else:
+        assert calls == []
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -125,3 +130,37 @@ def test_decode_attention_kernel_equals_sdpa_and_is_per_sequence(dtype):
             alone = native.decode_attention(q[b : b + 1], kp, vp, one.ctx_slots, one.mask[:, 0, 0])
             batch = native.decode_attention(q[:n], kp, vp, meta.ctx_slots, meta.mask[:, 0, 0])
             assert torch.equal(alone[0], batch[b]), (window, b)
+
+
+@pytest.mark.parametrize("quant", [None, 8])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_moe_and_ffn_kernels_equal_the_torch_path(k, quant):
+    """The C MoE kernel (MoeLayer.start on CPU in fp32, experts fp32 or int8) routes as kernels/moe.py does
+    (the same experts per token) and gives its output within fp32 rounding at 1 to MAX_ROWS tokens; each
+    token's result is the same bits alone as in any batch. The FFN kernel (FeedForward.forward) likewise."""
+    from kernels.args import MoeArgs
+    from kernels.model import Experts, FeedForward, MoeLayer, pack_
+    from kernels.moe import moe
+    from kernels.quant import quantize_experts
+
+    torch.manual_seed(k)
+    D, F_, E = 64, 96, 8
+    m = MoeLayer(Experts(FeedForward(D, F_) for _ in range(E)), torch.nn.Linear(D, E, bias=False), MoeArgs(E, k))
+    if quant:
+        quantize_experts(m, quant)
+    pack_(m)
+    assert m.native is not None and all(ff.native is not None for ff in m.experts)
+    xs = torch.randn(native.MAX_ROWS, D, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        alone = torch.cat([m(x) for x in xs.split(1)])
+        for n in (1, 2, 7, native.MAX_ROWS):
+            got = m(xs[:n])
+            torch.testing.assert_close(got, moe(xs[:n], m.gate.weight, k, m.experts.forward), atol=2e-6, rtol=1e-5)
+            assert torch.equal(got, alone[:n]), n
+        ff = m.experts[3]
+        torch.testing.assert_close(ff(xs), ff.forward_native(xs), atol=2e-6, rtol=1e-5)
+        assert ff.native.weights.ffn(xs) is not None
+        assert m.native.weights.moe(xs.bfloat16(), m.gate.weight, k) is None  # bf16: torch's path
+        assert m.native.weights.moe(torch.cat([xs, xs]), m.gate.weight, k) is None  # more rows: torch's path
+        ff.w2 = torch.nn.Linear(F_, D, bias=False)  # replaced after packing: no longer what the kernels read
+        assert not m.native.current(list(m.experts)) and not ff.native.current([ff])

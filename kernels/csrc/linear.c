@@ -100,8 +100,9 @@ static inline float hsum(v16f a) { /* a fixed tree: lane i + (i + 8), then + 4, 
     TILE(NAME##_, WT, LOAD, 4)                                                                               \
     TILE(NAME##_, WT, LOAD, 5)                                                                               \
     TILE(NAME##_, WT, LOAD, 6)                                                                               \
-    static void NAME(const float *x, int64_t n, int64_t I, const WT *w, const uint16_t *s, int64_t O, float *y,  \
-                     int threads) {                                                                          \
+    static void NAME(const float *x, int64_t n, int64_t I, const void *weight, const uint16_t *s, int64_t O,   \
+                     float *y, int threads) {                                                                \
+        const WT *w = weight;                                                                                \
         (void)s;                                                                                             \
         const int64_t tiles = (O + OUTS - 1) / OUTS;                                                         \
         _Pragma("omp parallel for num_threads(threads) schedule(static)") for (int64_t t = 0; t < tiles; t++) { \
@@ -209,4 +210,90 @@ int moeray_decode_attention(const float *q, int64_t B, int64_t H, int64_t hd, co
         free(p);
     }
     return failed ? 2 : 0;
+}
+
+/* SwiGLU FFN on n rows, y = w2(silu(w1 x) * w3 x): x [n, D] -> y [n, D] fp32; w1, w3 [F, D] and w2 [D, F] fp32
+ * (wtype 0) or int8 with bf16 scales s1, s3, s2 (wtype 1). Each linear as moeray_linear_* computes it. */
+typedef void (*linear_fn)(const float *, int64_t, int64_t, const void *, const uint16_t *, int64_t, float *, int);
+
+static void ffn(const float *x, int64_t n, int64_t D, int64_t F, const void *w1, const void *w3, const void *w2,
+                const uint16_t *s1, const uint16_t *s3, const uint16_t *s2, linear_fn lin, float *h1, float *h3,
+                float *y, int threads) {
+    lin(x, n, D, w1, s1, F, h1, threads);
+    lin(x, n, D, w3, s3, F, h3, threads);
+    for (int64_t i = 0; i < n * F; i++) h1[i] = h1[i] / (1.f + expf(-h1[i])) * h3[i];
+    lin(h1, n, F, w2, s2, D, y, threads);
+}
+
+static linear_fn linear_of(int wtype) {
+    return wtype == 0 ? linear_f32 : wtype == 1 ? linear_i8 : NULL;
+}
+
+/* 0 on success; 1 bad arguments; 2 out of memory */
+int moeray_ffn(const float *x, int64_t n, int64_t D, int64_t F, const void *w1, const void *w3, const void *w2,
+               const uint16_t *s1, const uint16_t *s3, const uint16_t *s2, int wtype, float *y, int threads) {
+    linear_fn lin = linear_of(wtype);
+    if (!lin || n < 1 || D % 16 || F % 16) return 1;
+    float *h = malloc(sizeof(float) * 2 * n * F);
+    if (!h) return 2;
+    ffn(x, n, D, F, w1, w3, w2, s1, s3, s2, lin, h, h + n * F, y, threads);
+    free(h);
+    return 0;
+}
+
+/* A MoE layer on n tokens x [n, D] (normed) -> y [n, D] fp32: router logits x @ gate^T (gate [E, D] fp32), the
+ * top k per token (the larger logit first, the lower expert on ties), their softmax in fp32; each expert e's
+ * FFN (weights at w1[e], w3[e], w2[e], scales s*[e], as moeray_ffn) on its tokens in token order; each token's
+ * outputs weighted and summed in expert order (as kernels/moe.py's combine). 0 on success; 1 bad arguments;
+ * 2 out of memory. */
+int moeray_moe(const float *x, int64_t n, int64_t D, int64_t F, const float *gate, int64_t E, int64_t k,
+               const void *const *w1, const void *const *w3, const void *const *w2, const uint16_t *const *s1,
+               const uint16_t *const *s3, const uint16_t *const *s2, int wtype, float *y, int threads) {
+    linear_fn lin = linear_of(wtype);
+    if (!lin || n < 1 || D % 16 || F % 16 || k < 1 || k > E || E > 256) return 1;
+    float *logits = malloc(sizeof(float) * n * E), *wt = malloc(sizeof(float) * n * k);
+    int64_t *chosen = malloc(sizeof(int64_t) * n * k), *rows = malloc(sizeof(int64_t) * n);
+    float *buf = malloc(sizeof(float) * (2 * n * D + 2 * n * F));
+    int rc = 0;
+    if (!logits || !wt || !chosen || !rows || !buf) {
+        rc = 2;
+        goto done;
+    }
+    linear_f32(x, n, D, gate, NULL, E, logits, threads);
+    for (int64_t t = 0; t < n; t++) {
+        const float *l = logits + t * E;
+        unsigned char taken[256] = {0};
+        for (int64_t j = 0; j < k; j++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++)
+                if (!taken[e] && (best < 0 || l[e] > l[best])) best = e;
+            taken[best] = 1;
+            chosen[t * k + j] = best;
+        }
+        const float top = l[chosen[t * k]];
+        float sum = 0.f;
+        for (int64_t j = 0; j < k; j++) sum += wt[t * k + j] = expf(l[chosen[t * k + j]] - top);
+        for (int64_t j = 0; j < k; j++) wt[t * k + j] /= sum;
+    }
+    memset(y, 0, sizeof(float) * n * D);
+    float *xe = buf, *ye = buf + n * D, *h = buf + 2 * n * D;
+    for (int64_t e = 0; e < E; e++) {
+        int64_t m = 0;
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t j = 0; j < k; j++)
+                if (chosen[t * k + j] == e) {
+                    rows[m] = t * k + j;
+                    memcpy(xe + m++ * D, x + t * D, sizeof(float) * D);
+                }
+        if (!m) continue;
+        ffn(xe, m, D, F, w1[e], w3[e], w2[e], s1[e], s3[e], s2[e], lin, h, h + m * F, ye, threads);
+        for (int64_t i = 0; i < m; i++) {
+            float *yt = y + rows[i] / k * D;
+            const float w = wt[rows[i]];
+            for (int64_t d = 0; d < D; d++) yt[d] += ye[i * D + d] * w;
+        }
+    }
+done:
+    free(logits), free(wt), free(chosen), free(rows), free(buf);
+    return rc;
 }
