@@ -20,6 +20,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -30,7 +31,7 @@ typedef float v4f __attribute__((vector_size(16)));
 
 #define OUTS 4 /* outputs a tile */
 #define ROWS 6 /* rows a tile, at most */
-#define NARROW 4 /* rows at most for tiles of one output (LINEAR) */
+#define NARROW 8 /* rows at most for tiles of one output (LINEAR) */
 #define NARROW_X_BYTES 16384 /* and bytes of rows at most */
 
 static inline v16f load_f32(const float *p) { /* 16 fp32 weights */
@@ -94,7 +95,7 @@ static inline float hsum(v16f a) { /* a fixed tree: lane i + (i + 8), then + 4, 
         }                                                                                                    \
     }
 
-/* tiles of C outputs x up to ROWS rows, each output's sum times SCALE(o); threads split the output tiles */
+/* output tile t (C outputs) of a linear, every row in tiles of up to ROWS, each output's sum times SCALE(o) */
 #define TILES(NAME, WT, LOAD, SCALE, C)                                                                      \
     TILE(NAME##_, WT, LOAD, 1, C)                                                                            \
     TILE(NAME##_, WT, LOAD, 2, C)                                                                            \
@@ -102,43 +103,56 @@ static inline float hsum(v16f a) { /* a fixed tree: lane i + (i + 8), then + 4, 
     TILE(NAME##_, WT, LOAD, 4, C)                                                                            \
     TILE(NAME##_, WT, LOAD, 5, C)                                                                            \
     TILE(NAME##_, WT, LOAD, 6, C)                                                                            \
-    static void NAME(const float *x, int64_t n, int64_t I, const WT *w, const uint16_t *s, int64_t O, float *y, \
-                     int threads) {                                                                          \
+    static void NAME(const job *j, int64_t t) {                                                              \
+        const WT *w = j->w, *wr[C];                                                                          \
+        const int64_t I = j->I, O = j->O, n = j->n;                                                          \
+        const uint16_t *s = j->s;                                                                            \
         (void)s;                                                                                             \
-        const int64_t tiles = (O + C - 1) / C;                                                               \
-        _Pragma("omp parallel for num_threads(threads) schedule(static)") for (int64_t t = 0; t < tiles; t++) { \
-            const WT *wr[C];                                                                                 \
-            for (int c = 0; c < C; c++) /* past the end: the last output again (computed, not stored) */     \
-                wr[c] = w + (t * C + c < O ? t * C + c : O - 1) * I;                                         \
-            for (int64_t r0 = 0; r0 < n; r0 += ROWS) {                                                       \
-                v16f acc[ROWS][C];                                                                           \
-                const int R = n - r0 < ROWS ? (int)(n - r0) : ROWS;                                          \
-                const float *xr = x + r0 * I;                                                                \
-                switch (R) {                                                                                 \
-                    case 1: NAME##_1(xr, I, wr, acc); break;                                                 \
-                    case 2: NAME##_2(xr, I, wr, acc); break;                                                 \
-                    case 3: NAME##_3(xr, I, wr, acc); break;                                                 \
-                    case 4: NAME##_4(xr, I, wr, acc); break;                                                 \
-                    case 5: NAME##_5(xr, I, wr, acc); break;                                                 \
-                    default: NAME##_6(xr, I, wr, acc);                                                       \
-                }                                                                                            \
-                for (int r = 0; r < R; r++)                                                                  \
-                    for (int c = 0; c < C && t * C + c < O; c++)                                             \
-                        y[(r0 + r) * O + t * C + c] = hsum(acc[r][c]) SCALE(t * C + c);                      \
+        for (int c = 0; c < C; c++) /* past the end: the last output again (computed, not stored) */         \
+            wr[c] = w + (t * C + c < O ? t * C + c : O - 1) * I;                                             \
+        for (int64_t r0 = 0; r0 < n; r0 += ROWS) {                                                           \
+            v16f acc[ROWS][C];                                                                               \
+            const int R = n - r0 < ROWS ? (int)(n - r0) : ROWS;                                              \
+            const float *xr = j->x + r0 * I;                                                                 \
+            switch (R) {                                                                                     \
+                case 1: NAME##_1(xr, I, wr, acc); break;                                                     \
+                case 2: NAME##_2(xr, I, wr, acc); break;                                                     \
+                case 3: NAME##_3(xr, I, wr, acc); break;                                                     \
+                case 4: NAME##_4(xr, I, wr, acc); break;                                                     \
+                case 5: NAME##_5(xr, I, wr, acc); break;                                                     \
+                default: NAME##_6(xr, I, wr, acc);                                                           \
             }                                                                                                \
+            for (int r = 0; r < R; r++)                                                                      \
+                for (int c = 0; c < C && t * C + c < O; c++)                                                 \
+                    j->y[(r0 + r) * O + t * C + c] = hsum(acc[r][c]) SCALE(t * C + c);                       \
         }                                                                                                    \
     }
 
-/* a linear: one output a tile at up to NARROW rows when they fit in NARROW_X_BYTES (they are read again for each
- * output, from L1; the weight is read as one sequential stream a thread: 1.2-2x at 1-4 rows of 512-1024 inputs,
- * fp32 and int8, AMD EPYC; on rows of 4096 inputs 0.5x at 2 rows), else OUTS outputs a tile (each row vector
- * loaded once for OUTS outputs); each output is summed the same way in both */
+/* A linear to run, y [n, O] = x [n, I] @ w^T, as output tiles: one output a tile at up to NARROW rows when they
+ * fit in NARROW_X_BYTES (they are read again for each output, from L1; the weight is read as one sequential
+ * stream a thread: 1.2-2x at 1-4 rows of 512-1024 inputs, fp32 and int8, AMD EPYC; on rows of 4096 inputs 0.5x
+ * at 2 rows), else OUTS outputs a tile (each row vector loaded once for OUTS outputs). Each output is summed
+ * the same way in both. */
+struct job;
+typedef void (*tile_fn)(const struct job *, int64_t);
+typedef struct job {
+    const float *x;
+    int64_t n, I;
+    const void *w;
+    const uint16_t *s;
+    int64_t O;
+    float *y;
+    tile_fn tile; /* set by job_of */
+    int64_t tiles;
+} job;
+
 #define LINEAR(NAME, WT, LOAD, SCALE)                                                                        \
     TILES(NAME##_narrow, WT, LOAD, SCALE, 1)                                                                 \
     TILES(NAME##_wide, WT, LOAD, SCALE, OUTS)                                                                \
-    static void NAME(const float *x, int64_t n, int64_t I, const void *w, const uint16_t *s, int64_t O, float *y, \
-                     int threads) {                                                                          \
-        (n <= NARROW && n * I * 4 <= NARROW_X_BYTES ? NAME##_narrow : NAME##_wide)(x, n, I, w, s, O, y, threads); \
+    static job NAME(const float *x, int64_t n, int64_t I, const void *w, const uint16_t *s, int64_t O, float *y) { \
+        const int narrow = n <= NARROW && n * I * 4 <= NARROW_X_BYTES;                                       \
+        return (job){x, n, I, w, s, O, y, narrow ? NAME##_narrow : NAME##_wide,                              \
+                     narrow ? O : (O + OUTS - 1) / OUTS};                                                    \
     }
 
 #define NO_SCALE(o)
@@ -146,18 +160,35 @@ static inline float hsum(v16f a) { /* a fixed tree: lane i + (i + 8), then + 4, 
 LINEAR(linear_f32, float, load_f32, NO_SCALE)
 LINEAR(linear_i8, int8_t, load_i8, BF16_SCALE)
 
+/* The tiles of `count` jobs, split among the threads of the enclosing OpenMP parallel region in contiguous
+ * ranges (all of them, when called outside one); no barrier at the end. */
+static void run(const job *jobs, int count) {
+    int64_t total = 0;
+    for (int i = 0; i < count; i++) total += jobs[i].tiles;
+    const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+    const int64_t lo = total * me / threads, hi = total * (me + 1) / threads; /* this thread's tiles, of all */
+    int64_t first = 0;                                                          /* jobs[i]'s first tile, of all */
+    for (int i = 0; i < count && first < hi; first += jobs[i++].tiles) {
+        const int64_t from = lo > first ? lo - first : 0, to = hi - first < jobs[i].tiles ? hi - first : jobs[i].tiles;
+        for (int64_t t = from; t < to; t++) jobs[i].tile(&jobs[i], t);
+    }
+}
+
+static int linear(job j, int threads) {
+    if (j.I % 16 || j.n < 1 || j.O < 1) return 1;
+#pragma omp parallel num_threads(threads)
+    run(&j, 1);
+    return 0;
+}
+
 /* 0 on success; 1: I not a multiple of 16, or n or O < 1 */
 int moeray_linear_f32(const float *x, int64_t n, int64_t I, const float *w, int64_t O, float *y, int threads) {
-    if (I % 16 || n < 1 || O < 1) return 1;
-    linear_f32(x, n, I, w, NULL, O, y, threads);
-    return 0;
+    return linear(linear_f32(x, n, I, w, NULL, O, y), threads);
 }
 
 int moeray_linear_i8(const float *x, int64_t n, int64_t I, const int8_t *q, const uint16_t *s, int64_t O, float *y,
                      int threads) {
-    if (I % 16 || n < 1 || O < 1) return 1;
-    linear_i8(x, n, I, q, s, O, y, threads);
-    return 0;
+    return linear(linear_i8(x, n, I, q, s, O, y), threads);
 }
 
 /* Decode attention over a paged KV cache, read in place: for each sequence b and query head h (of H; kv-head
@@ -225,31 +256,46 @@ int moeray_decode_attention(const float *q, int64_t B, int64_t H, int64_t hd, co
     return failed ? 2 : 0;
 }
 
-/* SwiGLU FFN on n rows, y = w2(silu(w1 x) * w3 x): x [n, D] -> y [n, D] fp32; w1, w3 [F, D] and w2 [D, F] fp32
- * (wtype 0) or int8 with bf16 scales s1, s3, s2 (wtype 1). Each linear as moeray_linear_* computes it. */
-typedef void (*linear_fn)(const float *, int64_t, int64_t, const void *, const uint16_t *, int64_t, float *, int);
+/* SwiGLU FFNs, y = w2(silu(w1 x) * w3 x), on blocks of rows: FFN i takes rows [at[i], at[i + 1]) of x [., D]
+ * -> y [., D] fp32, its w1, w3 [F, D] and w2 [D, F] at w1[i], w3[i], w2[i]: fp32 (wtype 0) or int8 with bf16 scales
+ * s1[i], s3[i], s2[i] (wtype 1). Each linear as moeray_linear_* computes it; h [2 rows, F] scratch. One parallel
+ * region: every FFN's w1 and w3 tiles split among the threads, then silu * up, then every w2 tile (not a region
+ * a linear: at 4 rows an expert, 24 of them a MoE layer). */
+typedef job (*job_fn)(const float *, int64_t, int64_t, const void *, const uint16_t *, int64_t, float *);
 
-static void ffn(const float *x, int64_t n, int64_t D, int64_t F, const void *w1, const void *w3, const void *w2,
-                const uint16_t *s1, const uint16_t *s3, const uint16_t *s2, linear_fn lin, float *h1, float *h3,
-                float *y, int threads) {
-    lin(x, n, D, w1, s1, F, h1, threads);
-    lin(x, n, D, w3, s3, F, h3, threads);
-    for (int64_t i = 0; i < n * F; i++) h1[i] = h1[i] / (1.f + expf(-h1[i])) * h3[i];
-    lin(h1, n, F, w2, s2, D, y, threads);
+static void ffns(const float *x, const int64_t *at, int count, int64_t D, int64_t F, const void *const *w1,
+                 const void *const *w3, const void *const *w2, const uint16_t *const *s1, const uint16_t *const *s3,
+                 const uint16_t *const *s2, job_fn lin, float *h, float *y, int threads) {
+    const int64_t rows = at[count];
+    float *h1 = h, *h3 = h + rows * F;
+    job up[2 * count], down[count];
+    for (int i = 0; i < count; i++) {
+        const int64_t n = at[i + 1] - at[i];
+        up[2 * i] = lin(x + at[i] * D, n, D, w1[i], s1[i], F, h1 + at[i] * F);
+        up[2 * i + 1] = lin(x + at[i] * D, n, D, w3[i], s3[i], F, h3 + at[i] * F);
+        down[i] = lin(h1 + at[i] * F, n, F, w2[i], s2[i], D, y + at[i] * D);
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        run(up, 2 * count);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows * F; i++) h1[i] = h1[i] / (1.f + expf(-h1[i])) * h3[i];
+        run(down, count);
+    }
 }
 
-static linear_fn linear_of(int wtype) {
-    return wtype == 0 ? linear_f32 : wtype == 1 ? linear_i8 : NULL;
-}
+static job_fn linear_of(int wtype) { return wtype == 0 ? linear_f32 : wtype == 1 ? linear_i8 : NULL; }
 
-/* 0 on success; 1 bad arguments; 2 out of memory */
+/* one FFN on x [n, D] -> y [n, D]: 0 on success; 1 bad arguments; 2 out of memory */
 int moeray_ffn(const float *x, int64_t n, int64_t D, int64_t F, const void *w1, const void *w3, const void *w2,
                const uint16_t *s1, const uint16_t *s3, const uint16_t *s2, int wtype, float *y, int threads) {
-    linear_fn lin = linear_of(wtype);
+    job_fn lin = linear_of(wtype);
     if (!lin || n < 1 || D % 16 || F % 16) return 1;
     float *h = malloc(sizeof(float) * 2 * n * F);
     if (!h) return 2;
-    ffn(x, n, D, F, w1, w3, w2, s1, s3, s2, lin, h, h + n * F, y, threads);
+    const int64_t at[2] = {0, n};
+    ffns(x, at, 1, D, F, &w1, &w3, &w2, &s1, &s3, &s2, lin, h, y, threads);
     free(h);
     return 0;
 }
@@ -262,17 +308,18 @@ int moeray_ffn(const float *x, int64_t n, int64_t D, int64_t F, const void *w1, 
 int moeray_moe(const float *x, int64_t n, int64_t D, int64_t F, const float *gate, int64_t E, int64_t k,
                const void *const *w1, const void *const *w3, const void *const *w2, const uint16_t *const *s1,
                const uint16_t *const *s3, const uint16_t *const *s2, int wtype, float *y, int threads) {
-    linear_fn lin = linear_of(wtype);
+    job_fn lin = linear_of(wtype);
     if (!lin || n < 1 || D % 16 || F % 16 || k < 1 || k > E || E > 256) return 1;
     float *logits = malloc(sizeof(float) * n * E), *wt = malloc(sizeof(float) * n * k);
-    int64_t *chosen = malloc(sizeof(int64_t) * n * k), *rows = malloc(sizeof(int64_t) * n);
-    float *buf = malloc(sizeof(float) * (2 * n * D + 2 * n * F));
+    int64_t *chosen = malloc(sizeof(int64_t) * n * k), *rows = malloc(sizeof(int64_t) * n * k);
+    float *buf = malloc(sizeof(float) * (2 * n * k * D + 2 * n * k * F));
     int rc = 0;
     if (!logits || !wt || !chosen || !rows || !buf) {
         rc = 2;
         goto done;
     }
-    linear_f32(x, n, D, gate, NULL, E, logits, threads);
+    const job route = linear_f32(x, n, D, gate, NULL, E, logits);
+    run(&route, 1); /* outside a parallel region: this thread, all tiles (E outputs) */
     for (int64_t t = 0; t < n; t++) {
         const float *l = logits + t * E;
         unsigned char taken[256] = {0};
@@ -288,23 +335,33 @@ int moeray_moe(const float *x, int64_t n, int64_t D, int64_t F, const float *gat
         for (int64_t j = 0; j < k; j++) sum += wt[t * k + j] = expf(l[chosen[t * k + j]] - top);
         for (int64_t j = 0; j < k; j++) wt[t * k + j] /= sum;
     }
-    memset(y, 0, sizeof(float) * n * D);
-    float *xe = buf, *ye = buf + n * D, *h = buf + 2 * n * D;
+    /* dispatch: the experts' rows in blocks, expert order, token order within */
+    float *xe = buf, *ye = buf + n * k * D, *h = buf + 2 * n * k * D;
+    int64_t at[257], m = 0;
+    int count = 0;
+    const void *u1[256], *u3[256], *d2[256];
+    const uint16_t *v1[256], *v3[256], *v2[256];
+    at[0] = 0;
     for (int64_t e = 0; e < E; e++) {
-        int64_t m = 0;
+        const int64_t start = m;
         for (int64_t t = 0; t < n; t++)
             for (int64_t j = 0; j < k; j++)
                 if (chosen[t * k + j] == e) {
                     rows[m] = t * k + j;
                     memcpy(xe + m++ * D, x + t * D, sizeof(float) * D);
                 }
-        if (!m) continue;
-        ffn(xe, m, D, F, w1[e], w3[e], w2[e], s1[e], s3[e], s2[e], lin, h, h + m * F, ye, threads);
-        for (int64_t i = 0; i < m; i++) {
-            float *yt = y + rows[i] / k * D;
-            const float w = wt[rows[i]];
-            for (int64_t d = 0; d < D; d++) yt[d] += ye[i * D + d] * w;
-        }
+        if (m == start) continue;
+        u1[count] = w1[e], u3[count] = w3[e], d2[count] = w2[e], v1[count] = s1[e], v3[count] = s3[e];
+        v2[count] = s2[e];
+        at[++count] = m;
+    }
+    ffns(xe, at, count, D, F, u1, u3, d2, v1, v3, v2, lin, h, ye, threads);
+    /* combine: each token's rows weighted and summed in expert order */
+    memset(y, 0, sizeof(float) * n * D);
+    for (int64_t i = 0; i < m; i++) {
+        float *yt = y + rows[i] / k * D;
+        const float w = wt[rows[i]];
+        for (int64_t d = 0; d < D; d++) yt[d] += ye[i * D + d] * w;
     }
 done:
     free(logits), free(wt), free(chosen), free(rows), free(buf);
