@@ -139,8 +139,11 @@ def _worker(system: str, model_dir: str, batches: list[int], prompt_len: int, ne
 
 def _roofline() -> dict:
     """The memory bandwidth this process reaches, GB/s: a sum over a 1 GiB fp32 tensor (a streaming read)
-    and a 512 MiB fp32 matrix times a vector (a GEMV, what batch-1 decode is), best of 5 each."""
+    and a 512 MiB fp32 matrix times a vector (a GEMV, what batch-1 decode is: torch's, and moeray's C kernel
+    where it builds, which streams faster than MKL on some CPUs), best of 5 each."""
     import torch
+
+    from kernels import native
 
     def best(f) -> float:
         f()
@@ -156,6 +159,8 @@ def _roofline() -> dict:
     del x
     w, v = torch.ones(8192, ROOFLINE_BYTES // 2 // 4 // 8192), torch.ones(ROOFLINE_BYTES // 2 // 4 // 8192)
     gemv = w.numel() * 4 / best(lambda: w @ v) / 1e9
+    if native.linear(v[None], w) is not None:
+        gemv = max(gemv, w.numel() * 4 / best(lambda: native.linear(v[None], w)) / 1e9)
     return {"read_gb_s": read, "gemv_gb_s": gemv, "threads": torch.get_num_threads()}
 
 
