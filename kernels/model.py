@@ -165,9 +165,10 @@ class MoeLayer(nn.Module):
         token takes moe_token, which equals moe bit for bit in half the ops; anything else (more tokens,
         fused kernels, stand-ins) moe_start."""
         c = self.native
-        if (c is not None and type(self.experts) is Experts and c.current(list(self.experts))
-                and (y := c.weights.moe(x, self.gate.weight, self.k)) is not None):
-            return lambda: y
+        if c is not None and type(self.experts) is Experts and c.current(list(self.experts)):
+            out = c.weights.moe(x, self.gate.weight, self.k)
+            if out is not None:
+                return lambda: out
         if x.shape[0] == 1 and type(self.experts) is Experts:
             y = moe_token(x, self.gate.weight, self.k, self.experts)
             return lambda: y

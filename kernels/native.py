@@ -150,22 +150,23 @@ class SwiGLUWeights:
     `of` is None for anything else (mixed kinds, other dtypes, views not contiguous, D or F not a multiple
     of 16), or where there is no library."""
 
-    def __init__(self, ffns: list[tuple[Weight, Weight, Weight]], wtype: int):
+    def __init__(self, ffns: list[tuple[Weight, Weight, Weight]], wtype: int, lib: ctypes.CDLL):
         self.tensors = [t for ws in ffns for w in ws for t in w if t is not None]
-        self.wtype, self.count = wtype, len(ffns)
+        self.wtype, self.count, self.lib = wtype, len(ffns), lib
         self.D, self.F = ffns[0][2][0].shape[0], ffns[0][0][0].shape[0]
-        arrays = []
-        for i in range(3):  # w1, w3, w2
-            arrays.append((ctypes.c_void_p * len(ffns))(*(ws[i][0].data_ptr() for ws in ffns)))
-        for i in range(3):  # their scales
-            arrays.append((ctypes.c_void_p * len(ffns))(*(ws[i][1].data_ptr() if wtype else None for ws in ffns)))
-        self.arrays = arrays  # w1, w3, w2, s1, s3, s2: arrays of pointers, one per FFN
+
+        def pointers(ts: list[torch.Tensor | None]) -> ctypes.Array:
+            return (ctypes.c_void_p * len(ts))(*(None if t is None else t.data_ptr() for t in ts))
+
+        # w1, w3, w2, then their scales: arrays of pointers, one per FFN
+        self.arrays = [pointers([ws[i][j] for ws in ffns]) for j in (0, 1) for i in range(3)]
 
     @classmethod
     def of(cls, ffns: list[tuple[Weight, Weight, Weight]]) -> SwiGLUWeights | None:
         kinds = {(w.dtype, None if s is None else s.dtype) for ws in ffns for w, s in ws}
-        wtype = {(torch.float32, None): 0, (torch.int8, torch.bfloat16): 1}.get(kinds.pop()) if len(kinds) == 1 else None
-        if wtype is None or library() is None:
+        wtype = {(torch.float32, None): 0, (torch.int8, torch.bfloat16): 1}.get(kinds.pop()) if len(kinds) == 1 \
+            else None
+        if wtype is None or (lib := library()) is None:
             return None
         D, F = ffns[0][2][0].shape[0], ffns[0][0][0].shape[0]
         shapes = {(F, D), (D, F)}
@@ -175,7 +176,7 @@ class SwiGLUWeights:
             if not all(w.device.type == "cpu" and w.is_contiguous() and tuple(w.shape) in shapes
                        and (s is None or s.numel() == w.shape[0] and s.is_contiguous()) for w, s in (w1, w3, w2)):
                 return None
-        return cls(ffns, wtype)
+        return cls(ffns, wtype, lib)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor | None:
         """FFN 0 on rows x fp32 [n, D] (1 to MAX_ROWS) -> fp32 [n, D], w2(silu(w1 x) * w3 x); None where it
@@ -185,8 +186,8 @@ class SwiGLUWeights:
         x = x.contiguous()
         y = torch.empty_like(x)
         w1, w3, w2, s1, s3, s2 = self.arrays
-        rc = library().moeray_ffn(x.data_ptr(), x.shape[0], self.D, self.F, w1[0], w3[0], w2[0], s1[0], s3[0],
-                                  s2[0], self.wtype, y.data_ptr(), torch.get_num_threads())
+        rc = self.lib.moeray_ffn(x.data_ptr(), x.shape[0], self.D, self.F, w1[0], w3[0], w2[0], s1[0], s3[0],
+                                 s2[0], self.wtype, y.data_ptr(), torch.get_num_threads())
         if rc:
             raise RuntimeError(f"moeray_ffn failed ({rc}) on x {tuple(x.shape)}")
         return y
@@ -200,8 +201,8 @@ class SwiGLUWeights:
             return None
         x, gate = x.contiguous(), gate.contiguous()
         y = torch.empty_like(x)
-        rc = library().moeray_moe(x.data_ptr(), x.shape[0], self.D, self.F, gate.data_ptr(), self.count, k,
-                                  *self.arrays, self.wtype, y.data_ptr(), torch.get_num_threads())
+        rc = self.lib.moeray_moe(x.data_ptr(), x.shape[0], self.D, self.F, gate.data_ptr(), self.count, k,
+                                 *self.arrays, self.wtype, y.data_ptr(), torch.get_num_threads())
         if rc:
             raise RuntimeError(f"moeray_moe failed ({rc}) on x {tuple(x.shape)}")
         return y

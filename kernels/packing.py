@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -217,7 +218,7 @@ class NativeFFNs:
 
 
 def _linears(ffns: list[nn.Module]) -> tuple[nn.Module, ...]:
-    return tuple(m for ff in ffns for m in (ff.w1, ff.w3, ff.w2))
+    return tuple(cast(nn.Module, m) for ff in ffns for m in (ff.w1, ff.w3, ff.w2))
 
 
 def _native_weight(m: nn.Module) -> native.Weight | None:
@@ -232,8 +233,12 @@ def _native_weight(m: nn.Module) -> native.Weight | None:
 def native_ffns(ffns: list[nn.Module]) -> NativeFFNs | None:
     """NativeFFNs of `ffns` (FeedForwards) if the C kernels read all their weights (all fp32 or all int8, on
     CPU, shapes they take: native.SwiGLUWeights.of), else None."""
-    weights = [_native_weight(m) for m in _linears(ffns)]
-    if not ffns or any(w is None for w in weights):
+    if not ffns:
         return None
-    held = native.SwiGLUWeights.of([tuple(weights[i : i + 3]) for i in range(0, len(weights), 3)])
+    weights = []
+    for m in _linears(ffns):
+        if (w := _native_weight(m)) is None:
+            return None
+        weights.append(w)
+    held = native.SwiGLUWeights.of([(w1, w3, w2) for w1, w3, w2 in zip(*[iter(weights)] * 3, strict=True)])
     return None if held is None else NativeFFNs(held, _linears(ffns))
