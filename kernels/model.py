@@ -37,7 +37,19 @@ from kernels.attention import paged_attention
 from kernels.cache import AttentionMetadata, DecodeMetadata, KVCache, StepSeq, step_metadata
 from kernels.checkpoint import Checkpoint
 from kernels.moe import Blocks, ExpertsStage, Wait, expert_rows, moe_start, moe_token, start
-from kernels.packing import Fused, NativeFFNs, call, fuse, native_ffns, prepack, relayout
+from kernels.native import AttentionWeights, SwiGLUWeights
+from kernels.packing import (
+    Fused,
+    Native,
+    attention_linears,
+    call,
+    ffn_linears,
+    fuse,
+    native_attention,
+    native_ffns,
+    prepack,
+    relayout,
+)
 from kernels.rope import apply_rope, rope_freqs
 
 LayersStage = Callable[[torch.Tensor, Any], torch.Tensor]  # (h [T, D] embedded, step) -> h after every layer
@@ -73,6 +85,7 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     packed: Fused | None = None  # wq|wk|wv in one weight (kernels/packing.py), once pack_ made it
+    native: Native[AttentionWeights] | None = None  # wq, wk, wv, wo as moeray's C attention block reads them (pack_)
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -115,7 +128,7 @@ class FeedForward(nn.Module):
     computes both; forward_native is the reference."""
 
     packed: Fused | None = None  # w1|w3 in one weight [2F, D] (kernels/packing.py)
-    native: NativeFFNs | None = None  # w1, w3, w2 as moeray's C FFN reads them (fp32 or int8 on CPU; pack_)
+    native: Native[SwiGLUWeights] | None = None  # w1, w3, w2 as moeray's C FFN reads them (fp32 or int8 on CPU; pack_)
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -125,7 +138,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
         c = self.native
-        if c is not None and c.current([self]) and (y := c.weights.ffn(x)) is not None:
+        if c is not None and c.current(ffn_linears([self])) and (y := c.weights.ffn(x)) is not None:
             return y
         f = self.packed
         if f is None or not f.current(self.w1, self.w3):
@@ -148,7 +161,7 @@ class MoeLayer(nn.Module):
     """route -> dispatch -> experts -> combine (kernels/moe.py). As in mistral-inference, the experts are
     given: Experts, FusedExperts (kernels/fused_moe.py) or a stand-in for expert shards."""
 
-    native: NativeFFNs | None = None  # the experts as moeray's C MoE kernel reads them (fp32 or int8 on CPU; pack_)
+    native: Native[SwiGLUWeights] | None = None  # the experts as moeray's C MoE kernel reads them (pack_)
 
     def __init__(self, experts: ExpertsStage, gate: nn.Linear, args: MoeArgs):
         super().__init__()
@@ -165,7 +178,7 @@ class MoeLayer(nn.Module):
         token takes moe_token, which equals moe bit for bit in half the ops; anything else (more tokens,
         fused kernels, stand-ins) moe_start."""
         c = self.native
-        if c is not None and type(self.experts) is Experts and c.current(list(self.experts)):
+        if c is not None and type(self.experts) is Experts and c.current(ffn_linears(self.experts)):
             out = c.weights.moe(x, self.gate.weight, self.k)
             if out is not None:
                 return lambda: out
@@ -220,7 +233,9 @@ class TransformerBlock(nn.Module):
         """The layer up to its experts, started: attention over the KV cache of `step`, ffn_norm, and the
         FFN started (a MoE layer: routed, its rows sent); the Wait finishes it. x [T, D] -> (later) [T, D]."""
         kv = step.cache.layer(self.layer_id)
-        h = x + self.attention(self.attention_norm(x), step.freqs, kv, step.meta)  # [T, D]
+        h = self.native_attention(x, step, kv)
+        if h is None:
+            h = x + self.attention(self.attention_norm(x), step.freqs, kv, step.meta)  # [T, D]
         ff = self.feed_forward
         if isinstance(ff, MoeLayer | SoleExpert):
             wait = ff.start(self.ffn_norm(h))
@@ -228,6 +243,20 @@ class TransformerBlock(nn.Module):
             y = ff(self.ffn_norm(h))
             wait = lambda: y  # noqa: E731
         return lambda: h + wait()
+
+
+    def native_attention(self, x: torch.Tensor, step: Step,
+                         kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+        """x + attention(attention_norm(x)) of a decode step on CPU by moeray's C attention block (one call:
+        norm, QKV, RoPE, KV write, attention over the pools in place, wo, residual; kernels/native.py) where it
+        runs: fp32, weights fp32 or int8, up to native.MAX_ROWS sequences; else None (the torch path runs)."""
+        a, meta = self.attention, step.meta
+        c = a.native
+        if c is None or not isinstance(meta, DecodeMetadata) or x.device.type != "cpu" or not c.current(
+                attention_linears(a)):
+            return None
+        return c.weights.block(x, self.attention_norm.weight, self.attention_norm.eps, torch.view_as_real(step.freqs),
+                               *kv, meta.write_slots, meta.ctx_slots, meta.mask[:, 0, 0], a.args.n_heads)
 
 
 class Transformer(nn.Module):
@@ -300,6 +329,8 @@ def pack_(module: nn.Module, experts: bool = True) -> nn.Module:
     for m in module.modules():  # after fusing: the C kernels read the final weights
         if isinstance(m, FeedForward):
             m.native = native_ffns([m])
+        elif isinstance(m, Attention):
+            m.native = native_attention(m)
         elif isinstance(m, MoeLayer) and type(m.experts) is Experts:
             m.native = native_ffns(list(m.experts))
     fused = {id(p) for m in module.modules() if (f := getattr(m, "packed", None)) for p in f.parts}

@@ -95,8 +95,11 @@ def library() -> ctypes.CDLL | None:
                                             ctypes.c_int]
     lib.moeray_ffn.argtypes = [p, i64, i64, i64, p, p, p, p, p, p, ctypes.c_int, p, ctypes.c_int]
     lib.moeray_moe.argtypes = [p, i64, i64, i64, p, i64, i64, p, p, p, p, p, p, ctypes.c_int, p, ctypes.c_int]
+    lib.moeray_attention_block.argtypes = [p, i64, i64, p, ctypes.c_float, p, p, p, p, p, p, p, p, ctypes.c_int, i64,
+                                           i64, i64, p, p, p, ctypes.c_int, p, p, p, i64, ctypes.c_float, p,
+                                           ctypes.c_int]
     for fn in (lib.moeray_linear_f32, lib.moeray_linear_i8, lib.moeray_decode_attention, lib.moeray_ffn,
-               lib.moeray_moe):
+               lib.moeray_moe, lib.moeray_attention_block):
         fn.restype = ctypes.c_int
     return lib
 
@@ -144,6 +147,19 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
 Weight = tuple[torch.Tensor, torch.Tensor | None]  # fp32 [O, I] and None, or int8 [O, I] and its bf16 scales [O]
 
 
+WTYPES = {(torch.float32, None): 0, (torch.int8, torch.bfloat16): 1}  # weight kinds the FFN / attention kernels read
+
+
+def _wtype(weights: list[Weight]) -> int | None:
+    """The kernels' code for `weights` if all are one kind they read (fp32; int8 with bf16 scales [O]), all on CPU
+    and contiguous, with 16k inputs; else None."""
+    kinds = {(w.dtype, None if s is None else s.dtype) for w, s in weights}
+    if len(kinds) != 1 or not all(w.device.type == "cpu" and w.is_contiguous() and w.shape[1] % 16 == 0 and
+                                  (s is None or s.numel() == w.shape[0] and s.is_contiguous()) for w, s in weights):
+        return None
+    return WTYPES.get(kinds.pop())
+
+
 class SwiGLUWeights:
     """The weights of one or more SwiGLU FFNs (experts) as `ffn` and `moe` read them: each FFN's w1, w3 [F, D]
     and w2 [D, F], all fp32 or all int8 with bf16 scales; held here, so the pointers given to C stay valid.
@@ -163,19 +179,12 @@ class SwiGLUWeights:
 
     @classmethod
     def of(cls, ffns: list[tuple[Weight, Weight, Weight]]) -> SwiGLUWeights | None:
-        kinds = {(w.dtype, None if s is None else s.dtype) for ws in ffns for w, s in ws}
-        wtype = {(torch.float32, None): 0, (torch.int8, torch.bfloat16): 1}.get(kinds.pop()) if len(kinds) == 1 \
-            else None
-        if wtype is None or (lib := library()) is None:
+        if not ffns or (wtype := _wtype([w for ws in ffns for w in ws])) is None or (lib := library()) is None:
             return None
         D, F = ffns[0][2][0].shape[0], ffns[0][0][0].shape[0]
-        shapes = {(F, D), (D, F)}
-        for w1, w3, w2 in ffns:
-            if (w1[0].shape, w3[0].shape, w2[0].shape) != ((F, D), (F, D), (D, F)) or D % 16 or F % 16:
-                return None
-            if not all(w.device.type == "cpu" and w.is_contiguous() and tuple(w.shape) in shapes
-                       and (s is None or s.numel() == w.shape[0] and s.is_contiguous()) for w, s in (w1, w3, w2)):
-                return None
+        if D % 16 or F % 16 or any((w1[0].shape, w3[0].shape, w2[0].shape) != ((F, D), (F, D), (D, F))
+                                   for w1, w3, w2 in ffns):
+            return None
         return cls(ffns, wtype, lib)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -206,6 +215,46 @@ class SwiGLUWeights:
         if rc:
             raise RuntimeError(f"moeray_moe failed ({rc}) on x {tuple(x.shape)}")
         return y
+
+
+class AttentionWeights:
+    """An attention's wq, wk, wv, wo as `block` reads them (all fp32, or all int8 with bf16 scales), held here so
+    the pointers given to C stay valid. `of` is None for anything else, or where there is no library."""
+
+    def __init__(self, weights: list[Weight], wtype: int, lib: ctypes.CDLL):
+        self.weights, self.wtype, self.lib = weights, wtype, lib
+        self.pointers: list[int | None] = [w.data_ptr() for w, _ in weights]
+        self.pointers += [None if s is None else s.data_ptr() for _, s in weights]
+
+    @classmethod
+    def of(cls, wq: Weight, wk: Weight, wv: Weight, wo: Weight) -> AttentionWeights | None:
+        weights = [wq, wk, wv, wo]
+        if (wtype := _wtype(weights)) is None or (lib := library()) is None:
+            return None
+        return cls(weights, wtype, lib)
+
+    def block(self, x: torch.Tensor, norm: torch.Tensor, eps: float, rope: torch.Tensor, k_pool: torch.Tensor,
+              v_pool: torch.Tensor, write_slots: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+              n_heads: int) -> torch.Tensor | None:
+        """x + attention(norm(x)) for a decode step (kernels/csrc/linear.c: moeray_attention_block): x fp32 [B, D]
+        (1 to MAX_ROWS), norm fp32 [D], rope [B, hd/2, 2] (cos, sin), pools [S, KV, hd] fp32 or bf16 (written
+        in place), write_slots [B], slots / mask [B, C] as DecodeMetadata's -> fp32 [B, D]; None where it does
+        not run (another dtype, more rows, another pool dtype)."""
+        B, D = x.shape
+        hd, KV = k_pool.shape[2], k_pool.shape[1]
+        if (x.dtype != torch.float32 or norm.dtype != torch.float32 or not 1 <= B <= MAX_ROWS
+                or k_pool.dtype not in POOL_DTYPES or v_pool.dtype != k_pool.dtype or hd % 16):
+            return None
+        x, rope, slots, mask = x.contiguous(), rope.contiguous(), slots.contiguous(), mask.contiguous()
+        write_slots = write_slots.contiguous()
+        out = torch.empty_like(x)
+        rc = self.lib.moeray_attention_block(
+            x.data_ptr(), B, D, norm.data_ptr(), eps, *self.pointers, self.wtype, n_heads, KV, hd, rope.data_ptr(),
+            k_pool.data_ptr(), v_pool.data_ptr(), POOL_DTYPES[k_pool.dtype], write_slots.data_ptr(), slots.data_ptr(),
+            mask.data_ptr(), slots.shape[1], hd**-0.5, out.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"moeray_attention_block failed ({rc}) on x {tuple(x.shape)}")
+        return out
 
 
 def _call(fn, x: torch.Tensor, weight: torch.Tensor, *scale: torch.Tensor) -> torch.Tensor:

@@ -30,14 +30,17 @@ Shapes: D dim, F hidden, O out features, I in features.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import Generic, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kernels import native
+
+W = TypeVar("W")
 
 
 def fast_layout(w: torch.Tensor) -> torch.Tensor:
@@ -205,20 +208,25 @@ def prepack(linear: nn.Module) -> PackedLinear | None:
 
 
 @dataclass
-class NativeFFNs:
-    """SwiGLU FFNs (w1, w3, w2; a MoE layer's experts, or one FFN) whose weights moeray's C kernels read
-    (native.SwiGLUWeights: `ffn` runs one, `moe` a whole MoE layer), with the linears they were read from:
-    `current` is False once any was replaced (quantized, loaded again), and the caller runs its torch path."""
+class Native(Generic[W]):
+    """Weights moeray's C kernels read (native.SwiGLUWeights: a MoE layer's experts or one FFN;
+    native.AttentionWeights: an attention), with the linears they were read from: `current` is False once any
+    was replaced (quantized, loaded again), and the caller runs its torch path."""
 
-    weights: native.SwiGLUWeights
+    weights: W
     linears: tuple[nn.Module, ...]
 
-    def current(self, ffns: list[nn.Module]) -> bool:
-        return all(a is b for a, b in zip(_linears(ffns), self.linears, strict=True))
+    def current(self, linears: tuple[nn.Module, ...]) -> bool:
+        return all(a is b for a, b in zip(linears, self.linears, strict=True))
 
 
-def _linears(ffns: list[nn.Module]) -> tuple[nn.Module, ...]:
+def ffn_linears(ffns: Iterable[nn.Module]) -> tuple[nn.Module, ...]:
+    """w1, w3, w2 of each FeedForward in `ffns`, in order."""
     return tuple(cast(nn.Module, m) for ff in ffns for m in (ff.w1, ff.w3, ff.w2))
+
+
+def attention_linears(attn: nn.Module) -> tuple[nn.Module, ...]:
+    return tuple(cast(nn.Module, m) for m in (attn.wq, attn.wk, attn.wv, attn.wo))
 
 
 def _native_weight(m: nn.Module) -> native.Weight | None:
@@ -230,15 +238,30 @@ def _native_weight(m: nn.Module) -> native.Weight | None:
     return offer() if offer is not None else None
 
 
-def native_ffns(ffns: list[nn.Module]) -> NativeFFNs | None:
-    """NativeFFNs of `ffns` (FeedForwards) if the C kernels read all their weights (all fp32 or all int8, on
-    CPU, shapes they take: native.SwiGLUWeights.of), else None."""
-    if not ffns:
-        return None
+def _native_weights(linears: tuple[nn.Module, ...]) -> list[native.Weight] | None:
     weights = []
-    for m in _linears(ffns):
+    for m in linears:
         if (w := _native_weight(m)) is None:
             return None
         weights.append(w)
+    return weights
+
+
+def native_ffns(ffns: list[nn.Module]) -> Native[native.SwiGLUWeights] | None:
+    """Native weights of `ffns` (FeedForwards) if the C kernels read all their weights (all fp32 or all int8, on
+    CPU, shapes they take: native.SwiGLUWeights.of), else None."""
+    linears = ffn_linears(ffns)
+    if (weights := _native_weights(linears)) is None:
+        return None
     held = native.SwiGLUWeights.of([(w1, w3, w2) for w1, w3, w2 in zip(*[iter(weights)] * 3, strict=True)])
-    return None if held is None else NativeFFNs(held, _linears(ffns))
+    return None if held is None else Native(held, linears)
+
+
+def native_attention(attn: nn.Module) -> Native[native.AttentionWeights] | None:
+    """Native weights of an Attention if the C kernels read wq, wk, wv and wo (all fp32 or all int8, on CPU),
+    else None."""
+    linears = attention_linears(attn)
+    if (weights := _native_weights(linears)) is None:
+        return None
+    held = native.AttentionWeights.of(*weights)
+    return None if held is None else Native(held, linears)

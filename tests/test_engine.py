@@ -318,13 +318,15 @@ def test_packed_weights_equal_reference_path(hf_tiny):
     """pack_ (fused wq|wk|wv and w1|w3, fast layout; build_role does it on CPU) computes what the unfused
     modules compute: prefill and decode logits agree and the parts are views of the packed weight. A module
     replaced after packing (here: experts quantized) runs its own path, not the stale packed weight."""
-    from kernels.model import Attention, FeedForward
+    from kernels.model import Attention, FeedForward, MoeLayer
     from kernels.quant import quantize_experts
 
-    def unpacked(model):
+    def unpacked(model):  # every fast path off: fused weights and moeray's C kernels (kernels/native.py)
         for m in model.modules():
             if isinstance(m, Attention | FeedForward):
                 m.packed = None
+            if isinstance(m, Attention | FeedForward | MoeLayer):
+                m.native = None
         return model
 
     packed = build_role(Checkpoint.open(hf_tiny), EngineConfig(), Holds(whole=True)).model

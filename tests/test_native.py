@@ -70,8 +70,9 @@ def test_where_the_fp32_kernel_runs():
 
 @pytest.mark.parametrize("kernel", ["ours", "none"])
 def test_fp32_engine_with_and_without_the_kernels(hf_tiny, monkeypatch, kernel):
-    """The fp32 engine's decode runs the C kernels: the linear for fused wq|wk|wv, wo and the LM head, the MoE
-    kernel for a Mixtral layer's experts (the FFN kernel for Mistral's dense FFN); where they cannot build (no
+    """The fp32 engine runs the C kernels: the linear for fused wq|wk|wv, wo (prefill chunks of up to 32 rows) and
+    the LM head, the attention block at decode, the MoE kernel for a Mixtral layer's experts (the FFN kernel for
+    Mistral's dense FFN); where they cannot build (no
     compiler: library() None) torch's path runs, MKL on the transposed fast layout. Greedy tokens equal
     transformers' either way."""
     calls = []
@@ -84,6 +85,9 @@ def test_fp32_engine_with_and_without_the_kernels(hf_tiny, monkeypatch, kernel):
                                 lambda self, x, *a, ours=ours, name=name: calls.append(name) or ours(self, x, *a))
         linear = kernels.native.linear
         monkeypatch.setattr(kernels.native, "linear", lambda x, w: calls.append(tuple(w.shape)) or linear(x, w))
+        block = native.AttentionWeights.block
+        monkeypatch.setattr(native.AttentionWeights, "block",
+                            lambda self, *a: calls.append("attention block") or block(self, *a))
     model = build_role(Checkpoint.open(hf_tiny), EngineConfig(), Holds(whole=True)).model
     assert model.output.weight.is_contiguous() == (kernel == "ours")  # [V, D], V > D: stored transposed for MKL
     ps = prompts((3, 9))
@@ -93,7 +97,8 @@ def test_fp32_engine_with_and_without_the_kernels(hf_tiny, monkeypatch, kernel):
     a = model.args
     if kernel == "ours":
         qkv = ((a.n_heads + 2 * a.n_kv_heads) * a.head_dim, a.dim)
-        assert {(a.vocab_size, a.dim), qkv, (a.dim, a.n_heads * a.head_dim), "moe" if a.moe else "ffn"} <= set(calls)
+        assert {(a.vocab_size, a.dim), qkv, (a.dim, a.n_heads * a.head_dim), "moe" if a.moe else "ffn",
+                "attention block"} <= set(calls)
     else:
         assert calls == []
 
@@ -164,3 +169,50 @@ def test_moe_and_ffn_kernels_equal_the_torch_path(k, quant):
         assert m.native.weights.moe(torch.cat([xs, xs]), m.gate.weight, k) is None  # more rows: torch's path
         ff.w2 = torch.nn.Linear(F_, D, bias=False)  # replaced after packing: no longer what the kernels read
         assert not m.native.current(list(m.experts)) and not ff.native.current([ff])
+
+
+@pytest.mark.parametrize("weight_quant", ["none", "int8"])
+@pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16])
+def test_attention_block_equals_the_torch_path_and_is_per_sequence(hf_tiny, weight_quant, kv):
+    """The C attention block (TransformerBlock.start at decode on CPU in fp32: norm, QKV, RoPE, KV write,
+    attention over the pools in place, wo, residual) against the torch path (Attention.native off): decode logits
+    and the pools it wrote within fp32 rounding, fp32 or int8 attention weights, fp32 or bf16 pools (Mistral:
+    a sliding window). A sequence's decode logits are the same bits alone as beside another (each prefilled
+    alone)."""
+    from kernels.cache import KVCache, StepSeq
+    from kernels.model import Attention, Step
+
+    model = build_role(Checkpoint.open(hf_tiny), EngineConfig(weight_quant=weight_quant), Holds(whole=True)).model
+    a = model.args
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    assert attns and all(m.native is not None for m in attns)
+    ps = prompts((5, 12))
+    tables = [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+    def run(seqs_in_decode: list[int], native_on: bool) -> tuple[torch.Tensor, KVCache]:
+        saved = [m.native for m in attns]
+        if not native_on:
+            for m in attns:
+                m.native = None
+        cache = KVCache(a.n_layers, 16, 4, a.n_kv_heads, a.head_dim, dtype=kv)
+        try:
+            with torch.no_grad():
+                for i, p in enumerate(ps):  # each prompt prefilled alone
+                    model(torch.tensor(p), Step.begin([StepSeq(tables[i], 0, len(p))], a, cache), torch.tensor([0]))
+                seqs = [StepSeq(tables[i], len(ps[i]), 1) for i in seqs_in_decode]
+                step = Step.begin(seqs, a, cache)
+                logits = model(torch.tensor([7, 9][: len(seqs)]), step, torch.arange(len(seqs)))
+        finally:
+            for m, n in zip(attns, saved, strict=True):
+                m.native = n
+        return logits, cache
+
+    ours, cache = run([0, 1], True)
+    ref, ref_cache = run([0, 1], False)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+    atol = 1e-5 if kv == torch.float32 else 2**-6
+    torch.testing.assert_close(cache.k.float(), ref_cache.k.float(), atol=atol, rtol=2**-7)
+    torch.testing.assert_close(cache.v.float(), ref_cache.v.float(), atol=atol, rtol=2**-7)
+    alone, _ = run([0], True)
+    assert torch.equal(alone[0], ours[0])

@@ -367,3 +367,71 @@ done:
     free(logits), free(wt), free(chosen), free(rows), free(buf);
     return rc;
 }
+
+/* bf16 of an fp32, rounded to nearest even (as torch's .to(torch.bfloat16); not for NaN) */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+/* The attention half of a decode step's layer in one call, as kernels/model.py's TransformerBlock computes it:
+ * out [B, D] = x + wo(attention(rope(wq xn), rope(wk xn), wv xn)), xn = norm * x / sqrt(mean(x^2) + eps), the
+ * new k and v written to the pools at write_slots [B] first (as decode_attention does), then each sequence's
+ * keys read in place as moeray_decode_attention reads them (slots, mask [B, C]). x, norm and out fp32; wq [H hd,
+ * D], wk and wv [KV hd, D], wo [D, H hd]: fp32 (wtype 0) or int8 with bf16 scales sq, sk, sv, so (wtype 1); rope
+ * [B, hd/2, 2] (cos, sin) of each sequence's position, rotating interleaved pairs (2j, 2j + 1) of q and k; pools
+ * [S, KV, hd] fp32 or bf16 (pool_bf16). 0 on success, 1 bad arguments, 2 out of memory. */
+int moeray_attention_block(const float *x, int64_t B, int64_t D, const float *norm, float eps, const void *wq,
+                           const void *wk, const void *wv, const void *wo, const uint16_t *sq, const uint16_t *sk,
+                           const uint16_t *sv, const uint16_t *so, int wtype, int64_t H, int64_t KV, int64_t hd,
+                           const float *rope, void *k_pool, void *v_pool, int pool_bf16, const int64_t *write_slots,
+                           const int64_t *slots, const uint8_t *mask, int64_t C, float scale, float *out,
+                           int threads) {
+    job_fn lin = linear_of(wtype);
+    if (!lin || B < 1 || D % 16 || hd % 16 || KV < 1 || H % KV || C < 1) return 1;
+    const int64_t Q = H * hd, K = KV * hd;
+    float *buf = malloc(sizeof(float) * B * (D + 2 * Q + 2 * K));
+    if (!buf) return 2;
+    float *xn = buf, *q = xn + B * D, *k = q + B * Q, *v = k + B * K, *o = v + B * K;
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = x + b * D;
+        float ss = 0.f;
+        for (int64_t d = 0; d < D; d++) ss += xb[d] * xb[d];
+        const float r = 1.f / sqrtf(ss / (float)D + eps);
+        for (int64_t d = 0; d < D; d++) xn[b * D + d] = norm[d] * (xb[d] * r);
+    }
+    job proj[3] = {lin(xn, B, D, wq, sq, Q, q), lin(xn, B, D, wk, sk, K, k), lin(xn, B, D, wv, sv, K, v)};
+#pragma omp parallel num_threads(threads)
+    run(proj, 3);
+    for (int64_t b = 0; b < B; b++) {
+        const float *rb = rope + b * hd;
+        for (int64_t h = 0; h < H + KV; h++) {
+            float *t = h < H ? q + b * Q + h * hd : k + b * K + (h - H) * hd;
+            for (int64_t j = 0; j < hd / 2; j++) {
+                const float re = t[2 * j], im = t[2 * j + 1], c = rb[2 * j], s = rb[2 * j + 1];
+                t[2 * j] = re * c - im * s;
+                t[2 * j + 1] = re * s + im * c;
+            }
+        }
+        const int64_t at = write_slots[b] * K;
+        for (int64_t i = 0; i < K; i++) {
+            if (pool_bf16) {
+                ((uint16_t *)k_pool)[at + i] = f32_to_bf16(k[b * K + i]);
+                ((uint16_t *)v_pool)[at + i] = f32_to_bf16(v[b * K + i]);
+            } else {
+                ((float *)k_pool)[at + i] = k[b * K + i];
+                ((float *)v_pool)[at + i] = v[b * K + i];
+            }
+        }
+    }
+    int rc = moeray_decode_attention(q, B, H, hd, k_pool, v_pool, pool_bf16, KV, slots, mask, C, scale, o, threads);
+    if (!rc) {
+        const job down = lin(o, B, Q, wo, so, D, out);
+#pragma omp parallel num_threads(threads)
+        run(&down, 1);
+        for (int64_t i = 0; i < B * D; i++) out[i] += x[i];
+    }
+    free(buf);
+    return rc;
+}
