@@ -221,12 +221,14 @@ class Native(Generic[W]):
 
 
 def ffn_linears(ffns: Iterable[nn.Module]) -> tuple[nn.Module, ...]:
-    """w1, w3, w2 of each FeedForward in `ffns`, in order."""
-    return tuple(cast(nn.Module, m) for ff in ffns for m in (ff.w1, ff.w3, ff.w2))
+    """w1, w3, w2 of each FeedForward in `ffns`, in order. Read from each module's child table, not through
+    nn.Module.__getattr__ (1 us each: a MoE layer's check of its 24 linears took 4% of a batch-1 step)."""
+    return tuple(cast(nn.Module, ff._modules[n]) for ff in ffns for n in ("w1", "w3", "w2"))
 
 
 def attention_linears(attn: nn.Module) -> tuple[nn.Module, ...]:
-    return tuple(cast(nn.Module, m) for m in (attn.wq, attn.wk, attn.wv, attn.wo))
+    """wq, wk, wv, wo of an Attention (as ffn_linears reads them)."""
+    return tuple(cast(nn.Module, attn._modules[n]) for n in ("wq", "wk", "wv", "wo"))
 
 
 def _native_weight(m: nn.Module) -> native.Weight | None:
