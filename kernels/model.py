@@ -314,8 +314,10 @@ def pack_(module: nn.Module, experts: bool = True) -> nn.Module:
     CPU decode, in place (kernels/packing.py): wq|wk|wv and w1|w3 fused into one weight each, other plain
     linears in the fast layout; in bf16 on CPU every linear is held prepacked for oneDNN instead (the fused ones
     as one stack, their parts PackedParts; the others PackedLinears: no Parameter, so not in state_dict), but
-    for experts when `experts` is False (a fused expert kernel reads their nn.Linear weights). Names, shapes
-    and values unchanged; call it after loading (and quantizing), on the weights' final device. Returns `module`."""
+    for experts when `experts` is False (a fused expert kernel reads their nn.Linear weights). Where moeray's C
+    kernels read the final weights (fp32 or int8 on CPU: kernels/native.py), each Attention, FeedForward and
+    MoeLayer with its experts here gets them as `native` (their decode path). Names, shapes and values
+    unchanged; call it after loading (and quantizing), on the weights' final device. Returns `module`."""
     for m in list(module.modules()):
         if isinstance(m, Attention):
             m.packed = fuse(m, ("wq", "wk", "wv"))
