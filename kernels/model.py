@@ -244,7 +244,6 @@ class TransformerBlock(nn.Module):
             wait = lambda: y  # noqa: E731
         return lambda: h + wait()
 
-
     def native_attention(self, x: torch.Tensor, step: Step,
                          kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
         """x + attention(attention_norm(x)) of a decode step on CPU by moeray's C attention block (one call:

@@ -23,7 +23,9 @@ each of those linears a `PackedPart` of it: one call for the three (2.2x at 1-16
 nn.Linear weights: model.pack_(experts=False)) nor fp32 (our kernel, or MKL on the fast layout).
 
 A fused weight remembers the Parameters it was made of: if a module is replaced later (quantized,
-loaded again), `Fused.current` is False and the layer runs its reference path, never stale weights.
+loaded again), `Fused.current` is False and the layer runs its reference path, never stale weights. So do the
+weights of an attention, an FFN or a MoE layer's experts as moeray's C kernels read them (`Native`, made by
+`native_attention` / `native_ffns`: fp32 or int8 on CPU; the decode path of those modules).
 Shapes: D dim, F hidden, O out features, I in features.
 """
 
