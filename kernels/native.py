@@ -1,11 +1,11 @@
 """Small CPU kernels of our own (kernels/csrc/linear.c), compiled on first use for this machine's CPU, called
-through ctypes: linears of fp32 activations at decode sizes, and decode attention.
+through ctypes: the fp32-activation parts of a decode step.
 
 - `linear`: fp32 weights. torch's fp32 CPU linear is MKL's, which reads a weight at 10 GB/s at one row on an
   AMD EPYC (AVX-512) and is slower still at 4-16 rows (6 and 5 GB/s on the LM head); this kernel streams it at
-  22-27 GB/s there, 2-4x MKL from 1 to 16 rows and ~1.3x at 32, at the CPU's FMA peak from ~32 rows (measured,
-  2 threads). It runs for 1 to MAX_ROWS rows (a decode step); prefill chunks keep MKL's blocked GEMM, which
-  reads the rows once per block where this kernel reads them once per 4 outputs.
+  30-40 GB/s there at 1-4 rows, 2-4x MKL from 1 to 16 rows and ~1.3x at 32 (measured, 2 threads). It runs
+  for 1 to MAX_ROWS rows (a decode step); prefill chunks keep MKL's blocked GEMM, which reads the rows once per
+  block where this kernel reads them once per 4 outputs (or per output).
 - `int8_linear`: int8 weights with a bf16 scale per output. torch's weight-only int8 CPU matmul
   (aten._weight_int8pack_mm) takes bf16 activations only: int8 weights in an fp32 model (engine.dtype float32,
   or auto on a CPU without native bf16) took the dequantizing reference, a pass writing the whole weight in fp32
@@ -15,6 +15,10 @@ through ctypes: linears of fp32 activations at decode sizes, and decode attentio
   computing in fp32 (as the torch path does on CPU: kernels/attention.py). torch's path gathers every sequence's
   keys and values (two copies of the context a layer) and runs SDPA: 64 -> 22 us a layer at one sequence of 96
   keys, 201 -> 116 at 16 (fp32, 2 threads).
+- `SwiGLUWeights.ffn` / `.moe` and `AttentionWeights.block`: a SwiGLU FFN, a whole MoE layer (route, experts,
+  combine) and the attention half of a decode layer (norm, QKV, RoPE, KV write, attention, wo, residual) in one
+  call each, fp32 or int8 weights: around the linears, a MoE layer took ~36 small torch ops and an attention
+  ~25, more time at batch 1 than reading int8 weights.
 
 All sum each output the same way at any row count (kernels/csrc/linear.c): a row's result never depends on the
 other rows nor on the thread count. Written in C with neither torch's nor Python's headers, the library builds
