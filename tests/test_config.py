@@ -124,3 +124,17 @@ def test_engine_kv_cache_dtype_from_yaml(tmp_path):
     assert load_config().engine.kv_dtype(torch.float32) == torch.float32  # auto: the weights' dtype
     with pytest.raises(ConfigError, match="engine: kv_cache_dtype must be 'auto' or one of"):
         load_config(overrides={"engine": {"kv_cache_dtype": "int8"}})
+
+
+def test_free_ports_stay_out_of_the_kernels_and_rays_ranges():
+    """Ports the tests' servers get are never ones the kernel hands to bind(0) or an outgoing connection (Ray's
+    processes take those between our pick and our bind), nor Ray's worker ports; each is bindable, none twice."""
+    import socket
+
+    from cluster.ports import _ephemeral_low, free_port
+
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(20000 <= p < _ephemeral_low() for p in ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))
