@@ -224,3 +224,38 @@ def test_attention_block_equals_the_torch_path_and_is_per_sequence(hf_tiny, weig
     torch.testing.assert_close(cache.v.float(), ref_cache.v.float(), atol=atol, rtol=2**-7)
     alone, _ = run([0], True)
     assert torch.equal(alone[0], ours[0])
+
+
+def test_row_stats_equal_torchs_max_and_logsumexp(monkeypatch):
+    """native.row_stats (sampling's pass over the logits): torch.max's values and indices exactly (ties: the first;
+    NaN: the first NaN), torch.logsumexp's within a few ulp, on rows of -inf, a V not a multiple of 16; sample()
+    gives the same tokens and logprobs (within fp32 rounding) with it as with torch's ops."""
+    from kernels.sampling import SamplingParams, sample
+
+    g = torch.Generator().manual_seed(0)
+    for V in (32000, 1000, 37, 5):
+        x = torch.randn(9, V, generator=g) * 8
+        x[1, V // 3] = x[1, V // 2] = 1e3  # a tie: the first
+        x[2, : V - 1] = float("-inf")  # one finite
+        x[3, V // 4] = x[3, V - 1] = float("nan")
+        x[4] = float("-inf")
+        x[5] = torch.rand(V, generator=g) * 3  # every term counts in the sum
+        best, index, lse = native.row_stats(x)
+        want = x.max(-1)
+        torch.testing.assert_close(best, want.values, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(index, want.indices), V
+        torch.testing.assert_close(lse, torch.logsumexp(x, -1), rtol=4e-7, atol=1e-6, equal_nan=True)
+    logits = torch.randn(5, 512, generator=g) * 4
+    params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0.8, seed=1),
+              SamplingParams(temperature=0, repetition_penalty=1.3), SamplingParams(temperature=0),
+              SamplingParams(top_k=5, seed=2)]
+
+    def run():
+        return sample(logits.clone(), params, [torch.Generator().manual_seed(i) for i in range(5)], [[1, 2, 3]] * 5)
+
+    ours = run()
+    monkeypatch.setattr(kernels.native, "library", lambda: None)
+    ref = run()
+    assert [s.token for s in ours] == [s.token for s in ref]
+    torch.testing.assert_close([s.logprob for s in ours], [s.logprob for s in ref], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[0].top, ref[0].top, rtol=1e-5, atol=1e-5)

@@ -461,3 +461,75 @@ int moeray_attention_block(const float *x, int64_t B, int64_t D, const float *no
     free(buf);
     return rc;
 }
+
+/* e^x for x <= 0, 16 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^n;
+ * within 2 ulp of expf), 0 below -87 (2^n would leave the normal range) */
+static inline v16f exp_nonpositive(v16f x) {
+    typedef int32_t v16i __attribute__((vector_size(64)));
+    const v16i n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, v16i); /* round(x log2 e), x <= 0 */
+    const v16f nf = __builtin_convertvector(n, v16f);
+    const v16f r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
+    v16f p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const v16i bits = (n + 127) << 23;
+    v16f scale;
+    memcpy(&scale, &bits, 64);
+    const v16f e = p * scale;
+    v16i ebits;
+    memcpy(&ebits, &e, 64);
+    ebits &= (v16i)(x >= -87.f); /* all ones where kept */
+    v16f out;
+    memcpy(&out, &ebits, 64);
+    return out;
+}
+
+/* Per row of x [B, V] fp32 (a step's logits): best[b] its max and index[b] where it first occurs (NaN counts as
+ * the max, as torch.max), lse[b] = best + log(sum_v e^(x[v] - best)): what sampling reads of every row. Rows
+ * split among the threads. 0 on success, 1 bad arguments. */
+int moeray_row_stats(const float *x, int64_t B, int64_t V, float *best, int64_t *index, float *lse, int threads) {
+    if (B < 1 || V < 1) return 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        const float *row = x + b * V;
+        typedef int32_t v16i __attribute__((vector_size(64)));
+        v16f m;
+        v16i nan = {0};
+        for (int i = 0; i < 16; i++) m[i] = row[0];
+        int64_t v = 0;
+        for (; v + 16 <= V; v += 16) { /* lane-wise max (NaN skipped, noted) */
+            const v16f xv = load_f32(row + v);
+            const v16i gt = xv > m;
+            nan |= xv != xv;
+            v16i mb, xb;
+            memcpy(&mb, &m, 64), memcpy(&xb, &xv, 64);
+            mb = (mb & ~gt) | (xb & gt);
+            memcpy(&m, &mb, 64);
+        }
+        float top = m[0];
+        int any_nan = 0;
+        for (int i = 0; i < 16; i++) top = m[i] > top ? m[i] : top, any_nan |= nan[i];
+        for (; v < V; v++) top = row[v] > top ? row[v] : top, any_nan |= row[v] != row[v];
+        int64_t at = 0; /* where the max (or the first NaN: torch.max's answer then) first occurs */
+        if (any_nan) {
+            while (row[at] == row[at]) at++;
+            top = row[at];
+        } else {
+            while (row[at] != top) at++;
+        }
+        best[b] = top, index[b] = at;
+        if (top != top || top == INFINITY || top == -INFINITY) { /* NaN, inf, -inf (every x -inf) */
+            lse[b] = top;
+            continue;
+        }
+        v16f acc = {0};
+        for (v = 0; v + 16 <= V; v += 16) acc += exp_nonpositive(load_f32(row + v) - top);
+        float sum = hsum(acc);
+        for (; v < V; v++) sum += expf(row[v] - top);
+        lse[b] = top + logf(sum);
+    }
+    return 0;
+}
