@@ -5,6 +5,8 @@ once (kernels/checkpoint.py), so there is one RoPE here.
 Shapes: T tokens in the step, H heads, hd head_dim.
 """
 
+import functools
+
 import torch
 
 
@@ -14,10 +16,17 @@ def rope_freqs(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Te
     Computed per step from the step's positions (shared by all layers), on their device, so there is
     no table to size for the longest context. fp32 angles, as in transformers and mistral-inference.
     """
-    pairs = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device)  # [hd/2]
-    inv_freq = 1.0 / theta ** (pairs / head_dim)  # [hd/2]
-    angles = torch.outer(positions.to(torch.float32), inv_freq)  # [T, hd/2]
+    angles = torch.outer(positions.to(torch.float32), _inv_freq(head_dim, theta, positions.device))  # [T, hd/2]
     return torch.polar(torch.ones_like(angles), angles)
+
+
+@functools.cache
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """theta^(-2j / hd) for each pair j: [hd/2] fp32 (made once: three ops fewer every step; a plain tensor even
+    when first asked for under inference_mode, so training can read it too)."""
+    with torch.inference_mode(False):
+        pairs = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)  # [hd/2]
+        return 1.0 / theta ** (pairs / head_dim)
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
