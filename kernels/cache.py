@@ -138,7 +138,7 @@ class DecodeMetadata:
     @classmethod
     def build(cls, seqs: list[StepSeq], block_size: int, window: int | None) -> DecodeMetadata:
         """Per-sequence numbers in Python, then a dozen tensor ops for the whole batch (its start of every step:
-        78 -> ~45 us at one sequence)."""
+        78 -> 39 us at one sequence, 116 -> 63 at 16)."""
         assert all(s.n == 1 for s in seqs), "a decode step has one new token per sequence"
         starts = [s.start for s in seqs]
         rings = [len(s.block_table) * block_size for s in seqs]
@@ -155,8 +155,9 @@ class DecodeMetadata:
             ring = torch.tensor(rings)  # [B]
             kpos = p[:, None] - torch.remainder(p[:, None] - i, ring[:, None])  # [B, C] position at ring index i
             mask = (i < ring[:, None]) & (kpos >= 0) & (p[:, None] - kpos < window)  # [B, C]
+        at = [p % r for p, r in zip(starts, rings, strict=True)]  # ring index of each new token
         write = torch.tensor([s.block_table[w // block_size] * block_size + w % block_size
-                              for s, w in zip(seqs, (p % r for p, r in zip(starts, rings, strict=True)), strict=True)])
+                              for s, w in zip(seqs, at, strict=True)])
         return cls(positions=p, ctx_slots=torch.where(mask, slots, 0), mask=mask[:, None, None], write_slots=write)
 
     def to(self, device: torch.device | str) -> DecodeMetadata:

@@ -28,6 +28,7 @@
 typedef float v16f __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v16i __attribute__((vector_size(64))); /* lane masks of v16f compares */
 
 #define OUTS 4 /* outputs a tile */
 #define ROWS 6 /* rows a tile, at most */
@@ -443,7 +444,6 @@ int moeray_attention_block(const float *x, int64_t B, int64_t D, const float *no
 /* e^x for x <= 0, 16 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^n;
  * within 2 ulp of expf), 0 below -87 (2^n would leave the normal range) */
 static inline v16f exp_nonpositive(v16f x) {
-    typedef int32_t v16i __attribute__((vector_size(64)));
     const v16i n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, v16i); /* round(x log2 e), x <= 0 */
     const v16f nf = __builtin_convertvector(n, v16f);
     const v16f r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
@@ -473,7 +473,6 @@ int moeray_row_stats(const float *x, int64_t B, int64_t V, float *best, int64_t 
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < B; b++) {
         const float *row = x + b * V;
-        typedef int32_t v16i __attribute__((vector_size(64)));
         v16f m;
         v16i nan = {0};
         for (int i = 0; i < 16; i++) m[i] = row[0];
