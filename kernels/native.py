@@ -9,7 +9,8 @@ through ctypes: the fp32-activation parts of a decode step, and sampling's pass 
 - `int8_linear`: int8 weights with a bf16 scale per output. torch's weight-only int8 CPU matmul
   (aten._weight_int8pack_mm) takes bf16 activations only: int8 weights in an fp32 model (engine.dtype float32,
   or auto on a CPU without native bf16) took the dequantizing reference, a pass writing the whole weight in fp32
-  per call; this kernel is 2-14x that. For bf16 activations torch's kernel stays (the same loop was 0.83-0.94x
+  per call; this kernel is 2-14x that. Its sums run as two chains (even and odd blocks of 16 inputs): one chain
+  waited on the FMA's latency at one row (12 GB/s a thread, 18 with two). For bf16 activations torch's kernel stays (the same loop was 0.83-0.94x
   of it at 1-4 rows on an AVX-512 + AMX Xeon).
 - `decode_attention`: a decode step's attention read from the paged KV pools in place, fp32 or bf16 pools,
   computing in fp32 (as the torch path does on CPU: kernels/attention.py). torch's path gathers every sequence's

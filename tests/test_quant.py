@@ -226,6 +226,24 @@ def test_cpu_kernel_matches_dequantized_reference(shape, bits, rows):
             assert torch.equal(y32, ref32)
 
 
+@pytest.mark.parametrize("out_f,in_f", [(5, 16), (9, 48), (130, 208), (64, 512)])
+def test_native_int8_kernel_any_block_count_and_row_count(out_f, in_f):
+    """moeray's int8 kernel sums the even and the odd blocks of 16 inputs apart (an odd count's last block with
+    the even ones): every in_f a multiple of 16, odd block counts too, within fp32 summation error of float64
+    on the dequantized weight at 1 to 16 rows (one-output tiles up to 2 rows, 4-output tiles past; O not a
+    multiple of 4 ends in a part tile), and each row the same bits alone as in any batch."""
+    from kernels.native import int8_linear
+
+    q = QuantLinear.from_linear(linear_of(random_weight(out_f, in_f, torch.bfloat16, seed=in_f)), 8)
+    xs = torch.randn(16, in_f, generator=torch.Generator().manual_seed(out_f))
+    w = q.dequantize(torch.float64)
+    alone = torch.cat([int8_linear(xs[r : r + 1], q.qweight, q.scale) for r in range(16)])
+    exact = xs.double() @ w.T
+    assert ((alone.double() - exact).abs() <= (in_f + 2) * 2**-24 * (xs.double().abs() @ w.abs().T)).all()
+    for n in range(1, 17):
+        assert torch.equal(int8_linear(xs[:n], q.qweight, q.scale), alone[:n]), n
+
+
 def test_native_int8_kernel_builds_here_is_thread_independent_and_optional(monkeypatch):
     """This machine (and CI's) has a C compiler: moeray's int8 kernel is built (kernels/native.py) and runs
     QuantLinear's fp32 activations; its results do not depend on the thread count (threads split outputs, not

@@ -6,12 +6,12 @@
  * torch headers.
  *
  * Every y[r, o] = sum_k x[r, k] W[o, k] (times s[o]) is summed the same way whatever n is and wherever row r and
- * output o fall: 16 lane-wise fp32 partial sums (lane k mod 16) in k order, then a fixed tree over the lanes.
- * So a row's result does not depend on the other rows (a sequence's tokens do not depend on what it is batched
- * with) nor on the thread count.
+ * output o fall: 16 lane-wise fp32 partial sums (lane k mod 16) in k order (int8: two such sums, over the even
+ * and the odd blocks of 16, then added), then a fixed tree over the lanes. So a row's result does not depend on
+ * the other rows (a sequence's tokens do not depend on what it is batched with) nor on the thread count.
  *
  * Tiles of 4 outputs x up to 6 rows (24 accumulators, 4 weight vectors and a row vector: 29 of AVX-512's 32
- * registers): a weight vector is loaded (and converted) once for the tile's rows and a row vector once for its
+ * registers; int8 3 rows, two accumulators each): a weight vector is loaded (and converted) once for the tile's rows and a row vector once for its
  * 4 outputs; the 4 weight rows stay in L1 while every row tile passes over them, so the weight is read from
  * memory once per call at any n. Threads split the outputs (OpenMP, the runtime torch uses). GCC/Clang vector
  * extensions: AVX-512, AVX2 or whatever -march gives.
@@ -32,8 +32,7 @@ typedef int32_t v16i __attribute__((vector_size(64))); /* lane masks of v16f com
 
 #define OUTS 4 /* outputs a tile */
 #define ROWS 6 /* rows a tile, at most */
-#define NARROW 8 /* rows at most for tiles of one output (LINEAR) */
-#define NARROW_X_BYTES 16384 /* and bytes of rows at most */
+#define NARROW_X_BYTES 16384 /* bytes of rows at most for tiles of one output (LINEAR) */
 
 static inline v16f load_f32(const float *p) { /* 16 fp32 weights */
     v16f r;
@@ -84,30 +83,57 @@ static inline float hsum(v16f a) { /* a fixed tree: lane i + (i + 8), then + 4, 
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
-/* R rows of x [., I] against the C weight rows w[c]: acc[r][c] gets the 16 partial sums */
-#define TILE(NAME, WT, LOAD, R, C)                                                                           \
-    static inline void NAME##R(const float *x, int64_t I, const WT *const *w, v16f acc[][C]) {               \
+/* R rows of x [., I] against the C weight rows w[c]: acc[r][c] gets the 16 partial sums, made of A lane-wise
+ * sums over every A-th block of 16 inputs (sum a takes blocks a, a + A, ...; a block past the last whole A goes to
+ * sum 0), added in a order: A independent chains of FMAs a row and output, for kernels whose single chain would
+ * wait on the FMA's latency (int8: a block of 16 weights is 16 bytes). pf: where to prefetch the next tile's
+ * weights from (elements past w[c]; 0: none). */
+#define TILE(NAME, WT, LOAD, R, C, A)                                                                        \
+    static inline void NAME##R(const float *x, int64_t I, const WT *const *w, v16f acc[][C], int64_t pf) {   \
+        v16f part[R][C][A];                                                                                  \
         for (int r = 0; r < R; r++)                                                                          \
-            for (int c = 0; c < C; c++) acc[r][c] = (v16f){0};                                               \
-        for (int64_t k = 0; k < I; k += 16) {                                                                \
-            v16f wv[C];                                                                                      \
-            for (int c = 0; c < C; c++) wv[c] = LOAD(w[c] + k);                                              \
-            for (int r = 0; r < R; r++) {                                                                    \
-                v16f xv;                                                                                     \
-                memcpy(&xv, x + r * I + k, 64);                                                              \
-                for (int c = 0; c < C; c++) acc[r][c] += xv * wv[c];                                         \
+            for (int c = 0; c < C; c++)                                                                      \
+                for (int a = 0; a < A; a++) part[r][c][a] = (v16f){0};                                       \
+        int64_t k = 0;                                                                                       \
+        for (; k + 16 * A <= I; k += 16 * A) {                                                               \
+            if (pf && (k * (int64_t)sizeof(WT)) % 64 == 0)                                                   \
+                for (int c = 0; c < C; c++) __builtin_prefetch(w[c] + pf + k, 0, 3);                         \
+            for (int a = 0; a < A; a++) {                                                                    \
+                v16f wv[C];                                                                                  \
+                for (int c = 0; c < C; c++) wv[c] = LOAD(w[c] + k + 16 * a);                                 \
+                for (int r = 0; r < R; r++) {                                                                \
+                    v16f xv;                                                                                 \
+                    memcpy(&xv, x + r * I + k + 16 * a, 64);                                                 \
+                    if (C > 1) __asm__("" : "+v"(xv)); /* one load a row, not one a product (GCC folds it) */ \
+                    for (int c = 0; c < C; c++) part[r][c][a] += xv * wv[c];                                 \
+                }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
+        for (; k < I; k += 16)                                                                               \
+            for (int c = 0; c < C; c++) {                                                                    \
+                const v16f wv = LOAD(w[c] + k);                                                              \
+                for (int r = 0; r < R; r++) {                                                                \
+                    v16f xv;                                                                                 \
+                    memcpy(&xv, x + r * I + k, 64);                                                          \
+                    part[r][c][0] += xv * wv;                                                                \
+                }                                                                                            \
+            }                                                                                                \
+        for (int r = 0; r < R; r++)                                                                          \
+            for (int c = 0; c < C; c++) {                                                                    \
+                acc[r][c] = part[r][c][0];                                                                   \
+                for (int a = 1; a < A; a++) acc[r][c] += part[r][c][a];                                      \
+            }                                                                                                \
     }
 
-/* output tile t (C outputs) of a linear, every row in tiles of up to ROWS, each output's sum times SCALE(o) */
-#define TILES(NAME, WT, LOAD, SCALE, C)                                                                      \
-    TILE(NAME##_, WT, LOAD, 1, C)                                                                            \
-    TILE(NAME##_, WT, LOAD, 2, C)                                                                            \
-    TILE(NAME##_, WT, LOAD, 3, C)                                                                            \
-    TILE(NAME##_, WT, LOAD, 4, C)                                                                            \
-    TILE(NAME##_, WT, LOAD, 5, C)                                                                            \
-    TILE(NAME##_, WT, LOAD, 6, C)                                                                            \
+/* output tile t (C outputs) of a linear, every row in tiles of up to RMAX (at most ROWS), each output's sum
+ * times SCALE(o); A as TILE */
+#define TILES(NAME, WT, LOAD, SCALE, C, A, RMAX)                                                             \
+    TILE(NAME##_, WT, LOAD, 1, C, A)                                                                         \
+    TILE(NAME##_, WT, LOAD, 2, C, A)                                                                         \
+    TILE(NAME##_, WT, LOAD, 3, C, A)                                                                         \
+    TILE(NAME##_, WT, LOAD, 4, C, A)                                                                         \
+    TILE(NAME##_, WT, LOAD, 5, C, A)                                                                         \
+    TILE(NAME##_, WT, LOAD, 6, C, A)                                                                         \
     static void NAME(const job *j, int64_t t) {                                                              \
         const WT *w = j->w, *wr[C];                                                                          \
         const int64_t I = j->I, O = j->O, n = j->n;                                                          \
@@ -115,17 +141,19 @@ static inline float hsum(v16f a) { /* a fixed tree: lane i + (i + 8), then + 4, 
         (void)s;                                                                                             \
         for (int c = 0; c < C; c++) /* past the end: the last output again (computed, not stored) */         \
             wr[c] = w + (t * C + c < O ? t * C + c : O - 1) * I;                                             \
-        for (int64_t r0 = 0; r0 < n; r0 += ROWS) {                                                           \
+        for (int64_t r0 = 0; r0 < n; r0 += RMAX) {                                                           \
             v16f acc[ROWS][C];                                                                               \
-            const int R = n - r0 < ROWS ? (int)(n - r0) : ROWS;                                              \
+            const int R = n - r0 < RMAX ? (int)(n - r0) : RMAX;                                              \
             const float *xr = j->x + r0 * I;                                                                 \
+            /* the first pass over this tile's weights prefetches the next tile's */                         \
+            const int64_t pf = C > 1 && r0 == 0 && (t + 1) * C < O ? C * I : 0;                              \
             switch (R) {                                                                                     \
-                case 1: NAME##_1(xr, I, wr, acc); break;                                                     \
-                case 2: NAME##_2(xr, I, wr, acc); break;                                                     \
-                case 3: NAME##_3(xr, I, wr, acc); break;                                                     \
-                case 4: NAME##_4(xr, I, wr, acc); break;                                                     \
-                case 5: NAME##_5(xr, I, wr, acc); break;                                                     \
-                default: NAME##_6(xr, I, wr, acc);                                                           \
+                case 1: NAME##_1(xr, I, wr, acc, pf); break;                                                 \
+                case 2: NAME##_2(xr, I, wr, acc, pf); break;                                                 \
+                case 3: NAME##_3(xr, I, wr, acc, pf); break;                                                 \
+                case 4: NAME##_4(xr, I, wr, acc, pf); break;                                                 \
+                case 5: NAME##_5(xr, I, wr, acc, pf); break;                                                 \
+                default: NAME##_6(xr, I, wr, acc, pf);                                                       \
             }                                                                                                \
             for (int r = 0; r < R; r++)                                                                      \
                 for (int c = 0; c < C && t * C + c < O; c++)                                                 \
@@ -133,11 +161,12 @@ static inline float hsum(v16f a) { /* a fixed tree: lane i + (i + 8), then + 4, 
         }                                                                                                    \
     }
 
-/* A linear to run, y [n, O] = x [n, I] @ w^T, as output tiles: one output a tile at up to NARROW rows when they
- * fit in NARROW_X_BYTES (they are read again for each output, from L1; the weight is read as one sequential
- * stream a thread: 1.2-2x at 1-4 rows of 512-1024 inputs, fp32 and int8, AMD EPYC; on rows of 4096 inputs 0.5x
- * at 2 rows), else OUTS outputs a tile (each row vector loaded once for OUTS outputs). Each output is summed
- * the same way in both. */
+/* A linear to run, y [n, O] = x [n, I] @ w^T, as output tiles: one output a tile at up to NARROW_ROWS rows when
+ * they fit in NARROW_X_BYTES (they are read again for each output, from L1; the weight is read as one sequential
+ * stream a thread: OUTS weight rows read side by side ran at half the GB/s at one row, AMD EPYC), else OUTS
+ * outputs a tile in passes of up to WIDE_ROWS rows (each row vector loaded once for OUTS outputs; the first pass
+ * prefetches the next tile's weights: then faster from 3 rows in int8, 5 in fp32). A: TILE's. Each output is
+ * summed the same way in both. */
 struct job;
 typedef void (*tile_fn)(const struct job *, int64_t);
 typedef struct job {
@@ -151,19 +180,19 @@ typedef struct job {
     int64_t tiles;
 } job;
 
-#define LINEAR(NAME, WT, LOAD, SCALE)                                                                        \
-    TILES(NAME##_narrow, WT, LOAD, SCALE, 1)                                                                 \
-    TILES(NAME##_wide, WT, LOAD, SCALE, OUTS)                                                                \
+#define LINEAR(NAME, WT, LOAD, SCALE, A, WIDE_ROWS, NARROW_ROWS)                                              \
+    TILES(NAME##_narrow, WT, LOAD, SCALE, 1, A, ROWS)                                                        \
+    TILES(NAME##_wide, WT, LOAD, SCALE, OUTS, A, WIDE_ROWS)                                                  \
     static job NAME(const float *x, int64_t n, int64_t I, const void *w, const uint16_t *s, int64_t O, float *y) { \
-        const int narrow = n <= NARROW && n * I * 4 <= NARROW_X_BYTES;                                       \
+        const int narrow = n <= NARROW_ROWS && n * I * 4 <= NARROW_X_BYTES;                                  \
         return (job){x, n, I, w, s, O, y, narrow ? NAME##_narrow : NAME##_wide,                              \
                      narrow ? O : (O + OUTS - 1) / OUTS};                                                    \
     }
 
 #define NO_SCALE(o)
 #define BF16_SCALE(o) *bf16_to_f32(s[o])
-LINEAR(linear_f32, float, load_f32, NO_SCALE)
-LINEAR(linear_i8, int8_t, load_i8, BF16_SCALE)
+LINEAR(linear_f32, float, load_f32, NO_SCALE, 1, ROWS, 4)
+LINEAR(linear_i8, int8_t, load_i8, BF16_SCALE, 2, ROWS / 2, 2)
 
 /* The tiles of `count` jobs, split among the threads of the enclosing OpenMP parallel region in contiguous
  * ranges (all of them, when called outside one); no barrier at the end. */
