@@ -72,14 +72,9 @@ static inline float bf16_to_f32(uint16_t h) {
 }
 
 static inline float hsum(v16f a) { /* a fixed tree: lane i + (i + 8), then + 4, + 2, + 1 (as vector halves) */
-    v8f lo, hi;
-    memcpy(&lo, &a, 32);
-    memcpy(&hi, (char *)&a + 32, 32);
-    const v8f b = lo + hi;
-    v4f c0, c1;
-    memcpy(&c0, &b, 16);
-    memcpy(&c1, (char *)&b + 16, 16);
-    const v4f c = c0 + c1;
+    const v8f b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    const v4f c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
