@@ -137,8 +137,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
-        c = self.native
-        if c is not None and c.current(ffn_linears([self])) and (y := c.weights.ffn(x)) is not None:
+        if (y := self.native_call(x)) is not None:
             return y
         f = self.packed
         if f is None or not f.current(self.w1, self.w3):
@@ -148,6 +147,14 @@ class FeedForward(nn.Module):
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def native_call(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor | None:
+        """self(x), or given `norm` the FFN half of a layer x + self(norm(x)), in one call of moeray's C FFN kernel
+        where it runs (fp32 or int8 weights on CPU, up to native.MAX_ROWS rows; kernels/native.py); else None."""
+        c = self.native
+        if c is None or not c.current(ffn_linears([self])):
+            return None
+        return c.weights.ffn(x, None if norm is None else (norm.weight, norm.eps))
 
 
 class Experts(nn.ModuleList):
@@ -173,19 +180,24 @@ class MoeLayer(nn.Module):
         return self.start(x)()
 
     def start(self, x: torch.Tensor) -> Wait:  # [T, D] -> (later) [T, D]
-        """With the experts here (Experts) and the C kernels reading their weights (`native`: fp32 or int8 on
-        CPU), up to native.MAX_ROWS tokens (decode) take the C MoE kernel, the whole layer in one call; else one
+        """Up to native.MAX_ROWS tokens (decode) take the C MoE kernel where it runs (native_call); else one
         token takes moe_token, which equals moe bit for bit in half the ops; anything else (more tokens,
         fused kernels, stand-ins) moe_start."""
-        c = self.native
-        if c is not None and type(self.experts) is Experts and c.current(ffn_linears(self.experts)):
-            out = c.weights.moe(x, self.gate.weight, self.k)
-            if out is not None:
-                return lambda: out
+        if (out := self.native_call(x)) is not None:
+            return lambda: out
         if x.shape[0] == 1 and type(self.experts) is Experts:
             y = moe_token(x, self.gate.weight, self.k, self.experts)
             return lambda: y
         return moe_start(x, self.gate.weight, self.k, self.experts)
+
+    def native_call(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor | None:
+        """self(x), or given `norm` the FFN half of a layer x + self(norm(x)), the whole layer in one call of
+        moeray's C MoE kernel where it runs: the experts here (Experts), their weights read by the kernels
+        (`native`: fp32 or int8 on CPU), up to native.MAX_ROWS tokens; else None."""
+        c = self.native
+        if c is None or type(self.experts) is not Experts or not c.current(ffn_linears(self.experts)):
+            return None
+        return c.weights.moe(x, self.gate.weight, self.k, None if norm is None else (norm.weight, norm.eps))
 
 
 class SoleExpert(nn.Module):
@@ -231,12 +243,16 @@ class TransformerBlock(nn.Module):
 
     def start(self, x: torch.Tensor, step: Step) -> Wait:
         """The layer up to its experts, started: attention over the KV cache of `step`, ffn_norm, and the
-        FFN started (a MoE layer: routed, its rows sent); the Wait finishes it. x [T, D] -> (later) [T, D]."""
+        FFN started (a MoE layer: routed, its rows sent); the Wait finishes it. x [T, D] -> (later) [T, D]. On CPU
+        at decode sizes the C kernels take each half of the layer in one call where they run (native_attention;
+        the FFN's native_call with ffn_norm and the residual)."""
         kv = step.cache.layer(self.layer_id)
         h = self.native_attention(x, step, kv)
         if h is None:
             h = x + self.attention(self.attention_norm(x), step.freqs, kv, step.meta)  # [T, D]
         ff = self.feed_forward
+        if isinstance(ff, MoeLayer | FeedForward) and (out := ff.native_call(h, self.ffn_norm)) is not None:
+            return lambda: out  # h + ff(ffn_norm(h)) in one C call
         if isinstance(ff, MoeLayer | SoleExpert):
             wait = ff.start(self.ffn_norm(h))
         else:

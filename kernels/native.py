@@ -100,8 +100,10 @@ def library() -> ctypes.CDLL | None:
     lib.moeray_linear_i8.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
     lib.moeray_decode_attention.argtypes = [p, i64, i64, i64, p, p, ctypes.c_int, i64, p, p, i64, ctypes.c_float, p,
                                             ctypes.c_int]
-    lib.moeray_ffn.argtypes = [p, i64, i64, i64, p, p, p, p, p, p, ctypes.c_int, p, ctypes.c_int]
-    lib.moeray_moe.argtypes = [p, i64, i64, i64, p, i64, i64, p, p, p, p, p, p, ctypes.c_int, p, ctypes.c_int]
+    f32 = ctypes.c_float
+    lib.moeray_ffn.argtypes = [p, i64, i64, i64, p, f32, p, p, p, p, p, p, ctypes.c_int, p, ctypes.c_int]
+    lib.moeray_moe.argtypes = [p, i64, i64, i64, p, f32, p, i64, i64, p, p, p, p, p, p, ctypes.c_int, p,
+                               ctypes.c_int]
     lib.moeray_attention_block.argtypes = [p, i64, i64, p, ctypes.c_float, p, p, p, p, p, p, p, p, ctypes.c_int, i64,
                                            i64, i64, p, p, p, ctypes.c_int, p, p, p, i64, ctypes.c_float, p,
                                            ctypes.c_int]
@@ -171,6 +173,18 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
 Weight = tuple[torch.Tensor, torch.Tensor | None]  # fp32 [O, I] and None, or int8 [O, I] and its bf16 scales [O]
 
 
+Norm = tuple[torch.Tensor, float]  # an RMSNorm's weight fp32 [D] and eps
+
+
+def _norm_ok(norm: Norm | None, D: int) -> bool:
+    return norm is None or (norm[0].dtype == torch.float32 and norm[0].shape == (D,) and norm[0].is_contiguous()
+                            and norm[0].device.type == "cpu")
+
+
+def _norm_args(norm: Norm | None) -> tuple[int | None, float]:
+    return (None, 0.0) if norm is None else (norm[0].data_ptr(), norm[1])
+
+
 WTYPES = {(torch.float32, None): 0, (torch.int8, torch.bfloat16): 1}  # weight kinds the FFN / attention kernels read
 
 
@@ -211,30 +225,32 @@ class SwiGLUWeights:
             return None
         return cls(ffns, wtype, lib)
 
-    def ffn(self, x: torch.Tensor) -> torch.Tensor | None:
-        """FFN 0 on rows x fp32 [n, D] (1 to MAX_ROWS) -> fp32 [n, D], w2(silu(w1 x) * w3 x); None where it
+    def ffn(self, x: torch.Tensor, norm: Norm | None = None) -> torch.Tensor | None:
+        """FFN 0 on rows x fp32 [n, D] (1 to MAX_ROWS) -> fp32 [n, D], f(x) = w2(silu(w1 x) * w3 x); given `norm`
+        (an RMSNorm's fp32 weight [D] and eps), the FFN half of a layer instead, x + f(norm(x)); None where it
         does not run (another dtype, more rows)."""
-        if x.dtype != torch.float32 or not 1 <= x.shape[0] <= MAX_ROWS:
+        if x.dtype != torch.float32 or not 1 <= x.shape[0] <= MAX_ROWS or not _norm_ok(norm, self.D):
             return None
         x = x.contiguous()
         y = torch.empty_like(x)
         w1, w3, w2, s1, s3, s2 = self.arrays
-        rc = self.lib.moeray_ffn(x.data_ptr(), x.shape[0], self.D, self.F, w1[0], w3[0], w2[0], s1[0], s3[0],
-                                 s2[0], self.wtype, y.data_ptr(), torch.get_num_threads())
+        rc = self.lib.moeray_ffn(x.data_ptr(), x.shape[0], self.D, self.F, *_norm_args(norm), w1[0], w3[0], w2[0],
+                                 s1[0], s3[0], s2[0], self.wtype, y.data_ptr(), torch.get_num_threads())
         if rc:
             raise RuntimeError(f"moeray_ffn failed ({rc}) on x {tuple(x.shape)}")
         return y
 
-    def moe(self, x: torch.Tensor, gate: torch.Tensor, k: int) -> torch.Tensor | None:
-        """A MoE layer over these experts: x fp32 [n, D] (1 to MAX_ROWS), router gate fp32 [E, D], top k ->
-        fp32 [n, D] (kernels/csrc/linear.c says how: as kernels/moe.py's route, dispatch, experts, combine);
-        None where it does not run."""
+    def moe(self, x: torch.Tensor, gate: torch.Tensor, k: int, norm: Norm | None = None) -> torch.Tensor | None:
+        """A MoE layer f over these experts: x fp32 [n, D] (1 to MAX_ROWS), router gate fp32 [E, D], top k ->
+        fp32 [n, D] (kernels/csrc/linear.c says how: as kernels/moe.py's route, dispatch, experts, combine); given
+        `norm`, x + f(norm(x)) as `ffn`; None where it does not run."""
         if (x.dtype != torch.float32 or gate.dtype != torch.float32 or not 1 <= x.shape[0] <= MAX_ROWS
-                or gate.shape != (self.count, self.D)):
+                or gate.shape != (self.count, self.D) or not _norm_ok(norm, self.D)):
             return None
         x, gate = x.contiguous(), gate.contiguous()
         y = torch.empty_like(x)
-        rc = self.lib.moeray_moe(x.data_ptr(), x.shape[0], self.D, self.F, gate.data_ptr(), self.count, k,
+        rc = self.lib.moeray_moe(x.data_ptr(), x.shape[0], self.D, self.F, *_norm_args(norm), gate.data_ptr(),
+                                 self.count, k,
                                  *self.arrays, self.wtype, y.data_ptr(), torch.get_num_threads())
         if rc:
             raise RuntimeError(f"moeray_moe failed ({rc}) on x {tuple(x.shape)}")

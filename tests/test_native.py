@@ -142,9 +142,10 @@ def test_decode_attention_kernel_equals_sdpa_and_is_per_sequence(dtype):
 def test_moe_and_ffn_kernels_equal_the_torch_path(k, quant):
     """The C MoE kernel (MoeLayer.start on CPU in fp32, experts fp32 or int8) routes as kernels/moe.py does
     (the same experts per token) and gives its output within fp32 rounding at 1 to MAX_ROWS tokens; each
-    token's result is the same bits alone as in any batch. The FFN kernel (FeedForward.forward) likewise."""
+    token's result is the same bits alone as in any batch. The FFN kernel (FeedForward.forward) likewise. Both
+    also take a layer's FFN half, h + f(ffn_norm(h)), in the one call."""
     from kernels.args import MoeArgs
-    from kernels.model import Experts, FeedForward, MoeLayer, pack_
+    from kernels.model import Experts, FeedForward, MoeLayer, RMSNorm, pack_
     from kernels.moe import moe
     from kernels.quant import quantize_experts
 
@@ -165,6 +166,13 @@ def test_moe_and_ffn_kernels_equal_the_torch_path(k, quant):
         ff = m.experts[3]
         torch.testing.assert_close(ff(xs), ff.forward_native(xs), atol=2e-6, rtol=1e-5)
         assert ff.native.weights.ffn(xs) is not None
+        # the FFN half of a layer, h + f(ffn_norm(h)), in one call (TransformerBlock.start): norm and residual in C
+        norm = RMSNorm(D, 1e-5)
+        norm.weight.copy_(torch.rand(D, generator=torch.Generator().manual_seed(1)) + 0.5)
+        torch.testing.assert_close(m.native_call(xs, norm), xs + moe(norm(xs), m.gate.weight, k, m.experts.forward),
+                                   atol=4e-6, rtol=1e-5)
+        torch.testing.assert_close(ff.native_call(xs, norm), xs + ff.forward_native(norm(xs)), atol=4e-6, rtol=1e-5)
+        assert torch.equal(m.native_call(xs, norm)[:3], m.native_call(xs[:3], norm))
         assert m.native.weights.moe(xs.bfloat16(), m.gate.weight, k) is None  # bf16: torch's path
         assert m.native.weights.moe(torch.cat([xs, xs]), m.gate.weight, k) is None  # more rows: torch's path
         ff.w2 = torch.nn.Linear(F_, D, bias=False)  # replaced after packing: no longer what the kernels read

@@ -57,6 +57,8 @@ def routing_counts(model_dir: str, prompts: list[list[int]], max_tokens: int) ->
                 counts[layer, e] = counts.get((layer, e), 0) + 1
         return fn
 
+    for layer in model.layers:  # the torch path, which calls ffn_norm (the C kernel norms inside its call), as
+        layer.feed_forward.native = None  # a pipeline's attention actors do: their experts are away
     handles = [layer.ffn_norm.register_forward_hook(hook(l, layer.feed_forward.gate.weight))
                for l, layer in enumerate(model.layers)]
     out = []

@@ -285,6 +285,18 @@ int moeray_decode_attention(const float *q, int64_t B, int64_t H, int64_t hd, co
     return failed ? 2 : 0;
 }
 
+/* xn [B, D] = norm * (x * r), r = 1 / sqrt(mean(x^2) + eps) per row (RMSNorm in fp32; the squares summed in
+ * order) */
+static void rms_norm(const float *x, int64_t B, int64_t D, const float *norm, float eps, float *xn) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = x + b * D;
+        float ss = 0.f;
+        for (int64_t d = 0; d < D; d++) ss += xb[d] * xb[d];
+        const float r = 1.f / sqrtf(ss / (float)D + eps);
+        for (int64_t d = 0; d < D; d++) xn[b * D + d] = norm[d] * (xb[d] * r);
+    }
+}
+
 /* SwiGLU FFNs, y = w2(silu(w1 x) * w3 x), on blocks of rows: FFN i takes rows [at[i], at[i + 1]) of x [., D]
  * -> y [., D] fp32, its w1, w3 [F, D] and w2 [D, F] at w1[i], w3[i], w2[i]: fp32 (wtype 0) or int8 with bf16 scales
  * s1[i], s3[i], s2[i] (wtype 1). Each linear as moeray_linear_* computes it; h [2 rows, F] scratch. One parallel
@@ -316,36 +328,51 @@ static void ffns(const float *x, const int64_t *at, int count, int64_t D, int64_
 
 static job_fn linear_of(int wtype) { return wtype == 0 ? linear_f32 : wtype == 1 ? linear_i8 : NULL; }
 
-/* one FFN on x [n, D] -> y [n, D]: 0 on success; 1 bad arguments; 2 out of memory */
-int moeray_ffn(const float *x, int64_t n, int64_t D, int64_t F, const void *w1, const void *w3, const void *w2,
-               const uint16_t *s1, const uint16_t *s3, const uint16_t *s2, int wtype, float *y, int threads) {
+/* y [n, D] = x + f(xn) with xn = rms_norm(x, norm, eps), the FFN half of a layer; or f(x) where norm is NULL */
+static void residual(const float *x, int64_t n, int64_t D, const float *norm, float *y) {
+    if (norm)
+        for (int64_t i = 0; i < n * D; i++) y[i] = x[i] + y[i];
+}
+
+/* one FFN f on x [n, D] -> y [n, D] (see residual): 0 on success; 1 bad arguments; 2 out of memory */
+int moeray_ffn(const float *x, int64_t n, int64_t D, int64_t F, const float *norm, float eps, const void *w1,
+               const void *w3, const void *w2, const uint16_t *s1, const uint16_t *s3, const uint16_t *s2, int wtype,
+               float *y, int threads) {
     job_fn lin = linear_of(wtype);
     if (!lin || n < 1 || D % 16 || F % 16) return 1;
-    float *h = malloc(sizeof(float) * 2 * n * F);
+    float *h = malloc(sizeof(float) * (2 * n * F + n * D)), *xn = h + 2 * n * F;
     if (!h) return 2;
+    if (norm) rms_norm(x, n, D, norm, eps, xn);
     const int64_t at[2] = {0, n};
-    ffns(x, at, 1, D, F, &w1, &w3, &w2, &s1, &s3, &s2, lin, h, y, threads);
+    ffns(norm ? xn : x, at, 1, D, F, &w1, &w3, &w2, &s1, &s3, &s2, lin, h, y, threads);
+    residual(x, n, D, norm, y);
     free(h);
     return 0;
 }
 
-/* A MoE layer on n tokens x [n, D] (normed) -> y [n, D] fp32: router logits x @ gate^T (gate [E, D] fp32), the
+/* A MoE layer f on n tokens x [n, D] -> y [n, D] fp32 (see residual; f on xn = the normed x): router logits x @ gate^T (gate [E, D] fp32), the
  * top k per token (the larger logit first, the lower expert on ties), their softmax in fp32; each expert e's
  * FFN (weights at w1[e], w3[e], w2[e], scales s*[e], as moeray_ffn) on its tokens in token order; each token's
  * outputs weighted and summed in expert order (as kernels/moe.py's combine). 0 on success; 1 bad arguments;
  * 2 out of memory. */
-int moeray_moe(const float *x, int64_t n, int64_t D, int64_t F, const float *gate, int64_t E, int64_t k,
-               const void *const *w1, const void *const *w3, const void *const *w2, const uint16_t *const *s1,
+int moeray_moe(const float *x, int64_t n, int64_t D, int64_t F, const float *norm, float eps, const float *gate,
+               int64_t E, int64_t k, const void *const *w1, const void *const *w3, const void *const *w2, const uint16_t *const *s1,
                const uint16_t *const *s3, const uint16_t *const *s2, int wtype, float *y, int threads) {
     job_fn lin = linear_of(wtype);
     if (!lin || n < 1 || D % 16 || F % 16 || k < 1 || k > E || E > 256) return 1;
     float *logits = malloc(sizeof(float) * n * E), *wt = malloc(sizeof(float) * n * k);
     int64_t *chosen = malloc(sizeof(int64_t) * n * k), *rows = malloc(sizeof(int64_t) * n * k);
-    float *buf = malloc(sizeof(float) * (2 * n * k * D + 2 * n * k * F));
+    float *buf = malloc(sizeof(float) * (2 * n * k * D + 2 * n * k * F + n * D));
     int rc = 0;
     if (!logits || !wt || !chosen || !rows || !buf) {
         rc = 2;
         goto done;
+    }
+    const float *x0 = x; /* the residual */
+    if (norm) {
+        float *xn = buf + 2 * n * k * D + 2 * n * k * F;
+        rms_norm(x, n, D, norm, eps, xn);
+        x = xn;
     }
     const job route = linear_f32(x, n, D, gate, NULL, E, logits);
     run(&route, 1); /* outside a parallel region: this thread, all tiles (E outputs) */
@@ -392,6 +419,7 @@ int moeray_moe(const float *x, int64_t n, int64_t D, int64_t F, const float *gat
         const float w = wt[rows[i]];
         for (int64_t d = 0; d < D; d++) yt[d] += ye[i * D + d] * w;
     }
+    residual(x0, n, D, norm, y);
 done:
     free(logits), free(wt), free(chosen), free(rows), free(buf);
     return rc;
@@ -423,13 +451,7 @@ int moeray_attention_block(const float *x, int64_t B, int64_t D, const float *no
     float *buf = malloc(sizeof(float) * B * (D + 2 * Q + 2 * K));
     if (!buf) return 2;
     float *xn = buf, *q = xn + B * D, *k = q + B * Q, *v = k + B * K, *o = v + B * K;
-    for (int64_t b = 0; b < B; b++) {
-        const float *xb = x + b * D;
-        float ss = 0.f;
-        for (int64_t d = 0; d < D; d++) ss += xb[d] * xb[d];
-        const float r = 1.f / sqrtf(ss / (float)D + eps);
-        for (int64_t d = 0; d < D; d++) xn[b * D + d] = norm[d] * (xb[d] * r);
-    }
+    rms_norm(x, B, D, norm, eps, xn);
     job proj[3] = {lin(xn, B, D, wq, sq, Q, q), lin(xn, B, D, wk, sk, K, k), lin(xn, B, D, wv, sv, K, v)};
 #pragma omp parallel num_threads(threads)
     run(proj, 3);
