@@ -11,10 +11,10 @@
  * the other rows (a sequence's tokens do not depend on what it is batched with) nor on the thread count.
  *
  * Tiles of 4 outputs x up to 6 rows (24 accumulators, 4 weight vectors and a row vector: 29 of AVX-512's 32
- * registers; int8 3 rows, two accumulators each): a weight vector is loaded (and converted) once for the tile's rows and a row vector once for its
- * 4 outputs; the 4 weight rows stay in L1 while every row tile passes over them, so the weight is read from
- * memory once per call at any n. Threads split the outputs (OpenMP, the runtime torch uses). GCC/Clang vector
- * extensions: AVX-512, AVX2 or whatever -march gives.
+ * registers; int8 3 rows, two accumulators each): a weight vector is loaded (and converted) once for the tile's
+ * rows and a row vector once for its 4 outputs; the 4 weight rows stay in L1 while every row tile passes over
+ * them, so the weight is read from memory once per call at any n. Threads split the outputs (OpenMP, the
+ * runtime torch uses). GCC/Clang vector extensions: AVX-512, AVX2 or whatever -march gives.
  */
 #include <math.h>
 #include <stdint.h>
@@ -32,6 +32,7 @@ typedef int32_t v16i __attribute__((vector_size(64))); /* lane masks of v16f com
 
 #define OUTS 4 /* outputs a tile */
 #define ROWS 6 /* rows a tile, at most */
+#define GROUP 4 /* one-output tiles a call (a call's setup and return cost ~10% at 1-4 rows of 512) */
 #define NARROW_X_BYTES 16384 /* bytes of rows at most for tiles of one output (LINEAR) */
 
 static inline v16f load_f32(const float *p) { /* 16 fp32 weights */
@@ -120,39 +121,41 @@ static inline float hsum(v16f a) { /* a fixed tree: lane i + (i + 8), then + 4, 
             }                                                                                                \
     }
 
-/* output tile t (C outputs) of a linear, every row in tiles of up to RMAX (at most ROWS), each output's sum
- * times SCALE(o); A as TILE */
-#define TILES(NAME, WT, LOAD, SCALE, C, A, RMAX)                                                             \
+/* output tiles G group .. G group + G - 1 (C outputs each) of a linear, one after another, every row in tiles of up
+ * to RMAX (at most ROWS), each output's sum times SCALE(o); A as TILE */
+#define TILES(NAME, WT, LOAD, SCALE, C, A, RMAX, G)                                                          \
     TILE(NAME##_, WT, LOAD, 1, C, A)                                                                         \
     TILE(NAME##_, WT, LOAD, 2, C, A)                                                                         \
     TILE(NAME##_, WT, LOAD, 3, C, A)                                                                         \
     TILE(NAME##_, WT, LOAD, 4, C, A)                                                                         \
     TILE(NAME##_, WT, LOAD, 5, C, A)                                                                         \
     TILE(NAME##_, WT, LOAD, 6, C, A)                                                                         \
-    static void NAME(const job *j, int64_t t) {                                                              \
+    static void NAME(const job *j, int64_t group) {                                                          \
         const WT *w = j->w, *wr[C];                                                                          \
         const int64_t I = j->I, O = j->O, n = j->n;                                                          \
         const uint16_t *s = j->s;                                                                            \
         (void)s;                                                                                             \
-        for (int c = 0; c < C; c++) /* past the end: the last output again (computed, not stored) */         \
-            wr[c] = w + (t * C + c < O ? t * C + c : O - 1) * I;                                             \
-        for (int64_t r0 = 0; r0 < n; r0 += RMAX) {                                                           \
-            v16f acc[ROWS][C];                                                                               \
-            const int R = n - r0 < RMAX ? (int)(n - r0) : RMAX;                                              \
-            const float *xr = j->x + r0 * I;                                                                 \
-            /* the first pass over this tile's weights prefetches the next tile's */                         \
-            const int64_t pf = C > 1 && r0 == 0 && (t + 1) * C < O ? C * I : 0;                              \
-            switch (R) {                                                                                     \
-                case 1: NAME##_1(xr, I, wr, acc, pf); break;                                                 \
-                case 2: NAME##_2(xr, I, wr, acc, pf); break;                                                 \
-                case 3: NAME##_3(xr, I, wr, acc, pf); break;                                                 \
-                case 4: NAME##_4(xr, I, wr, acc, pf); break;                                                 \
-                case 5: NAME##_5(xr, I, wr, acc, pf); break;                                                 \
-                default: NAME##_6(xr, I, wr, acc, pf);                                                       \
+        for (int64_t t = group * G; t < group * G + G && t * C < O; t++) {                                  \
+            for (int c = 0; c < C; c++) /* past the end: the last output again (computed, not stored) */     \
+                wr[c] = w + (t * C + c < O ? t * C + c : O - 1) * I;                                         \
+            for (int64_t r0 = 0; r0 < n; r0 += RMAX) {                                                       \
+                v16f acc[ROWS][C];                                                                           \
+                const int R = n - r0 < RMAX ? (int)(n - r0) : RMAX;                                          \
+                const float *xr = j->x + r0 * I;                                                             \
+                /* the first pass over this tile's weights prefetches the next tile's */                     \
+                const int64_t pf = C > 1 && r0 == 0 && (t + 1) * C < O ? C * I : 0;                          \
+                switch (R) {                                                                                 \
+                    case 1: NAME##_1(xr, I, wr, acc, pf); break;                                             \
+                    case 2: NAME##_2(xr, I, wr, acc, pf); break;                                             \
+                    case 3: NAME##_3(xr, I, wr, acc, pf); break;                                             \
+                    case 4: NAME##_4(xr, I, wr, acc, pf); break;                                             \
+                    case 5: NAME##_5(xr, I, wr, acc, pf); break;                                             \
+                    default: NAME##_6(xr, I, wr, acc, pf);                                                   \
+                }                                                                                            \
+                for (int r = 0; r < R; r++)                                                                  \
+                    for (int c = 0; c < C && t * C + c < O; c++)                                             \
+                        j->y[(r0 + r) * O + t * C + c] = hsum(acc[r][c]) SCALE(t * C + c);                   \
             }                                                                                                \
-            for (int r = 0; r < R; r++)                                                                      \
-                for (int c = 0; c < C && t * C + c < O; c++)                                                 \
-                    j->y[(r0 + r) * O + t * C + c] = hsum(acc[r][c]) SCALE(t * C + c);                       \
         }                                                                                                    \
     }
 
@@ -176,12 +179,12 @@ typedef struct job {
 } job;
 
 #define LINEAR(NAME, WT, LOAD, SCALE, A, WIDE_ROWS, NARROW_ROWS)                                              \
-    TILES(NAME##_narrow, WT, LOAD, SCALE, 1, A, ROWS)                                                        \
-    TILES(NAME##_wide, WT, LOAD, SCALE, OUTS, A, WIDE_ROWS)                                                  \
+    TILES(NAME##_narrow, WT, LOAD, SCALE, 1, A, ROWS, GROUP)                                                 \
+    TILES(NAME##_wide, WT, LOAD, SCALE, OUTS, A, WIDE_ROWS, 1)                                               \
     static job NAME(const float *x, int64_t n, int64_t I, const void *w, const uint16_t *s, int64_t O, float *y) { \
         const int narrow = n <= NARROW_ROWS && n * I * 4 <= NARROW_X_BYTES;                                  \
         return (job){x, n, I, w, s, O, y, narrow ? NAME##_narrow : NAME##_wide,                              \
-                     narrow ? O : (O + OUTS - 1) / OUTS};                                                    \
+                     narrow ? (O + GROUP - 1) / GROUP : (O + OUTS - 1) / OUTS};                              \
     }
 
 #define NO_SCALE(o)
@@ -350,14 +353,15 @@ int moeray_ffn(const float *x, int64_t n, int64_t D, int64_t F, const float *nor
     return 0;
 }
 
-/* A MoE layer f on n tokens x [n, D] -> y [n, D] fp32 (see residual; f on xn = the normed x): router logits x @ gate^T (gate [E, D] fp32), the
- * top k per token (the larger logit first, the lower expert on ties), their softmax in fp32; each expert e's
- * FFN (weights at w1[e], w3[e], w2[e], scales s*[e], as moeray_ffn) on its tokens in token order; each token's
- * outputs weighted and summed in expert order (as kernels/moe.py's combine). 0 on success; 1 bad arguments;
- * 2 out of memory. */
+/* A MoE layer f on n tokens x [n, D] -> y [n, D] fp32 (see residual; f on xn = the normed x): router logits
+ * x @ gate^T (gate [E, D] fp32), the top k per token (the larger logit first, the lower expert on ties), their
+ * softmax in fp32; each expert e's FFN (weights at w1[e], w3[e], w2[e], scales s*[e], as moeray_ffn) on its
+ * tokens in token order; each token's outputs weighted and summed in expert order (as kernels/moe.py's combine).
+ * 0 on success; 1 bad arguments; 2 out of memory. */
 int moeray_moe(const float *x, int64_t n, int64_t D, int64_t F, const float *norm, float eps, const float *gate,
-               int64_t E, int64_t k, const void *const *w1, const void *const *w3, const void *const *w2, const uint16_t *const *s1,
-               const uint16_t *const *s3, const uint16_t *const *s2, int wtype, float *y, int threads) {
+               int64_t E, int64_t k, const void *const *w1, const void *const *w3, const void *const *w2,
+               const uint16_t *const *s1, const uint16_t *const *s3, const uint16_t *const *s2, int wtype, float *y,
+               int threads) {
     job_fn lin = linear_of(wtype);
     if (!lin || n < 1 || D % 16 || F % 16 || k < 1 || k > E || E > 256) return 1;
     float *logits = malloc(sizeof(float) * n * E), *wt = malloc(sizeof(float) * n * k);
