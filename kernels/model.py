@@ -37,12 +37,13 @@ from kernels.attention import paged_attention
 from kernels.cache import AttentionMetadata, DecodeMetadata, KVCache, StepSeq, step_metadata
 from kernels.checkpoint import Checkpoint
 from kernels.moe import Blocks, ExpertsStage, Wait, expert_rows, moe_start, moe_token, start
-from kernels.native import AttentionWeights, SwiGLUWeights
+from kernels.native import AttentionWeights, LayerParts, Layers, SwiGLUWeights
 from kernels.packing import (
     Fused,
     Native,
     attention_linears,
     call,
+    changes,
     ffn_linears,
     fuse,
     native_attention,
@@ -94,6 +95,11 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def native_weights(self) -> AttentionWeights | None:
+        """wq, wk, wv, wo as moeray's C kernels read them, unless one was replaced since pack_ (or none)."""
+        c = self.native
+        return c.weights if c is not None and c.current(attention_linears(self)) else None
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata | DecodeMetadata) -> torch.Tensor:
@@ -148,13 +154,16 @@ class FeedForward(nn.Module):
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
+    def native_weights(self) -> SwiGLUWeights | None:
+        """w1, w3, w2 as moeray's C kernels read them, unless one was replaced since pack_ (or none)."""
+        c = self.native
+        return c.weights if c is not None and c.current(ffn_linears([self])) else None
+
     def native_call(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor | None:
         """self(x), or given `norm` the FFN half of a layer x + self(norm(x)), in one call of moeray's C FFN kernel
         where it runs (fp32 or int8 weights on CPU, up to native.MAX_ROWS rows; kernels/native.py); else None."""
-        c = self.native
-        if c is None or not c.current(ffn_linears([self])):
-            return None
-        return c.weights.ffn(x, None if norm is None else (norm.weight, norm.eps))
+        w = self.native_weights()
+        return None if w is None else w.ffn(x, None if norm is None else (norm.weight, norm.eps))
 
 
 class Experts(nn.ModuleList):
@@ -193,11 +202,18 @@ class MoeLayer(nn.Module):
     def native_call(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor | None:
         """self(x), or given `norm` the FFN half of a layer x + self(norm(x)), the whole layer in one call of
         moeray's C MoE kernel where it runs: the experts here (Experts), their weights read by the kernels
-        (`native`: fp32 or int8 on CPU), up to native.MAX_ROWS tokens; else None."""
+        (native_weights), up to native.MAX_ROWS tokens; else None."""
+        w = self.native_weights()
+        return None if w is None else w.moe(x, self.gate.weight, self.k,
+                                            None if norm is None else (norm.weight, norm.eps))
+
+    def native_weights(self) -> SwiGLUWeights | None:
+        """The experts' weights as moeray's C kernels read them (`native`: fp32 or int8 on CPU), if the experts are
+        here (Experts) and none was replaced since pack_; else None."""
         c = self.native
         if c is None or type(self.experts) is not Experts or not c.current(ffn_linears(self.experts)):
             return None
-        return c.weights.moe(x, self.gate.weight, self.k, None if norm is None else (norm.weight, norm.eps))
+        return c.weights
 
 
 class SoleExpert(nn.Module):
@@ -265,13 +281,24 @@ class TransformerBlock(nn.Module):
         """x + attention(attention_norm(x)) of a decode step on CPU by moeray's C attention block (one call:
         norm, QKV, RoPE, KV write, attention over the pools in place, wo, residual; kernels/native.py) where it
         runs: fp32, weights fp32 or int8, up to native.MAX_ROWS sequences; else None (the torch path runs)."""
-        a, meta = self.attention, step.meta
-        c = a.native
-        if c is None or not isinstance(meta, DecodeMetadata) or x.device.type != "cpu" or not c.current(
-                attention_linears(a)):
+        meta = step.meta
+        w = self.attention.native_weights()
+        if not isinstance(meta, DecodeMetadata) or x.device.type != "cpu" or w is None:
             return None
-        return c.weights.block(x, self.attention_norm.weight, self.attention_norm.eps, torch.view_as_real(step.freqs),
-                               *kv, meta.write_slots, meta.ctx_slots, meta.mask[:, 0, 0], a.args.n_heads)
+        return w.block(x, self.attention_norm.weight, self.attention_norm.eps, torch.view_as_real(step.freqs), *kv,
+                       meta.write_slots, meta.ctx_slots, meta.mask[:, 0, 0], self.attention.args.n_heads)
+
+    def native_parts(self) -> LayerParts | None:
+        """This layer as moeray_layers reads it (Transformer.native_layers): both halves' weights as the C kernels
+        read them (an FFN, or a MoE layer with its experts here); else None."""
+        ff = self.feed_forward
+        a = self.attention.native_weights()
+        f = ff.native_weights() if isinstance(ff, MoeLayer | FeedForward) else None
+        if a is None or f is None:
+            return None
+        gate, k = (ff.gate.weight, ff.k) if isinstance(ff, MoeLayer) else (None, 0)
+        return LayerParts(a, (self.attention_norm.weight, self.attention_norm.eps), f,
+                          (self.ffn_norm.weight, self.ffn_norm.eps), gate, k)
 
 
 class Transformer(nn.Module):
@@ -288,6 +315,7 @@ class Transformer(nn.Module):
                                                        for i in range(args.n_layers)))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self._native_layers: tuple[tuple[int, int, int], Layers | None] | None = None  # native_layers': (key, it)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -303,9 +331,32 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # [T, D]
         if self.layers_stand_in is not None:
             h = self.layers_stand_in(h, step)
+        elif (out := self.native_layers(h, step)) is not None:
+            h = out
         else:
             [h] = self.run_layers([h], [step], range(len(self.layers)))
         return call(self.output, self.norm(h[logits_index])).float()  # [S, V]: the LM head only where we sample
+
+    def native_layers(self, h: torch.Tensor, step: Step) -> torch.Tensor | None:
+        """A decode step's layers on CPU in one call of moeray's C kernels (native.Layers) where every layer runs
+        them (TransformerBlock.native_parts): the same bits as run_layers, which calls them a half-layer at a time,
+        without Python between them. h [B, D] -> [B, D]; else None."""
+        meta = step.meta
+        if not isinstance(meta, DecodeMetadata) or h.device.type != "cpu" or not self.layers:
+            return None
+        cache = step.cache
+        key = changes(), cache.k.data_ptr(), cache.v.data_ptr()
+        if self._native_layers is None or self._native_layers[0] != key:  # a module or the cache changed: check all
+            blocks: list[TransformerBlock] = list(self.layers)  # type: ignore[arg-type]  # ModuleList erases it
+            parts = [p for block in blocks if (p := block.native_parts()) is not None]
+            pools = [cache.layer(b.layer_id) for b in blocks]
+            self._native_layers = key, Layers.of(parts, [k for k, _ in pools], [v for _, v in pools]) if len(
+                parts) == len(blocks) else None
+        stack = self._native_layers[1]
+        if stack is None:
+            return None
+        return stack.run(h, torch.view_as_real(step.freqs), meta.write_slots, meta.ctx_slots, meta.mask[:, 0, 0],
+                         self.args.n_heads)
 
     def run_layers(self, hs: list[torch.Tensor], steps: list[Step], layers: Iterable[int]) -> list[torch.Tensor]:
         """Runs `layers` (consecutive) on micro-batches: hs[i] [T_i, D] the hidden states of the tokens in

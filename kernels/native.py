@@ -10,8 +10,8 @@ through ctypes: the fp32-activation parts of a decode step, and sampling's pass 
   (aten._weight_int8pack_mm) takes bf16 activations only: int8 weights in an fp32 model (engine.dtype float32,
   or auto on a CPU without native bf16) took the dequantizing reference, a pass writing the whole weight in fp32
   per call; this kernel is 2-14x that. Its sums run as two chains (even and odd blocks of 16 inputs): one chain
-  waited on the FMA's latency at one row (12 GB/s a thread, 18 with two). For bf16 activations torch's kernel stays (the same loop was 0.83-0.94x
-  of it at 1-4 rows on an AVX-512 + AMX Xeon).
+  waited on the FMA's latency at one row (12 GB/s a thread, 18 with two). For bf16 activations torch's kernel
+  stays (the same loop was 0.83-0.94x of it at 1-4 rows on an AVX-512 + AMX Xeon).
 - `decode_attention`: a decode step's attention read from the paged KV pools in place, fp32 or bf16 pools,
   computing in fp32 (as the torch path does on CPU: kernels/attention.py). torch's path gathers every sequence's
   keys and values (two copies of the context a layer) and runs SDPA: 64 -> 22 us a layer at one sequence of 96
@@ -19,7 +19,9 @@ through ctypes: the fp32-activation parts of a decode step, and sampling's pass 
 - `SwiGLUWeights.ffn` / `.moe` and `AttentionWeights.block`: a SwiGLU FFN, a whole MoE layer (route, experts,
   combine) and the attention half of a decode layer (norm, QKV, RoPE, KV write, attention, wo, residual) in one
   call each, fp32 or int8 weights: around the linears, a MoE layer took ~36 small torch ops and an attention
-  ~25, more time at batch 1 than reading int8 weights.
+  ~25, more time at batch 1 than reading int8 weights. `Layers.run`: every layer of a decode step in one call
+  (those same calls one after another, so the same bits), where Python between the half-layers cost ~50 us a
+  layer.
 - `row_stats`: each logits row's max, where it first occurs and its logsumexp, in one pass (sampling's; torch's
   max over a row of 32000 took 52 us and its exp another 28).
 
@@ -46,6 +48,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -108,8 +111,10 @@ def library() -> ctypes.CDLL | None:
                                            i64, i64, p, p, p, ctypes.c_int, p, p, p, i64, ctypes.c_float, p,
                                            ctypes.c_int]
     lib.moeray_row_stats.argtypes = [p, i64, i64, p, p, p, ctypes.c_int]
+    lib.moeray_layers.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, ctypes.c_int, p, p, p, i64, ctypes.c_float,
+                                  ctypes.c_int]
     for fn in (lib.moeray_linear_f32, lib.moeray_linear_i8, lib.moeray_decode_attention, lib.moeray_ffn,
-               lib.moeray_moe, lib.moeray_attention_block, lib.moeray_row_stats):
+               lib.moeray_moe, lib.moeray_attention_block, lib.moeray_row_stats, lib.moeray_layers):
         fn.restype = ctypes.c_int
     return lib
 
@@ -305,3 +310,93 @@ def _call(fn, x: torch.Tensor, weight: torch.Tensor, *scale: torch.Tensor) -> to
           torch.get_num_threads()):
         raise RuntimeError(f"{fn.__name__} failed on x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     return y
+
+
+@dataclass(frozen=True, eq=False)
+class LayerParts:
+    """What moeray_layers reads of one layer (TransformerBlock.native_parts): its attention's weights and norm, its
+    FFN half's norm and weights: a MoE layer's experts with their router gate fp32 [E, D] and top k, or (gate
+    None) a dense FFN."""
+
+    attention: AttentionWeights
+    attention_norm: Norm
+    ffn: SwiGLUWeights
+    ffn_norm: Norm
+    gate: torch.Tensor | None
+    k: int
+
+
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+class _Layer(ctypes.Structure):
+    """kernels/csrc/linear.c's moeray_layer, field for field."""
+
+    _fields_ = [("attn_norm", _P), ("ffn_norm", _P), ("gate", _P), ("eps", ctypes.c_float),
+                *((n, _P) for n in ("wq", "wk", "wv", "wo", "sq", "sk", "sv", "so")),
+                ("attn_wtype", ctypes.c_int), ("ffn_wtype", ctypes.c_int), ("k_pool", _P), ("v_pool", _P),
+                ("E", _I64), ("k", _I64), ("F", _I64), *((n, _P) for n in ("w1", "w3", "w2", "s1", "s3", "s2"))]
+
+
+class Layers:
+    """A model's layers as `run` takes a decode step through all of them in one call (moeray_layers: each layer's
+    attention block, then its MoE or FFN kernel with ffn_norm and the residual; the same bits as a call a
+    half-layer), with their KV pools; holds what the pointers given to C point to. `of` is None where a layer
+    does not fit (norms, gate, shapes or pools the kernels do not read), or where there is no library."""
+
+    def __init__(self, parts: list[LayerParts], k_pools: list[torch.Tensor], v_pools: list[torch.Tensor],
+                 lib: ctypes.CDLL):
+        self.parts, self.pools, self.lib = parts, (k_pools, v_pools), lib
+        self.D = parts[0].ffn.D
+        self.KV, self.hd = k_pools[0].shape[1:]
+        self.pool_dtype = k_pools[0].dtype
+        self.array = (_Layer * len(parts))()
+        for layer, part, k_pool, v_pool in zip(self.array, parts, k_pools, v_pools, strict=True):
+            a, f = part.attention, part.ffn
+            layer.attn_norm, layer.eps = part.attention_norm[0].data_ptr(), part.attention_norm[1]
+            layer.ffn_norm = part.ffn_norm[0].data_ptr()
+            layer.gate = None if part.gate is None else part.gate.data_ptr()
+            layer.wq, layer.wk, layer.wv, layer.wo, layer.sq, layer.sk, layer.sv, layer.so = a.pointers
+            layer.attn_wtype, layer.ffn_wtype = a.wtype, f.wtype
+            layer.k_pool, layer.v_pool = k_pool.data_ptr(), v_pool.data_ptr()
+            layer.E, layer.k, layer.F = f.count, part.k, f.F
+            layer.w1, layer.w3, layer.w2, layer.s1, layer.s3, layer.s2 = (ctypes.addressof(t) for t in f.arrays)
+
+    @classmethod
+    def of(cls, parts: list[LayerParts], k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]) -> Layers | None:
+        if not parts or (lib := library()) is None:
+            return None
+        D = parts[0].ffn.D
+        pools = [*k_pools, *v_pools]
+        if (any(p.shape != pools[0].shape or p.dtype != pools[0].dtype or not p.is_contiguous() for p in pools)
+                or pools[0].dtype not in POOL_DTYPES or pools[0].device.type != "cpu" or pools[0].shape[2] % 16):
+            return None
+        for p in parts:
+            if (p.ffn.D != D or p.attention.weights[0][0].shape[1] != D or p.attention_norm[1] != p.ffn_norm[1]
+                    or not (_norm_ok(p.attention_norm, D) and _norm_ok(p.ffn_norm, D))):
+                return None
+            if p.gate is None and p.ffn.count != 1:
+                return None
+            if p.gate is not None and (p.gate.dtype != torch.float32 or p.gate.shape != (p.ffn.count, D)
+                                       or not p.gate.is_contiguous() or not 1 <= p.k <= p.ffn.count):
+                return None
+        return cls(parts, k_pools, v_pools, lib)
+
+    def run(self, x: torch.Tensor, rope: torch.Tensor, write_slots: torch.Tensor, slots: torch.Tensor,
+            mask: torch.Tensor, n_heads: int) -> torch.Tensor | None:
+        """Every layer on a decode step's hidden states x fp32 [B, D] (1 to MAX_ROWS; the arguments as
+        AttentionWeights.block's) -> the last layer's output fp32 [B, D]; the pools written in place. None where it
+        does not run (another dtype, more rows)."""
+        B, D = x.shape
+        if x.dtype != torch.float32 or not 1 <= B <= MAX_ROWS or D != self.D:
+            return None
+        out = x.contiguous().clone()
+        rope, slots, mask = rope.contiguous(), slots.contiguous(), mask.contiguous()
+        write_slots = write_slots.contiguous()
+        rc = self.lib.moeray_layers(out.data_ptr(), B, D, ctypes.addressof(self.array), len(self.parts), n_heads,
+                                    self.KV, self.hd, rope.data_ptr(), POOL_DTYPES[self.pool_dtype],
+                                    write_slots.data_ptr(), slots.data_ptr(), mask.data_ptr(), slots.shape[1],
+                                    self.hd**-0.5, torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"moeray_layers failed ({rc}) on x {tuple(x.shape)}")
+        return out

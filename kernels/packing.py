@@ -209,6 +209,25 @@ def prepack(linear: nn.Module) -> PackedLinear | None:
     return PackedLinear(linear.weight)
 
 
+_changes = 0  # see changes()
+
+
+def _changed(*_: object) -> None:
+    global _changes
+    _changes += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_changed)
+nn.modules.module.register_module_parameter_registration_hook(_changed)
+
+
+def changes() -> int:
+    """A count that moves whenever any module of this process gets a submodule or a parameter, set or replaced
+    (torch's global registration hooks): while it stays, every `Native.current` stays what it was, so a caller
+    that checked them all may skip checking again (Transformer.native_layers, each decode step)."""
+    return _changes
+
+
 @dataclass
 class Native(Generic[W]):
     """Weights moeray's C kernels read (native.SwiGLUWeights: a MoE layer's experts or one FFN;

@@ -71,8 +71,8 @@ def test_where_the_fp32_kernel_runs():
 @pytest.mark.parametrize("kernel", ["ours", "none"])
 def test_fp32_engine_with_and_without_the_kernels(hf_tiny, monkeypatch, kernel):
     """The fp32 engine runs the C kernels: the linear for fused wq|wk|wv, wo (prefill chunks of up to 32 rows) and
-    the LM head, the attention block at decode, the MoE kernel for a Mixtral layer's experts (the FFN kernel for
-    Mistral's dense FFN); where they cannot build (no
+    the LM head, the MoE kernel for a Mixtral layer's experts (the FFN kernel for Mistral's dense FFN), and at
+    decode every layer in one call (Layers.run: the attention block and those); where they cannot build (no
     compiler: library() None) torch's path runs, MKL on the transposed fast layout. Greedy tokens equal
     transformers' either way."""
     calls = []
@@ -85,9 +85,8 @@ def test_fp32_engine_with_and_without_the_kernels(hf_tiny, monkeypatch, kernel):
                                 lambda self, x, *a, ours=ours, name=name: calls.append(name) or ours(self, x, *a))
         linear = kernels.native.linear
         monkeypatch.setattr(kernels.native, "linear", lambda x, w: calls.append(tuple(w.shape)) or linear(x, w))
-        block = native.AttentionWeights.block
-        monkeypatch.setattr(native.AttentionWeights, "block",
-                            lambda self, *a: calls.append("attention block") or block(self, *a))
+        layers = native.Layers.run
+        monkeypatch.setattr(native.Layers, "run", lambda self, *a: calls.append("layers") or layers(self, *a))
     model = build_role(Checkpoint.open(hf_tiny), EngineConfig(), Holds(whole=True)).model
     assert model.output.weight.is_contiguous() == (kernel == "ours")  # [V, D], V > D: stored transposed for MKL
     ps = prompts((3, 9))
@@ -98,9 +97,46 @@ def test_fp32_engine_with_and_without_the_kernels(hf_tiny, monkeypatch, kernel):
     if kernel == "ours":
         qkv = ((a.n_heads + 2 * a.n_kv_heads) * a.head_dim, a.dim)
         assert {(a.vocab_size, a.dim), qkv, (a.dim, a.n_heads * a.head_dim), "moe" if a.moe else "ffn",
-                "attention block"} <= set(calls)
+                "layers"} <= set(calls)
     else:
         assert calls == []
+
+
+@pytest.mark.parametrize("quant,kv", [("none", "float32"), ("int8", "bfloat16")])
+def test_decode_layers_in_one_call_equal_a_call_a_half_layer(hf_tiny, monkeypatch, quant, kv):
+    """At decode the engine runs every layer in one C call (Transformer.native_layers: Layers.run); with it off,
+    a call a half-layer (TransformerBlock.start). The same logits bit for bit at every step and the same KV cache,
+    sequences joining and leaving mid-run (4 prompts of 3 to 14 tokens, 3 at a time, 5 to 12 new tokens; Mistral's
+    window of 8 wraps its ring), fp32 or int8 weights (experts, attention and LM head), fp32 or bf16 KV cache."""
+    calls = []
+    run = native.Layers.run
+    monkeypatch.setattr(native.Layers, "run", lambda self, *a: calls.append(len(self.parts)) or run(self, *a))
+    config = EngineConfig(dtype="float32", expert_quant=quant, weight_quant=quant, kv_cache_dtype=kv, max_num_seqs=3)
+    logits: dict[str, list[torch.Tensor]] = {}
+    engines = {}
+    for way in ("one call", "half-layers"):
+        eng = engines[way] = Engine.from_dir(hf_tiny, config)
+        model = eng.executor.model
+        if way == "half-layers":
+            model.native_layers = lambda h, step: None
+        forward = eng.executor.forward
+        eng.executor.forward = lambda *a, way=way, forward=forward: logits.setdefault(way, []).append(
+            forward(*a)) or logits[way][-1]
+        params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (12, 5, 8, 7)]
+        eng.generate(prompts((3, 9, 14, 6)), params)
+    assert calls and set(calls) == {engines["one call"].executor.model.args.n_layers}
+    assert len(logits["one call"]) == len(logits["half-layers"]) > 10
+    for a, b in zip(logits["one call"], logits["half-layers"], strict=True):
+        assert torch.equal(a, b)
+    caches = [e.executor.cache for e in engines.values()]
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    # a linear replaced after packing: its layer no longer holds what the kernels read, so no call takes it
+    ff = engines["one call"].executor.model.layers[0].feed_forward
+    ffn = ff.experts[0] if hasattr(ff, "experts") else ff
+    ffn.w2 = torch.nn.Linear(ffn.w2.in_features, ffn.w2.out_features, bias=False)
+    before = len(calls)
+    engines["one call"].generate(prompts((4,)), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert len(calls) == before
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

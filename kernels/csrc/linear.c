@@ -491,6 +491,47 @@ int moeray_attention_block(const float *x, int64_t B, int64_t D, const float *no
     return rc;
 }
 
+/* One layer of a decode step as moeray_layers runs it: its attention half's norm and weights (as
+ * moeray_attention_block's, wtype attn_wtype) and KV pools; its FFN half's norm and either a MoE layer (gate
+ * [E, D], top k, E experts' weights as moeray_moe's) or, gate NULL, a dense FFN (w1[0], w3[0], w2[0] and scales as
+ * moeray_ffn's), wtype ffn_wtype, hidden size F. Field for field ctypes' kernels.native._Layer. */
+typedef struct {
+    const float *attn_norm, *ffn_norm, *gate;
+    float eps;
+    const void *wq, *wk, *wv, *wo;
+    const uint16_t *sq, *sk, *sv, *so;
+    int attn_wtype, ffn_wtype;
+    void *k_pool, *v_pool;
+    int64_t E, k, F;
+    const void *const *w1, *const *w3, *const *w2;
+    const uint16_t *const *s1, *const *s3, *const *s2;
+} moeray_layer;
+
+/* The layers of a decode step, one after another, in one call: x [B, D] fp32 in place (in: their input; out: the
+ * last one's output); each layer h = moeray_attention_block(x), then x = h + f(ffn_norm(h)) (moeray_moe or
+ * moeray_ffn): the same calls, so the same bits, as one call a half-layer. The step's shapes (H, KV, hd), RoPE,
+ * pool dtype, write and read slots, mask and scale are every layer's. 0 on success, else a half-layer's code. */
+int moeray_layers(float *x, int64_t B, int64_t D, const moeray_layer *layers, int64_t count, int64_t H, int64_t KV,
+                  int64_t hd, const float *rope, int pool_bf16, const int64_t *write_slots, const int64_t *slots,
+                  const uint8_t *mask, int64_t C, float scale, int threads) {
+    float *h = malloc(sizeof(float) * B * D);
+    if (!h) return 2;
+    int rc = 0;
+    for (int64_t i = 0; i < count && !rc; i++) {
+        const moeray_layer *l = layers + i;
+        rc = moeray_attention_block(x, B, D, l->attn_norm, l->eps, l->wq, l->wk, l->wv, l->wo, l->sq, l->sk, l->sv,
+                                    l->so, l->attn_wtype, H, KV, hd, rope, l->k_pool, l->v_pool, pool_bf16,
+                                    write_slots, slots, mask, C, scale, h, threads);
+        if (rc) break;
+        rc = l->gate ? moeray_moe(h, B, D, l->F, l->ffn_norm, l->eps, l->gate, l->E, l->k, l->w1, l->w3, l->w2, l->s1,
+                                  l->s3, l->s2, l->ffn_wtype, x, threads)
+                     : moeray_ffn(h, B, D, l->F, l->ffn_norm, l->eps, l->w1[0], l->w3[0], l->w2[0], l->s1[0],
+                                  l->s3[0], l->s2[0], l->ffn_wtype, x, threads);
+    }
+    free(h);
+    return rc;
+}
+
 /* e^x for x <= 0, 16 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^n;
  * within 2 ulp of expf), 0 below -87 (2^n would leave the normal range) */
 static inline v16f exp_nonpositive(v16f x) {
