@@ -282,8 +282,9 @@ class TransformerBlock(nn.Module):
         norm, QKV, RoPE, KV write, attention over the pools in place, wo, residual; kernels/native.py) where it
         runs: fp32, weights fp32 or int8, up to native.MAX_ROWS sequences; else None (the torch path runs)."""
         meta = step.meta
-        w = self.attention.native_weights()
-        if not isinstance(meta, DecodeMetadata) or x.device.type != "cpu" or w is None:
+        if not isinstance(meta, DecodeMetadata) or x.device.type != "cpu":
+            return None
+        if (w := self.attention.native_weights()) is None:
             return None
         return w.block(x, self.attention_norm.weight, self.attention_norm.eps, torch.view_as_real(step.freqs), *kv,
                        meta.write_slots, meta.ctx_slots, meta.mask[:, 0, 0], self.attention.args.n_heads)
