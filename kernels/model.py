@@ -24,6 +24,7 @@ attention, ffn_norm and gate, and the rest stay shapes, never allocated.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -71,6 +72,14 @@ class Step:
         metadata is built on CPU (many tiny ops) and copied to the cache's device once, not per layer."""
         meta = step_metadata(seqs, cache.block_size, args.sliding_window).to(cache.device)
         return cls(meta, rope_freqs(meta.positions, args.head_dim, args.rope_theta), cache)  # [T, hd/2]
+
+    @functools.cached_property
+    def decode_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A decode step (DecodeMetadata) as moeray's C kernels read it, made once for all its layers: RoPE
+        [B, hd/2, 2] (cos, sin), write slots [B], read slots [B, C] and mask [B, C]."""
+        meta = self.meta
+        assert isinstance(meta, DecodeMetadata)
+        return torch.view_as_real(self.freqs), meta.write_slots, meta.ctx_slots, meta.mask[:, 0, 0]
 
 
 class RMSNorm(nn.Module):
@@ -281,13 +290,13 @@ class TransformerBlock(nn.Module):
         """x + attention(attention_norm(x)) of a decode step on CPU by moeray's C attention block (one call:
         norm, QKV, RoPE, KV write, attention over the pools in place, wo, residual; kernels/native.py) where it
         runs: fp32, weights fp32 or int8, up to native.MAX_ROWS sequences; else None (the torch path runs)."""
-        meta = step.meta
-        if not isinstance(meta, DecodeMetadata) or x.device.type != "cpu":
+        if not isinstance(step.meta, DecodeMetadata) or x.device.type != "cpu":
             return None
         if (w := self.attention.native_weights()) is None:
             return None
-        return w.block(x, self.attention_norm.weight, self.attention_norm.eps, torch.view_as_real(step.freqs), *kv,
-                       meta.write_slots, meta.ctx_slots, meta.mask[:, 0, 0], self.attention.args.n_heads)
+        rope, write_slots, slots, mask = step.decode_args
+        return w.block(x, self.attention_norm.weight, self.attention_norm.eps, rope, *kv, write_slots, slots, mask,
+                       self.attention.args.n_heads)
 
     def native_parts(self) -> LayerParts | None:
         """This layer as moeray_layers reads it (Transformer.native_layers): both halves' weights as the C kernels
@@ -342,8 +351,7 @@ class Transformer(nn.Module):
         """A decode step's layers on CPU in one call of moeray's C kernels (native.Layers) where every layer runs
         them (TransformerBlock.native_parts): the same bits as run_layers, which calls them a half-layer at a time,
         without Python between them. h [B, D] -> [B, D]; else None."""
-        meta = step.meta
-        if not isinstance(meta, DecodeMetadata) or h.device.type != "cpu" or not self.layers:
+        if not isinstance(step.meta, DecodeMetadata) or h.device.type != "cpu" or not self.layers:
             return None
         cache = step.cache
         key = changes(), cache.k.data_ptr(), cache.v.data_ptr()
@@ -356,8 +364,7 @@ class Transformer(nn.Module):
         stack = self._native_layers[1]
         if stack is None:
             return None
-        return stack.run(h, torch.view_as_real(step.freqs), meta.write_slots, meta.ctx_slots, meta.mask[:, 0, 0],
-                         self.args.n_heads)
+        return stack.run(h, *step.decode_args, self.args.n_heads)
 
     def run_layers(self, hs: list[torch.Tensor], steps: list[Step], layers: Iterable[int]) -> list[torch.Tensor]:
         """Runs `layers` (consecutive) on micro-batches: hs[i] [T_i, D] the hidden states of the tokens in
