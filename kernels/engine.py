@@ -458,11 +458,13 @@ class Engine:
             return []
         tokens = torch.tensor([t for seq, n in batch for t in seq.tokens[seq.num_cached : seq.num_cached + n]])  # [T]
         seqs = [StepSeq(s.block_table, s.num_cached, n) for s, n in batch]
-        ends = torch.tensor([n for _, n in batch]).cumsum(0) - 1  # [B] flat index of each sequence's last token
-        done = [seq.num_cached + n == len(seq.tokens) for seq, n in batch]  # prompt fully cached: sample
+        # the flat index of the last token of each sequence whose prompt is now fully cached: those sample (lists,
+        # not tensor ops: each of those took ~10 us in a decode step, slowed by the weights just streamed)
+        done = [seq.num_cached + n == len(seq.tokens) for seq, n in batch]
+        ends = [end - 1 for end, d in zip(itertools.accumulate(n for _, n in batch), done, strict=True) if d]
         sampling = [seq for (seq, _), d in zip(batch, done, strict=True) if d]
         try:
-            logits = self.executor.forward(tokens, seqs, ends[torch.tensor(done)])  # [S, V]
+            logits = self.executor.forward(tokens, seqs, torch.tensor(ends, dtype=torch.long))  # [S, V]
         except CacheLost:
             self.recomputes += 1
             self.scheduler.recompute()

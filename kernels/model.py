@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import native
 from kernels.args import ModelArgs, MoeArgs
 from kernels.attention import paged_attention
 from kernels.cache import AttentionMetadata, DecodeMetadata, KVCache, StepSeq, step_metadata
@@ -52,7 +53,7 @@ from kernels.packing import (
     prepack,
     relayout,
 )
-from kernels.rope import apply_rope, rope_freqs
+from kernels.rope import apply_rope, inv_freq, rope_freqs
 
 LayersStage = Callable[[torch.Tensor, Any], torch.Tensor]  # (h [T, D] embedded, step) -> h after every layer
 
@@ -69,7 +70,14 @@ class Step:
     @classmethod
     def begin(cls, seqs: list[StepSeq], args: ModelArgs, cache: KVCache) -> Step:
         """The per-step prologue, in the single-process engine and in an attention actor alike. The
-        metadata is built on CPU (many tiny ops) and copied to the cache's device once, not per layer."""
+        metadata is built on CPU (many tiny ops) and copied to the cache's device once, not per layer; a decode
+        step on CPU has it and its RoPE made by one C call where the kernels run (native.decode_meta)."""
+        if cache.device.type == "cpu" and all(s.n == 1 for s in seqs) and (made := native.decode_meta(
+                seqs, cache.block_size, args.sliding_window, inv_freq(args.head_dim, args.rope_theta, cache.device))):
+            decode, rope, mask = made
+            step = cls(decode, torch.view_as_complex(rope), cache)
+            step.__dict__["decode_args"] = rope, decode.write_slots, decode.ctx_slots, mask  # decode_args', made
+            return step
         meta = step_metadata(seqs, cache.block_size, args.sliding_window).to(cache.device)
         return cls(meta, rope_freqs(meta.positions, args.head_dim, args.rope_theta), cache)  # [T, hd/2]
 
@@ -338,20 +346,22 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, step: Any, logits_index: torch.Tensor) -> torch.Tensor:
         """tokens [T] new tokens of the step -> fp32 logits [S, V] of the rows in logits_index [S]. `step` goes
         to the layers: a Step (Step.begin) for layers here, what the stand-in takes otherwise."""
+        if self.layers_stand_in is None and (h := self.native_layers(tokens, step)) is not None:
+            return call(self.output, h[logits_index]).float()  # embedding, layers and final norm in one C call
         h = self.tok_embeddings(tokens)  # [T, D]
         if self.layers_stand_in is not None:
             h = self.layers_stand_in(h, step)
-        elif (out := self.native_layers(h, step)) is not None:
-            h = out
         else:
             [h] = self.run_layers([h], [step], range(len(self.layers)))
         return call(self.output, self.norm(h[logits_index])).float()  # [S, V]: the LM head only where we sample
 
-    def native_layers(self, h: torch.Tensor, step: Step) -> torch.Tensor | None:
-        """A decode step's layers on CPU in one call of moeray's C kernels (native.Layers) where every layer runs
-        them (TransformerBlock.native_parts): the same bits as run_layers, which calls them a half-layer at a time,
-        without Python between them. h [B, D] -> [B, D]; else None."""
-        if not isinstance(step.meta, DecodeMetadata) or h.device.type != "cpu" or not self.layers:
+    def native_layers(self, tokens: torch.Tensor, step: Step) -> torch.Tensor | None:
+        """A decode step on CPU from its tokens to the final norm in one call of moeray's C kernels (native.Layers)
+        where every layer runs them (TransformerBlock.native_parts): its layers the same bits as run_layers, which
+        calls them a half-layer at a time, without Python between them; the embedding and the final norm (C's
+        RMSNorm: within an ulp of torch's) without their torch ops, each slowed by the weights just streamed.
+        tokens [B] -> final-normed hidden states [B, D]; else None."""
+        if not isinstance(step.meta, DecodeMetadata) or tokens.device.type != "cpu" or not self.layers:
             return None
         cache = step.cache
         key = changes(), cache.k.data_ptr(), cache.v.data_ptr()
@@ -359,12 +369,13 @@ class Transformer(nn.Module):
             blocks: list[TransformerBlock] = list(self.layers)  # type: ignore[arg-type]  # ModuleList erases it
             parts = [p for block in blocks if (p := block.native_parts()) is not None]
             pools = [cache.layer(b.layer_id) for b in blocks]
-            self._native_layers = key, Layers.of(parts, [k for k, _ in pools], [v for _, v in pools]) if len(
+            self._native_layers = key, Layers.of(parts, [k for k, _ in pools], [v for _, v in pools],
+                                                 self.tok_embeddings.weight, (self.norm.weight, self.norm.eps)) if len(
                 parts) == len(blocks) else None
         stack = self._native_layers[1]
         if stack is None:
             return None
-        return stack.run(h, *step.decode_args, self.args.n_heads)
+        return stack.run(tokens, *step.decode_args, self.args.n_heads)
 
     def run_layers(self, hs: list[torch.Tensor], steps: list[Step], layers: Iterable[int]) -> list[torch.Tensor]:
         """Runs `layers` (consecutive) on micro-batches: hs[i] [T_i, D] the hidden states of the tokens in

@@ -19,9 +19,11 @@ through ctypes: the fp32-activation parts of a decode step, and sampling's pass 
 - `SwiGLUWeights.ffn` / `.moe` and `AttentionWeights.block`: a SwiGLU FFN, a whole MoE layer (route, experts,
   combine) and the attention half of a decode layer (norm, QKV, RoPE, KV write, attention, wo, residual) in one
   call each, fp32 or int8 weights: around the linears, a MoE layer took ~36 small torch ops and an attention
-  ~25, more time at batch 1 than reading int8 weights. `Layers.run`: every layer of a decode step in one call
-  (those same calls one after another, so the same bits), where Python between the half-layers cost ~50 us a
-  layer.
+  ~25, more time at batch 1 than reading int8 weights. `Layers.run`: a decode step from its tokens' embedding rows
+  through every layer (those same calls one after another, so the same bits) to the final RMSNorm in one call,
+  where Python between the half-layers cost ~50 us a layer.
+- `decode_meta`: a decode step's attention metadata and RoPE (DecodeMetadata.build's and rope_freqs', the
+  references) in one call where their dozen tensor ops took 140-280 us.
 - `row_stats`: each logits row's max, where it first occurs and its logsumexp, in one pass (sampling's; torch's
   max over a row of 32000 took 52 us and its exp another 28).
 
@@ -52,6 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from kernels.cache import DecodeMetadata, StepSeq
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +115,12 @@ def library() -> ctypes.CDLL | None:
                                            i64, i64, p, p, p, ctypes.c_int, p, p, p, i64, ctypes.c_float, p,
                                            ctypes.c_int]
     lib.moeray_row_stats.argtypes = [p, i64, i64, p, p, p, ctypes.c_int]
-    lib.moeray_layers.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, ctypes.c_int, p, p, p, i64, ctypes.c_float,
-                                  ctypes.c_int]
+    lib.moeray_layers.argtypes = [p, i64, i64, p, i64, p, p, i64, p, f32, i64, i64, i64, p, ctypes.c_int, p, p, p,
+                                  i64, f32, ctypes.c_int]
+    lib.moeray_decode_meta.argtypes = [i64, p, i64, p, p, i64, i64, i64, p, i64, p, p, p, p]
     for fn in (lib.moeray_linear_f32, lib.moeray_linear_i8, lib.moeray_decode_attention, lib.moeray_ffn,
-               lib.moeray_moe, lib.moeray_attention_block, lib.moeray_row_stats, lib.moeray_layers):
+               lib.moeray_moe, lib.moeray_attention_block, lib.moeray_row_stats, lib.moeray_layers,
+               lib.moeray_decode_meta):
         fn.restype = ctypes.c_int
     return lib
 
@@ -339,14 +345,15 @@ class _Layer(ctypes.Structure):
 
 
 class Layers:
-    """A model's layers as `run` takes a decode step through all of them in one call (moeray_layers: each layer's
-    attention block, then its MoE or FFN kernel with ffn_norm and the residual; the same bits as a call a
-    half-layer), with their KV pools; holds what the pointers given to C point to. `of` is None where a layer
-    does not fit (norms, gate, shapes or pools the kernels do not read), or where there is no library."""
+    """A model as `run` takes a decode step from its tokens to its final norm in one call (moeray_layers: the tokens'
+    embedding rows, then each layer's attention block and its MoE or FFN kernel with ffn_norm and the residual, the
+    same bits as a call a half-layer, then the final RMSNorm), with its KV pools; holds what the pointers given to C
+    point to. `of` is None where a part does not fit (norms, gate, shapes, embedding or pools the kernels do not
+    read), or where there is no library."""
 
     def __init__(self, parts: list[LayerParts], k_pools: list[torch.Tensor], v_pools: list[torch.Tensor],
-                 lib: ctypes.CDLL):
-        self.parts, self.pools, self.lib = parts, (k_pools, v_pools), lib
+                 embedding: torch.Tensor, norm: Norm, lib: ctypes.CDLL):
+        self.parts, self.pools, self.embedding, self.norm, self.lib = parts, (k_pools, v_pools), embedding, norm, lib
         self.D = parts[0].ffn.D
         self.KV, self.hd = k_pools[0].shape[1:]
         self.pool_dtype = k_pools[0].dtype
@@ -363,13 +370,18 @@ class Layers:
             layer.w1, layer.w3, layer.w2, layer.s1, layer.s3, layer.s2 = (ctypes.addressof(t) for t in f.arrays)
 
     @classmethod
-    def of(cls, parts: list[LayerParts], k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]) -> Layers | None:
+    def of(cls, parts: list[LayerParts], k_pools: list[torch.Tensor], v_pools: list[torch.Tensor],
+           embedding: torch.Tensor, norm: Norm) -> Layers | None:
+        """parts: every layer's, in order; embedding: the token embedding table fp32 [V, D]; norm: the final norm."""
         if not parts or (lib := library()) is None:
             return None
         D = parts[0].ffn.D
         pools = [*k_pools, *v_pools]
         if (any(p.shape != pools[0].shape or p.dtype != pools[0].dtype or not p.is_contiguous() for p in pools)
                 or pools[0].dtype not in POOL_DTYPES or pools[0].device.type != "cpu" or pools[0].shape[2] % 16):
+            return None
+        if (embedding.dtype != torch.float32 or embedding.dim() != 2 or embedding.shape[1] != D
+                or not embedding.is_contiguous() or embedding.device.type != "cpu" or not _norm_ok(norm, D)):
             return None
         for p in parts:
             if (p.ffn.D != D or p.attention.weights[0][0].shape[1] != D or p.attention_norm[1] != p.ffn_norm[1]
@@ -380,23 +392,54 @@ class Layers:
             if p.gate is not None and (p.gate.dtype != torch.float32 or p.gate.shape != (p.ffn.count, D)
                                        or not p.gate.is_contiguous() or not 1 <= p.k <= p.ffn.count):
                 return None
-        return cls(parts, k_pools, v_pools, lib)
+        return cls(parts, k_pools, v_pools, embedding, norm, lib)
 
-    def run(self, x: torch.Tensor, rope: torch.Tensor, write_slots: torch.Tensor, slots: torch.Tensor,
+    def run(self, tokens: torch.Tensor, rope: torch.Tensor, write_slots: torch.Tensor, slots: torch.Tensor,
             mask: torch.Tensor, n_heads: int) -> torch.Tensor | None:
-        """Every layer on a decode step's hidden states x fp32 [B, D] (1 to MAX_ROWS; the arguments as
-        AttentionWeights.block's) -> the last layer's output fp32 [B, D]; the pools written in place. None where it
-        does not run (another dtype, more rows)."""
-        B, D = x.shape
-        if x.dtype != torch.float32 or not 1 <= B <= MAX_ROWS or D != self.D:
+        """A decode step's tokens int64 [B] (1 to MAX_ROWS; the other arguments as AttentionWeights.block's) -> the
+        final norm of the last layer's output fp32 [B, D]; the pools written in place. None where it does not run
+        (another dtype, more rows); IndexError for a token outside the embedding table."""
+        (B,) = tokens.shape
+        if tokens.dtype != torch.int64 or not 1 <= B <= MAX_ROWS:
             return None
-        out = x.contiguous().clone()
-        rope, slots, mask = rope.contiguous(), slots.contiguous(), mask.contiguous()
+        tokens, rope, slots, mask = tokens.contiguous(), rope.contiguous(), slots.contiguous(), mask.contiguous()
         write_slots = write_slots.contiguous()
-        rc = self.lib.moeray_layers(out.data_ptr(), B, D, ctypes.addressof(self.array), len(self.parts), n_heads,
-                                    self.KV, self.hd, rope.data_ptr(), POOL_DTYPES[self.pool_dtype],
-                                    write_slots.data_ptr(), slots.data_ptr(), mask.data_ptr(), slots.shape[1],
-                                    self.hd**-0.5, torch.get_num_threads())
+        out = torch.empty(B, self.D)
+        V = self.embedding.shape[0]
+        rc = self.lib.moeray_layers(out.data_ptr(), B, self.D, self.embedding.data_ptr(), V, tokens.data_ptr(),
+                                    ctypes.addressof(self.array), len(self.parts), self.norm[0].data_ptr(),
+                                    self.norm[1], n_heads, self.KV, self.hd, rope.data_ptr(),
+                                    POOL_DTYPES[self.pool_dtype], write_slots.data_ptr(), slots.data_ptr(),
+                                    mask.data_ptr(), slots.shape[1], self.hd**-0.5, torch.get_num_threads())
+        if rc == 3:
+            raise IndexError(f"a token id is outside the embedding table [0, {V}): {tokens.tolist()}")
         if rc:
-            raise RuntimeError(f"moeray_layers failed ({rc}) on x {tuple(x.shape)}")
+            raise RuntimeError(f"moeray_layers failed ({rc}) on tokens {tuple(tokens.shape)}")
         return out
+
+
+def decode_meta(seqs: list[StepSeq], block_size: int, window: int | None,
+                inv_freq: torch.Tensor) -> tuple[DecodeMetadata, torch.Tensor, torch.Tensor] | None:
+    """A decode step's DecodeMetadata (as DecodeMetadata.build's, the reference), its RoPE [B, hd/2, 2] (cos, sin:
+    rope_freqs' within an ulp, C's cosf and sinf against torch's) and its mask [B, C], by one C call (in a step's
+    prologue the dozen tensor ops of build and rope_freqs cost 140-280 us, each slowed by the weights just streamed).
+    inv_freq: rope's [hd/2] fp32. None where it does not run (no library); ValueError for a block table too short
+    (AssertionError in build)."""
+    if (lib := library()) is None or inv_freq.dtype != torch.float32 or inv_freq.device.type != "cpu":
+        return None
+    assert all(s.n == 1 for s in seqs), "a decode step has one new token per sequence"
+    B, half = len(seqs), inv_freq.shape[0]
+    starts = [s.start for s in seqs]
+    rings = [len(s.block_table) * block_size for s in seqs]
+    C = max(min(r, p + 1) for p, r in zip(starts, rings, strict=True))
+    width = -(-C // block_size)
+    ints = torch.tensor([*starts, *rings, *(b for s in seqs for b in (s.block_table + [0] * width)[:width])])
+    slots = torch.empty(B * (C + 1), dtype=torch.int64)  # write slots [B], then the read slots [B, C]
+    mask, rope = torch.empty(B, C, dtype=torch.bool), torch.empty(B, half, 2)
+    at = ints.data_ptr()
+    if lib.moeray_decode_meta(B, at + 16 * B, width, at, at + 8 * B, block_size, window or 0, C, inv_freq.data_ptr(),
+                              half, slots.data_ptr(), slots.data_ptr() + 8 * B, mask.data_ptr(), rope.data_ptr()):
+        raise ValueError(f"decode metadata: a block table too short, or bad arguments: {seqs}")
+    meta = DecodeMetadata(positions=ints[:B], ctx_slots=slots[B:].view(B, C), mask=mask[:, None, None],
+                          write_slots=slots[:B])
+    return meta, rope, mask

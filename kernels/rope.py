@@ -16,12 +16,12 @@ def rope_freqs(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Te
     Computed per step from the step's positions (shared by all layers), on their device, so there is
     no table to size for the longest context. fp32 angles, as in transformers and mistral-inference.
     """
-    angles = torch.outer(positions.to(torch.float32), _inv_freq(head_dim, theta, positions.device))  # [T, hd/2]
+    angles = torch.outer(positions.to(torch.float32), inv_freq(head_dim, theta, positions.device))  # [T, hd/2]
     return torch.polar(torch.ones_like(angles), angles)
 
 
 @functools.cache
-def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+def inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
     """theta^(-2j / hd) for each pair j: [hd/2] fp32 (made once: three ops fewer every step; a plain tensor even
     when first asked for under inference_mode, so training can read it too)."""
     with torch.inference_mode(False):

@@ -104,8 +104,10 @@ def test_fp32_engine_with_and_without_the_kernels(hf_tiny, monkeypatch, kernel):
 
 @pytest.mark.parametrize("quant,kv", [("none", "float32"), ("int8", "bfloat16")])
 def test_decode_layers_in_one_call_equal_a_call_a_half_layer(hf_tiny, monkeypatch, quant, kv):
-    """At decode the engine runs every layer in one C call (Transformer.native_layers: Layers.run); with it off,
-    a call a half-layer (TransformerBlock.start). The same logits bit for bit at every step and the same KV cache,
+    """At decode the engine runs the embedding, every layer and the final norm in one C call
+    (Transformer.native_layers: Layers.run); with it off, torch's embedding and norm and a call a half-layer
+    (TransformerBlock.start). The same KV cache bit for bit (the same layers' calls), the logits within fp32
+    rounding of each other (C's final RMSNorm against torch's) with the same greedy tokens, at every step,
     sequences joining and leaving mid-run (4 prompts of 3 to 14 tokens, 3 at a time, 5 to 12 new tokens; Mistral's
     window of 8 wraps its ring), fp32 or int8 weights (experts, attention and LM head), fp32 or bf16 KV cache."""
     calls = []
@@ -127,7 +129,8 @@ def test_decode_layers_in_one_call_equal_a_call_a_half_layer(hf_tiny, monkeypatc
     assert calls and set(calls) == {engines["one call"].executor.model.args.n_layers}
     assert len(logits["one call"]) == len(logits["half-layers"]) > 10
     for a, b in zip(logits["one call"], logits["half-layers"], strict=True):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
     caches = [e.executor.cache for e in engines.values()]
     assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
     # a linear replaced after packing: its layer no longer holds what the kernels read, so no call takes it
@@ -260,6 +263,45 @@ def test_attention_block_equals_the_torch_path_and_is_per_sequence(hf_tiny, weig
     torch.testing.assert_close(cache.v.float(), ref_cache.v.float(), atol=atol, rtol=2**-7)
     alone, _ = run([0], True)
     assert torch.equal(alone[0], ours[0])
+
+
+@pytest.mark.parametrize("window", [None, 5, 12])
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_decode_metadata_in_c_equals_the_reference(window, batch):
+    """native.decode_meta (a decode step's prologue in one C call) against DecodeMetadata.build and rope_freqs, the
+    references: positions, write and read slots and mask equal, RoPE within an ulp; cached lengths 0..40 (windows
+    wrap), scattered block tables longer than their context, unequal contexts side by side. Step.begin takes it at
+    decode on CPU (its decode_args are the C call's). A table too short for its position is refused."""
+    import random
+
+    from kernels.args import ModelArgs
+    from kernels.cache import DecodeMetadata, KVCache, StepSeq, blocks_for
+    from kernels.model import Step
+    from kernels.rope import inv_freq, rope_freqs
+
+    rnd = random.Random(batch)
+    bs, hd, theta = 4, 16, 1e6
+    free = list(range(1, 400))
+    rnd.shuffle(free)
+    cached = [rnd.randint(0, 40) for _ in range(batch)]
+    tables = [[free.pop() for _ in range(blocks_for(c + rnd.randint(1, 9), bs, window))] for c in cached]
+    seqs = [StepSeq(t, c, 1) for t, c in zip(tables, cached, strict=True)]
+    made = native.decode_meta(seqs, bs, window, inv_freq(hd, theta, torch.device("cpu")))
+    assert made is not None
+    meta, rope, mask = made
+    ref = DecodeMetadata.build(seqs, bs, window)
+    for name in ("positions", "ctx_slots", "mask", "write_slots"):
+        assert torch.equal(getattr(meta, name), getattr(ref, name)), name
+    assert torch.equal(mask, ref.mask[:, 0, 0])
+    ref_rope = torch.view_as_real(rope_freqs(ref.positions, hd, theta))
+    torch.testing.assert_close(rope, ref_rope, atol=2 * torch.finfo(torch.float32).eps, rtol=0)
+    args = ModelArgs(dim=64, n_layers=1, head_dim=hd, hidden_dim=64, n_heads=2, n_kv_heads=1, vocab_size=32,
+                     rope_theta=theta, sliding_window=window)
+    step = Step.begin(seqs, args, KVCache(1, 400, bs, 1, hd))
+    assert torch.equal(step.decode_args[0], rope) and torch.equal(torch.view_as_real(step.freqs), rope)
+    if window is None:
+        with pytest.raises(ValueError, match="too short"):
+            native.decode_meta([StepSeq(tables[0][:1], 4, 1)], bs, window, inv_freq(hd, theta, torch.device("cpu")))
 
 
 def test_row_stats_equal_torchs_max_and_logsumexp(monkeypatch):

@@ -507,13 +507,21 @@ typedef struct {
     const uint16_t *const *s1, *const *s3, *const *s2;
 } moeray_layer;
 
-/* The layers of a decode step, one after another, in one call: x [B, D] fp32 in place (in: their input; out: the
- * last one's output); each layer h = moeray_attention_block(x), then x = h + f(ffn_norm(h)) (moeray_moe or
- * moeray_ffn): the same calls, so the same bits, as one call a half-layer. The step's shapes (H, KV, hd), RoPE,
- * pool dtype, write and read slots, mask and scale are every layer's. 0 on success, else a half-layer's code. */
-int moeray_layers(float *x, int64_t B, int64_t D, const moeray_layer *layers, int64_t count, int64_t H, int64_t KV,
-                  int64_t hd, const float *rope, int pool_bf16, const int64_t *write_slots, const int64_t *slots,
-                  const uint8_t *mask, int64_t C, float scale, int threads) {
+/* The layers of a decode step, one after another, in one call: x [B, D] fp32 in place (in: their input, or, given
+ * tokens [B], rows tokens[b] of the embedding table embed [V, D] fp32; out: the last layer's output, or given
+ * final_norm [D], its RMSNorm with final_eps); each layer h = moeray_attention_block(x), then x = h + f(ffn_norm(h))
+ * (moeray_moe or moeray_ffn): the same calls, so the same bits, as one call a half-layer. The step's shapes (H, KV,
+ * hd), RoPE, pool dtype, write and read slots, mask and scale are every layer's. 0 on success, 3 a token out of
+ * range, else a half-layer's code. */
+int moeray_layers(float *x, int64_t B, int64_t D, const float *embed, int64_t V, const int64_t *tokens,
+                  const moeray_layer *layers, int64_t count, const float *final_norm, float final_eps, int64_t H,
+                  int64_t KV, int64_t hd, const float *rope, int pool_bf16, const int64_t *write_slots,
+                  const int64_t *slots, const uint8_t *mask, int64_t C, float scale, int threads) {
+    if (tokens)
+        for (int64_t b = 0; b < B; b++) {
+            if (tokens[b] < 0 || tokens[b] >= V) return 3;
+            memcpy(x + b * D, embed + tokens[b] * D, sizeof(float) * D);
+        }
     float *h = malloc(sizeof(float) * B * D);
     if (!h) return 2;
     int rc = 0;
@@ -528,8 +536,46 @@ int moeray_layers(float *x, int64_t B, int64_t D, const moeray_layer *layers, in
                      : moeray_ffn(h, B, D, l->F, l->ffn_norm, l->eps, l->w1[0], l->w3[0], l->w2[0], l->s1[0],
                                   l->s3[0], l->s2[0], l->ffn_wtype, x, threads);
     }
+    if (!rc && final_norm) rms_norm(x, B, D, final_norm, final_eps, x); /* in place: a row's reads before its writes */
     free(h);
     return rc;
+}
+
+/* A decode step's metadata, as kernels/cache.py's DecodeMetadata.build makes it, and its RoPE, as kernels/rope.py's
+ * rope_freqs: B sequences, each with one new token at position p = starts[b] and its block table's first width
+ * blocks tables[b, :width] (0 past its end), ring = rings[b] slots (its whole table). Writes write_slots [B] (pool
+ * slot of the new token: ring index p mod ring), ctx_slots [B, C] (pool slot of each ring index i < C that the token
+ * reads, 0 where it reads none) and mask [B, C] (1: may attend: without a window (window 0) i <= p; with one, i <
+ * ring and the position there, p - ((p - i) mod ring), is >= 0 and within window of p), rope [B, half, 2] (cos and
+ * sin of the fp32 angle p * inv_freq[j]). C at most width * block_size. 0 on success, 1 bad arguments. */
+int moeray_decode_meta(int64_t B, const int64_t *tables, int64_t width, const int64_t *starts, const int64_t *rings,
+                       int64_t block_size, int64_t window, int64_t C, const float *inv_freq, int64_t half,
+                       int64_t *write_slots, int64_t *ctx_slots, uint8_t *mask, float *rope) {
+    if (B < 1 || block_size < 1 || C < 1 || C > width * block_size || window < 0) return 1;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t p = starts[b], ring = rings[b], *table = tables + b * width;
+        if (p < 0 || ring < 1 || (!window && p >= ring)) return 1;
+        const int64_t w = p % ring;
+        if (w / block_size >= width) return 1; /* the new token's block past the given ones */
+        write_slots[b] = table[w / block_size] * block_size + w % block_size;
+        for (int64_t i = 0; i < C; i++) {
+            int ok;
+            if (!window) {
+                ok = i <= p;
+            } else {
+                const int64_t kpos = p - ((p - i) % ring + ring) % ring;
+                ok = i < ring && kpos >= 0 && p - kpos < window;
+            }
+            mask[b * C + i] = (uint8_t)ok;
+            ctx_slots[b * C + i] = ok ? table[i / block_size] * block_size + i % block_size : 0;
+        }
+        for (int64_t j = 0; j < half; j++) {
+            const float angle = (float)p * inv_freq[j];
+            rope[(b * half + j) * 2] = cosf(angle);
+            rope[(b * half + j) * 2 + 1] = sinf(angle);
+        }
+    }
+    return 0;
 }
 
 /* e^x for x <= 0, 16 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^n;
