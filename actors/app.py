@@ -27,6 +27,9 @@ GRPC_SERVICERS = [
     "cluster.api.grpc_api.add_GenerationService_to_serve",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
+# the ExpertPool replica's graceful shutdown beyond the routers' drain: it stops the shards once the routers have
+# stopped (actors/pool.py: PoolReplica), and Serve would kill it, the shards left running, at the end of its timeout
+SHARDS_OUTLAST_ROUTERS_S = 60.0
 REPO = Path(__file__).resolve().parents[1]  # where a relative `config:` path is also looked up
 
 
@@ -96,6 +99,7 @@ def moeray_app(config: MoerayConfig) -> Application:
         log.warning(warning)
     s, pc, r = config.serve, config.pipeline, config.serve.routers
     pool = serve.deployment(PoolReplica, name="ExpertPool", num_replicas=1, max_ongoing_requests=1000,
+                            graceful_shutdown_timeout_s=r.drain_timeout_s + SHARDS_OUTLAST_ROUTERS_S,
                             ray_actor_options={"num_cpus": 0}).bind(config)
     router = serve.deployment(
         RouterReplica, name="Router", max_ongoing_requests=100_000, graceful_shutdown_timeout_s=r.drain_timeout_s,

@@ -146,7 +146,10 @@ class PoolReplica(ExpertPool):
     """The ExpertPool Serve deployment's replica: its shards are named after the application, so they outlive
     the replica; Serve restarting it (a crash) or replacing it (`serve deploy` of changed args) starts a replica
     that adopts them. When the application is deleted (`serve delete`, `serve shutdown`, Ctrl-C on `moeray
-    serve`) the replica stops them."""
+    serve`) the replica stops them, once the application's routers have stopped: Serve stops every deployment's
+    replicas at once, and a router first finishes its running requests (within serve.routers.drain_timeout_s),
+    whose steps call the shards till then. The deployment's graceful_shutdown_timeout_s leaves it that long
+    (actors/app.py: SHARDS_OUTLAST_ROUTERS_S more)."""
 
     def __init__(self, config: MoerayConfig):
         from ray import serve
@@ -156,7 +159,11 @@ class PoolReplica(ExpertPool):
 
     def __del__(self):  # Serve's graceful shutdown: the application deleted, or this replica replaced
         if hasattr(self, "experts"):
-            self.shutdown(shards=app_deleted(self.app))
+            deleted = app_deleted(self.app)
+            if deleted and not routers_stopped(self.app, self.config.serve.routers.drain_timeout_s):
+                log.warning("application %s: routers still running after %.0f s; stopping its expert shards",
+                            self.app, self.config.serve.routers.drain_timeout_s)
+            self.shutdown(shards=deleted)
 
 
 def app_deleted(app: str) -> bool:
@@ -170,6 +177,25 @@ def app_deleted(app: str) -> bool:
         log.info("Serve status unavailable (%s): taking application %s as deleted", e, app)
         return True
     return status is None or status.status == ApplicationStatus.DELETING
+
+
+def routers_stopped(app: str, timeout_s: float, poll_s: float = 0.25) -> bool:
+    """Waits, at most timeout_s, until application `app` has no Router replica alive; whether it has none. Its
+    replicas are Ray actors named after it (Serve's replica ids: "SERVE_REPLICA::<app>#Router#<id>"); Serve's
+    status stops listing a deleting application's deployments while their replicas still drain."""
+    prefix = f"SERVE_REPLICA::{app}#Router#"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+        except Exception as e:  # noqa: BLE001 (the cluster is going: so are the routers)
+            log.info("named actors unavailable (%s): taking application %s's routers as stopped", e, app)
+            return True
+        if not alive:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
 
 
 def call(handle: Any, method: str, *args) -> Any:
