@@ -236,6 +236,14 @@ static inline v16f load_kv(const void *pool, int bf16, int64_t at) {
     return bf16 ? load_bf16((const uint16_t *)pool + at) : load_f32((const float *)pool + at);
 }
 
+/* a k or v row's hd values, KV_AHEAD keys before they are read (the rows are scattered over the pool: the hardware
+ * prefetcher does not see them coming, and each waited on memory) */
+#define KV_AHEAD 8
+static inline void prefetch_kv(const void *pool, int bf16, int64_t at, int64_t hd) {
+    const char *p = bf16 ? (const char *)((const uint16_t *)pool + at) : (const char *)((const float *)pool + at);
+    for (int64_t i = 0; i < hd * (bf16 ? 2 : 4); i += 64) __builtin_prefetch(p + i, 0, 3);
+}
+
 int moeray_decode_attention(const float *q, int64_t B, int64_t H, int64_t hd, const void *k_pool,
                             const void *v_pool, int pool_bf16, int64_t KV, const int64_t *slots, const uint8_t *mask,
                             int64_t C, float scale, float *out, int threads) {
@@ -257,6 +265,7 @@ int moeray_decode_attention(const float *q, int64_t B, int64_t H, int64_t hd, co
             for (int64_t c = 0; c < C; c++) {
                 if (!mask[b * C + c]) continue;
                 const int64_t row = (slots[b * C + c] * KV + kvh) * hd;
+                if (c + KV_AHEAD < C) prefetch_kv(k_pool, pool_bf16, (slots[b * C + c + KV_AHEAD] * KV + kvh) * hd, hd);
                 for (int64_t g = 0; g < G; g++) {
                     v16f acc = {0};
                     for (int64_t d = 0; d < hd; d += 16) acc += load_f32(qb + g * hd + d) * load_kv(k_pool, pool_bf16, row + d);
@@ -273,6 +282,7 @@ int moeray_decode_attention(const float *q, int64_t B, int64_t H, int64_t hd, co
             for (int64_t c = 0; c < C; c++) {
                 if (!mask[b * C + c]) continue;
                 const int64_t row = (slots[b * C + c] * KV + kvh) * hd;
+                if (c + KV_AHEAD < C) prefetch_kv(v_pool, pool_bf16, (slots[b * C + c + KV_AHEAD] * KV + kvh) * hd, hd);
                 for (int64_t d = 0; d < hd; d += 16) {
                     const v16f vv = load_kv(v_pool, pool_bf16, row + d);
                     for (int64_t g = 0; g < G; g++) {
