@@ -143,15 +143,17 @@ def test_decode_layers_in_one_call_equal_a_call_a_half_layer(hf_tiny, monkeypatc
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_kernel_equals_sdpa_and_is_per_sequence(dtype):
+@pytest.mark.parametrize("H,KV,hd", [(8, 2, 32), (12, 2, 80)])
+def test_decode_attention_kernel_equals_sdpa_and_is_per_sequence(dtype, H, KV, hd):
     """The C kernel reads the paged pools in place (decode_attention on CPU) and gives torch's SDPA over the
     gathered keys (decode_attention_native) within fp32 rounding, on sequences of different lengths, a sliding
-    window that wrapped its ring, GQA 8/2; each sequence's output is the same bits alone as in the batch."""
+    window that wrapped its ring, GQA 8/2 and 12/2 (a kv-head's heads in blocks of 4: 4 and 2), head_dim 32 and 80
+    (outputs in blocks of 64: 64 and 16); each sequence's output is the same bits alone as in the batch."""
     from kernels.attention import decode_attention, decode_attention_native
     from kernels.cache import DecodeMetadata, StepSeq
 
     g = torch.Generator().manual_seed(3)
-    B, H, KV, hd, block, S = 5, 8, 2, 32, 4, 64
+    B, block, S = 5, 4, 64
     pools = [torch.randn(S, KV, hd, generator=g).to(dtype) for _ in range(2)]
     tables = torch.randperm(S // block, generator=g).tolist()
     seqs = [StepSeq(tables[3 * b : 3 * b + 3], start, 1) for b, start in enumerate([0, 5, 11, 17, 40])]

@@ -228,12 +228,38 @@ int moeray_linear_i8(const float *x, int64_t n, int64_t I, const int8_t *q, cons
  * scale * q[b, h] . k[slot(b, c), kvh]. q [B, H, hd] and out fp32; the pools [S, KV, hd] fp32 (pool_bf16 0) or
  * bf16 (1); slots [B, C] pool rows, mask [B, C] bytes (nonzero: may attend; each b has one at least). Per
  * (b, h), in a fixed order whatever B, C beyond b's last allowed key or the thread count: a dot product as 16
- * lane-wise partial sums and the lane tree, the max, exp, their sum in c order, then the v rows summed in c
- * order: a sequence's result does not depend on the others of its step. hd a multiple of 16. Threads split the
- * (b, kv-head) pairs; a pair's G = H / KV heads share each k and v row loaded. 0 on success, 1 bad arguments,
- * 2 out of memory. */
+ * lane-wise partial sums and the lane tree, the max, e^(s - max) 16 keys at a time (exp_nonpositive; 0 for a key
+ * not attended) summed lane-wise (key c in lane c mod 16) then by the lane tree, the v rows weighted and summed in
+ * c order, times 1 / that sum: a sequence's result does not depend on the others of its step. hd a multiple of 16.
+ * Threads split the (b, kv-head) pairs; a pair's G = H / KV heads share each k and v row loaded, and its outputs
+ * are summed in registers, 4 heads x 64 of hd at a time (a pass over the v rows' part each). The k and v rows
+ * are prefetched KV_AHEAD keys ahead. 0 on success, 1 bad arguments, 2 out of memory. */
 static inline v16f load_kv(const void *pool, int bf16, int64_t at) {
     return bf16 ? load_bf16((const uint16_t *)pool + at) : load_f32((const float *)pool + at);
+}
+
+/* e^x for x <= 0, 16 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^n;
+ * within 2 ulp of expf), 0 below -87 (2^n would leave the normal range) */
+static inline v16f exp_nonpositive(v16f x) {
+    const v16i n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, v16i); /* round(x log2 e), x <= 0 */
+    const v16f nf = __builtin_convertvector(n, v16f);
+    const v16f r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
+    v16f p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const v16i bits = (n + 127) << 23;
+    v16f scale;
+    memcpy(&scale, &bits, 64);
+    const v16f e = p * scale;
+    v16i ebits;
+    memcpy(&ebits, &e, 64);
+    ebits &= (v16i)(x >= -87.f); /* all ones where kept */
+    v16f out;
+    memcpy(&out, &ebits, 64);
+    return out;
 }
 
 /* a k or v row's hd values, KV_AHEAD keys before they are read (the rows are scattered over the pool: the hardware
@@ -248,11 +274,11 @@ int moeray_decode_attention(const float *q, int64_t B, int64_t H, int64_t hd, co
                             const void *v_pool, int pool_bf16, int64_t KV, const int64_t *slots, const uint8_t *mask,
                             int64_t C, float scale, float *out, int threads) {
     if (hd % 16 || B < 1 || KV < 1 || H % KV || C < 1) return 1;
-    const int64_t G = H / KV, pairs = B * KV;
+    const int64_t G = H / KV, pairs = B * KV, Cp = (C + 15) / 16 * 16; /* p rows padded to whole vectors */
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        float *p = malloc(sizeof(float) * G * C);
+        float *p = malloc(sizeof(float) * G * Cp);
         if (!p) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t pair = 0; pair < pairs; pair++) {
@@ -260,36 +286,57 @@ int moeray_decode_attention(const float *q, int64_t B, int64_t H, int64_t hd, co
             const int64_t b = pair / KV, kvh = pair % KV;
             const float *qb = q + (b * H + kvh * G) * hd;
             float *ob = out + (b * H + kvh * G) * hd;
-            float top[G], sum[G];
-            for (int64_t g = 0; g < G; g++) top[g] = -INFINITY, sum[g] = 0.f;
-            for (int64_t c = 0; c < C; c++) {
-                if (!mask[b * C + c]) continue;
+            float top[G], inv[G];
+            for (int64_t g = 0; g < G; g++) top[g] = -INFINITY;
+            for (int64_t c = 0; c < Cp; c++) { /* scores; -inf where the key is not attended (or padding) */
+                const int on = c < C && mask[b * C + c];
+                for (int64_t g = 0; g < G; g++) p[g * Cp + c] = -INFINITY;
+                if (!on) continue;
                 const int64_t row = (slots[b * C + c] * KV + kvh) * hd;
                 if (c + KV_AHEAD < C) prefetch_kv(k_pool, pool_bf16, (slots[b * C + c + KV_AHEAD] * KV + kvh) * hd, hd);
                 for (int64_t g = 0; g < G; g++) {
                     v16f acc = {0};
                     for (int64_t d = 0; d < hd; d += 16) acc += load_f32(qb + g * hd + d) * load_kv(k_pool, pool_bf16, row + d);
-                    const float s = hsum(acc) * scale;
-                    p[g * C + c] = s;
-                    if (s > top[g]) top[g] = s;
+                    const float sc = hsum(acc) * scale;
+                    p[g * Cp + c] = sc;
+                    if (sc > top[g]) top[g] = sc;
                 }
             }
-            for (int64_t g = 0; g < G; g++)
-                for (int64_t c = 0; c < C; c++)
-                    if (mask[b * C + c]) sum[g] += p[g * C + c] = expf(p[g * C + c] - top[g]);
-            for (int64_t g = 0; g < G; g++)
-                for (int64_t d = 0; d < hd; d++) ob[g * hd + d] = 0.f;
-            for (int64_t c = 0; c < C; c++) {
-                if (!mask[b * C + c]) continue;
-                const int64_t row = (slots[b * C + c] * KV + kvh) * hd;
-                if (c + KV_AHEAD < C) prefetch_kv(v_pool, pool_bf16, (slots[b * C + c + KV_AHEAD] * KV + kvh) * hd, hd);
-                for (int64_t d = 0; d < hd; d += 16) {
-                    const v16f vv = load_kv(v_pool, pool_bf16, row + d);
-                    for (int64_t g = 0; g < G; g++) {
-                        v16f o = load_f32(ob + g * hd + d);
-                        o += (p[g * C + c] / sum[g]) * vv;
-                        memcpy(ob + g * hd + d, &o, 64);
+            for (int64_t g = 0; g < G; g++) { /* e^(s - max), 16 keys at a time (0 where -inf), and their sum */
+                v16f sum = {0};
+                for (int64_t c = 0; c < Cp; c += 16) {
+                    const v16f e = exp_nonpositive(load_f32(p + g * Cp + c) - top[g]);
+                    memcpy(p + g * Cp + c, &e, 64);
+                    sum += e;
+                }
+                inv[g] = 1.f / hsum(sum);
+            }
+            /* out = sum_c p_c v_c / sum: 4 heads x 4 vectors of 16 outputs in registers, over the keys in order */
+            for (int64_t g0 = 0; g0 < G; g0 += 4) {
+                const int64_t gn = G - g0 < 4 ? G - g0 : 4;
+                for (int64_t d0 = 0; d0 < hd; d0 += 64) {
+                    const int64_t dn = (hd - d0) / 16 < 4 ? (hd - d0) / 16 : 4;
+                    v16f acc[4][4];
+                    for (int g = 0; g < 4; g++)
+                        for (int j = 0; j < 4; j++) acc[g][j] = (v16f){0};
+                    for (int64_t c = 0; c < C; c++) {
+                        if (!mask[b * C + c]) continue;
+                        const int64_t row = (slots[b * C + c] * KV + kvh) * hd + d0;
+                        if (c + KV_AHEAD < C)
+                            prefetch_kv(v_pool, pool_bf16, (slots[b * C + c + KV_AHEAD] * KV + kvh) * hd + d0, dn * 16);
+                        v16f vv[4];
+                        for (int j = 0; j < 4; j++) vv[j] = j < dn ? load_kv(v_pool, pool_bf16, row + 16 * j) : (v16f){0};
+                        for (int g = 0; g < 4; g++) {
+                            if (g >= gn) break;
+                            const float w = p[(g0 + g) * Cp + c];
+                            for (int j = 0; j < 4; j++) acc[g][j] += w * vv[j];
+                        }
                     }
+                    for (int g = 0; g < gn; g++)
+                        for (int j = 0; j < dn; j++) {
+                            const v16f o = acc[g][j] * inv[g0 + g];
+                            memcpy(ob + (g0 + g) * hd + d0 + 16 * j, &o, 64);
+                        }
                 }
             }
         }
@@ -586,30 +633,6 @@ int moeray_decode_meta(int64_t B, const int64_t *tables, int64_t width, const in
         }
     }
     return 0;
-}
-
-/* e^x for x <= 0, 16 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^n;
- * within 2 ulp of expf), 0 below -87 (2^n would leave the normal range) */
-static inline v16f exp_nonpositive(v16f x) {
-    const v16i n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, v16i); /* round(x log2 e), x <= 0 */
-    const v16f nf = __builtin_convertvector(n, v16f);
-    const v16f r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
-    v16f p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    const v16i bits = (n + 127) << 23;
-    v16f scale;
-    memcpy(&scale, &bits, 64);
-    const v16f e = p * scale;
-    v16i ebits;
-    memcpy(&ebits, &e, 64);
-    ebits &= (v16i)(x >= -87.f); /* all ones where kept */
-    v16f out;
-    memcpy(&out, &ebits, 64);
-    return out;
 }
 
 /* Per row of x [B, V] fp32 (a step's logits): best[b] its max and index[b] where it first occurs (NaN counts as
