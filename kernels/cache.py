@@ -118,6 +118,17 @@ class AttentionMetadata:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
 
 
+def decode_extent(seqs: list[StepSeq], block_size: int) -> tuple[list[int], list[int], int, list[list[int]]]:
+    """What a decode step's metadata is made from: each sequence's position (its new token's) and ring size, C (the
+    most keys a sequence reads: min(ring, position + 1)) and each block table's first ceil(C / block_size) blocks,
+    0 past its end."""
+    starts = [s.start for s in seqs]
+    rings = [len(s.block_table) * block_size for s in seqs]
+    C = max(min(r, p + 1) for p, r in zip(starts, rings, strict=True))
+    width = -(-C // block_size)
+    return starts, rings, C, [(s.block_table + [0] * width)[:width] for s in seqs]
+
+
 @dataclass
 class DecodeMetadata:
     """AttentionMetadata for a step in which every sequence has one new token (a decode step), built
@@ -140,12 +151,9 @@ class DecodeMetadata:
         """Per-sequence numbers in Python, then a dozen tensor ops for the whole batch (its start of every step:
         78 -> 39 us at one sequence, 116 -> 63 at 16)."""
         assert all(s.n == 1 for s in seqs), "a decode step has one new token per sequence"
-        starts = [s.start for s in seqs]
-        rings = [len(s.block_table) * block_size for s in seqs]
+        starts, rings, C, padded = decode_extent(seqs, block_size)
         assert window is not None or all(p < r for p, r in zip(starts, rings, strict=True)), "block table too short"
-        C = max(min(r, p + 1) for p, r in zip(starts, rings, strict=True))
-        width = -(-C // block_size)
-        tables = torch.tensor([(s.block_table + [0] * width)[:width] for s in seqs])  # [B, C / block_size]
+        tables = torch.tensor(padded)  # [B, C / block_size]
         slots = (tables[:, :, None] * block_size + torch.arange(block_size)).flatten(1)[:, :C]  # [B, C]
         i = torch.arange(C)  # [C] ring index
         p = torch.tensor(starts)  # [B]

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.cache import DecodeMetadata, StepSeq
+from kernels.cache import DecodeMetadata, StepSeq, decode_extent
 
 log = logging.getLogger(__name__)
 
@@ -431,11 +431,9 @@ def decode_meta(seqs: list[StepSeq], block_size: int, window: int | None,
         return None
     assert all(s.n == 1 for s in seqs), "a decode step has one new token per sequence"
     B, half = len(seqs), inv_freq.shape[0]
-    starts = [s.start for s in seqs]
-    rings = [len(s.block_table) * block_size for s in seqs]
-    C = max(min(r, p + 1) for p, r in zip(starts, rings, strict=True))
-    width = -(-C // block_size)
-    ints = torch.tensor([*starts, *rings, *(b for s in seqs for b in (s.block_table + [0] * width)[:width])])
+    starts, rings, C, tables = decode_extent(seqs, block_size)
+    width = len(tables[0])
+    ints = torch.tensor([*starts, *rings, *(b for table in tables for b in table)])
     slots = torch.empty(B * (C + 1), dtype=torch.int64)  # write slots [B], then the read slots [B, C]
     mask, rope = torch.empty(B, C, dtype=torch.bool), torch.empty(B, half, 2)
     at = ints.data_ptr()
