@@ -12,7 +12,8 @@ about the modules is applied here, once:
     dtype         the held weights' (activations follow them); auto: model_dtype's choice for the checkpoint
     expert_quant  held experts are read and quantized on CPU, then moved: the device never holds them
                   unquantized; on CPU they run torch's packed int8 / int4 kernels, or with fp32 activations
-                  our int8 one (kernels/quant.py, kernels/native.py)
+                  our int8 one; w8a8 (CPU only): int8 weights and activations, our kernel (kernels/quant.py,
+                  kernels/native.py)
     weight_quant  likewise the held attention projections and LM head (kernels.quant.quantize_dense)
     (CPU)         the held weights that stay unquantized packed for fast decode (kernels/packing.py)
     moe_kernel    the experts stage: on the engine's MoE layers (use_kernel), or one stage per layer over
@@ -39,7 +40,7 @@ from kernels.quant import quantize_dense, quantize_experts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)  # engine.dtype
-QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
+QUANT_BITS = {"none": None, "int8": 8, "int4": 4, "w8a8": 8}  # w8a8: int8 weights and activations (kernels/quant.py)
 DENSE_QUANTIZED = re.compile(r"(layers\.\d+\.attention\.w[qkvo]|output)\.weight")  # what weight_quant covers
 
 
@@ -152,11 +153,11 @@ def build_role(ckpt: Checkpoint, engine: Building, holds: Holds,
             done += len(part)
     experts = {(l, e): model.get_submodule(expert_prefix(a, l, e).rstrip(".")) for l, e in pairs}
     if bits:
-        quantize_experts(experts, bits, cpu_kernel=device.type == "cpu")
+        quantize_experts(experts, bits, cpu_kernel=device.type == "cpu", w8a8=engine.expert_quant == "w8a8")
         for ff in experts.values():
             ff.to(device)
     if dense_bits:
-        for q in quantize_dense(model, dense_bits, cpu_kernel=device.type == "cpu"):
+        for q in quantize_dense(model, dense_bits, cpu_kernel=device.type == "cpu", w8a8=engine.weight_quant == "w8a8"):
             q.to(device)
     if device.type == "cpu":  # after quantizing: a quantized linear is not packed
         # fused QKV and w1|w3, fast GEMV layout or oneDNN's (kernels/packing.py): the held weights only

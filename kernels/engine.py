@@ -59,8 +59,9 @@ class EngineConfig:
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"  # the KV cache: auto (= the weights') | float32 | bfloat16 | float16
     max_queued_requests: int = 256  # requests waiting for a batch slot at most; more -> QueueFull (HTTP 429)
-    expert_quant: str = "none"  # expert weights: none | int8 | int4 (weight-only; kernels/quant.py)
-    weight_quant: str = "none"  # attention projections and LM head: none | int8 | int4 (kernels.quant.quantize_dense)
+    # expert weights: none | int8 | int4 (weight-only) | w8a8 (int8 weights and activations, CPU only; kernels/quant.py)
+    expert_quant: str = "none"
+    weight_quant: str = "none"  # attention projections and LM head: as expert_quant (kernels.quant.quantize_dense)
     kv_allocation: str = "on_demand"  # on_demand (blocks as sequences grow; preempt when out) | reserve (worst case)
     enable_prefix_caching: bool = True  # reuse computed full blocks of equal prefixes (not with a sliding window)
     # weights, KV cache and activations: cpu | cuda | cuda:N. Only the spelling is checked here; whether
@@ -81,6 +82,9 @@ class EngineConfig:
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.kv_allocation not in ("on_demand", "reserve"):
             raise ValueError(f"kv_allocation must be 'on_demand' or 'reserve', got {self.kv_allocation!r}")
+        if "w8a8" in (self.expert_quant, self.weight_quant) and self.device != "cpu":
+            raise ValueError(f"w8a8 runs on CPU (int8 activations in moeray's CPU kernel), not on {self.device}: "
+                             f"use int8 (weight-only) there")
         if self.moe_kernel not in KERNELS:
             raise ValueError(f"moe_kernel must be one of {list(KERNELS)}, got {self.moe_kernel!r}")
         if self.moe_kernel != "reference" and self.expert_quant != "none":

@@ -54,6 +54,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -104,9 +105,15 @@ def library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("moeray's CPU kernels are off (torch's run instead): %s", e)
         return None
+    return declare(lib)
+
+
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """`lib` (a build of SOURCE) with its functions' argument and result types set."""
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.moeray_linear_f32.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
     lib.moeray_linear_i8.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
+    lib.moeray_linear_w8a8.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
     lib.moeray_decode_attention.argtypes = [p, i64, i64, i64, p, p, ctypes.c_int, i64, p, p, i64, ctypes.c_float, p,
                                             ctypes.c_int]
     f32 = ctypes.c_float
@@ -120,8 +127,8 @@ def library() -> ctypes.CDLL | None:
     lib.moeray_layers.argtypes = [p, i64, i64, p, i64, p, p, i64, p, f32, i64, i64, i64, p, ctypes.c_int, p, p, p,
                                   i64, f32, ctypes.c_int]
     lib.moeray_decode_meta.argtypes = [i64, p, i64, p, p, i64, i64, i64, p, i64, p, p, p, p]
-    for fn in (lib.moeray_linear_f32, lib.moeray_linear_i8, lib.moeray_decode_attention, lib.moeray_ffn,
-               lib.moeray_moe, lib.moeray_attention_block, lib.moeray_row_stats, lib.moeray_layers,
+    for fn in (lib.moeray_linear_f32, lib.moeray_linear_i8, lib.moeray_linear_w8a8, lib.moeray_decode_attention,
+               lib.moeray_ffn, lib.moeray_moe, lib.moeray_attention_block, lib.moeray_row_stats, lib.moeray_layers,
                lib.moeray_decode_meta):
         fn.restype = ctypes.c_int
     return lib
@@ -142,6 +149,20 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     if x.dtype != torch.float32 or scale.dtype != torch.bfloat16 or x.shape[-1] % 16 or (lib := library()) is None:
         return None  # checked before library(): a bf16-only process never builds it
     return _call(lib.moeray_linear_i8, x, qweight, scale.contiguous())
+
+
+QMAX_I = 65536  # W8A8: inputs at most (its int32 sums stay exact)
+
+
+def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """W8A8: x fp32 [n, I], each row quantized to int8 (kernels.quant.quantize_rows), times qweight int8 [O, I] in
+    exact integer sums, times the row's scale and scale bf16 [O, 1] or [O] -> fp32 [n, O]: kernels.quant's
+    w8a8_reference bit for bit, by the C kernel (AVX-512 VNNI where there is one). None where it does not run: no
+    library, x not fp32, I not a multiple of 16 or over QMAX_I."""
+    if (x.dtype != torch.float32 or scale.dtype != torch.bfloat16 or x.shape[-1] % 16 or x.shape[-1] > QMAX_I
+            or (lib := library()) is None):
+        return None
+    return _call(lib.moeray_linear_w8a8, x, qweight, scale.contiguous())
 
 
 def row_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -183,7 +204,13 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     return out
 
 
-Weight = tuple[torch.Tensor, torch.Tensor | None]  # fp32 [O, I] and None, or int8 [O, I] and its bf16 scales [O]
+class Weight(NamedTuple):
+    """A linear's weight as the kernels read it: fp32 [O, I] (scale None), or int8 [O, I] with its bf16 scales [O],
+    weight-only or, w8a8, with the activations quantized per row too (kernels/quant.py)."""
+
+    w: torch.Tensor
+    scale: torch.Tensor | None = None
+    w8a8: bool = False
 
 
 Norm = tuple[torch.Tensor, float]  # an RMSNorm's weight fp32 [D] and eps
@@ -198,15 +225,18 @@ def _norm_args(norm: Norm | None) -> tuple[int | None, float]:
     return (None, 0.0) if norm is None else (norm[0].data_ptr(), norm[1])
 
 
-WTYPES = {(torch.float32, None): 0, (torch.int8, torch.bfloat16): 1}  # weight kinds the FFN / attention kernels read
+# weight kinds the FFN / attention kernels read: (dtype, scales' dtype, w8a8) -> the C code's wtype
+WTYPES = {(torch.float32, None, False): 0, (torch.int8, torch.bfloat16, False): 1,
+          (torch.int8, torch.bfloat16, True): 2}
 
 
 def _wtype(weights: list[Weight]) -> int | None:
-    """The kernels' code for `weights` if all are one kind they read (fp32; int8 with bf16 scales [O]), all on CPU
-    and contiguous, with 16k inputs; else None."""
-    kinds = {(w.dtype, None if s is None else s.dtype) for w, s in weights}
+    """The kernels' code for `weights` if all are one kind they read (fp32; int8 with bf16 scales [O], weight-only
+    or W8A8), all on CPU and contiguous, with 16k inputs (W8A8: at most QMAX_I); else None."""
+    kinds = {(w.dtype, None if s is None else s.dtype, a) for w, s, a in weights}
     if len(kinds) != 1 or not all(w.device.type == "cpu" and w.is_contiguous() and w.shape[1] % 16 == 0 and
-                                  (s is None or s.numel() == w.shape[0] and s.is_contiguous()) for w, s in weights):
+                                  (not a or w.shape[1] <= QMAX_I) and
+                                  (s is None or s.numel() == w.shape[0] and s.is_contiguous()) for w, s, a in weights):
         return None
     return WTYPES.get(kinds.pop())
 
@@ -218,7 +248,7 @@ class SwiGLUWeights:
     of 16), or where there is no library."""
 
     def __init__(self, ffns: list[tuple[Weight, Weight, Weight]], wtype: int, lib: ctypes.CDLL):
-        self.tensors = [t for ws in ffns for w in ws for t in w if t is not None]
+        self.tensors = [t for ws in ffns for w in ws for t in (w.w, w.scale) if t is not None]
         self.wtype, self.count, self.lib = wtype, len(ffns), lib
         self.D, self.F = ffns[0][2][0].shape[0], ffns[0][0][0].shape[0]
 
@@ -226,7 +256,7 @@ class SwiGLUWeights:
             return (ctypes.c_void_p * len(ts))(*(None if t is None else t.data_ptr() for t in ts))
 
         # w1, w3, w2, then their scales: arrays of pointers, one per FFN
-        self.arrays = [pointers([ws[i][j] for ws in ffns]) for j in (0, 1) for i in range(3)]
+        self.arrays = [pointers([ws[i].scale if j else ws[i].w for ws in ffns]) for j in (0, 1) for i in range(3)]
 
     @classmethod
     def of(cls, ffns: list[tuple[Weight, Weight, Weight]]) -> SwiGLUWeights | None:
@@ -276,8 +306,8 @@ class AttentionWeights:
 
     def __init__(self, weights: list[Weight], wtype: int, lib: ctypes.CDLL):
         self.weights, self.wtype, self.lib = weights, wtype, lib
-        self.pointers: list[int | None] = [w.data_ptr() for w, _ in weights]
-        self.pointers += [None if s is None else s.data_ptr() for _, s in weights]
+        self.pointers: list[int | None] = [w.data_ptr() for w, _, _ in weights]
+        self.pointers += [None if s is None else s.data_ptr() for _, s, _ in weights]
 
     @classmethod
     def of(cls, wq: Weight, wk: Weight, wv: Weight, wo: Weight) -> AttentionWeights | None:

@@ -53,6 +53,14 @@ Two paths (STYLE.md: the reference beside the fast op; the kernel chosen at load
   int4  the same, plus z = m + 8 s rounded to bf16 (2^-9 |z| per weight): |y - y'| <= 2^-8 |x| @ (|W'| +
         |z|)^T + 2^-8 |y|.
 
+W8A8 (expert_quant / weight_quant "w8a8"; CPU only): the int8 format above, and at each call every row of x is
+quantized to int8 as well, symmetric, one scale a row (dynamic per-token activations, vLLM's W8A8 scheme):
+xq = round(x * 127 / m), m = max |x| over the row, then y = (sum_k xq q) * (m / 127) * s with the sum exact in
+integers (quantize_rows, w8a8_reference: the reference, any device). On CPU moeray's C kernel computes that bit
+for bit (AVX-512 VNNI: 64 weights an instruction, where the weight-only kernel converts each weight to fp32 before
+its FMA and is compute-bound at ~19 GB/s; kernels/native.py). What it gives up: each activation carries a
+rounding error up to m / 254 (0.4 % of the row's largest), on top of the weights' (see tests/test_quant.py).
+
 Shapes: O out features, I in features, G = I / g groups, n rows of x.
 """
 
@@ -66,7 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.model import Attention, FeedForward, Transformer
-from kernels.native import int8_linear
+from kernels.native import Weight, int8_linear, w8a8_linear
 
 BITS = (8, 4)
 
@@ -119,6 +127,27 @@ def cpu_int4_block() -> int | None:
     return next((b for b in (64, 32, 16) if torch.equal(unpack_cpu_int4(packed, b).int(), q)), None)
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W8A8's activations: each row of x [..., I] -> (xq int8 [..., I] in [-127, 127], scale fp32 [..., 1]), symmetric:
+    xq = round(x * (127 / m)) (ties to even), m = max |x| over the row, scale m / 127; a row of zeros (or with
+    an inf or NaN: no scale then) gives zeros."""
+    x = x.float()
+    m = x.abs().amax(dim=-1, keepdim=True)  # [..., 1]
+    c = torch.full_like(m, 127)  # tensor / tensor: IEEE division (127 / m is a reciprocal times 127: an ulp off)
+    inv = torch.where((m > 0) & (m <= torch.finfo(torch.float32).max), c / m, 0)
+    q = torch.round(x * inv).nan_to_num_(0).clamp_(-127, 127)
+    return q.to(torch.int8), m / c
+
+
+def w8a8_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W8A8 linear, the reference: x [..., I] (any float dtype) with its rows quantized (quantize_rows) times
+    qweight int8 [O, I], the sums exact (integers in fp64), then times the row's scale and scale [O, 1] -> fp32
+    [..., O]."""
+    xq, sx = quantize_rows(x)
+    dot = torch.matmul(xq.double(), qweight.double().T)  # exact: |sums| < 2^53
+    return dot.float() * sx * scale.float().view(-1)
+
+
 class QuantLinear(nn.Module):
     """A bias-free nn.Linear whose weight is stored as int8 or packed int4 (see the module docstring).
 
@@ -133,11 +162,14 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 128,
                  dtype: torch.dtype = torch.float32, scale_dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, w8a8: bool = False):
         super().__init__()
         if bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits}")
+        if w8a8 and bits != 8:
+            raise ValueError("w8a8 quantizes int8 weights' activations: bits must be 8")
         self.in_features, self.out_features, self.bits, self.dtype = in_features, out_features, bits, dtype
+        self.w8a8 = w8a8  # activations quantized per row too (the module docstring's W8A8)
         if bits == 8:
             self.group_size = in_features  # one scale per output channel
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
@@ -158,13 +190,15 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 128,
-                    scale_dtype: torch.dtype = torch.bfloat16, cpu_kernel: bool | None = None) -> QuantLinear:
+                    scale_dtype: torch.dtype = torch.bfloat16, cpu_kernel: bool | None = None,
+                    w8a8: bool = False) -> QuantLinear:
         """Quantizes `linear.weight` (round to nearest). The result computes in the weight's dtype.
         cpu_kernel: use_cpu_kernel_ after quantizing (default: when the weight is on CPU)."""
         if linear.bias is not None:
             raise ValueError("QuantLinear has no bias (no layer of Mixtral or Mistral has one)")
         w = linear.weight.detach()
-        q = cls(w.shape[1], w.shape[0], bits, group_size, dtype=w.dtype, scale_dtype=scale_dtype, device=w.device)
+        q = cls(w.shape[1], w.shape[0], bits, group_size, dtype=w.dtype, scale_dtype=scale_dtype, device=w.device,
+                w8a8=w8a8)
         q.quantize_(w)
         if cpu_kernel or (cpu_kernel is None and w.device.type == "cpu"):
             q.use_cpu_kernel_()
@@ -251,6 +285,9 @@ class QuantLinear(nn.Module):
         if not self.cpu_kernel or not x.is_cpu:
             return self.forward_native(x)
         x2 = x.reshape(-1, self.in_features)  # [n, I]
+        if self.w8a8:
+            y = w8a8_linear(x2.float(), self.qweight, self.scale)
+            return self.forward_native(x) if y is None else y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if self.bits == 8 and (y := int8_linear(x2, self.qweight, self.scale)) is not None:  # fp32 x
             return y.view(*x.shape[:-1], self.out_features)
         if x.dtype != torch.bfloat16:
@@ -265,13 +302,15 @@ class QuantLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:  # x [..., I] -> [..., O]
+        if self.w8a8:
+            return w8a8_reference(x, self.qweight, self.scale).to(x.dtype)
         return F.linear(x, self.dequantize(x.dtype))
 
-    def native_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(qweight int8 [O, I], scale bf16 [O]) where moeray's C kernels can read this weight (int8 on the CPU
-        kernel, bf16 scales: kernels/native.py, kernels/packing.py's native_ffns), else None."""
+    def native_weight(self) -> Weight | None:
+        """(qweight int8 [O, I], scale bf16 [O], w8a8) where moeray's C kernels can read this weight (int8 on the
+        CPU kernel, bf16 scales: kernels/native.py, kernels/packing.py's native_ffns), else None."""
         if self.bits == 8 and self.cpu_kernel and self.scale.dtype == torch.bfloat16 and not self.qweight.is_meta:
-            return self.qweight, self.scale.view(-1)
+            return Weight(self.qweight, self.scale.view(-1), self.w8a8)
         return None
 
     @property
@@ -281,19 +320,21 @@ class QuantLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
-        group = "per channel" if self.bits == 8 else f"group_size={self.group_size}"
+        group = f"group_size={self.group_size}" if self.bits == 4 else "per channel" + (", w8a8" if self.w8a8 else "")
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {group}, "
                 f"dtype={self.dtype}, scale_dtype={self.scale.dtype}")
 
 
 def quantize_experts(module: nn.Module | Mapping, bits: int, group_size: int = 128,
-                     scale_dtype: torch.dtype = torch.bfloat16, cpu_kernel: bool | None = None) -> nn.Module | Mapping:
+                     scale_dtype: torch.dtype = torch.bfloat16, cpu_kernel: bool | None = None,
+                     w8a8: bool = False) -> nn.Module | Mapping:
     """Replaces w1 / w2 / w3 of every FeedForward in `module` by QuantLinear, in place; returns `module`.
 
     `module`: a Transformer (its MoE experts, or a dense model's FFNs), a MoeLayer, one FeedForward,
     or a mapping of them (ExpertShard.experts: {(layer, expert): FeedForward}). Attention, gates,
     norms, embeddings and the LM head stay as they are. Layers already quantized are left alone.
     cpu_kernel: QuantLinear.from_linear's (default: on CPU; pass False for weights moved to a GPU after).
+    w8a8: int8 weights whose activations are quantized too (the module docstring's W8A8).
     """
     ffns = [m for v in module.values() for m in v.modules()] if isinstance(module, Mapping) else list(module.modules())
     for ff in ffns:
@@ -302,12 +343,12 @@ def quantize_experts(module: nn.Module | Mapping, bits: int, group_size: int = 1
         for name in ("w1", "w2", "w3"):
             linear = getattr(ff, name)
             if type(linear) is nn.Linear:
-                setattr(ff, name, QuantLinear.from_linear(linear, bits, group_size, scale_dtype, cpu_kernel))
+                setattr(ff, name, QuantLinear.from_linear(linear, bits, group_size, scale_dtype, cpu_kernel, w8a8))
     return module
 
 
 def quantize_dense(module: nn.Module, bits: int, group_size: int = 128, scale_dtype: torch.dtype = torch.bfloat16,
-                   cpu_kernel: bool | None = None) -> list[QuantLinear]:
+                   cpu_kernel: bool | None = None, w8a8: bool = False) -> list[QuantLinear]:
     """Replaces the attention projections (wq, wk, wv, wo) and the LM head (`output`) that `module` holds
     (not those left on the meta device) by QuantLinear, in place; returns the new ones. Embeddings, norms
     and MoE gates stay as they are (the gates decide routing and are a few thousand weights). At batch 1
@@ -319,6 +360,6 @@ def quantize_dense(module: nn.Module, bits: int, group_size: int = 128, scale_dt
         for name in names:
             linear = getattr(owner, name)
             if type(linear) is nn.Linear and not linear.weight.is_meta:
-                done.append(QuantLinear.from_linear(linear, bits, group_size, scale_dtype, cpu_kernel))
+                done.append(QuantLinear.from_linear(linear, bits, group_size, scale_dtype, cpu_kernel, w8a8))
                 setattr(owner, name, done[-1])
     return done

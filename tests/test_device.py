@@ -87,6 +87,8 @@ def reference(hf_mixtral):
     ({"moe_kernel": "fused"}, r"moe_kernel must be one of \['reference', 'triton'\], got 'fused'"),
     ({"moe_kernel": "triton", "expert_quant": "int8"}, "moe_kernel 'triton' runs unquantized experts only"),
     ({"moe_kernel": "triton", "expert_quant": "int4"}, "use expert_quant 'none' or moe_kernel 'reference'"),
+    ({"device": "cuda", "expert_quant": "w8a8"}, "w8a8 runs on CPU .*, not on cuda: use int8"),
+    ({"device": "cuda:1", "weight_quant": "w8a8"}, "w8a8 runs on CPU"),
 ])
 def test_config_refuses_unknown_devices_and_kernels(fields, match):
     with pytest.raises(ValueError, match=match):

@@ -2,6 +2,9 @@
 independence, where it runs and where torch's runs instead, and the fp32 engine on it and without it.
 (The int8 kernel: tests/test_quant.py.)"""
 
+import platform
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,6 +71,37 @@ def test_where_the_fp32_kernel_runs():
     assert y.grad_fn is not None and torch.equal(y, F.linear(x, grad))
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not shutil.which("cc"), reason="x86 + cc")
+@pytest.mark.parametrize("arch", [["-mavx2", "-mfma"], ["-march=x86-64"]])
+def test_kernels_build_and_agree_on_cpus_without_avx512(hf_tiny, monkeypatch, tmp_path, arch):
+    """The library is built with -march=native: on a CPU with AVX2 but no AVX-512 (most laptops), or with neither,
+    it must still build (a register constraint for 64-byte vectors once made it fail there, silently leaving
+    torch's kernels) and compute the same: the fp32 linear within summation error of float64, W8A8 bit for bit
+    its reference (int32 products, no VNNI), and the fp32 engine (Layers.run at decode) transformers' greedy
+    tokens."""
+    import ctypes
+    import subprocess
+
+    from kernels.quant import QuantLinear, w8a8_reference
+
+    so = tmp_path / "linear.so"
+    flags = [f for f in native.FLAGS if f != "-march=native"]
+    subprocess.run(["cc", *flags, *arch, "-o", str(so), str(native.SOURCE), "-lm"], check=True, timeout=300)
+    lib = native.declare(ctypes.CDLL(str(so)))
+    monkeypatch.setattr(kernels.native, "library", lambda: lib)
+    g = torch.Generator().manual_seed(5)
+    w, xs = torch.randn(37, 208, generator=g), torch.randn(7, 208, generator=g)
+    assert ((native.linear(xs, w).double() - xs.double() @ w.double().T).abs() <= bound(xs, w)).all()
+    q = QuantLinear.from_linear(torch.nn.Linear(208, 37, bias=False), 8, w8a8=True)
+    assert torch.equal(native.w8a8_linear(xs, q.qweight, q.scale), w8a8_reference(xs, q.qweight, q.scale))
+    calls = []
+    layers = native.Layers.run
+    monkeypatch.setattr(native.Layers, "run", lambda self, *a: calls.append("layers") or layers(self, *a))
+    ps = prompts((3, 9))
+    got = Engine.from_dir(hf_tiny).generate(ps, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert calls and [r.token_ids for r in got] == [hf_greedy(hf_model(hf_tiny), p)[0][:6] for p in ps]
+
+
 @pytest.mark.parametrize("kernel", ["ours", "none"])
 def test_fp32_engine_with_and_without_the_kernels(hf_tiny, monkeypatch, kernel):
     """The fp32 engine runs the C kernels: the linear for fused wq|wk|wv, wo (prefill chunks of up to 32 rows) and
@@ -102,7 +136,7 @@ def test_fp32_engine_with_and_without_the_kernels(hf_tiny, monkeypatch, kernel):
         assert calls == []
 
 
-@pytest.mark.parametrize("quant,kv", [("none", "float32"), ("int8", "bfloat16")])
+@pytest.mark.parametrize("quant,kv", [("none", "float32"), ("int8", "bfloat16"), ("w8a8", "float32")])
 def test_decode_layers_in_one_call_equal_a_call_a_half_layer(hf_tiny, monkeypatch, quant, kv):
     """At decode the engine runs the embedding, every layer and the final norm in one C call
     (Transformer.native_layers: Layers.run); with it off, torch's embedding and norm and a call a half-layer
@@ -178,7 +212,7 @@ def test_decode_attention_kernel_equals_sdpa_and_is_per_sequence(dtype, H, KV, h
             assert torch.equal(alone[0], batch[b]), (window, b)
 
 
-@pytest.mark.parametrize("quant", [None, 8])
+@pytest.mark.parametrize("quant", [None, 8, "w8a8"])
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_moe_and_ffn_kernels_equal_the_torch_path(k, quant):
     """The C MoE kernel (MoeLayer.start on CPU in fp32, experts fp32 or int8) routes as kernels/moe.py does
@@ -194,7 +228,7 @@ def test_moe_and_ffn_kernels_equal_the_torch_path(k, quant):
     D, F_, E = 64, 96, 8
     m = MoeLayer(Experts(FeedForward(D, F_) for _ in range(E)), torch.nn.Linear(D, E, bias=False), MoeArgs(E, k))
     if quant:
-        quantize_experts(m, quant)
+        quantize_experts(m, 8, w8a8=quant == "w8a8")
     pack_(m)
     assert m.native is not None and all(ff.native is not None for ff in m.experts)
     xs = torch.randn(native.MAX_ROWS, D, generator=torch.Generator().manual_seed(0))
@@ -220,7 +254,7 @@ def test_moe_and_ffn_kernels_equal_the_torch_path(k, quant):
         assert not m.native.current(list(m.experts)) and not ff.native.current([ff])
 
 
-@pytest.mark.parametrize("weight_quant", ["none", "int8"])
+@pytest.mark.parametrize("weight_quant", ["none", "int8", "w8a8"])
 @pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16])
 def test_attention_block_equals_the_torch_path_and_is_per_sequence(hf_tiny, weight_quant, kv):
     """The C attention block (TransformerBlock.start at decode on CPU in fp32: norm, QKV, RoPE, KV write,

@@ -50,7 +50,9 @@ PRECISIONS = {"fp32": ("float32", "none", "none"), "bf16": ("bfloat16", "none", 
               "int8": ("bfloat16", "int8", "none"), "int4": ("bfloat16", "int4", "none"),
               "int8-all": ("bfloat16", "int8", "int8"), "int4-all": ("bfloat16", "int4", "int4"),
               # int8 in an fp32 model (auto on a CPU without native bf16): moeray's C kernel (kernels/native.py)
-              "fp32-int8": ("float32", "int8", "none"), "fp32-int8-all": ("float32", "int8", "int8")}
+              "fp32-int8": ("float32", "int8", "none"), "fp32-int8-all": ("float32", "int8", "int8"),
+              # int8 weights and activations (W8A8, CPU; kernels/quant.py): an fp32 model, moeray's VNNI kernel
+              "w8a8": ("float32", "w8a8", "none"), "w8a8-all": ("float32", "w8a8", "w8a8")}
 ROOFLINE_BYTES = 1 << 30  # a streaming read far beyond any cache: 1 GiB of fp32
 PEAK = "PEAK_RSS_KB"
 

@@ -1,7 +1,8 @@
 /* CPU kernels of a decode step (moeray_decode_attention: see above it, at the end). Linears, fp32 activations:
  * y = x @ W^T, x [n, I] and y [n, O] fp32, W [O, I] as
  *   moeray_linear_f32   fp32 weights;
- *   moeray_linear_i8    int8 weights q with one bf16 scale per output s [O] (weight-only int8: W = q * s).
+ *   moeray_linear_i8    int8 weights q with one bf16 scale per output s [O] (weight-only int8: W = q * s);
+ *   moeray_linear_w8a8  the same weights, each row of x quantized to int8 too (W8A8: see quantize_row).
  * Compiled and loaded by kernels/native.py (which says why, when each runs, and what checks it); no Python, no
  * torch headers.
  *
@@ -29,6 +30,18 @@ typedef float v16f __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 typedef int32_t v16i __attribute__((vector_size(64))); /* lane masks of v16f compares */
+typedef int8_t v16b __attribute__((vector_size(16)));
+
+/* IN_REGISTER(v): v is loaded into a register here (GCC would fold its load into each use); a hint, and where
+ * a 64-byte vector is no one register (AVX2), nothing. ROUNDED(v): v is rounded here, whatever follows (GCC
+ * contracts a * b + c into an FMA across statements), through memory where it cannot be through a register. */
+#if defined(__AVX512F__)
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+#define ROUNDED(v) __asm__("" : "+v"(v))
+#else
+#define IN_REGISTER(v) (void)(v)
+#define ROUNDED(v) __asm__("" : "+m"(v))
+#endif
 
 #define OUTS 4 /* outputs a tile */
 #define ROWS 6 /* rows a tile, at most */
@@ -100,7 +113,7 @@ static inline float hsum(v16f a) { /* a fixed tree: lane i + (i + 8), then + 4, 
                 for (int r = 0; r < R; r++) {                                                                \
                     v16f xv;                                                                                 \
                     memcpy(&xv, x + r * I + k + 16 * a, 64);                                                 \
-                    if (C > 1) __asm__("" : "+v"(xv)); /* one load a row, not one a product (GCC folds it) */ \
+                    if (C > 1) IN_REGISTER(xv); /* one load a row, not one a product (GCC folds it) */       \
                     for (int c = 0; c < C; c++) part[r][c][a] += xv * wv[c];                                 \
                 }                                                                                            \
             }                                                                                                \
@@ -176,6 +189,11 @@ typedef struct job {
     float *y;
     tile_fn tile; /* set by job_of */
     int64_t tiles;
+    int w8a8;      /* W8A8: its rows are read quantized, from xq, xs and xsum (qbind points them) */
+    int quantize;  /* W8A8: run() quantizes x into them first (0: another job of the call did, the same rows) */
+    int8_t *xq;    /* [n, qstride(I)] */
+    float *xs;     /* [n] */
+    int32_t *xsum; /* [n] */
 } job;
 
 #define LINEAR(NAME, WT, LOAD, SCALE, A, WIDE_ROWS, NARROW_ROWS)                                              \
@@ -184,7 +202,7 @@ typedef struct job {
     static job NAME(const float *x, int64_t n, int64_t I, const void *w, const uint16_t *s, int64_t O, float *y) { \
         const int narrow = n <= NARROW_ROWS && n * I * 4 <= NARROW_X_BYTES;                                  \
         return (job){x, n, I, w, s, O, y, narrow ? NAME##_narrow : NAME##_wide,                              \
-                     narrow ? (O + GROUP - 1) / GROUP : (O + OUTS - 1) / OUTS};                              \
+                     narrow ? (O + GROUP - 1) / GROUP : (O + OUTS - 1) / OUTS, 0, 0, NULL, NULL, NULL};      \
     }
 
 #define NO_SCALE(o)
@@ -192,9 +210,200 @@ typedef struct job {
 LINEAR(linear_f32, float, load_f32, NO_SCALE, 1, ROWS, 4)
 LINEAR(linear_i8, int8_t, load_i8, BF16_SCALE, 2, ROWS / 2, 2)
 
+/* W8A8 (wtype 2): int8 weights q with bf16 scales s [O], as linear_i8's, and each row of x quantized to int8 too,
+ * symmetric, one scale a row (dynamic, per token): xq = rint(x * (127 / m)), m = max |x| over the row (0 for a row
+ * of zeros), scale m / 127. y[r, o] = ((float)(sum_k xq[r, k] q[o, k]) * (m_r / 127)) * s[o]: the integer sum is
+ * exact (|q|, |xq| <= 127, I <= QMAX_I), so y is kernels/quant.py's w8a8_reference bit for bit, whatever the other
+ * rows, the tiles or the thread count. With AVX-512 VNNI a vpdpbusd takes 64 weights: (q + 128) as unsigned bytes
+ * times xq, the sum less 128 sum_k xq[r, k]; elsewhere int32 products, 16 at a time. */
+#define QMAX_I 65536 /* inputs at most: 255 * 127 * I stays below 2^31 */
+#define QROWS 4      /* rows a tile, at most (4 outputs x 4 rows of accumulators, 4 weight vectors) */
+
+static inline int64_t qstride(int64_t I) { return (I + 63) / 64 * 64; } /* a quantized row, zero-padded */
+
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+static void quantize_row(const float *x, int64_t I, int8_t *q, float *scale, int32_t *sum) {
+    v16u mv[4] = {{0}, {0}, {0}, {0}}; /* max |x| as bits (integer order is float order for |x|; NaN above inf) */
+    for (int64_t k = 0; k < I; k += 16) { /* I a multiple of 16 */
+        v16u a;
+        memcpy(&a, x + k, 64);
+        a &= 0x7fffffffu;
+        v16u *m = mv + (k / 16) % 4;
+        *m = (*m & (v16u)(*m >= a)) | (a & (v16u)(*m < a));
+    }
+    uint32_t mb = 0;
+    for (int j = 0; j < 4; j++)
+        for (int i = 0; i < 16; i++) mb = mv[j][i] > mb ? mv[j][i] : mb;
+    float m;
+    memcpy(&m, &mb, 4);
+    *scale = m / 127.f;
+    if (!(m > 0.f && m <= 3.4e38f)) { /* zeros, inf or NaN: zeros */
+        memset(q, 0, qstride(I)), *sum = 0;
+        return;
+    }
+    const float inv = 127.f / m;
+    const v16f magic = (v16f){0} + 12582912.f; /* 1.5 * 2^23: + magic - magic rounds to an integer, ties to even */
+    v16i t = {0};
+    for (int64_t k = 0; k < I; k += 16) { /* |x * inv| <= 127 (within an ulp): no clamp */
+        v16f v = load_f32(x + k) * inv;
+        ROUNDED(v); /* x * inv rounded, as the reference's: no FMA with the + magic */
+        const v16i r = __builtin_convertvector((v + magic) - magic, v16i);
+        const v16b b = __builtin_convertvector(r, v16b);
+        memcpy(q + k, &b, 16);
+        t += r;
+    }
+    memset(q + I, 0, qstride(I) - I);
+    int32_t total = 0;
+    for (int i = 0; i < 16; i++) total += t[i];
+    *sum = total;
+}
+
+/* dot[r][c] = sum_k xq[r, k] w[c][k] (exact) for R rows of quantized x (rows Ip apart, xsum their sums) and C
+ * weight rows; pf as TILE's */
+#define QTILE(R, C)                                                                                               \
+    static inline void qtile_##R##_##C(const int8_t *xq, int64_t Ip, const int32_t *xsum, int64_t I,             \
+                                       const int8_t *const *w, int32_t dot[][C], int64_t pf) {                   \
+        QTILE_BODY(R, C)                                                                                          \
+    }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define QTILE_STEP(R, C, LOAD)                                                                                    \
+    {                                                                                                             \
+        __m512i wv[C];                                                                                            \
+        for (int c = 0; c < C; c++) wv[c] = _mm512_xor_si512(LOAD, flip);                                         \
+        for (int r = 0; r < R; r++) {                                                                             \
+            __m512i xv = _mm512_loadu_si512(xq + r * Ip + k); /* zeros past I */                                 \
+            if (C > 1) IN_REGISTER(xv); /* one load a row, not one a product (as TILE) */                         \
+            for (int c = 0; c < C; c++) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], wv[c], xv);                    \
+        }                                                                                                         \
+    }
+#define QTILE_BODY(R, C)                                                                                          \
+    const __m512i flip = _mm512_set1_epi8((char)0x80); /* q + 128 as unsigned bytes */                            \
+    __m512i acc[R][C];                                                                                            \
+    for (int r = 0; r < R; r++)                                                                                   \
+        for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_si512();                                           \
+    int64_t k = 0;                                                                                                \
+    for (; k + 64 <= I; k += 64) {                                                                                \
+        if (pf)                                                                                                   \
+            for (int c = 0; c < C; c++) __builtin_prefetch(w[c] + pf + k, 0, 3);                                  \
+        QTILE_STEP(R, C, _mm512_loadu_si512(w[c] + k))                                                           \
+    }                                                                                                             \
+    if (k < I) {                                                                                                  \
+        const __mmask64 in = ((__mmask64)1 << (I - k)) - 1;                                                       \
+        QTILE_STEP(R, C, _mm512_maskz_loadu_epi8(in, w[c] + k))                                                   \
+    }                                                                                                             \
+    for (int r = 0; r < R; r++)                                                                                   \
+        for (int c = 0; c < C; c++) dot[r][c] = _mm512_reduce_add_epi32(acc[r][c]) - 128 * xsum[r];
+#else
+#define QTILE_BODY(R, C)                                                                                          \
+    v16i acc[R][C];                                                                                               \
+    (void)xsum, (void)pf;                                                                                         \
+    for (int r = 0; r < R; r++)                                                                                   \
+        for (int c = 0; c < C; c++) acc[r][c] = (v16i){0};                                                        \
+    for (int64_t k = 0; k < I; k += 16) {                                                                         \
+        v16i wv[C];                                                                                               \
+        for (int c = 0; c < C; c++) {                                                                             \
+            v16b b;                                                                                               \
+            memcpy(&b, w[c] + k, 16);                                                                             \
+            wv[c] = __builtin_convertvector(b, v16i);                                                             \
+        }                                                                                                         \
+        for (int r = 0; r < R; r++) {                                                                             \
+            v16b b;                                                                                               \
+            memcpy(&b, xq + r * Ip + k, 16);                                                                      \
+            const v16i xv = __builtin_convertvector(b, v16i);                                                     \
+            for (int c = 0; c < C; c++) acc[r][c] += xv * wv[c];                                                  \
+        }                                                                                                         \
+    }                                                                                                             \
+    for (int r = 0; r < R; r++)                                                                                   \
+        for (int c = 0; c < C; c++) {                                                                             \
+            int32_t t = 0;                                                                                        \
+            for (int i = 0; i < 16; i++) t += acc[r][c][i];                                                       \
+            dot[r][c] = t;                                                                                        \
+        }
+#endif
+
+#define QNAME(R, C) QNAME_(R, C) /* C expanded first (OUTS) */
+#define QNAME_(R, C) qtile_##R##_##C
+/* a W8A8 linear's output tiles, as TILES' (C outputs a tile, G tiles a call, rows in passes of up to QROWS) */
+#define QTILES(NAME, C, G)                                                                                        \
+    QTILE(1, C)                                                                                                   \
+    QTILE(2, C)                                                                                                   \
+    QTILE(3, C)                                                                                                   \
+    QTILE(4, C)                                                                                                   \
+    static void NAME(const job *j, int64_t group) {                                                               \
+        const int8_t *w = j->w, *wr[C];                                                                           \
+        const int64_t I = j->I, O = j->O, n = j->n, Ip = qstride(I);                                              \
+        for (int64_t t = group * G; t < group * G + G && t * C < O; t++) {                                       \
+            for (int c = 0; c < C; c++) wr[c] = w + (t * C + c < O ? t * C + c : O - 1) * I;                      \
+            for (int64_t r0 = 0; r0 < n; r0 += QROWS) {                                                           \
+                int32_t dot[QROWS][C];                                                                            \
+                const int R = n - r0 < QROWS ? (int)(n - r0) : QROWS;                                             \
+                const int8_t *xr = j->xq + r0 * Ip;                                                               \
+                const int32_t *sr = j->xsum + r0;                                                                 \
+                const int64_t pf = C > 1 && r0 == 0 && (t + 1) * C < O ? C * I : 0;                               \
+                switch (R) {                                                                                      \
+                    case 1: QNAME(1, C)(xr, Ip, sr, I, wr, dot, pf); break;                                       \
+                    case 2: QNAME(2, C)(xr, Ip, sr, I, wr, dot, pf); break;                                       \
+                    case 3: QNAME(3, C)(xr, Ip, sr, I, wr, dot, pf); break;                                       \
+                    default: QNAME(4, C)(xr, Ip, sr, I, wr, dot, pf);                                             \
+                }                                                                                                 \
+                for (int r = 0; r < R; r++)                                                                       \
+                    for (int c = 0; c < C && t * C + c < O; c++)                                                  \
+                        j->y[(r0 + r) * O + t * C + c] = (float)dot[r][c] * j->xs[r0 + r] * bf16_to_f32(j->s[t * C + c]); \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+QTILES(w8a8_narrow, 1, GROUP)
+QTILES(w8a8_wide, OUTS, 1)
+
+static job linear_w8a8(const float *x, int64_t n, int64_t I, const void *w, const uint16_t *s, int64_t O, float *y) {
+    const int narrow = n <= 2;
+    return (job){x, n, I, w, s, O, y, narrow ? w8a8_narrow : w8a8_wide,
+                 narrow ? (O + GROUP - 1) / GROUP : (O + OUTS - 1) / OUTS, 1, 0, NULL, NULL, NULL};
+}
+
+/* bytes of scratch the quantized rows of jobs[0, count) take (qbind) */
+static size_t qbytes(const job *jobs, int count) {
+    size_t b = 0;
+    for (int i = 0; i < count; i++)
+        if (jobs[i].w8a8) b += jobs[i].n * (qstride(jobs[i].I) + 8);
+    return b;
+}
+
+/* points the W8A8 jobs' quantized rows into buf (qbytes of them): a job whose rows an earlier job of these reads
+ * (the same x, n, I) shares them, and only the first quantizes */
+static void qbind(job *jobs, int count, char *buf) {
+    for (int i = 0; i < count; i++) {
+        job *j = jobs + i;
+        if (!j->w8a8) continue;
+        int shared = 0;
+        for (int e = 0; e < i && !shared; e++)
+            if (jobs[e].w8a8 && jobs[e].x == j->x && jobs[e].n == j->n && jobs[e].I == j->I) {
+                j->xq = jobs[e].xq, j->xs = jobs[e].xs, j->xsum = jobs[e].xsum, shared = 1;
+            }
+        if (shared) continue;
+        j->quantize = 1;
+        j->xq = (int8_t *)buf, buf += j->n * qstride(j->I);
+        j->xs = (float *)buf, buf += j->n * 4;
+        j->xsum = (int32_t *)buf, buf += j->n * 4;
+    }
+}
+
 /* The tiles of `count` jobs, split among the threads of the enclosing OpenMP parallel region in contiguous
- * ranges (all of them, when called outside one); no barrier at the end. */
+ * ranges (all of them, when called outside one); no barrier at the end. W8A8 jobs' rows are quantized first (split
+ * among the threads, then a barrier). */
 static void run(const job *jobs, int count) {
+    int64_t rows = 0;
+    for (int i = 0; i < count; i++) rows += jobs[i].quantize ? jobs[i].n : 0;
+    if (rows) {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            int64_t i = 0, at = r;
+            for (; !jobs[i].quantize || at >= jobs[i].n; i++) at -= jobs[i].quantize ? jobs[i].n : 0;
+            const job *j = jobs + i;
+            quantize_row(j->x + at * j->I, j->I, j->xq + at * qstride(j->I), j->xs + at, j->xsum + at);
+        }
+    }
     int64_t total = 0;
     for (int i = 0; i < count; i++) total += jobs[i].tiles;
     const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
@@ -207,13 +416,17 @@ static void run(const job *jobs, int count) {
 }
 
 static int linear(job j, int threads) {
-    if (j.I % 16 || j.n < 1 || j.O < 1) return 1;
+    if (j.I % 16 || j.n < 1 || j.O < 1 || (j.w8a8 && j.I > QMAX_I)) return 1;
+    char *buf = NULL;
+    if (j.w8a8 && !(buf = malloc(qbytes(&j, 1)))) return 2;
+    qbind(&j, 1, buf);
 #pragma omp parallel num_threads(threads)
     run(&j, 1);
+    free(buf);
     return 0;
 }
 
-/* 0 on success; 1: I not a multiple of 16, or n or O < 1 */
+/* 0 on success; 1: I not a multiple of 16, or n or O < 1 (W8A8: or I > QMAX_I); 2: out of memory */
 int moeray_linear_f32(const float *x, int64_t n, int64_t I, const float *w, int64_t O, float *y, int threads) {
     return linear(linear_f32(x, n, I, w, NULL, O, y), threads);
 }
@@ -221,6 +434,11 @@ int moeray_linear_f32(const float *x, int64_t n, int64_t I, const float *w, int6
 int moeray_linear_i8(const float *x, int64_t n, int64_t I, const int8_t *q, const uint16_t *s, int64_t O, float *y,
                      int threads) {
     return linear(linear_i8(x, n, I, q, s, O, y), threads);
+}
+
+int moeray_linear_w8a8(const float *x, int64_t n, int64_t I, const int8_t *q, const uint16_t *s, int64_t O, float *y,
+                       int threads) {
+    return linear(linear_w8a8(x, n, I, q, s, O, y), threads);
 }
 
 /* Decode attention over a paged KV cache, read in place: for each sequence b and query head h (of H; kv-head
@@ -364,9 +582,9 @@ static void rms_norm(const float *x, int64_t B, int64_t D, const float *norm, fl
  * a linear: at 4 rows an expert, 24 of them a MoE layer). */
 typedef job (*job_fn)(const float *, int64_t, int64_t, const void *, const uint16_t *, int64_t, float *);
 
-static void ffns(const float *x, const int64_t *at, int count, int64_t D, int64_t F, const void *const *w1,
-                 const void *const *w3, const void *const *w2, const uint16_t *const *s1, const uint16_t *const *s3,
-                 const uint16_t *const *s2, job_fn lin, float *h, float *y, int threads) {
+static int ffns(const float *x, const int64_t *at, int count, int64_t D, int64_t F, const void *const *w1,
+                const void *const *w3, const void *const *w2, const uint16_t *const *s1, const uint16_t *const *s3,
+                const uint16_t *const *s2, job_fn lin, float *h, float *y, int threads) {
     const int64_t rows = at[count];
     float *h1 = h, *h3 = h + rows * F;
     job up[2 * count], down[count];
@@ -376,6 +594,11 @@ static void ffns(const float *x, const int64_t *at, int count, int64_t D, int64_
         up[2 * i + 1] = lin(x + at[i] * D, n, D, w3[i], s3[i], F, h3 + at[i] * F);
         down[i] = lin(h1 + at[i] * F, n, F, w2[i], s2[i], D, y + at[i] * D);
     }
+    const size_t qb = qbytes(up, 2 * count);
+    char *buf = NULL;
+    if (up[0].w8a8 && !(buf = malloc(qb + qbytes(down, count)))) return 2;
+    qbind(up, 2 * count, buf);
+    qbind(down, count, buf + qb);
 #pragma omp parallel num_threads(threads)
     {
         run(up, 2 * count);
@@ -384,9 +607,13 @@ static void ffns(const float *x, const int64_t *at, int count, int64_t D, int64_
         for (int64_t i = 0; i < rows * F; i++) h1[i] = h1[i] / (1.f + expf(-h1[i])) * h3[i];
         run(down, count);
     }
+    free(buf);
+    return 0;
 }
 
-static job_fn linear_of(int wtype) { return wtype == 0 ? linear_f32 : wtype == 1 ? linear_i8 : NULL; }
+static job_fn linear_of(int wtype) {
+    return wtype == 0 ? linear_f32 : wtype == 1 ? linear_i8 : wtype == 2 ? linear_w8a8 : NULL;
+}
 
 /* y [n, D] = x + f(xn) with xn = rms_norm(x, norm, eps), the FFN half of a layer; or f(x) where norm is NULL */
 static void residual(const float *x, int64_t n, int64_t D, const float *norm, float *y) {
@@ -399,15 +626,15 @@ int moeray_ffn(const float *x, int64_t n, int64_t D, int64_t F, const float *nor
                const void *w3, const void *w2, const uint16_t *s1, const uint16_t *s3, const uint16_t *s2, int wtype,
                float *y, int threads) {
     job_fn lin = linear_of(wtype);
-    if (!lin || n < 1 || D % 16 || F % 16) return 1;
+    if (!lin || n < 1 || D % 16 || F % 16 || (wtype == 2 && (D > QMAX_I || F > QMAX_I))) return 1;
     float *h = malloc(sizeof(float) * (2 * n * F + n * D)), *xn = h + 2 * n * F;
     if (!h) return 2;
     if (norm) rms_norm(x, n, D, norm, eps, xn);
     const int64_t at[2] = {0, n};
-    ffns(norm ? xn : x, at, 1, D, F, &w1, &w3, &w2, &s1, &s3, &s2, lin, h, y, threads);
-    residual(x, n, D, norm, y);
+    const int rc = ffns(norm ? xn : x, at, 1, D, F, &w1, &w3, &w2, &s1, &s3, &s2, lin, h, y, threads);
+    if (!rc) residual(x, n, D, norm, y);
     free(h);
-    return 0;
+    return rc;
 }
 
 /* A MoE layer f on n tokens x [n, D] -> y [n, D] fp32 (see residual; f on xn = the normed x): router logits
@@ -420,7 +647,8 @@ int moeray_moe(const float *x, int64_t n, int64_t D, int64_t F, const float *nor
                const uint16_t *const *s1, const uint16_t *const *s3, const uint16_t *const *s2, int wtype, float *y,
                int threads) {
     job_fn lin = linear_of(wtype);
-    if (!lin || n < 1 || D % 16 || F % 16 || k < 1 || k > E || E > 256) return 1;
+    if (!lin || n < 1 || D % 16 || F % 16 || k < 1 || k > E || E > 256 || (wtype == 2 && (D > QMAX_I || F > QMAX_I)))
+        return 1;
     float *logits = malloc(sizeof(float) * n * E), *wt = malloc(sizeof(float) * n * k);
     int64_t *chosen = malloc(sizeof(int64_t) * n * k), *rows = malloc(sizeof(int64_t) * n * k);
     float *buf = malloc(sizeof(float) * (2 * n * k * D + 2 * n * k * F + n * D));
@@ -472,7 +700,7 @@ int moeray_moe(const float *x, int64_t n, int64_t D, int64_t F, const float *nor
         v2[count] = s2[e];
         at[++count] = m;
     }
-    ffns(xe, at, count, D, F, u1, u3, d2, v1, v3, v2, lin, h, ye, threads);
+    if ((rc = ffns(xe, at, count, D, F, u1, u3, d2, v1, v3, v2, lin, h, ye, threads))) goto done;
     /* combine: each token's rows weighted and summed in expert order */
     memset(y, 0, sizeof(float) * n * D);
     for (int64_t i = 0; i < m; i++) {
@@ -507,13 +735,23 @@ int moeray_attention_block(const float *x, int64_t B, int64_t D, const float *no
                            const int64_t *slots, const uint8_t *mask, int64_t C, float scale, float *out,
                            int threads) {
     job_fn lin = linear_of(wtype);
-    if (!lin || B < 1 || D % 16 || hd % 16 || KV < 1 || H % KV || C < 1) return 1;
+    if (!lin || B < 1 || D % 16 || hd % 16 || KV < 1 || H % KV || C < 1 || (wtype == 2 && (D > QMAX_I || H * hd > QMAX_I)))
+        return 1;
     const int64_t Q = H * hd, K = KV * hd;
     float *buf = malloc(sizeof(float) * B * (D + 2 * Q + 2 * K));
     if (!buf) return 2;
     float *xn = buf, *q = xn + B * D, *k = q + B * Q, *v = k + B * K, *o = v + B * K;
     rms_norm(x, B, D, norm, eps, xn);
     job proj[3] = {lin(xn, B, D, wq, sq, Q, q), lin(xn, B, D, wk, sk, K, k), lin(xn, B, D, wv, sv, K, v)};
+    job down = lin(o, B, Q, wo, so, D, out);
+    const size_t qb = qbytes(proj, 3);
+    char *qbuf = proj[0].w8a8 ? malloc(qb + qbytes(&down, 1)) : NULL;
+    if (proj[0].w8a8 && !qbuf) {
+        free(buf);
+        return 2;
+    }
+    qbind(proj, 3, qbuf);
+    qbind(&down, 1, qbuf + qb);
 #pragma omp parallel num_threads(threads)
     run(proj, 3);
     for (int64_t b = 0; b < B; b++) {
@@ -539,12 +777,11 @@ int moeray_attention_block(const float *x, int64_t B, int64_t D, const float *no
     }
     int rc = moeray_decode_attention(q, B, H, hd, k_pool, v_pool, pool_bf16, KV, slots, mask, C, scale, o, threads);
     if (!rc) {
-        const job down = lin(o, B, Q, wo, so, D, out);
 #pragma omp parallel num_threads(threads)
         run(&down, 1);
         for (int64_t i = 0; i < B * D; i++) out[i] += x[i];
     }
-    free(buf);
+    free(buf), free(qbuf);
     return rc;
 }
 
