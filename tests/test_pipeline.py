@@ -72,13 +72,15 @@ def test_mixtral_expert_layouts_match_single_process(cluster, hf_mixtral, refere
         pipe.shutdown()
 
 
-@pytest.mark.parametrize("weight_quant", ["int8", "none"])
-def test_quantized_bf16_pipeline_matches_single_process(cluster, hf_mixtral, weight_quant):
-    """bf16 with int8 experts (and attention and LM head in int8, or in bf16 prepacked for oneDNN): the
-    shards, attention actor and router build them as the single-process engine does (kernels.build) and run
-    the same CPU kernels, so the tokens are the same, however the pipeline's steps batched the requests
+@pytest.mark.parametrize("dtype,expert_quant,weight_quant", [("bfloat16", "int8", "int8"), ("bfloat16", "int8", "none"),
+                                                              ("float32", "w8a8", "w8a8")])
+def test_quantized_pipeline_matches_single_process(cluster, hf_mixtral, dtype, expert_quant, weight_quant):
+    """bf16 with int8 experts (and attention and LM head in int8, or in bf16 prepacked for oneDNN), or fp32 with
+    W8A8 everywhere (moeray's C kernels, activations quantized per row): the shards, attention actor and router
+    build them as the single-process engine does (kernels.build) and run the same CPU kernels, so the tokens are
+    the same, however the pipeline's steps batched the requests
     (test_engine.py::test_bf16_tokens_do_not_depend_on_batching)."""
-    engine = dict(dtype="bfloat16", expert_quant="int8", weight_quant=weight_quant)
+    engine = dict(dtype=dtype, expert_quant=expert_quant, weight_quant=weight_quant)
     want = [c.token_ids for c in Engine.from_dir(hf_mixtral, EngineConfig(kv_cache_tokens=4096, **engine))
             .generate(prompts(), GREEDY)]
     pipe = Pipeline.start(config(hf_mixtral, shards=2, **engine))
