@@ -12,8 +12,8 @@ about the modules is applied here, once:
     dtype         the held weights' (activations follow them); auto: model_dtype's choice for the checkpoint
     expert_quant  held experts are read and quantized on CPU, then moved: the device never holds them
                   unquantized; on CPU they run torch's packed int8 / int4 kernels, or with fp32 activations
-                  our int8 one; w8a8 (CPU only): int8 weights and activations, our kernel (kernels/quant.py,
-                  kernels/native.py)
+                  our int8 one; w8a8 (CPU only): int8 weights and activations, our kernel; bf16: the weights
+                  in bf16, fp32 activations, our kernel on CPU (kernels/quant.py, kernels/native.py)
     weight_quant  likewise the held attention projections and LM head (kernels.quant.quantize_dense)
     (CPU)         the held weights that stay unquantized packed for fast decode (kernels/packing.py)
     moe_kernel    the experts stage: on the engine's MoE layers (use_kernel), or one stage per layer over
@@ -40,7 +40,8 @@ from kernels.quant import quantize_dense, quantize_experts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)  # engine.dtype
-QUANT_BITS = {"none": None, "int8": 8, "int4": 4, "w8a8": 8}  # w8a8: int8 weights and activations (kernels/quant.py)
+# w8a8: int8 weights and activations; bf16: bf16 weights, fp32 activations (in an fp32 model; kernels/quant.py)
+QUANT_BITS = {"none": None, "int8": 8, "int4": 4, "w8a8": 8, "bf16": 16}
 DENSE_QUANTIZED = re.compile(r"(layers\.\d+\.attention\.w[qkvo]|output)\.weight")  # what weight_quant covers
 
 
@@ -157,7 +158,8 @@ def build_role(ckpt: Checkpoint, engine: Building, holds: Holds,
         for ff in experts.values():
             ff.to(device)
     if dense_bits:
-        for q in quantize_dense(model, dense_bits, cpu_kernel=device.type == "cpu", w8a8=engine.weight_quant == "w8a8"):
+        w8a8 = engine.weight_quant == "w8a8"
+        for q in quantize_dense(model, dense_bits, cpu_kernel=device.type == "cpu", w8a8=w8a8):
             q.to(device)
     if device.type == "cpu":  # after quantizing: a quantized linear is not packed
         # fused QKV and w1|w3, fast GEMV layout or oneDNN's (kernels/packing.py): the held weights only

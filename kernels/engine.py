@@ -59,7 +59,8 @@ class EngineConfig:
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"  # the KV cache: auto (= the weights') | float32 | bfloat16 | float16
     max_queued_requests: int = 256  # requests waiting for a batch slot at most; more -> QueueFull (HTTP 429)
-    # expert weights: none | int8 | int4 (weight-only) | w8a8 (int8 weights and activations, CPU only; kernels/quant.py)
+    # expert weights: none | int8 | int4 (weight-only) | w8a8 (int8 weights and activations, CPU only) | bf16 (bf16
+    # weights, activations in dtype: for fp32 models; kernels/quant.py)
     expert_quant: str = "none"
     weight_quant: str = "none"  # attention projections and LM head: as expert_quant (kernels.quant.quantize_dense)
     kv_allocation: str = "on_demand"  # on_demand (blocks as sequences grow; preempt when out) | reserve (worst case)

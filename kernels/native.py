@@ -114,6 +114,7 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moeray_linear_f32.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
     lib.moeray_linear_i8.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
     lib.moeray_linear_w8a8.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
+    lib.moeray_linear_bf16.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
     lib.moeray_decode_attention.argtypes = [p, i64, i64, i64, p, p, ctypes.c_int, i64, p, p, i64, ctypes.c_float, p,
                                             ctypes.c_int]
     f32 = ctypes.c_float
@@ -127,7 +128,8 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moeray_layers.argtypes = [p, i64, i64, p, i64, p, p, i64, p, f32, i64, i64, i64, p, ctypes.c_int, p, p, p,
                                   i64, f32, ctypes.c_int]
     lib.moeray_decode_meta.argtypes = [i64, p, i64, p, p, i64, i64, i64, p, i64, p, p, p, p]
-    for fn in (lib.moeray_linear_f32, lib.moeray_linear_i8, lib.moeray_linear_w8a8, lib.moeray_decode_attention,
+    for fn in (lib.moeray_linear_f32, lib.moeray_linear_i8, lib.moeray_linear_w8a8, lib.moeray_linear_bf16,
+               lib.moeray_decode_attention,
                lib.moeray_ffn, lib.moeray_moe, lib.moeray_attention_block, lib.moeray_row_stats, lib.moeray_layers,
                lib.moeray_decode_meta):
         fn.restype = ctypes.c_int
@@ -149,6 +151,15 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     if x.dtype != torch.float32 or scale.dtype != torch.bfloat16 or x.shape[-1] % 16 or (lib := library()) is None:
         return None  # checked before library(): a bf16-only process never builds it
     return _call(lib.moeray_linear_i8, x, qweight, scale.contiguous())
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x fp32 [n, I] @ weight bf16 [O, I]^T -> fp32 [n, O], each weight made fp32 (exactly) before its FMA, by the C
+    kernel (CPU tensors); None where it does not run: no library, x not fp32, I not a multiple of 16."""
+    if (x.dtype != torch.float32 or weight.dtype != torch.bfloat16 or x.shape[-1] % 16
+            or (lib := library()) is None):
+        return None
+    return _call(lib.moeray_linear_bf16, x, weight)
 
 
 QMAX_I = 65536  # W8A8: inputs at most (its int32 sums stay exact)
@@ -205,8 +216,8 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
 
 
 class Weight(NamedTuple):
-    """A linear's weight as the kernels read it: fp32 [O, I] (scale None), or int8 [O, I] with its bf16 scales [O],
-    weight-only or, w8a8, with the activations quantized per row too (kernels/quant.py)."""
+    """A linear's weight as the kernels read it: fp32 or bf16 [O, I] (scale None), or int8 [O, I] with its bf16
+    scales [O], weight-only or, w8a8, with the activations quantized per row too (kernels/quant.py)."""
 
     w: torch.Tensor
     scale: torch.Tensor | None = None
@@ -227,12 +238,12 @@ def _norm_args(norm: Norm | None) -> tuple[int | None, float]:
 
 # weight kinds the FFN / attention kernels read: (dtype, scales' dtype, w8a8) -> the C code's wtype
 WTYPES = {(torch.float32, None, False): 0, (torch.int8, torch.bfloat16, False): 1,
-          (torch.int8, torch.bfloat16, True): 2}
+          (torch.int8, torch.bfloat16, True): 2, (torch.bfloat16, None, False): 3}
 
 
 def _wtype(weights: list[Weight]) -> int | None:
     """The kernels' code for `weights` if all are one kind they read (fp32; int8 with bf16 scales [O], weight-only
-    or W8A8), all on CPU and contiguous, with 16k inputs (W8A8: at most QMAX_I); else None."""
+    or W8A8; bf16), all on CPU and contiguous, with 16k inputs (W8A8: at most QMAX_I); else None."""
     kinds = {(w.dtype, None if s is None else s.dtype, a) for w, s, a in weights}
     if len(kinds) != 1 or not all(w.device.type == "cpu" and w.is_contiguous() and w.shape[1] % 16 == 0 and
                                   (not a or w.shape[1] <= QMAX_I) and

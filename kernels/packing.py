@@ -254,8 +254,8 @@ def attention_linears(attn: nn.Module) -> tuple[nn.Module, ...]:
 
 def _native_weight(m: nn.Module) -> native.Weight | None:
     """A linear's weight as the C kernels read it: a plain fp32 nn.Linear's, or what the module offers
-    (QuantLinear.native_weight: int8 on the CPU kernel, weight-only or W8A8)."""
-    if type(m) is nn.Linear and m.bias is None and not m.weight.is_meta:
+    (QuantLinear.native_weight: int8 on the CPU kernel, weight-only or W8A8; BF16Linear's)."""
+    if type(m) is nn.Linear and m.bias is None and m.weight.dtype == torch.float32 and not m.weight.is_meta:
         return native.Weight(m.weight.detach())
     offer = getattr(m, "native_weight", None)
     return offer() if offer is not None else None

@@ -61,6 +61,11 @@ for bit (AVX-512 VNNI: 64 weights an instruction, where the weight-only kernel c
 its FMA and is compute-bound at ~19 GB/s; kernels/native.py). What it gives up: each activation carries a
 rounding error up to m / 254 (0.4 % of the row's largest), on top of the weights' (see tests/test_quant.py).
 
+bf16 weights in an fp32 model (expert_quant / weight_quant "bf16", BF16Linear): the weight rounded to bf16 once (half
+of fp32's bytes, as a bf16 model's), the activations and every sum in fp32: x @ W'^T with W' the rounded weight,
+what transformers computes in fp32 on that weight. On CPU moeray's C kernel makes each weight fp32 (exactly)
+before its FMA; elsewhere F.linear on W' in x's dtype.
+
 Shapes: O out features, I in features, G = I / g groups, n rows of x.
 """
 
@@ -74,7 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.model import Attention, FeedForward, Transformer
-from kernels.native import Weight, int8_linear, w8a8_linear
+from kernels.native import Weight, bf16_linear, int8_linear, w8a8_linear
 
 BITS = (8, 4)
 
@@ -325,6 +330,44 @@ class QuantLinear(nn.Module):
                 f"dtype={self.dtype}, scale_dtype={self.scale.dtype}")
 
 
+class BF16Linear(nn.Module):
+    """A bias-free linear whose weight is held in bf16 (rounded to nearest) in a model that computes in fp32 (see the
+    module docstring): forward runs moeray's C kernel for fp32 rows on CPU, else forward_native."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().to(torch.bfloat16).contiguous(), requires_grad=False)
+        self.out_features, self.in_features = self.weight.shape
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> BF16Linear:
+        if linear.bias is not None:
+            raise ValueError("BF16Linear has no bias (no layer of Mixtral or Mistral has one)")
+        return cls(linear.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., I] -> [..., O]
+        if x.is_cpu and (y := bf16_linear(x.reshape(-1, self.in_features), self.weight)) is not None:
+            return y.view(*x.shape[:-1], self.out_features)
+        return self.forward_native(x)
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+    def native_weight(self) -> Weight | None:
+        """The bf16 weight [O, I] where moeray's C kernels read it (CPU), else None."""
+        return Weight(self.weight) if self.weight.device.type == "cpu" and not self.weight.is_meta else None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight bf16"
+
+
+def _quantized(linear: nn.Linear, bits: int, group_size: int, scale_dtype: torch.dtype, cpu_kernel: bool | None,
+               w8a8: bool) -> nn.Module:
+    if bits == 16:
+        return BF16Linear.from_linear(linear)
+    return QuantLinear.from_linear(linear, bits, group_size, scale_dtype, cpu_kernel, w8a8)
+
+
 def quantize_experts(module: nn.Module | Mapping, bits: int, group_size: int = 128,
                      scale_dtype: torch.dtype = torch.bfloat16, cpu_kernel: bool | None = None,
                      w8a8: bool = False) -> nn.Module | Mapping:
@@ -334,7 +377,7 @@ def quantize_experts(module: nn.Module | Mapping, bits: int, group_size: int = 1
     or a mapping of them (ExpertShard.experts: {(layer, expert): FeedForward}). Attention, gates,
     norms, embeddings and the LM head stay as they are. Layers already quantized are left alone.
     cpu_kernel: QuantLinear.from_linear's (default: on CPU; pass False for weights moved to a GPU after).
-    w8a8: int8 weights whose activations are quantized too (the module docstring's W8A8).
+    w8a8: int8 weights whose activations are quantized too (the module docstring's W8A8). bits 16: BF16Linear.
     """
     ffns = [m for v in module.values() for m in v.modules()] if isinstance(module, Mapping) else list(module.modules())
     for ff in ffns:
@@ -343,12 +386,12 @@ def quantize_experts(module: nn.Module | Mapping, bits: int, group_size: int = 1
         for name in ("w1", "w2", "w3"):
             linear = getattr(ff, name)
             if type(linear) is nn.Linear:
-                setattr(ff, name, QuantLinear.from_linear(linear, bits, group_size, scale_dtype, cpu_kernel, w8a8))
+                setattr(ff, name, _quantized(linear, bits, group_size, scale_dtype, cpu_kernel, w8a8))
     return module
 
 
 def quantize_dense(module: nn.Module, bits: int, group_size: int = 128, scale_dtype: torch.dtype = torch.bfloat16,
-                   cpu_kernel: bool | None = None, w8a8: bool = False) -> list[QuantLinear]:
+                   cpu_kernel: bool | None = None, w8a8: bool = False) -> list[nn.Module]:
     """Replaces the attention projections (wq, wk, wv, wo) and the LM head (`output`) that `module` holds
     (not those left on the meta device) by QuantLinear, in place; returns the new ones. Embeddings, norms
     and MoE gates stay as they are (the gates decide routing and are a few thousand weights). At batch 1
@@ -360,6 +403,6 @@ def quantize_dense(module: nn.Module, bits: int, group_size: int = 128, scale_dt
         for name in names:
             linear = getattr(owner, name)
             if type(linear) is nn.Linear and not linear.weight.is_meta:
-                done.append(QuantLinear.from_linear(linear, bits, group_size, scale_dtype, cpu_kernel, w8a8))
+                done.append(_quantized(linear, bits, group_size, scale_dtype, cpu_kernel, w8a8))
                 setattr(owner, name, done[-1])
     return done

@@ -136,14 +136,16 @@ def test_fp32_engine_with_and_without_the_kernels(hf_tiny, monkeypatch, kernel):
         assert calls == []
 
 
-@pytest.mark.parametrize("quant,kv", [("none", "float32"), ("int8", "bfloat16"), ("w8a8", "float32")])
+@pytest.mark.parametrize("quant,kv", [("none", "float32"), ("int8", "bfloat16"), ("w8a8", "float32"),
+                                     ("bf16", "bfloat16")])
 def test_decode_layers_in_one_call_equal_a_call_a_half_layer(hf_tiny, monkeypatch, quant, kv):
     """At decode the engine runs the embedding, every layer and the final norm in one C call
     (Transformer.native_layers: Layers.run); with it off, torch's embedding and norm and a call a half-layer
     (TransformerBlock.start). The same KV cache bit for bit (the same layers' calls), the logits within fp32
     rounding of each other (C's final RMSNorm against torch's) with the same greedy tokens, at every step,
     sequences joining and leaving mid-run (4 prompts of 3 to 14 tokens, 3 at a time, 5 to 12 new tokens; Mistral's
-    window of 8 wraps its ring), fp32 or int8 weights (experts, attention and LM head), fp32 or bf16 KV cache."""
+    window of 8 wraps its ring), fp32, int8 (weight-only or W8A8) or bf16 weights (experts, attention and LM
+    head), fp32 or bf16 KV cache."""
     calls = []
     run = native.Layers.run
     monkeypatch.setattr(native.Layers, "run", lambda self, *a: calls.append(len(self.parts)) or run(self, *a))
@@ -212,10 +214,10 @@ def test_decode_attention_kernel_equals_sdpa_and_is_per_sequence(dtype, H, KV, h
             assert torch.equal(alone[0], batch[b]), (window, b)
 
 
-@pytest.mark.parametrize("quant", [None, 8, "w8a8"])
+@pytest.mark.parametrize("quant", [None, 8, "w8a8", 16])
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_moe_and_ffn_kernels_equal_the_torch_path(k, quant):
-    """The C MoE kernel (MoeLayer.start on CPU in fp32, experts fp32 or int8) routes as kernels/moe.py does
+    """The C MoE kernel (MoeLayer.start on CPU in fp32, experts fp32, int8, W8A8 or bf16) routes as kernels/moe.py does
     (the same experts per token) and gives its output within fp32 rounding at 1 to MAX_ROWS tokens; each
     token's result is the same bits alone as in any batch. The FFN kernel (FeedForward.forward) likewise. Both
     also take a layer's FFN half, h + f(ffn_norm(h)), in the one call."""
@@ -228,7 +230,7 @@ def test_moe_and_ffn_kernels_equal_the_torch_path(k, quant):
     D, F_, E = 64, 96, 8
     m = MoeLayer(Experts(FeedForward(D, F_) for _ in range(E)), torch.nn.Linear(D, E, bias=False), MoeArgs(E, k))
     if quant:
-        quantize_experts(m, 8, w8a8=quant == "w8a8")
+        quantize_experts(m, 8 if quant == "w8a8" else quant, w8a8=quant == "w8a8")
     pack_(m)
     assert m.native is not None and all(ff.native is not None for ff in m.experts)
     xs = torch.randn(native.MAX_ROWS, D, generator=torch.Generator().manual_seed(0))
@@ -254,13 +256,13 @@ def test_moe_and_ffn_kernels_equal_the_torch_path(k, quant):
         assert not m.native.current(list(m.experts)) and not ff.native.current([ff])
 
 
-@pytest.mark.parametrize("weight_quant", ["none", "int8", "w8a8"])
+@pytest.mark.parametrize("weight_quant", ["none", "int8", "w8a8", "bf16"])
 @pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16])
 def test_attention_block_equals_the_torch_path_and_is_per_sequence(hf_tiny, weight_quant, kv):
     """The C attention block (TransformerBlock.start at decode on CPU in fp32: norm, QKV, RoPE, KV write,
     attention over the pools in place, wo, residual) against the torch path (Attention.native off): decode logits
-    and the pools it wrote within fp32 rounding, fp32 or int8 attention weights, fp32 or bf16 pools (Mistral:
-    a sliding window). A sequence's decode logits are the same bits alone as beside another (each prefilled
+    and the pools it wrote within fp32 rounding, fp32, int8, W8A8 or bf16 attention weights, fp32 or bf16 pools
+    (Mistral: a sliding window). A sequence's decode logits are the same bits alone as beside another (each prefilled
     alone)."""
     from kernels.cache import KVCache, StepSeq
     from kernels.model import Attention, Step

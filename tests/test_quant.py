@@ -321,6 +321,63 @@ def test_w8a8_kernel_refuses_rows_too_long_for_exact_int32_sums():
     assert torch.equal(y, torch.full((1, 2), 127.0 * QMAX_I))  # 127 * 127 * 2^16 in int32, times 1 / 127
 
 
+@pytest.mark.parametrize("out_f,in_f", [(5, 16), (33, 80), (130, 1040)])
+def test_bf16_weight_kernel_within_summation_error_of_float64(out_f, in_f):
+    """bf16 weights in an fp32 model (BF16Linear, moeray's kernel): within fp32 summation error of float64 on the
+    bf16-rounded weight at 1 to 16 rows (each row the same bits alone as in any batch, and at one thread as at
+    two); BF16Linear takes it for fp32 rows on CPU and F.linear on the rounded weight otherwise."""
+    from kernels.native import bf16_linear
+    from kernels.quant import BF16Linear
+
+    lin = BF16Linear.from_linear(linear_of(random_weight(out_f, in_f, torch.float32, seed=in_f)))
+    w = lin.weight.double()
+    assert torch.equal(w, random_weight(out_f, in_f, torch.float32, seed=in_f).bfloat16().double())
+    xs = torch.randn(16, in_f, generator=torch.Generator().manual_seed(out_f))
+    alone = torch.cat([bf16_linear(xs[r : r + 1], lin.weight) for r in range(16)])
+    assert ((alone.double() - xs.double() @ w.T).abs() <= (in_f + 2) * 2**-24 * (xs.double().abs() @ w.abs().T)).all()
+    threads = torch.get_num_threads()
+    try:
+        for n in range(1, 17):
+            assert torch.equal(bf16_linear(xs[:n], lin.weight), alone[:n]), n
+        torch.set_num_threads(1)
+        assert torch.equal(bf16_linear(xs, lin.weight), alone)
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        assert torch.equal(lin(xs), alone)
+        torch.testing.assert_close(lin.forward_native(xs), alone, atol=1e-5, rtol=1e-5)
+        assert lin(xs.bfloat16()).dtype == torch.bfloat16  # not the kernel's: F.linear in bf16
+    assert bf16_linear(xs[:, :8], lin.weight[:, :8]) is None  # not a multiple of 16
+
+
+def test_bf16_weights_engine_is_transformers_on_the_rounded_weights(hf_tiny, monkeypatch):
+    """expert_quant / weight_quant bf16 in an fp32 engine (moeray's kernels at decode, Layers.run) gives the greedy
+    tokens of transformers' fp32 model whose experts (or dense FFN), attention projections and LM head were rounded
+    to bf16 (embeddings, norms and router gates as they are): the same computation on the same weights."""
+    from test_engine import hf_greedy, hf_model, prompts
+
+    from kernels import native
+    from kernels.quant import BF16Linear
+
+    ref = hf_model(hf_tiny)
+    kept = ("embed_tokens", "norm", "layernorm", "mlp.gate.weight")
+    with torch.no_grad():
+        for name, t in ref.named_parameters():
+            if not any(k in name for k in kept):
+                t.copy_(t.bfloat16().float())
+    eng = Engine.from_dir(hf_tiny, EngineConfig(dtype="float32", expert_quant="bf16", weight_quant="bf16"))
+    assert isinstance(eng.executor.model.output, BF16Linear)
+    calls = []
+    run = native.Layers.run
+    monkeypatch.setattr(native.Layers, "run",
+                        lambda self, *a: calls.append({(p.attention.wtype, p.ffn.wtype) for p in self.parts})
+                        or run(self, *a))
+    ps = prompts((3, 9))
+    got = eng.generate(ps, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert calls and all(c == {(3, 3)} for c in calls)
+    assert [r.token_ids for r in got] == [hf_greedy(ref, p)[0][:8] for p in ps]
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_cpu_kernel_takes_rows_at_any_address(bits):
     """Rows that do not start on an aligned address (an expert shard reads them from a network buffer)

@@ -2,7 +2,8 @@
  * y = x @ W^T, x [n, I] and y [n, O] fp32, W [O, I] as
  *   moeray_linear_f32   fp32 weights;
  *   moeray_linear_i8    int8 weights q with one bf16 scale per output s [O] (weight-only int8: W = q * s);
- *   moeray_linear_w8a8  the same weights, each row of x quantized to int8 too (W8A8: see quantize_row).
+ *   moeray_linear_w8a8  the same weights, each row of x quantized to int8 too (W8A8: see quantize_row);
+ *   moeray_linear_bf16  bf16 weights (each made fp32, exactly, before its FMA).
  * Compiled and loaded by kernels/native.py (which says why, when each runs, and what checks it); no Python, no
  * torch headers.
  *
@@ -71,10 +72,15 @@ static inline v16f load_i8(const int8_t *p) { /* 16 int8 weights as fp32 (exact)
 }
 
 static inline v16f load_bf16(const uint16_t *p) { /* 16 bf16 values as fp32 (exact) */
+    v16f r;
+#if defined(__AVX512F__)
+    const __m512i v = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+    memcpy(&r, &v, 64);
+#else
     uint32_t u[16];
     for (int i = 0; i < 16; i++) u[i] = (uint32_t)p[i] << 16;
-    v16f r;
     memcpy(&r, u, 64);
+#endif
     return r;
 }
 
@@ -209,6 +215,7 @@ typedef struct job {
 #define BF16_SCALE(o) *bf16_to_f32(s[o])
 LINEAR(linear_f32, float, load_f32, NO_SCALE, 1, ROWS, 4)
 LINEAR(linear_i8, int8_t, load_i8, BF16_SCALE, 2, ROWS / 2, 2)
+LINEAR(linear_bf16, uint16_t, load_bf16, NO_SCALE, 2, ROWS / 2, 2)
 
 /* W8A8 (wtype 2): int8 weights q with bf16 scales s [O], as linear_i8's, and each row of x quantized to int8 too,
  * symmetric, one scale a row (dynamic, per token): xq = rint(x * (127 / m)), m = max |x| over the row (0 for a row
@@ -441,6 +448,10 @@ int moeray_linear_w8a8(const float *x, int64_t n, int64_t I, const int8_t *q, co
     return linear(linear_w8a8(x, n, I, q, s, O, y), threads);
 }
 
+int moeray_linear_bf16(const float *x, int64_t n, int64_t I, const uint16_t *w, int64_t O, float *y, int threads) {
+    return linear(linear_bf16(x, n, I, w, NULL, O, y), threads);
+}
+
 /* Decode attention over a paged KV cache, read in place: for each sequence b and query head h (of H; kv-head
  * h / (H / KV), GQA), out[b, h] = sum_c p_c v[slot(b, c), kvh] with p = softmax over the allowed c of
  * scale * q[b, h] . k[slot(b, c), kvh]. q [B, H, hd] and out fp32; the pools [S, KV, hd] fp32 (pool_bf16 0) or
@@ -576,8 +587,8 @@ static void rms_norm(const float *x, int64_t B, int64_t D, const float *norm, fl
 }
 
 /* SwiGLU FFNs, y = w2(silu(w1 x) * w3 x), on blocks of rows: FFN i takes rows [at[i], at[i + 1]) of x [., D]
- * -> y [., D] fp32, its w1, w3 [F, D] and w2 [D, F] at w1[i], w3[i], w2[i]: fp32 (wtype 0) or int8 with bf16 scales
- * s1[i], s3[i], s2[i] (wtype 1). Each linear as moeray_linear_* computes it; h [2 rows, F] scratch. One parallel
+ * -> y [., D] fp32, its w1, w3 [F, D] and w2 [D, F] at w1[i], w3[i], w2[i]: fp32 (wtype 0), int8 with bf16 scales
+ * s1[i], s3[i], s2[i] (wtype 1; 2: W8A8) or bf16 (wtype 3). Each linear as moeray_linear_* computes it; h [2 rows, F] scratch. One parallel
  * region: every FFN's w1 and w3 tiles split among the threads, then silu * up, then every w2 tile (not a region
  * a linear: at 4 rows an expert, 24 of them a MoE layer). */
 typedef job (*job_fn)(const float *, int64_t, int64_t, const void *, const uint16_t *, int64_t, float *);
@@ -611,8 +622,8 @@ static int ffns(const float *x, const int64_t *at, int count, int64_t D, int64_t
     return 0;
 }
 
-static job_fn linear_of(int wtype) {
-    return wtype == 0 ? linear_f32 : wtype == 1 ? linear_i8 : wtype == 2 ? linear_w8a8 : NULL;
+static job_fn linear_of(int wtype) { /* wtype: 0 fp32, 1 int8, 2 W8A8, 3 bf16 weights */
+    return wtype == 0 ? linear_f32 : wtype == 1 ? linear_i8 : wtype == 2 ? linear_w8a8 : wtype == 3 ? linear_bf16 : NULL;
 }
 
 /* y [n, D] = x + f(xn) with xn = rms_norm(x, norm, eps), the FFN half of a layer; or f(x) where norm is NULL */
@@ -725,7 +736,7 @@ static inline uint16_t f32_to_bf16(float f) {
  * out [B, D] = x + wo(attention(rope(wq xn), rope(wk xn), wv xn)), xn = norm * x / sqrt(mean(x^2) + eps), the
  * new k and v written to the pools at write_slots [B] first (as decode_attention does), then each sequence's
  * keys read in place as moeray_decode_attention reads them (slots, mask [B, C]). x, norm and out fp32; wq [H hd,
- * D], wk and wv [KV hd, D], wo [D, H hd]: fp32 (wtype 0) or int8 with bf16 scales sq, sk, sv, so (wtype 1); rope
+ * D], wk and wv [KV hd, D], wo [D, H hd]: any wtype of linear_of (int8's bf16 scales sq, sk, sv, so); rope
  * [B, hd/2, 2] (cos, sin) of each sequence's position, rotating interleaved pairs (2j, 2j + 1) of q and k; pools
  * [S, KV, hd] fp32 or bf16 (pool_bf16). 0 on success, 1 bad arguments, 2 out of memory. */
 int moeray_attention_block(const float *x, int64_t B, int64_t D, const float *norm, float eps, const void *wq,
