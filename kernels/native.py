@@ -12,6 +12,10 @@ through ctypes: the fp32-activation parts of a decode step, and sampling's pass 
   per call; this kernel is 2-14x that. Its sums run as two chains (even and odd blocks of 16 inputs): one chain
   waited on the FMA's latency at one row (12 GB/s a thread, 18 with two). For bf16 activations torch's kernel
   stays (the same loop was 0.83-0.94x of it at 1-4 rows on an AVX-512 + AMX Xeon).
+- `w8a8_linear`: W8A8, the int8 weights with each row of x quantized to int8 too (kernels/quant.py): exact int32 sums,
+  with AVX-512 VNNI 64 weights an instruction, where the weight-only kernel above converts each weight to fp32
+  before its FMA and reads ~19 GB/s, compute-bound. One 14336 x 4096 linear at one row: 33-53 GB/s against 14-33.
+- `bf16_linear`: bf16 weights, fp32 rows (kernels/quant.py's BF16Linear): each weight made fp32 before its FMA.
 - `decode_attention`: a decode step's attention read from the paged KV pools in place, fp32 or bf16 pools,
   computing in fp32 (as the torch path does on CPU: kernels/attention.py). torch's path gathers every sequence's
   keys and values (two copies of the context a layer) and runs SDPA: 64 -> 22 us a layer at one sequence of 96
@@ -20,7 +24,7 @@ through ctypes: the fp32-activation parts of a decode step, and sampling's pass 
   pools; 2.5 -> 1.8 ms fp32).
 - `SwiGLUWeights.ffn` / `.moe` and `AttentionWeights.block`: a SwiGLU FFN, a whole MoE layer (route, experts,
   combine) and the attention half of a decode layer (norm, QKV, RoPE, KV write, attention, wo, residual) in one
-  call each, fp32 or int8 weights: around the linears, a MoE layer took ~36 small torch ops and an attention
+  call each, fp32, int8, W8A8 or bf16 weights: around the linears, a MoE layer took ~36 small torch ops and an attention
   ~25, more time at batch 1 than reading int8 weights. `Layers.run`: a decode step from its tokens' embedding rows
   through every layer (those same calls one after another, so the same bits) to the final RMSNorm in one call,
   where Python between the half-layers cost ~50 us a layer.

@@ -457,14 +457,38 @@ int moeray_linear_bf16(const float *x, int64_t n, int64_t I, const uint16_t *w, 
  * scale * q[b, h] . k[slot(b, c), kvh]. q [B, H, hd] and out fp32; the pools [S, KV, hd] fp32 (pool_bf16 0) or
  * bf16 (1); slots [B, C] pool rows, mask [B, C] bytes (nonzero: may attend; each b has one at least). Per
  * (b, h), in a fixed order whatever B, C beyond b's last allowed key or the thread count: a dot product as 16
- * lane-wise partial sums and the lane tree, the max, e^(s - max) 16 keys at a time (exp_nonpositive; 0 for a key
+ * lane-wise partial sums and the lane tree (16 keys' trees side by side, lane_sums), the max, e^(s - max) 16 keys at a time (exp_nonpositive; 0 for a key
  * not attended) summed lane-wise (key c in lane c mod 16) then by the lane tree, the v rows weighted and summed in
  * c order, times 1 / that sum: a sequence's result does not depend on the others of its step. hd a multiple of 16.
- * Threads split the (b, kv-head) pairs; a pair's G = H / KV heads share each k and v row loaded, and its outputs
+ * Threads split the (b, kv-head) pairs; a pair's G = H / KV heads share each k (from L1) and v row loaded, and its outputs
  * are summed in registers, 4 heads x 64 of hd at a time (a pass over the v rows' part each). The k and v rows
  * are prefetched KV_AHEAD keys ahead. 0 on success, 1 bad arguments, 2 out of memory. */
 static inline v16f load_kv(const void *pool, int bf16, int64_t at) {
     return bf16 ? load_bf16((const uint16_t *)pool + at) : load_f32((const float *)pool + at);
+}
+
+static inline v16f pick(v16i m, v16f a, v16f b) { /* a where m (all ones), else b */
+    v16i ai, bi;
+    memcpy(&ai, &a, 64), memcpy(&bi, &b, 64);
+    ai = (ai & m) | (bi & ~m);
+    memcpy(&a, &ai, 64);
+    return a;
+}
+
+/* lane j: the sum of a[j]'s 16 lanes, by a fixed tree (halves, then quarters, ... of each, side by side) */
+static inline v16f lane_sums(const v16f a[16]) {
+    v16f r1[8], r2[4], r3[2];
+    for (int i = 0; i < 8; i++)
+        r1[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; i++)
+        r2[i] = __builtin_shufflevector(r1[2 * i], r1[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                __builtin_shufflevector(r1[2 * i], r1[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++)
+        r3[i] = __builtin_shufflevector(r2[2 * i], r2[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+                __builtin_shufflevector(r2[2 * i], r2[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(r3[0], r3[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           __builtin_shufflevector(r3[0], r3[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 /* e^x for x <= 0, 16 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^n;
@@ -516,20 +540,34 @@ int moeray_decode_attention(const float *q, int64_t B, int64_t H, int64_t hd, co
             const float *qb = q + (b * H + kvh * G) * hd;
             float *ob = out + (b * H + kvh * G) * hd;
             float top[G], inv[G];
-            for (int64_t g = 0; g < G; g++) top[g] = -INFINITY;
-            for (int64_t c = 0; c < Cp; c++) { /* scores; -inf where the key is not attended (or padding) */
-                const int on = c < C && mask[b * C + c];
-                for (int64_t g = 0; g < G; g++) p[g * Cp + c] = -INFINITY;
-                if (!on) continue;
-                const int64_t row = (slots[b * C + c] * KV + kvh) * hd;
-                if (c + KV_AHEAD < C) prefetch_kv(k_pool, pool_bf16, (slots[b * C + c + KV_AHEAD] * KV + kvh) * hd, hd);
-                for (int64_t g = 0; g < G; g++) {
-                    v16f acc = {0};
-                    for (int64_t d = 0; d < hd; d += 16) acc += load_f32(qb + g * hd + d) * load_kv(k_pool, pool_bf16, row + d);
-                    const float sc = hsum(acc) * scale;
-                    p[g * Cp + c] = sc;
-                    if (sc > top[g]) top[g] = sc;
+            v16f tops[G];
+            for (int64_t g = 0; g < G; g++) tops[g] = (v16f){0} - INFINITY;
+            for (int64_t c0 = 0; c0 < Cp; c0 += 16) { /* scores, 16 keys at a time; -inf where not attended */
+                int64_t row[16];
+                v16i on;
+                for (int j = 0; j < 16; j++) {
+                    const int64_t c = c0 + j;
+                    on[j] = c < C && mask[b * C + c] ? -1 : 0;
+                    row[j] = on[j] ? (slots[b * C + c] * KV + kvh) * hd : -1;
+                    if (c + KV_AHEAD < C && mask[b * C + c + KV_AHEAD])
+                        prefetch_kv(k_pool, pool_bf16, (slots[b * C + c + KV_AHEAD] * KV + kvh) * hd, hd);
                 }
+                for (int64_t g = 0; g < G; g++) {
+                    v16f acc[16];
+                    for (int j = 0; j < 16; j++) acc[j] = (v16f){0};
+                    for (int64_t d = 0; d < hd; d += 16) {
+                        const v16f qv = load_f32(qb + g * hd + d);
+                        for (int j = 0; j < 16; j++)
+                            if (row[j] >= 0) acc[j] += qv * load_kv(k_pool, pool_bf16, row[j] + d);
+                    }
+                    const v16f sc = pick(on, lane_sums(acc) * scale, (v16f){0} - INFINITY);
+                    memcpy(p + g * Cp + c0, &sc, 64);
+                    tops[g] = pick(sc > tops[g], sc, tops[g]);
+                }
+            }
+            for (int64_t g = 0; g < G; g++) {
+                top[g] = -INFINITY;
+                for (int j = 0; j < 16; j++) top[g] = tops[g][j] > top[g] ? tops[g][j] : top[g];
             }
             for (int64_t g = 0; g < G; g++) { /* e^(s - max), 16 keys at a time (0 where -inf), and their sum */
                 v16f sum = {0};
