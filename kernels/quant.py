@@ -139,7 +139,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.float()
     m = x.abs().amax(dim=-1, keepdim=True)  # [..., 1]
     c = torch.full_like(m, 127)  # tensor / tensor: IEEE division (127 / m is a reciprocal times 127: an ulp off)
-    inv = torch.where((m > 0) & (m <= torch.finfo(torch.float32).max), c / m, 0)
+    inv = torch.where((m > 0) & m.isfinite(), c / m, 0)
     q = torch.round(x * inv).nan_to_num_(0).clamp_(-127, 127)
     return q.to(torch.int8), m / c
 

@@ -307,6 +307,11 @@ def test_w8a8_kernel_equals_its_reference_bit_for_bit_and_is_within_the_bound_of
     with torch.no_grad():  # QuantLinear: the kernel on CPU, the reference as forward_native; bf16 rows as fp32
         assert torch.equal(q(xs[:3]), ref[:3]) and torch.equal(q.forward_native(xs[:3]), ref[:3])
         assert torch.equal(q(xs[:3].bfloat16()), w8a8_reference(xs[:3].bfloat16(), q.qweight, q.scale).bfloat16())
+    bad = xs[:3].clone()
+    bad[0, 1], bad[1, 2] = float("inf"), float("nan")  # no scale: NaN out, as x @ W^T would give; the rest unharmed
+    got = w8a8_linear(bad, q.qweight, q.scale)
+    assert got[:2].isnan().all() and w8a8_reference(bad, q.qweight, q.scale)[:2].isnan().all()
+    assert torch.equal(got[2], ref[2])
     assert w8a8_linear(xs[:, :8], q.qweight[:, :8], q.scale) is None  # not a multiple of 16
     with pytest.raises(ValueError, match="bits must be 8"):
         QuantLinear(16, 16, 4, w8a8=True)

@@ -245,7 +245,7 @@ static void quantize_row(const float *x, int64_t I, int8_t *q, float *scale, int
     float m;
     memcpy(&m, &mb, 4);
     *scale = m / 127.f;
-    if (!(m > 0.f && m <= 3.4e38f)) { /* zeros, inf or NaN: zeros */
+    if (!(m > 0.f && m < INFINITY)) { /* zeros, inf or NaN: zeros */
         memset(q, 0, qstride(I)), *sum = 0;
         return;
     }
