@@ -73,7 +73,7 @@ def test_where_the_fp32_kernel_runs():
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not shutil.which("cc"), reason="x86 + cc")
 @pytest.mark.parametrize("arch", [["-mavx2", "-mfma"], ["-march=x86-64"]])
-def test_kernels_build_and_agree_on_cpus_without_avx512(hf_tiny, monkeypatch, tmp_path, arch):
+def test_kernels_build_and_agree_on_cpus_without_avx512(hf_mixtral, monkeypatch, tmp_path, arch):
     """The library is built with -march=native: on a CPU with AVX2 but no AVX-512 (most laptops), or with neither,
     it must still build (a register constraint for 64-byte vectors once made it fail there, silently leaving
     torch's kernels) and compute the same: the fp32 linear within summation error of float64, W8A8 bit for bit
@@ -98,8 +98,8 @@ def test_kernels_build_and_agree_on_cpus_without_avx512(hf_tiny, monkeypatch, tm
     layers = native.Layers.run
     monkeypatch.setattr(native.Layers, "run", lambda self, *a: calls.append("layers") or layers(self, *a))
     ps = prompts((3, 9))
-    got = Engine.from_dir(hf_tiny).generate(ps, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
-    assert calls and [r.token_ids for r in got] == [hf_greedy(hf_model(hf_tiny), p)[0][:6] for p in ps]
+    got = Engine.from_dir(hf_mixtral).generate(ps, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert calls and [r.token_ids for r in got] == [hf_greedy(hf_model(hf_mixtral), p)[0][:6] for p in ps]
 
 
 @pytest.mark.parametrize("kernel", ["ours", "none"])
