@@ -356,7 +356,8 @@ static void quantize_row(const float *x, int64_t I, int8_t *q, float *scale, int
                 }                                                                                                 \
                 for (int r = 0; r < R; r++)                                                                       \
                     for (int c = 0; c < C && t * C + c < O; c++)                                                  \
-                        j->y[(r0 + r) * O + t * C + c] = (float)dot[r][c] * j->xs[r0 + r] * bf16_to_f32(j->s[t * C + c]); \
+                        j->y[(r0 + r) * O + t * C + c] =                                                  \
+                            (float)dot[r][c] * j->xs[r0 + r] * bf16_to_f32(j->s[t * C + c]);                      \
             }                                                                                                     \
         }                                                                                                         \
     }
@@ -396,6 +397,20 @@ static void qbind(job *jobs, int count, char *buf) {
     }
 }
 
+/* scratch for the quantized rows of the W8A8 jobs among a[0, na) and b[0, nb) (b's x may not be written yet), bound
+ * to them (qbind); *buf NULL where none is W8A8. 0 on success, 2 out of memory. */
+static int qalloc(job *a, int na, job *b, int nb, char **buf) {
+    const size_t qa = qbytes(a, na), total = qa + qbytes(b, nb);
+    *buf = NULL;
+    if (!total) return 0;
+    if (!(*buf = malloc(total))) return 2;
+    qbind(a, na, *buf), qbind(b, nb, *buf + qa);
+    return 0;
+}
+
+/* a W8A8 kernel's inputs past QMAX_I (wtype 2, linear_of's) */
+static int too_wide(int wtype, int64_t a, int64_t b) { return wtype == 2 && (a > QMAX_I || b > QMAX_I); }
+
 /* The tiles of `count` jobs, split among the threads of the enclosing OpenMP parallel region in contiguous
  * ranges (all of them, when called outside one); no barrier at the end. W8A8 jobs' rows are quantized first (split
  * among the threads, then a barrier). */
@@ -424,9 +439,8 @@ static void run(const job *jobs, int count) {
 
 static int linear(job j, int threads) {
     if (j.I % 16 || j.n < 1 || j.O < 1 || (j.w8a8 && j.I > QMAX_I)) return 1;
-    char *buf = NULL;
-    if (j.w8a8 && !(buf = malloc(qbytes(&j, 1)))) return 2;
-    qbind(&j, 1, buf);
+    char *buf;
+    if (qalloc(&j, 1, NULL, 0, &buf)) return 2;
 #pragma omp parallel num_threads(threads)
     run(&j, 1);
     free(buf);
@@ -457,12 +471,13 @@ int moeray_linear_bf16(const float *x, int64_t n, int64_t I, const uint16_t *w, 
  * scale * q[b, h] . k[slot(b, c), kvh]. q [B, H, hd] and out fp32; the pools [S, KV, hd] fp32 (pool_bf16 0) or
  * bf16 (1); slots [B, C] pool rows, mask [B, C] bytes (nonzero: may attend; each b has one at least). Per
  * (b, h), in a fixed order whatever B, C beyond b's last allowed key or the thread count: a dot product as 16
- * lane-wise partial sums and the lane tree (16 keys' trees side by side, lane_sums), the max, e^(s - max) 16 keys at a time (exp_nonpositive; 0 for a key
- * not attended) summed lane-wise (key c in lane c mod 16) then by the lane tree, the v rows weighted and summed in
- * c order, times 1 / that sum: a sequence's result does not depend on the others of its step. hd a multiple of 16.
- * Threads split the (b, kv-head) pairs; a pair's G = H / KV heads share each k (from L1) and v row loaded, and its outputs
- * are summed in registers, 4 heads x 64 of hd at a time (a pass over the v rows' part each). The k and v rows
- * are prefetched KV_AHEAD keys ahead. 0 on success, 1 bad arguments, 2 out of memory. */
+ * lane-wise partial sums and the lane tree (16 keys' trees side by side, lane_sums), the max, e^(s - max) 16 keys
+ * at a time (exp_nonpositive; 0 for a key not attended) summed lane-wise (key c in lane c mod 16) then by the lane
+ * tree, the v rows weighted and summed in c order, times 1 / that sum: a sequence's result does not depend on the
+ * others of its step. hd a multiple of 16. Threads split the (b, kv-head) pairs; a pair's G = H / KV heads share each
+ * k (from L1) and v row loaded, and its outputs are summed in registers, 4 heads x 64 of hd at a time (a pass over
+ * the v rows' part each). The k and v rows are prefetched KV_AHEAD keys ahead. 0 on success, 1 bad arguments, 2 out
+ * of memory. */
 static inline v16f load_kv(const void *pool, int bf16, int64_t at) {
     return bf16 ? load_bf16((const uint16_t *)pool + at) : load_f32((const float *)pool + at);
 }
@@ -478,15 +493,21 @@ static inline v16f pick(v16i m, v16f a, v16f b) { /* a where m (all ones), else 
 /* lane j: the sum of a[j]'s 16 lanes, by a fixed tree (halves, then quarters, ... of each, side by side) */
 static inline v16f lane_sums(const v16f a[16]) {
     v16f r1[8], r2[4], r3[2];
-    for (int i = 0; i < 8; i++)
-        r1[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-                __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    for (int i = 0; i < 4; i++)
-        r2[i] = __builtin_shufflevector(r1[2 * i], r1[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-                __builtin_shufflevector(r1[2 * i], r1[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    for (int i = 0; i < 2; i++)
-        r3[i] = __builtin_shufflevector(r2[2 * i], r2[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-                __builtin_shufflevector(r2[2 * i], r2[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    for (int i = 0; i < 8; i++) {
+        const v16f x = a[2 * i], y = a[2 * i + 1];
+        r1[i] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    }
+    for (int i = 0; i < 4; i++) {
+        const v16f x = r1[2 * i], y = r1[2 * i + 1];
+        r2[i] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    }
+    for (int i = 0; i < 2; i++) {
+        const v16f x = r2[2 * i], y = r2[2 * i + 1];
+        r3[i] = __builtin_shufflevector(x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+                __builtin_shufflevector(x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    }
     return __builtin_shufflevector(r3[0], r3[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
            __builtin_shufflevector(r3[0], r3[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
@@ -592,7 +613,8 @@ int moeray_decode_attention(const float *q, int64_t B, int64_t H, int64_t hd, co
                         if (c + KV_AHEAD < C)
                             prefetch_kv(v_pool, pool_bf16, (slots[b * C + c + KV_AHEAD] * KV + kvh) * hd + d0, dn * 16);
                         v16f vv[4];
-                        for (int j = 0; j < 4; j++) vv[j] = j < dn ? load_kv(v_pool, pool_bf16, row + 16 * j) : (v16f){0};
+                        for (int j = 0; j < 4; j++)
+                            vv[j] = j < dn ? load_kv(v_pool, pool_bf16, row + 16 * j) : (v16f){0};
                         for (int g = 0; g < 4; g++) {
                             if (g >= gn) break;
                             const float w = p[(g0 + g) * Cp + c];
@@ -626,9 +648,9 @@ static void rms_norm(const float *x, int64_t B, int64_t D, const float *norm, fl
 
 /* SwiGLU FFNs, y = w2(silu(w1 x) * w3 x), on blocks of rows: FFN i takes rows [at[i], at[i + 1]) of x [., D]
  * -> y [., D] fp32, its w1, w3 [F, D] and w2 [D, F] at w1[i], w3[i], w2[i]: fp32 (wtype 0), int8 with bf16 scales
- * s1[i], s3[i], s2[i] (wtype 1; 2: W8A8) or bf16 (wtype 3). Each linear as moeray_linear_* computes it; h [2 rows, F] scratch. One parallel
- * region: every FFN's w1 and w3 tiles split among the threads, then silu * up, then every w2 tile (not a region
- * a linear: at 4 rows an expert, 24 of them a MoE layer). */
+ * s1[i], s3[i], s2[i] (wtype 1; 2: W8A8) or bf16 (wtype 3). Each linear as moeray_linear_* computes it; h [2 rows,
+ * F] scratch. One parallel region: every FFN's w1 and w3 tiles split among the threads, then silu * up, then every
+ * w2 tile (not a region a linear: at 4 rows an expert, 24 of them a MoE layer). 0 on success, 2 out of memory. */
 typedef job (*job_fn)(const float *, int64_t, int64_t, const void *, const uint16_t *, int64_t, float *);
 
 static int ffns(const float *x, const int64_t *at, int count, int64_t D, int64_t F, const void *const *w1,
@@ -643,11 +665,8 @@ static int ffns(const float *x, const int64_t *at, int count, int64_t D, int64_t
         up[2 * i + 1] = lin(x + at[i] * D, n, D, w3[i], s3[i], F, h3 + at[i] * F);
         down[i] = lin(h1 + at[i] * F, n, F, w2[i], s2[i], D, y + at[i] * D);
     }
-    const size_t qb = qbytes(up, 2 * count);
-    char *buf = NULL;
-    if (up[0].w8a8 && !(buf = malloc(qb + qbytes(down, count)))) return 2;
-    qbind(up, 2 * count, buf);
-    qbind(down, count, buf + qb);
+    char *buf;
+    if (qalloc(up, 2 * count, down, count, &buf)) return 2;
 #pragma omp parallel num_threads(threads)
     {
         run(up, 2 * count);
@@ -661,7 +680,8 @@ static int ffns(const float *x, const int64_t *at, int count, int64_t D, int64_t
 }
 
 static job_fn linear_of(int wtype) { /* wtype: 0 fp32, 1 int8, 2 W8A8, 3 bf16 weights */
-    return wtype == 0 ? linear_f32 : wtype == 1 ? linear_i8 : wtype == 2 ? linear_w8a8 : wtype == 3 ? linear_bf16 : NULL;
+    static const job_fn kinds[] = {linear_f32, linear_i8, linear_w8a8, linear_bf16};
+    return wtype >= 0 && wtype < 4 ? kinds[wtype] : NULL;
 }
 
 /* y [n, D] = x + f(xn) with xn = rms_norm(x, norm, eps), the FFN half of a layer; or f(x) where norm is NULL */
@@ -675,7 +695,7 @@ int moeray_ffn(const float *x, int64_t n, int64_t D, int64_t F, const float *nor
                const void *w3, const void *w2, const uint16_t *s1, const uint16_t *s3, const uint16_t *s2, int wtype,
                float *y, int threads) {
     job_fn lin = linear_of(wtype);
-    if (!lin || n < 1 || D % 16 || F % 16 || (wtype == 2 && (D > QMAX_I || F > QMAX_I))) return 1;
+    if (!lin || n < 1 || D % 16 || F % 16 || too_wide(wtype, D, F)) return 1;
     float *h = malloc(sizeof(float) * (2 * n * F + n * D)), *xn = h + 2 * n * F;
     if (!h) return 2;
     if (norm) rms_norm(x, n, D, norm, eps, xn);
@@ -696,8 +716,7 @@ int moeray_moe(const float *x, int64_t n, int64_t D, int64_t F, const float *nor
                const uint16_t *const *s1, const uint16_t *const *s3, const uint16_t *const *s2, int wtype, float *y,
                int threads) {
     job_fn lin = linear_of(wtype);
-    if (!lin || n < 1 || D % 16 || F % 16 || k < 1 || k > E || E > 256 || (wtype == 2 && (D > QMAX_I || F > QMAX_I)))
-        return 1;
+    if (!lin || n < 1 || D % 16 || F % 16 || k < 1 || k > E || E > 256 || too_wide(wtype, D, F)) return 1;
     float *logits = malloc(sizeof(float) * n * E), *wt = malloc(sizeof(float) * n * k);
     int64_t *chosen = malloc(sizeof(int64_t) * n * k), *rows = malloc(sizeof(int64_t) * n * k);
     float *buf = malloc(sizeof(float) * (2 * n * k * D + 2 * n * k * F + n * D));
@@ -784,8 +803,7 @@ int moeray_attention_block(const float *x, int64_t B, int64_t D, const float *no
                            const int64_t *slots, const uint8_t *mask, int64_t C, float scale, float *out,
                            int threads) {
     job_fn lin = linear_of(wtype);
-    if (!lin || B < 1 || D % 16 || hd % 16 || KV < 1 || H % KV || C < 1 || (wtype == 2 && (D > QMAX_I || H * hd > QMAX_I)))
-        return 1;
+    if (!lin || B < 1 || D % 16 || hd % 16 || KV < 1 || H % KV || C < 1 || too_wide(wtype, D, H * hd)) return 1;
     const int64_t Q = H * hd, K = KV * hd;
     float *buf = malloc(sizeof(float) * B * (D + 2 * Q + 2 * K));
     if (!buf) return 2;
@@ -793,14 +811,11 @@ int moeray_attention_block(const float *x, int64_t B, int64_t D, const float *no
     rms_norm(x, B, D, norm, eps, xn);
     job proj[3] = {lin(xn, B, D, wq, sq, Q, q), lin(xn, B, D, wk, sk, K, k), lin(xn, B, D, wv, sv, K, v)};
     job down = lin(o, B, Q, wo, so, D, out);
-    const size_t qb = qbytes(proj, 3);
-    char *qbuf = proj[0].w8a8 ? malloc(qb + qbytes(&down, 1)) : NULL;
-    if (proj[0].w8a8 && !qbuf) {
+    char *qbuf;
+    if (qalloc(proj, 3, &down, 1, &qbuf)) {
         free(buf);
         return 2;
     }
-    qbind(proj, 3, qbuf);
-    qbind(&down, 1, qbuf + qb);
 #pragma omp parallel num_threads(threads)
     run(proj, 3);
     for (int64_t b = 0; b < B; b++) {
