@@ -48,6 +48,7 @@ from kernels.packing import (
     changes,
     ffn_linears,
     fuse,
+    into_huge_pages_,
     native_attention,
     native_ffns,
     prepack,
@@ -401,8 +402,10 @@ def pack_(module: nn.Module, experts: bool = True) -> nn.Module:
     as one stack, their parts PackedParts; the others PackedLinears: no Parameter, so not in state_dict), but
     for experts when `experts` is False (a fused expert kernel reads their nn.Linear weights). Where moeray's C
     kernels read the final weights (fp32 or int8 on CPU: kernels/native.py), each Attention, FeedForward and
-    MoeLayer with its experts here gets them as `native` (their decode path). Names, shapes and values
-    unchanged; call it after loading (and quantizing), on the weights' final device. Returns `module`."""
+    MoeLayer with its experts here gets them as `native` (their decode path). Every CPU weight then lives in one
+    mapping advised for transparent huge pages (packing.into_huge_pages_; a weight replaced later leaves its bytes
+    there until the others go). Names, shapes and values unchanged; call it after loading (and quantizing), on the
+    weights' final device. Returns `module`."""
     for m in list(module.modules()):
         if isinstance(m, Attention):
             m.packed = fuse(m, ("wq", "wk", "wv"))
@@ -413,17 +416,20 @@ def pack_(module: nn.Module, experts: bool = True) -> nn.Module:
                 _prepack(m, "w2")
         elif isinstance(m, Transformer):
             _prepack(m, "output")
-    for m in module.modules():  # after fusing: the C kernels read the final weights
+    fused = [f for m in module.modules() if (f := getattr(m, "packed", None))]
+    in_stacks = {id(p) for f in fused for p in f.parts}
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and id(m.weight) not in in_stacks:
+            relayout(m)
+    into_huge_pages_([*module.parameters(), *module.buffers(),
+                      *(f.weight for f in fused if isinstance(f.weight, torch.Tensor))])
+    for m in module.modules():  # after fusing and moving: the C kernels read the final weights, where they are
         if isinstance(m, FeedForward):
             m.native = native_ffns([m])
         elif isinstance(m, Attention):
             m.native = native_attention(m)
         elif isinstance(m, MoeLayer) and type(m.experts) is Experts:
             m.native = native_ffns(list(m.experts))
-    fused = {id(p) for m in module.modules() if (f := getattr(m, "packed", None)) for p in f.parts}
-    for m in module.modules():
-        if isinstance(m, nn.Linear) and id(m.weight) not in fused:
-            relayout(m)
     return module
 
 

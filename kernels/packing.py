@@ -32,6 +32,7 @@ Shapes: D dim, F hidden, O out features, I in features.
 from __future__ import annotations
 
 import functools
+import mmap
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
@@ -124,6 +125,39 @@ def relayout(linear: nn.Module) -> None:
     """A plain nn.Linear's weight in the fast layout, in place (same values, same shape)."""
     if type(linear) is nn.Linear and not linear.weight.is_meta:
         linear.weight = nn.Parameter(fast_layout(linear.weight), requires_grad=False)
+
+
+HUGE_PAGE = 2 << 20  # bytes of a transparent huge page on x86-64 and most arm64 kernels
+
+
+@torch.no_grad()
+def into_huge_pages_(tensors: Iterable[torch.Tensor]) -> int:
+    """Moves the memory of `tensors` (CPU, strided; others are left) into one anonymous mapping advised for
+    transparent huge pages (madvise MADV_HUGEPAGE: used where /sys/kernel/mm/transparent_hugepage/enabled says
+    madvise or always), in place: each keeps its dtype, shape, strides and values, and tensors that shared memory
+    still share it. Decode streams every weight once a step, and with 4 KB pages each 4 KB of it is a TLB miss
+    (in a VM, a two-level page walk) and a stop for the hardware prefetcher. Returns the bytes moved."""
+    by_storage: dict[int, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.device.type == "cpu" and t.layout == torch.strided and not t.is_meta:
+            by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(t)
+    sizes = {p: ts[0].untyped_storage().nbytes() for p, ts in by_storage.items()}
+    total = sum(-(-n // 64) * 64 for n in sizes.values())
+    if not total or not hasattr(mmap, "MADV_HUGEPAGE"):  # Linux only: elsewhere moving would give nothing
+        return 0
+    # private and anonymous (a shared mapping is shmem: another setting); pages are made on first write
+    area = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    area.madvise(mmap.MADV_HUGEPAGE)
+    arena = torch.frombuffer(area, dtype=torch.uint8)  # holds `area` while any tensor of it lives
+    at = -arena.data_ptr() % HUGE_PAGE  # the first huge page boundary
+    for p, ts in by_storage.items():
+        old = ts[0].untyped_storage()
+        arena[at : at + sizes[p]].copy_(torch.empty(0, dtype=torch.uint8).set_(old))
+        new = arena[at : at + sizes[p]].untyped_storage()
+        for t in ts:
+            t.set_(new, at // t.element_size() + t.storage_offset(), t.shape, t.stride())
+        at += -(-sizes[p] // 64) * 64
+    return total
 
 
 def _onednn_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

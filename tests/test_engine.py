@@ -1,14 +1,20 @@
 """The single-process engine against transformers' MixtralForCausalLM / MistralForCausalLM."""
 
+import mmap
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import mistral_copy
+from torch import nn
 
 from kernels.build import Holds, build_role
 from kernels.cache import KVCache, StepSeq, blocks_for
 from kernels.checkpoint import Checkpoint
 from kernels.engine import CacheLost, Engine, EngineConfig, Request
 from kernels.model import Step
+from kernels.packing import into_huge_pages_
 from kernels.sampling import SamplingParams
 
 NEW = 32
@@ -314,6 +320,54 @@ def decode_logits(model):
     return torch.cat(out)
 
 
+def huge_page_advised(address: int) -> tuple[int, int] | None:
+    """(bytes, bytes in transparent huge pages) of this process's mapping holding `address` if it is advised for
+    huge pages (MADV_HUGEPAGE: "hg" in /proc/self/smaps), else None."""
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text()):
+        lo, hi = (int(a, 16) for a in block.split(None, 1)[0].split("-"))
+        if lo <= address < hi:
+            fields = dict(re.findall(r"^(\w+):\s+(.*)$", block, re.M))
+            if "hg" not in fields["VmFlags"].split():
+                return None
+            return hi - lo, int(fields["AnonHugePages"].split()[0]) << 10
+    return None
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="Linux only")
+def test_weights_move_into_huge_pages_in_place():
+    """into_huge_pages_ (pack_ runs it on every weight) moves tensors' memory into one mapping advised for
+    transparent huge pages: values, dtypes, shapes, strides and the views among them as they were; a leaf that
+    requires grad still does and gets one; tensors elsewhere (meta) are left."""
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(1200, 1000, generator=g)  # 4.8 MB: a 2 MB aligned page at least
+    half = big[600:]  # a view at an offset
+    tall = torch.randn(700, 300, generator=g).t()  # strided, not contiguous
+    codes = torch.randint(-127, 128, (333, 77), dtype=torch.int8, generator=g)
+    param = nn.Parameter(torch.randn(5, 3, generator=g).bfloat16())
+    meta = torch.empty(4, 4, device="meta")
+    tensors = [big, half, tall, codes, param, meta]
+    before = [t.clone() for t in tensors[:-1]]
+    strides = [t.stride() for t in tensors[:-1]]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors[:-1]}  # 5: one shared
+    moved = into_huge_pages_(tensors)
+    assert moved == sum(-(-n // 64) * 64 for n in storages.values())
+    for t, b, s in zip(tensors[:-1], before, strides, strict=True):
+        assert t.dtype == b.dtype and t.stride() == s and torch.equal(t, b)
+    assert meta.is_meta and half.data_ptr() == big.data_ptr() + 600 * 1000 * 4
+    half[0, 0] = 7.0
+    assert big[600, 0] == 7.0  # still a view
+    assert big.data_ptr() % (2 << 20) == 0  # the first at a huge page boundary
+    assert len({t.untyped_storage().data_ptr() for t in tensors[:-1]}) == 1  # one mapping
+    where = huge_page_advised(big.data_ptr())
+    assert where is not None and where[0] >= moved
+    if "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+        assert where[1] >= 2 << 20  # the kernel did give huge pages
+    assert param.requires_grad and type(param) is nn.Parameter
+    (param.float() * 2).sum().backward()
+    assert torch.equal(param.grad, torch.full_like(param, 2))
+    assert into_huge_pages_([meta]) == 0
+
+
 def test_packed_weights_equal_reference_path(hf_tiny):
     """pack_ (fused wq|wk|wv and w1|w3, fast layout; build_role does it on CPU) computes what the unfused
     modules compute: prefill and decode logits agree and the parts are views of the packed weight. A module
@@ -333,7 +387,9 @@ def test_packed_weights_equal_reference_path(hf_tiny):
     fused = [m for m in packed.modules() if isinstance(m, Attention | FeedForward)]
     assert fused and all(m.packed is not None for m in fused)
     attn = packed.layers[0].attention
-    assert attn.wq.weight.untyped_storage().data_ptr() == attn.packed.weight.untyped_storage().data_ptr()
+    stack, (wq, wk) = attn.packed.weight, (attn.wq.weight, attn.wk.weight)
+    assert wq.data_ptr() == stack.data_ptr() and wk.data_ptr() == stack[wq.shape[0]:].data_ptr()
+    assert huge_page_advised(stack.data_ptr())
     fast = decode_logits(packed)
     ref = decode_logits(unpacked(build_role(Checkpoint.open(hf_tiny), EngineConfig(), Holds(whole=True)).model))
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
