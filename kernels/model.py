@@ -402,10 +402,10 @@ def pack_(module: nn.Module, experts: bool = True) -> nn.Module:
     as one stack, their parts PackedParts; the others PackedLinears: no Parameter, so not in state_dict), but
     for experts when `experts` is False (a fused expert kernel reads their nn.Linear weights). Where moeray's C
     kernels read the final weights (fp32 or int8 on CPU: kernels/native.py), each Attention, FeedForward and
-    MoeLayer with its experts here gets them as `native` (their decode path). Every CPU weight then lives in one
-    mapping advised for transparent huge pages (packing.into_huge_pages_; a weight replaced later leaves its bytes
-    there until the others go). Names, shapes and values unchanged; call it after loading (and quantizing), on the
-    weights' final device. Returns `module`."""
+    MoeLayer with its experts here gets them as `native` (their decode path). Every CPU weight but an embedding
+    table's then lives in one mapping advised for transparent huge pages (packing.into_huge_pages_; a weight
+    replaced later leaves its bytes there until the others go). Names, shapes and values unchanged; call it after
+    loading (and quantizing), on the weights' final device. Returns `module`."""
     for m in list(module.modules()):
         if isinstance(m, Attention):
             m.packed = fuse(m, ("wq", "wk", "wv"))
@@ -421,7 +421,9 @@ def pack_(module: nn.Module, experts: bool = True) -> nn.Module:
     for m in module.modules():
         if isinstance(m, nn.Linear) and id(m.weight) not in in_stacks:
             relayout(m)
-    into_huge_pages_([*module.parameters(), *module.buffers(),
+    # the streamed weights: not an embedding table's (a row a token; safetensors' file pages, as read)
+    into_huge_pages_([*(t for m in module.modules() if not isinstance(m, nn.Embedding)
+                        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))),
                       *(f.weight for f in fused if isinstance(f.weight, torch.Tensor))])
     for m in module.modules():  # after fusing and moving: the C kernels read the final weights, where they are
         if isinstance(m, FeedForward):

@@ -31,10 +31,12 @@ Shapes: D dim, F hidden, O out features, I in features.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import mmap
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, TypeVar, cast
 
 import torch
@@ -136,7 +138,9 @@ def into_huge_pages_(tensors: Iterable[torch.Tensor]) -> int:
     transparent huge pages (madvise MADV_HUGEPAGE: used where /sys/kernel/mm/transparent_hugepage/enabled says
     madvise or always), in place: each keeps its dtype, shape, strides and values, and tensors that shared memory
     still share it. Decode streams every weight once a step, and with 4 KB pages each 4 KB of it is a TLB miss
-    (in a VM, a two-level page walk) and a stop for the hardware prefetcher. Returns the bytes moved."""
+    (in a VM, a two-level page walk) and a stop for the hardware prefetcher. Weights safetensors read in place
+    (its private file mapping) have their file pages let go as they move (madvise MADV_PAGEOUT), so the process
+    does not hold the model twice until the last one moves. Returns the bytes moved."""
     by_storage: dict[int, list[torch.Tensor]] = {}
     for t in tensors:
         if t.device.type == "cpu" and t.layout == torch.strided and not t.is_meta:
@@ -150,6 +154,7 @@ def into_huge_pages_(tensors: Iterable[torch.Tensor]) -> int:
     area.madvise(mmap.MADV_HUGEPAGE)
     arena = torch.frombuffer(area, dtype=torch.uint8)  # holds `area` while any tensor of it lives
     at = -arena.data_ptr() % HUGE_PAGE  # the first huge page boundary
+    files = _file_mappings()
     for p, ts in by_storage.items():
         old = ts[0].untyped_storage()
         arena[at : at + sizes[p]].copy_(torch.empty(0, dtype=torch.uint8).set_(old))
@@ -157,7 +162,34 @@ def into_huge_pages_(tensors: Iterable[torch.Tensor]) -> int:
         for t in ts:
             t.set_(new, at // t.element_size() + t.storage_offset(), t.shape, t.stride())
         at += -(-sizes[p] // 64) * 64
+        if any(lo <= p < hi for lo, hi in files):  # clean file pages: dropped, read again if ever touched
+            lo, hi = -(-p // mmap.PAGESIZE) * mmap.PAGESIZE, (p + sizes[p]) // mmap.PAGESIZE * mmap.PAGESIZE
+            if hi > lo:
+                _libc().madvise(lo, hi - lo, MADV_PAGEOUT)  # best effort: EINVAL before Linux 5.4
+    if hasattr(_libc(), "malloc_trim"):  # glibc: the heap's free pages, those of the storages left, to the OS
+        _libc().malloc_trim(0)
     return total
+
+
+MADV_PAGEOUT = 21  # Linux's (5.4+); Python's mmap module does not always export it
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """[start, end) of this process's mappings of files (/proc/self/maps lines with an inode)."""
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[4] != "0":
+            lo, hi = fields[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return out
 
 
 def _onednn_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

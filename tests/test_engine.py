@@ -334,18 +334,26 @@ def huge_page_advised(address: int) -> tuple[int, int] | None:
 
 
 @pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="Linux only")
-def test_weights_move_into_huge_pages_in_place():
-    """into_huge_pages_ (pack_ runs it on every weight) moves tensors' memory into one mapping advised for
-    transparent huge pages: values, dtypes, shapes, strides and the views among them as they were; a leaf that
-    requires grad still does and gets one; tensors elsewhere (meta) are left."""
+def test_weights_move_into_huge_pages_in_place(tmp_path):
+    """into_huge_pages_ (pack_ runs it on every weight but the embedding's) moves tensors' memory into one
+    mapping advised for transparent huge pages: values, dtypes, shapes, strides and the views among them as they
+    were, a tensor safetensors read in place (its file mapping) too; a leaf that requires grad still does and gets
+    one; tensors elsewhere (meta) are left."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     g = torch.Generator().manual_seed(0)
+    save_file({"w": torch.randn(512, 1024, generator=g)}, tmp_path / "w.safetensors")
+    with safe_open(tmp_path / "w.safetensors", framework="pt") as f:
+        mapped = f.get_tensor("w")
+    assert huge_page_advised(mapped.data_ptr()) is None
     big = torch.randn(1200, 1000, generator=g)  # 4.8 MB: a 2 MB aligned page at least
     half = big[600:]  # a view at an offset
     tall = torch.randn(700, 300, generator=g).t()  # strided, not contiguous
     codes = torch.randint(-127, 128, (333, 77), dtype=torch.int8, generator=g)
     param = nn.Parameter(torch.randn(5, 3, generator=g).bfloat16())
     meta = torch.empty(4, 4, device="meta")
-    tensors = [big, half, tall, codes, param, meta]
+    tensors = [big, half, tall, codes, param, mapped, meta]
     before = [t.clone() for t in tensors[:-1]]
     strides = [t.stride() for t in tensors[:-1]]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors[:-1]}  # 5: one shared
@@ -390,6 +398,7 @@ def test_packed_weights_equal_reference_path(hf_tiny):
     stack, (wq, wk) = attn.packed.weight, (attn.wq.weight, attn.wk.weight)
     assert wq.data_ptr() == stack.data_ptr() and wk.data_ptr() == stack[wq.shape[0]:].data_ptr()
     assert huge_page_advised(stack.data_ptr())
+    assert huge_page_advised(packed.tok_embeddings.weight.data_ptr()) is None  # read a row a token: left as read
     fast = decode_logits(packed)
     ref = decode_logits(unpacked(build_role(Checkpoint.open(hf_tiny), EngineConfig(), Holds(whole=True)).model))
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
