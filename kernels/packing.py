@@ -145,7 +145,7 @@ def into_huge_pages_(tensors: Iterable[torch.Tensor]) -> int:
     for t in tensors:
         if t.device.type == "cpu" and t.layout == torch.strided and not t.is_meta:
             by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(t)
-    sizes = {p: ts[0].untyped_storage().nbytes() for p, ts in by_storage.items()}
+    sizes = {p: max(t.untyped_storage().nbytes() for t in ts) for p, ts in by_storage.items()}  # storages from p
     total = sum(-(-n // 64) * 64 for n in sizes.values())
     if not total or not hasattr(mmap, "MADV_HUGEPAGE"):  # Linux only: elsewhere moving would give nothing
         return 0
@@ -156,7 +156,7 @@ def into_huge_pages_(tensors: Iterable[torch.Tensor]) -> int:
     at = -arena.data_ptr() % HUGE_PAGE  # the first huge page boundary
     files = _file_mappings()
     for p, ts in by_storage.items():
-        old = ts[0].untyped_storage()
+        old = max((t.untyped_storage() for t in ts), key=lambda u: u.nbytes())
         arena[at : at + sizes[p]].copy_(torch.empty(0, dtype=torch.uint8).set_(old))
         new = arena[at : at + sizes[p]].untyped_storage()
         for t in ts:

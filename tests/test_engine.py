@@ -353,15 +353,18 @@ def test_weights_move_into_huge_pages_in_place(tmp_path):
     codes = torch.randint(-127, 128, (333, 77), dtype=torch.int8, generator=g)
     param = nn.Parameter(torch.randn(5, 3, generator=g).bfloat16())
     meta = torch.empty(4, 4, device="meta")
-    tensors = [big, half, tall, codes, param, mapped, meta]
+    head = torch.empty(0).set_(big.untyped_storage()[:4000])  # another, shorter storage at big's address: first
+    tensors = [head, big, half, tall, codes, param, mapped, meta]
     before = [t.clone() for t in tensors[:-1]]
     strides = [t.stride() for t in tensors[:-1]]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors[:-1]}  # 5: one shared
+    storages = {t.untyped_storage().data_ptr(): max(u.untyped_storage().nbytes() for u in tensors[:-1]
+                                                    if u.untyped_storage().data_ptr() == t.untyped_storage().data_ptr())
+                for t in tensors[:-1]}  # 5: big's shared
     moved = into_huge_pages_(tensors)
     assert moved == sum(-(-n // 64) * 64 for n in storages.values())
     for t, b, s in zip(tensors[:-1], before, strides, strict=True):
         assert t.dtype == b.dtype and t.stride() == s and torch.equal(t, b)
-    assert meta.is_meta and half.data_ptr() == big.data_ptr() + 600 * 1000 * 4
+    assert meta.is_meta and half.data_ptr() == big.data_ptr() + 600 * 1000 * 4 and head.data_ptr() == big.data_ptr()
     half[0, 0] = 7.0
     assert big[600, 0] == 7.0  # still a view
     assert big.data_ptr() % (2 << 20) == 0  # the first at a huge page boundary
