@@ -145,8 +145,9 @@ def into_huge_pages_(tensors: Iterable[torch.Tensor]) -> int:
     for t in tensors:
         if t.device.type == "cpu" and t.layout == torch.strided and not t.is_meta:
             by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(t)
-    sizes = {p: max(t.untyped_storage().nbytes() for t in ts) for p, ts in by_storage.items()}  # storages from p
-    total = sum(-(-n // 64) * 64 for n in sizes.values())
+    # the longest storage that starts at p (safetensors gives each tensor its own; a sliced one is shorter)
+    sources = {p: max((t.untyped_storage() for t in ts), key=lambda u: u.nbytes()) for p, ts in by_storage.items()}
+    total = sum(-(-u.nbytes() // 64) * 64 for u in sources.values())
     if not total or not hasattr(mmap, "MADV_HUGEPAGE"):  # Linux only: elsewhere moving would give nothing
         return 0
     # private and anonymous (a shared mapping is shmem: another setting); pages are made on first write
@@ -156,14 +157,15 @@ def into_huge_pages_(tensors: Iterable[torch.Tensor]) -> int:
     at = -arena.data_ptr() % HUGE_PAGE  # the first huge page boundary
     files = _file_mappings()
     for p, ts in by_storage.items():
-        old = max((t.untyped_storage() for t in ts), key=lambda u: u.nbytes())
-        arena[at : at + sizes[p]].copy_(torch.empty(0, dtype=torch.uint8).set_(old))
-        new = arena[at : at + sizes[p]].untyped_storage()
+        old = sources.pop(p)  # held no longer than this turn: its memory goes once its tensors have moved
+        n = old.nbytes()
+        arena[at : at + n].copy_(torch.empty(0, dtype=torch.uint8).set_(old))
+        new = arena[at : at + n].untyped_storage()
         for t in ts:
             t.set_(new, at // t.element_size() + t.storage_offset(), t.shape, t.stride())
-        at += -(-sizes[p] // 64) * 64
+        at += -(-n // 64) * 64
         if any(lo <= p < hi for lo, hi in files):  # clean file pages: dropped, read again if ever touched
-            lo, hi = -(-p // mmap.PAGESIZE) * mmap.PAGESIZE, (p + sizes[p]) // mmap.PAGESIZE * mmap.PAGESIZE
+            lo, hi = -(-p // mmap.PAGESIZE) * mmap.PAGESIZE, (p + n) // mmap.PAGESIZE * mmap.PAGESIZE
             if hi > lo:
                 _libc().madvise(lo, hi - lo, MADV_PAGEOUT)  # best effort: EINVAL before Linux 5.4
     if hasattr(_libc(), "malloc_trim"):  # glibc: the heap's free pages, those of the storages left, to the OS
