@@ -219,7 +219,9 @@ class QuantLinear(nn.Module):
         self.cpu_kernel = False
         if self.bits == 8:
             absmax = w.abs().amax(dim=1, keepdim=True)  # [O, 1]
-            s = round_toward(absmax / 127, self.scale.dtype, up=True)  # [O, 1]
+            # a tensor divisor: CUDA divides by a Python number as a product with its reciprocal, one ulp off at
+            # times, and the scale rounded up then differs from the CPU's (seen on an H200, torch 2.11)
+            s = round_toward(absmax / torch.tensor(127.0, device=w.device), self.scale.dtype, up=True)  # [O, 1]
             s = torch.where(s == 0, torch.ones_like(s), s)  # an all-zero row: any scale is exact
             self.qweight.copy_(torch.round(w / s.float()).clamp_(-127, 127).to(torch.int8))  # [O, I]
             self.scale.copy_(s)
@@ -227,7 +229,8 @@ class QuantLinear(nn.Module):
             assert self.offset is not None  # int4 has offsets
             wg = w.view(self.out_features, -1, self.group_size)  # [O, G, g]
             m = round_toward(wg.amin(dim=2), self.offset.dtype, up=False)  # [O, G] <= every weight
-            s = round_toward((wg.amax(dim=2) - m.float()) / 15, self.scale.dtype, up=True)  # [O, G]
+            s = round_toward((wg.amax(dim=2) - m.float()) / torch.tensor(15.0, device=w.device), self.scale.dtype,
+                             up=True)  # [O, G]; a tensor divisor, as for int8
             s = torch.where(s == 0, torch.ones_like(s), s)  # a constant group: q = 0, W' = m = W
             q = torch.round((wg - m.float()[..., None]) / s.float()[..., None]).clamp_(0, 15)  # [O, G, g]
             self.qweight.copy_(pack_int4(q.to(torch.uint8).view(self.out_features, self.in_features)))

@@ -528,11 +528,15 @@ def test_gpu_matches_cpu(bits):
     cpu = QuantLinear.from_linear(linear_of(w), bits)
     gpu = QuantLinear.from_linear(linear_of(w).cuda(), bits)
     assert gpu.qweight.is_cuda
-    # the same codes up to round-half ties in the division (the CPU one's int4 in its kernel's layout)
-    assert (gpu.values().cpu() != cpu.values()).float().mean() < 1e-3
+    # the same scales and codes (the CPU one's int4 in its kernel's layout): IEEE division and round-half-even on
+    # both, where a division by a Python number made 0.2 % of int4 codes differ (kernels/quant.py)
+    assert torch.equal(gpu.scale.cpu(), cpu.scale) and torch.equal(gpu.values().cpu(), cpu.values())
     x = torch.randn(16, 1024, dtype=torch.bfloat16)
     with torch.no_grad():
-        torch.testing.assert_close(gpu(x.cuda()).cpu().float(), cpu(x).float(), atol=0.05, rtol=0.02)
+        # the GPU rounds each dequantized weight to bf16, the CPU kernels scale fp32 sums: at most 2^-8 of
+        # sum |x w| apart (seen on an H200: 0.10 at one output of the 20x row, where sum |x w| is ~500)
+        bound = (x.float().abs() @ cpu.dequantize(torch.float32).abs().T) * 2 ** -8 + 1e-2
+        assert bool(((gpu(x.cuda()).cpu().float() - cpu(x).float()).abs() <= bound).all())
 
 
 def test_expert_quant_is_selectable_per_deployment(tmp_path):
@@ -604,3 +608,4 @@ def test_w8a8_logits_close_and_greedy_tokens_identical(mixtral, reference):
             assert greedy(model) == reference[0], name
     assert rel["int8"] < rel["w8a8"] < min(3 * rel["int8"], 0.02)
     assert rel["w8a8-all"] < 0.025
+
