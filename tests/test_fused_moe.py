@@ -3,9 +3,11 @@ float64 oracle: compiled on a GPU when there is one, else on CPU in Triton's int
 
 Tolerances, relative to scale = max |oracle| (outputs are O(1)):
   fused vs reference   fp32 1e-5   fp16 4e-3   bf16 2e-2   (interpreter: at most 4e-7, 9e-4, 8e-3)
-  fused vs oracle      at most 2 x the reference's own error + one epsilon of the dtype: the fused
-                       path accumulates in fp32 and rounds act and out once each, so it is at least as
-                       accurate as the reference (which rounds w1 x, w3 x, silu, the product)
+  fused vs oracle      at most 2 x the reference's own error + one epsilon of the dtype + sqrt(K) fp32
+                       epsilons (K the longer reduction): the fused path rounds act and out once each
+                       where the reference rounds w1 x, w3 x, silu and the product, but compiled on a GPU
+                       it sums K products in one fp32 chain per output where cuBLAS sums shorter ones
+                       (seen on an H200: fp32 2.3e-6 of scale at K 4096, cuBLAS 3e-7)
 Skipped where triton is not installed. Triton decides interpret mode for the whole process when it is
 first imported, so without a GPU conftest.py sets TRITON_INTERPRET=1 for the session.
 """
@@ -82,14 +84,16 @@ def routed_rows(tokens: int, dim: int, num_experts: int, k: int, dtype: torch.dt
     return x[plan.token], plan.blocks()
 
 
-def check(out, ref, oracle_out, dtype):
-    """fused `out` vs the reference `ref` and the float64 `oracle_out` (see the module docstring)."""
+def check(out, ref, oracle_out, dtype, k):
+    """fused `out` vs the reference `ref` and the float64 `oracle_out`, k the longest reduction (see the
+    module docstring)."""
     scale = oracle_out.abs().max().item()
     err = (out.double() - ref.double()).abs().max().item()
     assert err <= TOL[dtype] * scale, f"fused vs reference: {err / scale:.2e} of scale > {TOL[dtype]:.0e}"
     mine = (out.double() - oracle_out).abs().max().item()
     theirs = (ref.double() - oracle_out).abs().max().item()
-    assert mine <= 2 * theirs + torch.finfo(dtype).eps * scale, f"fused error {mine:.2e}, reference {theirs:.2e}"
+    slack = (torch.finfo(dtype).eps + k ** 0.5 * torch.finfo(torch.float32).eps) * scale
+    assert mine <= 2 * theirs + slack, f"fused error {mine:.2e}, reference {theirs:.2e}"
 
 
 def compare(tokens, dim, hidden, num_experts, k, dtype, device="cpu"):
@@ -100,7 +104,7 @@ def compare(tokens, dim, hidden, num_experts, k, dtype, device="cpu"):
     ref = expert_rows(rows, blocks, experts)
     out = fused_expert_rows(rows, blocks, StackedExperts.from_experts(experts))
     assert out.dtype == dtype and out.shape == rows.shape
-    check(out, ref, expert_rows(rows.double(), blocks, oracle), dtype)
+    check(out, ref, expert_rows(rows.double(), blocks, oracle), dtype, max(dim, hidden))
 
 
 @needs_kernels
@@ -122,7 +126,7 @@ def test_shard_subset_with_empty_and_offset_blocks(dtype):
     blocks = [(7, 3, 20), (2, 23, 0), (5, 23, 17)]
     ref = expert_rows(rows, blocks, held)
     out = fused_expert_rows(rows, blocks, StackedExperts.from_experts(held))
-    check(out[3:], ref[3:], expert_rows(rows.double(), blocks, oracle)[3:], dtype)
+    check(out[3:], ref[3:], expert_rows(rows.double(), blocks, oracle)[3:], dtype, 48)
     with pytest.raises(KeyError):
         fused_expert_rows(rows, [(4, 0, 5)], StackedExperts.from_experts(held))
 
