@@ -5,6 +5,7 @@ import json
 import subprocess
 
 import pytest
+import torch
 
 from actors import cli
 from kernels.engine import Engine, load_tokenizer
@@ -182,6 +183,26 @@ def test_chat_turn_that_fails_is_reported_and_the_conversation_goes_on(monkeypat
     [expected] = Engine.from_dir(demo_dir()).generate([encode_chat(history)],
                                                       SamplingParams(max_tokens=60, temperature=0))
     assert third == expected.text.lstrip()
+
+
+def test_bench_engine_on_cuda(tmp_path):
+    """`moeray bench engine --device cuda`: moeray and transformers on the GPU against the GPU's own bandwidth,
+    peak GPU memory, fp32 greedy tokens equal; without a GPU, a clear exit before any model is built."""
+    argv = ["bench", "engine", "--device", "cuda", "--preset", "tiny", "--batch", "1", "4", "--prompt-len", "4",
+            "--new-tokens", "4", "--precision", "fp32", "int8", "--out", str(tmp_path / "engine.json")]
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda, but this process sees no CUDA device"):
+            cli.main(argv)
+        return
+    with pytest.raises(SystemExit, match="w8a8 run on CPU only"):
+        cli.main([*argv, "--precision", "w8a8"])
+    assert cli.main(argv) in (0, None)
+    report = json.loads((tmp_path / "engine.json").read_text())
+    assert report["roofline"]["read_gb_s"] > 200  # a GPU's HBM, not a CPU's DRAM
+    res = report["results"]
+    assert set(res) == {"transformers", "moeray:fp32", "moeray:int8"}
+    assert all(r["peak_gpu_mb"] > 0 for r in res.values())
+    assert res["moeray:fp32"]["4"]["first_tokens"] == res["transformers"]["4"]["first_tokens"]
 
 
 def test_bench_engine_reports_every_system_against_the_roofline(tmp_path):

@@ -291,7 +291,7 @@ def cmd_bench(a) -> int:
 
     if a.bench == "engine":
         bench.bench_engine(a.preset, a.batch, a.prompt_len, a.new_tokens, a.out, a.precision, a.vllm_python,
-                           a.llama_bench, a.llama_convert)
+                           a.llama_bench, a.llama_convert, a.device)
     elif a.bench == "structured":
         bench.bench_structured(a.model, a.batch, a.prompt_len, a.new_tokens, a.out)
     elif a.bench == "moe":
@@ -417,10 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="bench-results/engine.json", help="JSON results (default: %(default)s)")
     precisions = ["fp32", "bf16", "int8", "int4", "int8-all", "int4-all", "fp32-int8", "fp32-int8-all", "w8a8",
                   "w8a8-all", "fp32-bf16-all"]
-    e.add_argument("--precision", nargs="+", choices=precisions, default=precisions,  # actors.cli.bench.PRECISIONS
+    e.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where moeray and transformers run "
+                   "(cuda: the GPU's bandwidth as the roofline, peak GPU memory; w8a8 and the CPU peers left out) "
+                   "(default: %(default)s)")
+    e.add_argument("--precision", nargs="+", choices=precisions, default=None,  # actors.cli.bench.PRECISIONS
                    help="moeray's weights: fp32, bf16, int8 / int4 experts in a bf16 model (fp32-int8: in an fp32 "
                    "model), w8a8: int8 experts with int8 activations (fp32 model), fp32-bf16: bf16 weights in an fp32 "
-                   "model, -all: attention and LM head too (default: all)")
+                   "model, -all: attention and LM head too (default: all that run on --device)")
     e.add_argument("--vllm-python", metavar="PATH", help="the Python of a vLLM-CPU install: run it beside "
                    "(fp32, bf16); see shared/peers/README.md")
     e.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-batched-bench: run it beside (f32, "

@@ -96,8 +96,8 @@ def step_bytes(w: dict, batch: int) -> float:
     return w["dense"] + batch * w["embedding_row"] + w["experts"] * picked
 
 
-def _worker(system: str, model_dir: str, batches: list[int], prompt_len: int, new: int) -> dict:
-    """One system's decode rates (moeray:PRECISION or transformers), in its own process."""
+def _worker(system: str, model_dir: str, batches: list[int], prompt_len: int, new: int, device: str = "cpu") -> dict:
+    """One system's decode rates (moeray:PRECISION or transformers) on `device`, in its own process."""
     import torch
 
     torch.manual_seed(0)
@@ -109,7 +109,8 @@ def _worker(system: str, model_dir: str, batches: list[int], prompt_len: int, ne
         dtype, experts, dense = PRECISIONS[system.split(":")[1]]
         kv = max(batches) * (prompt_len + new)
         engine = Engine.from_dir(model_dir, EngineConfig(max_num_seqs=max(batches), kv_cache_tokens=-(-kv // 16) * 16,
-                                                         dtype=dtype, expert_quant=experts, weight_quant=dense))
+                                                         dtype=dtype, expert_quant=experts, weight_quant=dense,
+                                                         device=device))
         vocab = engine.args.vocab_size
         results["weight_bytes"] = _weight_bytes(engine.executor.model)
 
@@ -119,13 +120,13 @@ def _worker(system: str, model_dir: str, batches: list[int], prompt_len: int, ne
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
         vocab = model.config.vocab_size
 
         @torch.inference_mode()
         def run(prompts):
-            out = model.generate(torch.tensor(prompts), max_new_tokens=new, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)
+            out = model.generate(torch.tensor(prompts, device=device), max_new_tokens=new, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
             return out[:, prompt_len:].tolist()
 
     g = torch.Generator().manual_seed(1)
@@ -138,32 +139,41 @@ def _worker(system: str, model_dir: str, batches: list[int], prompt_len: int, ne
             tokens = run(prompts)
             seconds = min(seconds, time.perf_counter() - t0)
         results[str(b)] = {"seconds": seconds, "tokens_per_s": b * new / seconds, "first_tokens": tokens[0][:16]}
+    if device != "cpu":  # tokens come back as lists: each run ended synchronized
+        results["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     return results
 
 
-def _roofline() -> dict:
-    """The memory bandwidth this process reaches, GB/s: a sum over a 1 GiB fp32 tensor (a streaming read)
-    and a 512 MiB fp32 matrix times a vector (a GEMV, what batch-1 decode is: torch's, and moeray's C kernel
-    where it builds, which streams faster than MKL on some CPUs), best of 5 each."""
+def _roofline(device: str = "cpu") -> dict:
+    """The memory bandwidth this process reaches on `device`, GB/s: a sum over a 1 GiB fp32 tensor (a
+    streaming read) and a 512 MiB fp32 matrix times a vector (a GEMV, what batch-1 decode is: torch's, and on
+    CPU moeray's C kernel where it builds, which streams faster than MKL on some CPUs), best of 5 each; on a
+    GPU 4 GiB and 2 GiB (several times its cache)."""
     import torch
 
     from kernels import native
 
+    size = ROOFLINE_BYTES * (1 if device == "cpu" else 4)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+
     def best(f) -> float:
         f()
+        sync()
         t = float("inf")
         for _ in range(5):
             t0 = time.perf_counter()
             f()
+            sync()
             t = min(t, time.perf_counter() - t0)
         return t
 
-    x = torch.ones(ROOFLINE_BYTES // 4)
-    read = ROOFLINE_BYTES / best(x.sum) / 1e9
+    x = torch.ones(size // 4, device=device)
+    read = size / best(x.sum) / 1e9
     del x
-    w, v = torch.ones(8192, ROOFLINE_BYTES // 2 // 4 // 8192), torch.ones(ROOFLINE_BYTES // 2 // 4 // 8192)
+    w, v = (torch.ones(8192, size // 2 // 4 // 8192, device=device),
+            torch.ones(size // 2 // 4 // 8192, device=device))
     gemv = w.numel() * 4 / best(lambda: w @ v) / 1e9
-    if native.linear(v[None], w) is not None:
+    if device == "cpu" and native.linear(v[None], w) is not None:
         gemv = max(gemv, w.numel() * 4 / best(lambda: native.linear(v[None], w)) / 1e9)
     return {"read_gb_s": read, "gemv_gb_s": gemv, "threads": torch.get_num_threads()}
 
@@ -258,26 +268,37 @@ def _llama(bench: str, convert: str, model_dir: str, outtype: str, batches: list
 
 def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out: str | None,
                  precisions: list[str] | None = None, vllm_python: str | None = None,
-                 llama_bench: str | None = None, llama_convert: str | None = None) -> dict:
+                 llama_bench: str | None = None, llama_convert: str | None = None, device: str = "cpu") -> dict:
     """moeray at each precision, transformers (fp32), and, given their paths, vLLM-CPU and llama.cpp, one
     after the other, each in its own process (so its peak memory is its own); and the machine's memory
-    bandwidth measured in the same run: each system's decode as a fraction of that roofline."""
+    bandwidth measured in the same run: each system's decode as a fraction of that roofline. device "cuda":
+    moeray and transformers on the GPU, the GPU's bandwidth, peak GPU memory; the CPU peers cannot run."""
     import torch
 
     from kernels.tiny import make_tiny
 
-    precisions = precisions or list(PRECISIONS)
+    gpu = device != "cpu"
+    if gpu and (vllm_python or llama_bench):
+        raise SystemExit("moeray bench engine: --vllm-python and --llama-bench are CPU peers; leave them out with "
+                         "--device cuda")
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("moeray bench engine: --device cuda, but this process sees no CUDA device")
+    cpu_only = [p for p in PRECISIONS if PRECISIONS[p][1] == "w8a8"]
+    if gpu and (bad := sorted(set(precisions or []) & set(cpu_only))):
+        raise SystemExit(f"moeray bench engine: {', '.join(bad)} run on CPU only (int8 activations: moeray's VNNI "
+                         "kernel)")
+    precisions = precisions or [p for p in PRECISIONS if not (gpu and p in cpu_only)]
     threads = torch.get_num_threads()
     sys_results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(Path(tmp) / "model")
         make_tiny(model_dir, "mixtral", seed=0, **PRESETS[preset])
         worker = [sys.executable, "-m", "actors.cli.bench"]
-        out_, peak = _measured([*worker, "_roofline"])
+        out_, peak = _measured([*worker, "_roofline", device])
         roofline = {**_last_json(out_), "peak_rss_mb": peak}
         for system in ["transformers", *(f"moeray:{p}" for p in precisions)]:
             out_, peak = _measured([*worker, "_worker", system, model_dir, ",".join(map(str, batches)),
-                                    str(prompt_len), str(new)])
+                                    str(prompt_len), str(new), device])
             sys_results[system] = {**_last_json(out_), "peak_rss_mb": peak}
         peers: list[tuple[str, Callable[[], dict]]] = []
         if vllm_python:
@@ -308,12 +329,13 @@ def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out
                 r[b]["weight_bytes_per_step"] = step_bytes(w, int(b))
                 r[b]["roofline_fraction"] = step_bytes(w, int(b)) * r[b]["tokens_per_s"] / int(b) / bw
     ref = sys_results["transformers"]
-    print(f"preset {preset}: Mixtral-shaped, {PRESETS[preset] or 'kernels.tiny defaults'}; CPU, {threads} threads; "
+    where = torch.cuda.get_device_name(device) if gpu else f"CPU, {threads} threads"
+    print(f"preset {preset}: Mixtral-shaped, {PRESETS[preset] or 'kernels.tiny defaults'}; {where}; "
           f"prompt {prompt_len} tokens, {new} new tokens greedy (time includes the prompt), best of {REPEATS}")
     print(f"roofline, same run: streaming read {roofline['read_gb_s']:.1f} GB/s, fp32 GEMV "
           f"{roofline['gemv_gb_s']:.1f} GB/s; fraction = weight bytes per step x steps/s / {bw / 1e9:.1f} GB/s")
     head = " | ".join(f"batch {b} tok/s | x transformers | of roofline" for b in batches)
-    print(f"| system | {head} | peak RSS (MB) | same tokens as transformers |")
+    print(f"| system | {head} | peak {'GPU memory' if gpu else 'RSS'} (MB) | same tokens as transformers |")
     print("| --- " * (3 * len(batches) + 3) + "|")
     for name, r in sys_results.items():
         if "error" in r:
@@ -329,8 +351,8 @@ def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out
         same_tokens = ("-" if not all("first_tokens" in r.get(b, {}) for b in map(str, batches)) else
                        "yes" if all(r[b]["first_tokens"] == ref[b]["first_tokens"] for b in map(str, batches))
                        else "no")
-        print(f"| {name} | {' | '.join(cells)} | {r['peak_rss_mb']:.0f} | {same_tokens} |")
-    report = {"preset": preset, "prompt_len": prompt_len, "new_tokens": new, "threads": threads,
+        print(f"| {name} | {' | '.join(cells)} | {r['peak_gpu_mb' if gpu else 'peak_rss_mb']:.0f} | {same_tokens} |")
+    report = {"preset": preset, "prompt_len": prompt_len, "new_tokens": new, "threads": threads, "device": where,
               "roofline": roofline, "results": sys_results}
     write_report(out, report)
     return report
@@ -735,10 +757,11 @@ engine.
 
 if __name__ == "__main__":
     if sys.argv[1] == "_roofline":
-        print(json.dumps(_roofline()))
+        print(json.dumps(_roofline(*sys.argv[2:3])))
     elif sys.argv[1] == "_worker":
-        system, model_dir, batches, prompt_len, new = sys.argv[2:7]
-        print(json.dumps(_worker(system, model_dir, [int(b) for b in batches.split(",")], int(prompt_len), int(new))))
+        system, model_dir, batches, prompt_len, new, device = sys.argv[2:8]
+        print(json.dumps(_worker(system, model_dir, [int(b) for b in batches.split(",")], int(prompt_len), int(new),
+                                 device)))
 
 
 # A schema with free text in it, so a random or small model keeps writing for the whole run, as it does unconstrained
