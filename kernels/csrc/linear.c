@@ -13,10 +13,11 @@
  * the other rows (a sequence's tokens do not depend on what it is batched with) nor on the thread count.
  *
  * Tiles of 4 outputs x up to 6 rows (24 accumulators, 4 weight vectors and a row vector: 29 of AVX-512's 32
- * registers; int8 3 rows, two accumulators each): a weight vector is loaded (and converted) once for the tile's
- * rows and a row vector once for its 4 outputs; the 4 weight rows stay in L1 while every row tile passes over
- * them, so the weight is read from memory once per call at any n. Threads split the outputs (OpenMP, the
- * runtime torch uses). GCC/Clang vector extensions: AVX-512, AVX2 or whatever -march gives.
+ * registers; int8 3 rows, two accumulators each; with AVX2's 16 registers of half the width, 2 outputs x 2 rows): a
+ * weight vector is loaded (and converted) once for the tile's rows and a row vector once for its outputs; the
+ * tile's weight rows stay in L1 while every row tile passes over them, so the weight is read from memory once per
+ * call at any n. Threads split the outputs (OpenMP, the runtime torch uses). GCC/Clang vector extensions, in
+ * vectors of the machine's width (v16f below): AVX-512, AVX2 or whatever -march gives.
  */
 #include <math.h>
 #include <stdint.h>
@@ -27,31 +28,114 @@
 #include <immintrin.h>
 #endif
 
-typedef float v16f __attribute__((vector_size(64)));
+/* 16 fp32 (int32) lanes, the unit every kernel here sums in: v16f (v16i) is NH vectors of the machine's width, one
+ * zmm on AVX-512, two ymm on AVX / AVX2, four xmm on plain x86-64. GCC keeps a vector type wider than the machine's
+ * registers in memory (it has no register mode for it): 64-byte vectors on an AVX2 CPU made every kernel here 3-100x
+ * slower than its loads. Its operations are the inline functions below (add, fma16, ...), lane j is lane(v, j); each
+ * sum is the same whatever NH. */
+#if defined(__AVX512F__)
+#define NH 1
+#elif defined(__AVX__)
+#define NH 2
+#else
+#define NH 4
+#endif
+#define HW (16 / NH) /* lanes a machine vector */
+typedef float hvf __attribute__((vector_size(64 / NH)));
+typedef int32_t hvi __attribute__((vector_size(64 / NH)));
+typedef struct { hvf h[NH]; } v16f;
+typedef struct { hvi h[NH]; } v16i; /* also lane masks of compares: all ones or zero */
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
-typedef int32_t v16i __attribute__((vector_size(64))); /* lane masks of v16f compares */
-typedef int8_t v16b __attribute__((vector_size(16)));
 
-/* IN_REGISTER(v): v is loaded into a register here (GCC would fold its load into each use); a hint, and where
- * a 64-byte vector is no one register (AVX2), nothing. ROUNDED(v): v is rounded here, whatever follows (GCC
- * contracts a * b + c into an FMA across statements), through memory where it cannot be through a register. */
-#if defined(__AVX512F__)
-#define IN_REGISTER(v) __asm__("" : "+v"(v))
+/* IN_REGISTER(v): v (a v16f) is loaded into registers here (GCC would fold its load into each use); a hint.
+ * ROUNDED(v): v (a machine vector) is rounded here, whatever follows (GCC contracts a * b + c into an FMA across
+ * statements). */
+#define IN_REGISTER(v)                                                                                            \
+    do {                                                                                                          \
+        UNROLLED for (int h_ = 0; h_ < NH; h_++) __asm__("" : "+v"((v).h[h_]));                                   \
+    } while (0)
 #define ROUNDED(v) __asm__("" : "+v"(v))
-#else
-#define IN_REGISTER(v) (void)(v)
-#define ROUNDED(v) __asm__("" : "+m"(v))
-#endif
 
+/* UNROLLED: a loop of a few constant steps, fully unrolled, so that its arrays of vectors stay in registers (with
+ * NH > 1 GCC left some in memory; with AVX-512 it spilled fewer of the wide int8 tiles' too) */
+#define UNROLLED _Pragma("GCC unroll 16")
+
+static inline v16f zero(void) { return (v16f){{{0}}}; }
+static inline v16f splat(float s) {
+    v16f r;
+    UNROLLED for (int h = 0; h < NH; h++) r.h[h] = (hvf){0} + s;
+    return r;
+}
+static inline v16f add(v16f a, v16f b) {
+    UNROLLED for (int h = 0; h < NH; h++) a.h[h] += b.h[h];
+    return a;
+}
+static inline v16f sub(v16f a, v16f b) {
+    UNROLLED for (int h = 0; h < NH; h++) a.h[h] -= b.h[h];
+    return a;
+}
+static inline v16f mul(v16f a, v16f b) {
+    UNROLLED for (int h = 0; h < NH; h++) a.h[h] *= b.h[h];
+    return a;
+}
+static inline v16f times(v16f a, float s) {
+    UNROLLED for (int h = 0; h < NH; h++) a.h[h] *= s;
+    return a;
+}
+static inline v16f fma16(v16f acc, v16f a, v16f b) { /* acc + a * b, lane-wise */
+    UNROLLED for (int h = 0; h < NH; h++) acc.h[h] += a.h[h] * b.h[h];
+    return acc;
+}
+static inline float lane(v16f a, int j) { return a.h[j / HW][j % HW]; }
+static inline void set_lane(v16f *a, int j, float x) { a->h[j / HW][j % HW] = x; }
+static inline void store(float *p, v16f a) { /* a machine vector at a time: a whole-struct copy goes by the stack */
+    UNROLLED for (int h = 0; h < NH; h++) memcpy(p + h * HW, &a.h[h], sizeof a.h[h]);
+}
+static inline v16i bits_of(v16f a) {
+    v16i r;
+    UNROLLED for (int h = 0; h < NH; h++) r.h[h] = (hvi)a.h[h];
+    return r;
+}
+static inline v16f float_of(v16i a) {
+    v16f r;
+    UNROLLED for (int h = 0; h < NH; h++) r.h[h] = (hvf)a.h[h];
+    return r;
+}
+static inline v16i gt(v16f a, v16f b) { /* all ones where a > b */
+    v16i r;
+    UNROLLED for (int h = 0; h < NH; h++) r.h[h] = (hvi)(a.h[h] > b.h[h]);
+    return r;
+}
+static inline v16i nan_mask(v16f a) { /* all ones where a is NaN */
+    v16i r;
+    UNROLLED for (int h = 0; h < NH; h++) r.h[h] = (hvi)(a.h[h] != a.h[h]);
+    return r;
+}
+static inline v16i or16(v16i a, v16i b) {
+    UNROLLED for (int h = 0; h < NH; h++) a.h[h] |= b.h[h];
+    return a;
+}
+static inline int32_t ilane(v16i a, int j) { return a.h[j / HW][j % HW]; }
+static inline v16f pick(v16i m, v16f a, v16f b) { /* a where m (all ones), else b */
+    v16i ai = bits_of(a), bi = bits_of(b);
+    UNROLLED for (int h = 0; h < NH; h++) ai.h[h] = (ai.h[h] & m.h[h]) | (bi.h[h] & ~m.h[h]);
+    return float_of(ai);
+}
+
+#if NH == 1
 #define OUTS 4 /* outputs a tile */
 #define ROWS 6 /* rows a tile, at most */
+#else /* 16 machine registers of 8 lanes: 2 x 2 tiles (8 accumulators, 2 weight vectors and a row vector, 2 each) */
+#define OUTS 2
+#define ROWS 2
+#endif
 #define GROUP 4 /* one-output tiles a call (a call's setup and return cost ~10% at 1-4 rows of 512) */
 #define NARROW_X_BYTES 16384 /* bytes of rows at most for tiles of one output (LINEAR) */
 
-static inline v16f load_f32(const float *p) { /* 16 fp32 weights */
+static inline v16f load_f32(const float *p) { /* 16 fp32 values */
     v16f r;
-    memcpy(&r, p, 64);
+    UNROLLED for (int h = 0; h < NH; h++) memcpy(&r.h[h], p + h * HW, sizeof r.h[h]);
     return r;
 }
 
@@ -63,10 +147,10 @@ static inline v16f load_i8(const int8_t *p) { /* 16 int8 weights as fp32 (exact)
 #elif defined(__AVX2__)
     __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
     __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
-    memcpy(&r, &lo, 32);
-    memcpy((char *)&r + 32, &hi, 32);
+    r.h[0] = (hvf)lo, r.h[1] = (hvf)hi;
 #else
-    for (int i = 0; i < 16; i++) r[i] = (float)p[i];
+    r = zero();
+    for (int i = 0; i < 16; i++) set_lane(&r, i, (float)p[i]);
 #endif
     return r;
 }
@@ -76,6 +160,10 @@ static inline v16f load_bf16(const uint16_t *p) { /* 16 bf16 values as fp32 (exa
 #if defined(__AVX512F__)
     const __m512i v = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
     memcpy(&r, &v, 64);
+#elif defined(__AVX2__)
+    const __m256i lo = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+    const __m256i hi = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + 8))), 16);
+    r.h[0] = (hvf)lo, r.h[1] = (hvf)hi;
 #else
     uint32_t u[16];
     for (int i = 0; i < 16; i++) u[i] = (uint32_t)p[i] << 16;
@@ -92,9 +180,17 @@ static inline float bf16_to_f32(uint16_t h) {
 }
 
 static inline float hsum(v16f a) { /* a fixed tree: lane i + (i + 8), then + 4, + 2, + 1 (as vector halves) */
-    const v8f b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+#if NH == 1
+    const v8f b = __builtin_shufflevector(a.h[0], a.h[0], 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(a.h[0], a.h[0], 8, 9, 10, 11, 12, 13, 14, 15);
+#elif NH == 2
+    const v8f b = a.h[0] + a.h[1];
+#endif
+#if NH <= 2
     const v4f c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
+#else
+    const v4f c = (a.h[0] + a.h[2]) + (a.h[1] + a.h[3]);
+#endif
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
@@ -106,37 +202,33 @@ static inline float hsum(v16f a) { /* a fixed tree: lane i + (i + 8), then + 4, 
 #define TILE(NAME, WT, LOAD, R, C, A)                                                                        \
     static inline void NAME##R(const float *x, int64_t I, const WT *const *w, v16f acc[][C], int64_t pf) {   \
         v16f part[R][C][A];                                                                                  \
-        for (int r = 0; r < R; r++)                                                                          \
-            for (int c = 0; c < C; c++)                                                                      \
-                for (int a = 0; a < A; a++) part[r][c][a] = (v16f){0};                                       \
+        UNROLLED for (int r = 0; r < R; r++)                                                                 \
+            UNROLLED for (int c = 0; c < C; c++)                                                             \
+                UNROLLED for (int a = 0; a < A; a++) part[r][c][a] = zero();                                 \
         int64_t k = 0;                                                                                       \
         for (; k + 16 * A <= I; k += 16 * A) {                                                               \
             if (pf && (k * (int64_t)sizeof(WT)) % 64 == 0)                                                   \
-                for (int c = 0; c < C; c++) __builtin_prefetch(w[c] + pf + k, 0, 3);                         \
-            for (int a = 0; a < A; a++) {                                                                    \
+                UNROLLED for (int c = 0; c < C; c++) __builtin_prefetch(w[c] + pf + k, 0, 3);                \
+            UNROLLED for (int a = 0; a < A; a++) {                                                           \
                 v16f wv[C];                                                                                  \
-                for (int c = 0; c < C; c++) wv[c] = LOAD(w[c] + k + 16 * a);                                 \
-                for (int r = 0; r < R; r++) {                                                                \
-                    v16f xv;                                                                                 \
-                    memcpy(&xv, x + r * I + k + 16 * a, 64);                                                 \
+                UNROLLED for (int c = 0; c < C; c++) wv[c] = LOAD(w[c] + k + 16 * a);                        \
+                UNROLLED for (int r = 0; r < R; r++) {                                                       \
+                    v16f xv = load_f32(x + r * I + k + 16 * a);                                              \
                     if (C > 1) IN_REGISTER(xv); /* one load a row, not one a product (GCC folds it) */       \
-                    for (int c = 0; c < C; c++) part[r][c][a] += xv * wv[c];                                 \
+                    UNROLLED for (int c = 0; c < C; c++) part[r][c][a] = fma16(part[r][c][a], xv, wv[c]);    \
                 }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
         for (; k < I; k += 16)                                                                               \
-            for (int c = 0; c < C; c++) {                                                                    \
+            UNROLLED for (int c = 0; c < C; c++) {                                                           \
                 const v16f wv = LOAD(w[c] + k);                                                              \
-                for (int r = 0; r < R; r++) {                                                                \
-                    v16f xv;                                                                                 \
-                    memcpy(&xv, x + r * I + k, 64);                                                          \
-                    part[r][c][0] += xv * wv;                                                                \
-                }                                                                                            \
+                UNROLLED for (int r = 0; r < R; r++)                                                         \
+                    part[r][c][0] = fma16(part[r][c][0], load_f32(x + r * I + k), wv);                       \
             }                                                                                                \
-        for (int r = 0; r < R; r++)                                                                          \
-            for (int c = 0; c < C; c++) {                                                                    \
+        UNROLLED for (int r = 0; r < R; r++)                                                                 \
+            UNROLLED for (int c = 0; c < C; c++) {                                                           \
                 acc[r][c] = part[r][c][0];                                                                   \
-                for (int a = 1; a < A; a++) acc[r][c] += part[r][c][a];                                      \
+                UNROLLED for (int a = 1; a < A; a++) acc[r][c] = add(acc[r][c], part[r][c][a]);              \
             }                                                                                                \
     }
 
@@ -154,11 +246,11 @@ static inline float hsum(v16f a) { /* a fixed tree: lane i + (i + 8), then + 4, 
         const int64_t I = j->I, O = j->O, n = j->n;                                                          \
         const uint16_t *s = j->s;                                                                            \
         (void)s;                                                                                             \
-        for (int64_t t = group * G; t < group * G + G && t * C < O; t++) {                                  \
+        for (int64_t t = group * G; t < group * G + G && t * C < O; t++) {                                   \
             for (int c = 0; c < C; c++) /* past the end: the last output again (computed, not stored) */     \
                 wr[c] = w + (t * C + c < O ? t * C + c : O - 1) * I;                                         \
             for (int64_t r0 = 0; r0 < n; r0 += RMAX) {                                                       \
-                v16f acc[ROWS][C];                                                                           \
+                v16f acc[6][C]; /* 6: the switch's cases, whatever ROWS */                                   \
                 const int R = n - r0 < RMAX ? (int)(n - r0) : RMAX;                                          \
                 const float *xr = j->x + r0 * I;                                                             \
                 /* the first pass over this tile's weights prefetches the next tile's */                     \
@@ -202,7 +294,7 @@ typedef struct job {
     int32_t *xsum; /* [n] */
 } job;
 
-#define LINEAR(NAME, WT, LOAD, SCALE, A, WIDE_ROWS, NARROW_ROWS)                                              \
+#define LINEAR(NAME, WT, LOAD, SCALE, A, WIDE_ROWS, NARROW_ROWS)                                             \
     TILES(NAME##_narrow, WT, LOAD, SCALE, 1, A, ROWS, GROUP)                                                 \
     TILES(NAME##_wide, WT, LOAD, SCALE, OUTS, A, WIDE_ROWS, 1)                                               \
     static job NAME(const float *x, int64_t n, int64_t I, const void *w, const uint16_t *s, int64_t O, float *y) { \
@@ -228,20 +320,21 @@ LINEAR(linear_bf16, uint16_t, load_bf16, NO_SCALE, 2, ROWS / 2, 2)
 
 static inline int64_t qstride(int64_t I) { return (I + 63) / 64 * 64; } /* a quantized row, zero-padded */
 
-typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint32_t hvu __attribute__((vector_size(64 / NH)));
+typedef int8_t hvb __attribute__((vector_size(16 / NH)));
 
 static void quantize_row(const float *x, int64_t I, int8_t *q, float *scale, int32_t *sum) {
-    v16u mv[4] = {{0}, {0}, {0}, {0}}; /* max |x| as bits (integer order is float order for |x|; NaN above inf) */
-    for (int64_t k = 0; k < I; k += 16) { /* I a multiple of 16 */
-        v16u a;
-        memcpy(&a, x + k, 64);
+    hvu mv[4] = {{0}, {0}, {0}, {0}}; /* max |x| as bits (integer order is float order for |x|; NaN above inf) */
+    for (int64_t k = 0; k < I; k += HW) { /* I a multiple of 16 */
+        hvu a;
+        memcpy(&a, x + k, sizeof a);
         a &= 0x7fffffffu;
-        v16u *m = mv + (k / 16) % 4;
-        *m = (*m & (v16u)(*m >= a)) | (a & (v16u)(*m < a));
+        hvu *m = mv + (k / HW) % 4;
+        *m = (*m & (hvu)(*m >= a)) | (a & (hvu)(*m < a));
     }
     uint32_t mb = 0;
     for (int j = 0; j < 4; j++)
-        for (int i = 0; i < 16; i++) mb = mv[j][i] > mb ? mv[j][i] : mb;
+        for (int i = 0; i < HW; i++) mb = mv[j][i] > mb ? mv[j][i] : mb;
     float m;
     memcpy(&m, &mb, 4);
     *scale = m / 127.f;
@@ -250,27 +343,29 @@ static void quantize_row(const float *x, int64_t I, int8_t *q, float *scale, int
         return;
     }
     const float inv = 127.f / m;
-    const v16f magic = (v16f){0} + 12582912.f; /* 1.5 * 2^23: + magic - magic rounds to an integer, ties to even */
-    v16i t = {0};
-    for (int64_t k = 0; k < I; k += 16) { /* |x * inv| <= 127 (within an ulp): no clamp */
-        v16f v = load_f32(x + k) * inv;
+    const hvf magic = (hvf){0} + 12582912.f; /* 1.5 * 2^23: + magic - magic rounds to an integer, ties to even */
+    hvi t = {0};
+    for (int64_t k = 0; k < I; k += HW) { /* |x * inv| <= 127 (within an ulp): no clamp */
+        hvf v;
+        memcpy(&v, x + k, sizeof v);
+        v *= inv;
         ROUNDED(v); /* x * inv rounded, as the reference's: no FMA with the + magic */
-        const v16i r = __builtin_convertvector((v + magic) - magic, v16i);
-        const v16b b = __builtin_convertvector(r, v16b);
-        memcpy(q + k, &b, 16);
+        const hvi r = __builtin_convertvector((v + magic) - magic, hvi);
+        const hvb b = __builtin_convertvector(r, hvb);
+        memcpy(q + k, &b, HW);
         t += r;
     }
     memset(q + I, 0, qstride(I) - I);
     int32_t total = 0;
-    for (int i = 0; i < 16; i++) total += t[i];
+    for (int i = 0; i < HW; i++) total += t[i];
     *sum = total;
 }
 
 /* dot[r][c] = sum_k xq[r, k] w[c][k] (exact) for R rows of quantized x (rows Ip apart, xsum their sums) and C
  * weight rows; pf as TILE's */
 #define QTILE(R, C)                                                                                               \
-    static inline void qtile_##R##_##C(const int8_t *xq, int64_t Ip, const int32_t *xsum, int64_t I,             \
-                                       const int8_t *const *w, int32_t dot[][C], int64_t pf) {                   \
+    static inline void qtile_##R##_##C(const int8_t *xq, int64_t Ip, const int32_t *xsum, int64_t I,              \
+                                       const int8_t *const *w, int32_t dot[][C], int64_t pf) {                    \
         QTILE_BODY(R, C)                                                                                          \
     }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -279,8 +374,8 @@ static void quantize_row(const float *x, int64_t I, int8_t *q, float *scale, int
         __m512i wv[C];                                                                                            \
         for (int c = 0; c < C; c++) wv[c] = _mm512_xor_si512(LOAD, flip);                                         \
         for (int r = 0; r < R; r++) {                                                                             \
-            __m512i xv = _mm512_loadu_si512(xq + r * Ip + k); /* zeros past I */                                 \
-            if (C > 1) IN_REGISTER(xv); /* one load a row, not one a product (as TILE) */                         \
+            __m512i xv = _mm512_loadu_si512(xq + r * Ip + k); /* zeros past I */                                  \
+            if (C > 1) __asm__("" : "+v"(xv)); /* one load a row, not one a product (as TILE's IN_REGISTER) */    \
             for (int c = 0; c < C; c++) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], wv[c], xv);                    \
         }                                                                                                         \
     }
@@ -293,7 +388,7 @@ static void quantize_row(const float *x, int64_t I, int8_t *q, float *scale, int
     for (; k + 64 <= I; k += 64) {                                                                                \
         if (pf)                                                                                                   \
             for (int c = 0; c < C; c++) __builtin_prefetch(w[c] + pf + k, 0, 3);                                  \
-        QTILE_STEP(R, C, _mm512_loadu_si512(w[c] + k))                                                           \
+        QTILE_STEP(R, C, _mm512_loadu_si512(w[c] + k))                                                            \
     }                                                                                                             \
     if (k < I) {                                                                                                  \
         const __mmask64 in = ((__mmask64)1 << (I - k)) - 1;                                                       \
@@ -301,30 +396,55 @@ static void quantize_row(const float *x, int64_t I, int8_t *q, float *scale, int
     }                                                                                                             \
     for (int r = 0; r < R; r++)                                                                                   \
         for (int c = 0; c < C; c++) dot[r][c] = _mm512_reduce_add_epi32(acc[r][c]) - 128 * xsum[r];
-#else
+#elif defined(__AVX2__) /* vpmaddwd: 16 int8 values widened to int16, their products summed in pairs (exact) */
 #define QTILE_BODY(R, C)                                                                                          \
-    v16i acc[R][C];                                                                                               \
-    (void)xsum, (void)pf;                                                                                         \
+    __m256i acc[R][C];                                                                                            \
+    (void)xsum;                                                                                                   \
     for (int r = 0; r < R; r++)                                                                                   \
-        for (int c = 0; c < C; c++) acc[r][c] = (v16i){0};                                                        \
+        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_si256();                                           \
     for (int64_t k = 0; k < I; k += 16) {                                                                         \
-        v16i wv[C];                                                                                               \
-        for (int c = 0; c < C; c++) {                                                                             \
-            v16b b;                                                                                               \
-            memcpy(&b, w[c] + k, 16);                                                                             \
-            wv[c] = __builtin_convertvector(b, v16i);                                                             \
-        }                                                                                                         \
+        if (pf && k % 64 == 0)                                                                                    \
+            for (int c = 0; c < C; c++) __builtin_prefetch(w[c] + pf + k, 0, 3);                                  \
+        __m256i wv[C];                                                                                            \
+        for (int c = 0; c < C; c++) wv[c] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w[c] + k)));   \
         for (int r = 0; r < R; r++) {                                                                             \
-            v16b b;                                                                                               \
-            memcpy(&b, xq + r * Ip + k, 16);                                                                      \
-            const v16i xv = __builtin_convertvector(b, v16i);                                                     \
-            for (int c = 0; c < C; c++) acc[r][c] += xv * wv[c];                                                  \
+            const __m256i xv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xq + r * Ip + k)));         \
+            for (int c = 0; c < C; c++) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(xv, wv[c]));    \
         }                                                                                                         \
     }                                                                                                             \
     for (int r = 0; r < R; r++)                                                                                   \
         for (int c = 0; c < C; c++) {                                                                             \
+            int32_t t[8];                                                                                         \
+            memcpy(t, &acc[r][c], 32);                                                                            \
+            dot[r][c] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));                        \
+        }
+#else
+#define QTILE_BODY(R, C)                                                                                          \
+    hvi acc[R][C][NH];                                                                                            \
+    (void)xsum, (void)pf;                                                                                         \
+    for (int r = 0; r < R; r++)                                                                                   \
+        for (int c = 0; c < C; c++)                                                                               \
+            UNROLLED for (int h = 0; h < NH; h++) acc[r][c][h] = (hvi){0};                                        \
+    for (int64_t k = 0; k < I; k += 16)                                                                           \
+        UNROLLED for (int h = 0; h < NH; h++) {                                                                   \
+            hvi wv[C];                                                                                            \
+            for (int c = 0; c < C; c++) {                                                                         \
+                hvb b;                                                                                            \
+                memcpy(&b, w[c] + k + h * HW, HW);                                                                \
+                wv[c] = __builtin_convertvector(b, hvi);                                                          \
+            }                                                                                                     \
+            for (int r = 0; r < R; r++) {                                                                         \
+                hvb b;                                                                                            \
+                memcpy(&b, xq + r * Ip + k + h * HW, HW);                                                         \
+                const hvi xv = __builtin_convertvector(b, hvi);                                                   \
+                for (int c = 0; c < C; c++) acc[r][c][h] += xv * wv[c];                                           \
+            }                                                                                                     \
+        }                                                                                                         \
+    for (int r = 0; r < R; r++)                                                                                   \
+        for (int c = 0; c < C; c++) {                                                                             \
             int32_t t = 0;                                                                                        \
-            for (int i = 0; i < 16; i++) t += acc[r][c][i];                                                       \
+            UNROLLED for (int h = 0; h < NH; h++)                                                                 \
+                for (int i = 0; i < HW; i++) t += acc[r][c][h][i];                                                \
             dot[r][c] = t;                                                                                        \
         }
 #endif
@@ -340,7 +460,7 @@ static void quantize_row(const float *x, int64_t I, int8_t *q, float *scale, int
     static void NAME(const job *j, int64_t group) {                                                               \
         const int8_t *w = j->w, *wr[C];                                                                           \
         const int64_t I = j->I, O = j->O, n = j->n, Ip = qstride(I);                                              \
-        for (int64_t t = group * G; t < group * G + G && t * C < O; t++) {                                       \
+        for (int64_t t = group * G; t < group * G + G && t * C < O; t++) {                                        \
             for (int c = 0; c < C; c++) wr[c] = w + (t * C + c < O ? t * C + c : O - 1) * I;                      \
             for (int64_t r0 = 0; r0 < n; r0 += QROWS) {                                                           \
                 int32_t dot[QROWS][C];                                                                            \
@@ -356,7 +476,7 @@ static void quantize_row(const float *x, int64_t I, int8_t *q, float *scale, int
                 }                                                                                                 \
                 for (int r = 0; r < R; r++)                                                                       \
                     for (int c = 0; c < C && t * C + c < O; c++)                                                  \
-                        j->y[(r0 + r) * O + t * C + c] =                                                  \
+                        j->y[(r0 + r) * O + t * C + c] =                                                          \
                             (float)dot[r][c] * j->xs[r0 + r] * bf16_to_f32(j->s[t * C + c]);                      \
             }                                                                                                     \
         }                                                                                                         \
@@ -482,58 +602,60 @@ static inline v16f load_kv(const void *pool, int bf16, int64_t at) {
     return bf16 ? load_bf16((const uint16_t *)pool + at) : load_f32((const float *)pool + at);
 }
 
-static inline v16f pick(v16i m, v16f a, v16f b) { /* a where m (all ones), else b */
-    v16i ai, bi;
-    memcpy(&ai, &a, 64), memcpy(&bi, &b, 64);
-    ai = (ai & m) | (bi & ~m);
-    memcpy(&a, &ai, 64);
-    return a;
-}
-
-/* lane j: the sum of a[j]'s 16 lanes, by a fixed tree (halves, then quarters, ... of each, side by side) */
+/* lane j: the sum of a[j]'s 16 lanes, by a fixed tree (halves, then quarters, ... of each, side by side): hsum's */
 static inline v16f lane_sums(const v16f a[16]) {
-    v16f r1[8], r2[4], r3[2];
+#if NH == 1
+    hvf r1[8], r2[4], r3[2];
     for (int i = 0; i < 8; i++) {
-        const v16f x = a[2 * i], y = a[2 * i + 1];
+        const hvf x = a[2 * i].h[0], y = a[2 * i + 1].h[0];
         r1[i] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
                 __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
     }
     for (int i = 0; i < 4; i++) {
-        const v16f x = r1[2 * i], y = r1[2 * i + 1];
+        const hvf x = r1[2 * i], y = r1[2 * i + 1];
         r2[i] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
                 __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
     }
     for (int i = 0; i < 2; i++) {
-        const v16f x = r2[2 * i], y = r2[2 * i + 1];
+        const hvf x = r2[2 * i], y = r2[2 * i + 1];
         r3[i] = __builtin_shufflevector(x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
                 __builtin_shufflevector(x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
     }
-    return __builtin_shufflevector(r3[0], r3[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-           __builtin_shufflevector(r3[0], r3[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    return (v16f){{__builtin_shufflevector(r3[0], r3[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+                   __builtin_shufflevector(r3[0], r3[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)}};
+#else
+    v16f r;
+    for (int j = 0; j < 16; j++) set_lane(&r, j, hsum(a[j]));
+    return r;
+#endif
 }
 
 /* e^x for x <= 0, 16 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^n;
  * within 2 ulp of expf), 0 below -87 (2^n would leave the normal range) */
-static inline v16f exp_nonpositive(v16f x) {
-    const v16i n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, v16i); /* round(x log2 e), x <= 0 */
-    const v16f nf = __builtin_convertvector(n, v16f);
-    const v16f r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
-    v16f p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+static inline hvf exp_h(hvf x) { /* exp_nonpositive's, a machine vector */
+    const hvi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, hvi); /* round(x log2 e), x <= 0 */
+    const hvf nf = __builtin_convertvector(n, hvf);
+    const hvf r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
+    hvf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.f;
-    const v16i bits = (n + 127) << 23;
-    v16f scale;
-    memcpy(&scale, &bits, 64);
-    const v16f e = p * scale;
-    v16i ebits;
-    memcpy(&ebits, &e, 64);
-    ebits &= (v16i)(x >= -87.f); /* all ones where kept */
-    v16f out;
-    memcpy(&out, &ebits, 64);
+    const hvi bits = (n + 127) << 23;
+    hvf scale;
+    memcpy(&scale, &bits, sizeof scale);
+    const hvf e = p * scale;
+    hvi ebits;
+    memcpy(&ebits, &e, sizeof ebits);
+    ebits &= (hvi)(x >= -87.f); /* all ones where kept */
+    hvf out;
+    memcpy(&out, &ebits, sizeof out);
     return out;
+}
+static inline v16f exp_nonpositive(v16f x) {
+    UNROLLED for (int h = 0; h < NH; h++) x.h[h] = exp_h(x.h[h]);
+    return x;
 }
 
 /* a k or v row's hd values, KV_AHEAD keys before they are read (the rows are scattered over the pool: the hardware
@@ -562,40 +684,42 @@ int moeray_decode_attention(const float *q, int64_t B, int64_t H, int64_t hd, co
             float *ob = out + (b * H + kvh * G) * hd;
             float top[G], inv[G];
             v16f tops[G];
-            for (int64_t g = 0; g < G; g++) tops[g] = (v16f){0} - INFINITY;
+            for (int64_t g = 0; g < G; g++) tops[g] = splat(-INFINITY);
             for (int64_t c0 = 0; c0 < Cp; c0 += 16) { /* scores, 16 keys at a time; -inf where not attended */
                 int64_t row[16];
-                v16i on;
+                int32_t on_lanes[16];
                 for (int j = 0; j < 16; j++) {
                     const int64_t c = c0 + j;
-                    on[j] = c < C && mask[b * C + c] ? -1 : 0;
-                    row[j] = on[j] ? (slots[b * C + c] * KV + kvh) * hd : -1;
+                    on_lanes[j] = c < C && mask[b * C + c] ? -1 : 0;
+                    row[j] = on_lanes[j] ? (slots[b * C + c] * KV + kvh) * hd : -1;
                     if (c + KV_AHEAD < C && mask[b * C + c + KV_AHEAD])
                         prefetch_kv(k_pool, pool_bf16, (slots[b * C + c + KV_AHEAD] * KV + kvh) * hd, hd);
                 }
+                v16i on;
+                memcpy(&on, on_lanes, 64);
                 for (int64_t g = 0; g < G; g++) {
                     v16f acc[16];
-                    for (int j = 0; j < 16; j++) acc[j] = (v16f){0};
+                    for (int j = 0; j < 16; j++) acc[j] = zero();
                     for (int64_t d = 0; d < hd; d += 16) {
                         const v16f qv = load_f32(qb + g * hd + d);
                         for (int j = 0; j < 16; j++)
-                            if (row[j] >= 0) acc[j] += qv * load_kv(k_pool, pool_bf16, row[j] + d);
+                            if (row[j] >= 0) acc[j] = fma16(acc[j], qv, load_kv(k_pool, pool_bf16, row[j] + d));
                     }
-                    const v16f sc = pick(on, lane_sums(acc) * scale, (v16f){0} - INFINITY);
-                    memcpy(p + g * Cp + c0, &sc, 64);
-                    tops[g] = pick(sc > tops[g], sc, tops[g]);
+                    const v16f sc = pick(on, times(lane_sums(acc), scale), splat(-INFINITY));
+                    store(p + g * Cp + c0, sc);
+                    tops[g] = pick(gt(sc, tops[g]), sc, tops[g]);
                 }
             }
             for (int64_t g = 0; g < G; g++) {
                 top[g] = -INFINITY;
-                for (int j = 0; j < 16; j++) top[g] = tops[g][j] > top[g] ? tops[g][j] : top[g];
+                for (int j = 0; j < 16; j++) top[g] = lane(tops[g], j) > top[g] ? lane(tops[g], j) : top[g];
             }
             for (int64_t g = 0; g < G; g++) { /* e^(s - max), 16 keys at a time (0 where -inf), and their sum */
-                v16f sum = {0};
+                v16f sum = zero();
                 for (int64_t c = 0; c < Cp; c += 16) {
-                    const v16f e = exp_nonpositive(load_f32(p + g * Cp + c) - top[g]);
-                    memcpy(p + g * Cp + c, &e, 64);
-                    sum += e;
+                    const v16f e = exp_nonpositive(sub(load_f32(p + g * Cp + c), splat(top[g])));
+                    store(p + g * Cp + c, e);
+                    sum = add(sum, e);
                 }
                 inv[g] = 1.f / hsum(sum);
             }
@@ -606,7 +730,7 @@ int moeray_decode_attention(const float *q, int64_t B, int64_t H, int64_t hd, co
                     const int64_t dn = (hd - d0) / 16 < 4 ? (hd - d0) / 16 : 4;
                     v16f acc[4][4];
                     for (int g = 0; g < 4; g++)
-                        for (int j = 0; j < 4; j++) acc[g][j] = (v16f){0};
+                        for (int j = 0; j < 4; j++) acc[g][j] = zero();
                     for (int64_t c = 0; c < C; c++) {
                         if (!mask[b * C + c]) continue;
                         const int64_t row = (slots[b * C + c] * KV + kvh) * hd + d0;
@@ -614,18 +738,16 @@ int moeray_decode_attention(const float *q, int64_t B, int64_t H, int64_t hd, co
                             prefetch_kv(v_pool, pool_bf16, (slots[b * C + c + KV_AHEAD] * KV + kvh) * hd + d0, dn * 16);
                         v16f vv[4];
                         for (int j = 0; j < 4; j++)
-                            vv[j] = j < dn ? load_kv(v_pool, pool_bf16, row + 16 * j) : (v16f){0};
+                            vv[j] = j < dn ? load_kv(v_pool, pool_bf16, row + 16 * j) : zero();
                         for (int g = 0; g < 4; g++) {
                             if (g >= gn) break;
-                            const float w = p[(g0 + g) * Cp + c];
-                            for (int j = 0; j < 4; j++) acc[g][j] += w * vv[j];
+                            const v16f w = splat(p[(g0 + g) * Cp + c]);
+                            for (int j = 0; j < 4; j++) acc[g][j] = fma16(acc[g][j], w, vv[j]);
                         }
                     }
                     for (int g = 0; g < gn; g++)
-                        for (int j = 0; j < dn; j++) {
-                            const v16f o = acc[g][j] * inv[g0 + g];
-                            memcpy(ob + (g0 + g) * hd + d0 + 16 * j, &o, 64);
-                        }
+                        for (int j = 0; j < dn; j++)
+                            store(ob + (g0 + g) * hd + d0 + 16 * j, times(acc[g][j], inv[g0 + g]));
                 }
             }
         }
@@ -944,22 +1066,17 @@ int moeray_row_stats(const float *x, int64_t B, int64_t V, float *best, int64_t 
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < B; b++) {
         const float *row = x + b * V;
-        v16f m;
-        v16i nan = {0};
-        for (int i = 0; i < 16; i++) m[i] = row[0];
+        v16f m = splat(row[0]);
+        v16i nan = {{{0}}};
         int64_t v = 0;
         for (; v + 16 <= V; v += 16) { /* lane-wise max (NaN skipped, noted) */
             const v16f xv = load_f32(row + v);
-            const v16i gt = xv > m;
-            nan |= xv != xv;
-            v16i mb, xb;
-            memcpy(&mb, &m, 64), memcpy(&xb, &xv, 64);
-            mb = (mb & ~gt) | (xb & gt);
-            memcpy(&m, &mb, 64);
+            nan = or16(nan, nan_mask(xv));
+            m = pick(gt(xv, m), xv, m);
         }
-        float top = m[0];
+        float top = lane(m, 0);
         int any_nan = 0;
-        for (int i = 0; i < 16; i++) top = m[i] > top ? m[i] : top, any_nan |= nan[i];
+        for (int i = 0; i < 16; i++) top = lane(m, i) > top ? lane(m, i) : top, any_nan |= ilane(nan, i);
         for (; v < V; v++) top = row[v] > top ? row[v] : top, any_nan |= row[v] != row[v];
         int64_t at = 0; /* where the max (or the first NaN: torch.max's answer then) first occurs */
         if (any_nan) {
@@ -973,8 +1090,8 @@ int moeray_row_stats(const float *x, int64_t B, int64_t V, float *best, int64_t 
             lse[b] = top;
             continue;
         }
-        v16f acc = {0};
-        for (v = 0; v + 16 <= V; v += 16) acc += exp_nonpositive(load_f32(row + v) - top);
+        v16f acc = zero();
+        for (v = 0; v + 16 <= V; v += 16) acc = add(acc, exp_nonpositive(sub(load_f32(row + v), splat(top))));
         float sum = hsum(acc);
         for (; v < V; v++) sum += expf(row[v] - top);
         lse[b] = top + logf(sum);
