@@ -13,10 +13,10 @@
  * the other rows (a sequence's tokens do not depend on what it is batched with) nor on the thread count.
  *
  * Tiles of 4 outputs x up to 6 rows (24 accumulators, 4 weight vectors and a row vector: 29 of AVX-512's 32
- * registers; int8 3 rows, two accumulators each; with AVX2's 16 registers of half the width, 2 outputs x 2 rows): a
- * weight vector is loaded (and converted) once for the tile's rows and a row vector once for its outputs; the
- * tile's weight rows stay in L1 while every row tile passes over them, so the weight is read from memory once per
- * call at any n. Threads split the outputs (OpenMP, the runtime torch uses). GCC/Clang vector extensions, in
+ * registers; int8 3 rows, two accumulators each; with AVX2's 16 registers of half the width, 1 output x 4 rows, int8
+ * 1 x 3: see OUTS): a weight vector is loaded (and converted) once for the tile's rows and a row vector once for its
+ * outputs; the tile's weight rows stay in L1 while every row tile passes over them, so the weight is read from
+ * memory once per call at any n. Threads split the outputs (OpenMP, the runtime torch uses). GCC/Clang vector extensions, in
  * vectors of the machine's width (v16f below): AVX-512, AVX2 or whatever -march gives.
  */
 #include <math.h>
@@ -123,12 +123,21 @@ static inline v16f pick(v16i m, v16f a, v16f b) { /* a where m (all ones), else 
     return float_of(ai);
 }
 
+/* Wide tiles: OUTS outputs x ROWS rows (fp32 weights; ROWS also the most rows of any tile), OUTS2 x ROWS2 for the
+ * kernels of two chains (int8, bf16). AVX-512: 24 accumulators, 4 weight vectors and a row vector of its 32 registers.
+ * AVX2 (16 registers, each 8 lanes: a v16f takes two): 1 x 4 (8 accumulators) and 1 x 3 (12); measured against 2 x 2
+ * (fp32) and 2 x 1 (int8, bf16), the bench model's shapes: 1.1-1.4x at 4 rows, 1.05-1.1x at 16 (fp32; 0.82x on
+ * 512 x 1024, where one output a tile reads the 16 rows from L2 twice as often), 1.15-1.45x (int8, bf16) */
 #if NH == 1
-#define OUTS 4 /* outputs a tile */
-#define ROWS 6 /* rows a tile, at most */
-#else /* 16 machine registers of 8 lanes: 2 x 2 tiles (8 accumulators, 2 weight vectors and a row vector, 2 each) */
-#define OUTS 2
-#define ROWS 2
+#define OUTS 4
+#define ROWS 6
+#define OUTS2 4
+#define ROWS2 3
+#else
+#define OUTS 1
+#define ROWS 4
+#define OUTS2 1
+#define ROWS2 3
 #endif
 #define GROUP 4 /* one-output tiles a call (a call's setup and return cost ~10% at 1-4 rows of 512) */
 #define NARROW_X_BYTES 16384 /* bytes of rows at most for tiles of one output (LINEAR) */
@@ -294,20 +303,20 @@ typedef struct job {
     int32_t *xsum; /* [n] */
 } job;
 
-#define LINEAR(NAME, WT, LOAD, SCALE, A, WIDE_ROWS, NARROW_ROWS)                                             \
+#define LINEAR(NAME, WT, LOAD, SCALE, A, WIDE_OUTS, WIDE_ROWS, NARROW_ROWS)                                  \
     TILES(NAME##_narrow, WT, LOAD, SCALE, 1, A, ROWS, GROUP)                                                 \
-    TILES(NAME##_wide, WT, LOAD, SCALE, OUTS, A, WIDE_ROWS, 1)                                               \
+    TILES(NAME##_wide, WT, LOAD, SCALE, WIDE_OUTS, A, WIDE_ROWS, 1)                                          \
     static job NAME(const float *x, int64_t n, int64_t I, const void *w, const uint16_t *s, int64_t O, float *y) { \
         const int narrow = n <= NARROW_ROWS && n * I * 4 <= NARROW_X_BYTES;                                  \
         return (job){x, n, I, w, s, O, y, narrow ? NAME##_narrow : NAME##_wide,                              \
-                     narrow ? (O + GROUP - 1) / GROUP : (O + OUTS - 1) / OUTS, 0, 0, NULL, NULL, NULL};      \
+                     narrow ? (O + GROUP - 1) / GROUP : (O + WIDE_OUTS - 1) / WIDE_OUTS, 0, 0, NULL, NULL, NULL}; \
     }
 
 #define NO_SCALE(o)
 #define BF16_SCALE(o) *bf16_to_f32(s[o])
-LINEAR(linear_f32, float, load_f32, NO_SCALE, 1, ROWS, 4)
-LINEAR(linear_i8, int8_t, load_i8, BF16_SCALE, 2, ROWS / 2, 2)
-LINEAR(linear_bf16, uint16_t, load_bf16, NO_SCALE, 2, ROWS / 2, 2)
+LINEAR(linear_f32, float, load_f32, NO_SCALE, 1, OUTS, ROWS, 4)
+LINEAR(linear_i8, int8_t, load_i8, BF16_SCALE, 2, OUTS2, ROWS2, 2)
+LINEAR(linear_bf16, uint16_t, load_bf16, NO_SCALE, 2, OUTS2, ROWS2, 2)
 
 /* W8A8 (wtype 2): int8 weights q with bf16 scales s [O], as linear_i8's, and each row of x quantized to int8 too,
  * symmetric, one scale a row (dynamic, per token): xq = rint(x * (127 / m)), m = max |x| over the row (0 for a row
@@ -317,6 +326,11 @@ LINEAR(linear_bf16, uint16_t, load_bf16, NO_SCALE, 2, ROWS / 2, 2)
  * times xq, the sum less 128 sum_k xq[r, k]; elsewhere int32 products, 16 at a time. */
 #define QMAX_I 65536 /* inputs at most: 255 * 127 * I stays below 2^31 */
 #define QROWS 4      /* rows a tile, at most (4 outputs x 4 rows of accumulators, 4 weight vectors) */
+#if NH == 1
+#define QOUTS 4 /* outputs a wide tile */
+#else
+#define QOUTS 2 /* (AVX2: 2 x 4 accumulators of 8 lanes, 2 weight vectors, a row vector) */
+#endif
 
 static inline int64_t qstride(int64_t I) { return (I + 63) / 64 * 64; } /* a quantized row, zero-padded */
 
@@ -482,12 +496,12 @@ static void quantize_row(const float *x, int64_t I, int8_t *q, float *scale, int
         }                                                                                                         \
     }
 QTILES(w8a8_narrow, 1, GROUP)
-QTILES(w8a8_wide, OUTS, 1)
+QTILES(w8a8_wide, QOUTS, 1)
 
 static job linear_w8a8(const float *x, int64_t n, int64_t I, const void *w, const uint16_t *s, int64_t O, float *y) {
     const int narrow = n <= 2;
     return (job){x, n, I, w, s, O, y, narrow ? w8a8_narrow : w8a8_wide,
-                 narrow ? (O + GROUP - 1) / GROUP : (O + OUTS - 1) / OUTS, 1, 0, NULL, NULL, NULL};
+                 narrow ? (O + GROUP - 1) / GROUP : (O + QOUTS - 1) / QOUTS, 1, 0, NULL, NULL, NULL};
 }
 
 /* bytes of scratch the quantized rows of jobs[0, count) take (qbind) */
