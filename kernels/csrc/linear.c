@@ -325,11 +325,21 @@ LINEAR(linear_bf16, uint16_t, load_bf16, NO_SCALE, 2, OUTS2, ROWS2, 2)
  * rows, the tiles or the thread count. With AVX-512 VNNI a vpdpbusd takes 64 weights: (q + 128) as unsigned bytes
  * times xq, the sum less 128 sum_k xq[r, k]; elsewhere int32 products, 16 at a time. */
 #define QMAX_I 65536 /* inputs at most: 255 * 127 * I stays below 2^31 */
-#define QROWS 4      /* rows a tile, at most (4 outputs x 4 rows of accumulators, 4 weight vectors) */
+/* QOUTS outputs x QROWS rows a wide tile (n > 2); narrow (n <= 2), QNOUTS outputs a tile and QNG tiles a call.
+ * AVX-512 VNNI: 4 x 4 accumulators and 4 weight vectors; narrow, one output a tile. AVX2 (16 registers, 8 int32
+ * lanes): 2 x 4 (8 accumulators, 2 weight vectors, a row vector); narrow, 4 outputs a tile (8 accumulators at 2 rows),
+ * each row vector widened once for 4 outputs and their sums reduced together: 1.15-1.4x one output a tile at one row
+ * (the bench model's shapes; 4 x 2 wide tiles were 0.8-0.9x 2 x 4 at 4-16 rows) */
 #if NH == 1
-#define QOUTS 4 /* outputs a wide tile */
+#define QROWS 4
+#define QOUTS 4
+#define QNOUTS 1
+#define QNG GROUP
 #else
-#define QOUTS 2 /* (AVX2: 2 x 4 accumulators of 8 lanes, 2 weight vectors, a row vector) */
+#define QROWS 4
+#define QOUTS 2
+#define QNOUTS 4
+#define QNG 1
 #endif
 
 static inline int64_t qstride(int64_t I) { return (I + 63) / 64 * 64; } /* a quantized row, zero-padded */
@@ -411,6 +421,11 @@ static void quantize_row(const float *x, int64_t I, int8_t *q, float *scale, int
     for (int r = 0; r < R; r++)                                                                                   \
         for (int c = 0; c < C; c++) dot[r][c] = _mm512_reduce_add_epi32(acc[r][c]) - 128 * xsum[r];
 #elif defined(__AVX2__) /* vpmaddwd: 16 int8 values widened to int16, their products summed in pairs (exact) */
+static inline void hsum4(const __m256i *a, int32_t *out) { /* out[i]: the sum of a[i]'s 8 lanes, i < 4 */
+    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+    const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    memcpy(out, &t, 16);
+}
 #define QTILE_BODY(R, C)                                                                                          \
     __m256i acc[R][C];                                                                                            \
     (void)xsum;                                                                                                   \
@@ -426,12 +441,14 @@ static void quantize_row(const float *x, int64_t I, int8_t *q, float *scale, int
             for (int c = 0; c < C; c++) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(xv, wv[c]));    \
         }                                                                                                         \
     }                                                                                                             \
-    for (int r = 0; r < R; r++)                                                                                   \
-        for (int c = 0; c < C; c++) {                                                                             \
+    for (int r = 0; r < R; r++) {                                                                                 \
+        for (int c = 0; c + 4 <= C; c += 4) hsum4(acc[r] + c, dot[r] + c);                                        \
+        for (int c = C - C % 4; c < C; c++) {                                                                     \
             int32_t t[8];                                                                                         \
             memcpy(t, &acc[r][c], 32);                                                                            \
             dot[r][c] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));                        \
-        }
+        }                                                                                                         \
+    }
 #else
 #define QTILE_BODY(R, C)                                                                                          \
     hvi acc[R][C][NH];                                                                                            \
@@ -465,19 +482,20 @@ static void quantize_row(const float *x, int64_t I, int8_t *q, float *scale, int
 
 #define QNAME(R, C) QNAME_(R, C) /* C expanded first (OUTS) */
 #define QNAME_(R, C) qtile_##R##_##C
+#define QTILES_OF(C) QTILE(1, C) QTILE(2, C) QTILE(3, C) QTILE(4, C) /* tiles of C outputs, 1 to 4 rows */
+QTILES_OF(QOUTS)
+#if QNOUTS != QOUTS
+QTILES_OF(QNOUTS)
+#endif
 /* a W8A8 linear's output tiles, as TILES' (C outputs a tile, G tiles a call, rows in passes of up to QROWS) */
 #define QTILES(NAME, C, G)                                                                                        \
-    QTILE(1, C)                                                                                                   \
-    QTILE(2, C)                                                                                                   \
-    QTILE(3, C)                                                                                                   \
-    QTILE(4, C)                                                                                                   \
     static void NAME(const job *j, int64_t group) {                                                               \
         const int8_t *w = j->w, *wr[C];                                                                           \
         const int64_t I = j->I, O = j->O, n = j->n, Ip = qstride(I);                                              \
         for (int64_t t = group * G; t < group * G + G && t * C < O; t++) {                                        \
             for (int c = 0; c < C; c++) wr[c] = w + (t * C + c < O ? t * C + c : O - 1) * I;                      \
             for (int64_t r0 = 0; r0 < n; r0 += QROWS) {                                                           \
-                int32_t dot[QROWS][C];                                                                            \
+                int32_t dot[4][C]; /* 4: the switch's cases, whatever QROWS */                                    \
                 const int R = n - r0 < QROWS ? (int)(n - r0) : QROWS;                                             \
                 const int8_t *xr = j->xq + r0 * Ip;                                                               \
                 const int32_t *sr = j->xsum + r0;                                                                 \
@@ -495,13 +513,13 @@ static void quantize_row(const float *x, int64_t I, int8_t *q, float *scale, int
             }                                                                                                     \
         }                                                                                                         \
     }
-QTILES(w8a8_narrow, 1, GROUP)
+QTILES(w8a8_narrow, QNOUTS, QNG)
 QTILES(w8a8_wide, QOUTS, 1)
 
 static job linear_w8a8(const float *x, int64_t n, int64_t I, const void *w, const uint16_t *s, int64_t O, float *y) {
     const int narrow = n <= 2;
     return (job){x, n, I, w, s, O, y, narrow ? w8a8_narrow : w8a8_wide,
-                 narrow ? (O + GROUP - 1) / GROUP : (O + QOUTS - 1) / QOUTS, 1, 0, NULL, NULL, NULL};
+                 narrow ? (O + QNOUTS * QNG - 1) / (QNOUTS * QNG) : (O + QOUTS - 1) / QOUTS, 1, 0, NULL, NULL, NULL};
 }
 
 /* bytes of scratch the quantized rows of jobs[0, count) take (qbind) */
