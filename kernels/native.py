@@ -34,12 +34,12 @@ through ctypes: the fp32-activation parts of a decode step, and sampling's pass 
   max over a row of 32000 took 52 us and its exp another 28).
 
 All sum each output the same way at any row count (kernels/csrc/linear.c): a row's result never depends on the
-other rows nor on the thread count, nor on the instruction set (16 lanes are one AVX-512 vector or two AVX2 ones).
-The figures above are an AVX-512 EPYC's; on a 2-core AVX2 EPYC (no AVX-512) the fp32 linear reads 25-50 GB/s at one
-row (MKL 12-40) and W8A8 36-44 GB/s on a 4096 x 4096 weight, where before 2026-12-04 every kernel here ran 3-100x
-slower on such CPUs (GCC kept their 64-byte vectors in memory). Written in C with neither torch's nor Python's headers, the library builds
-in a fraction of a second with the system's C compiler (`$CC`, else `cc` / `gcc`) and needs no build step at
-install, no ninja.
+other rows nor on the thread count (16 lanes: one AVX-512 vector, two AVX2 ones). The figures above are an AVX-512
+EPYC's; on a 2-core AVX2 EPYC (no AVX-512) the fp32 linear reads 25-50 GB/s at one row (MKL 12-40) and W8A8 36-44
+GB/s on a 4096 x 4096 weight, where before 2026-12-04 every kernel here ran 3-100x slower on such CPUs (GCC kept
+their 64-byte vectors in memory). Written in C with neither torch's nor Python's headers, the library builds in a
+fraction of a second with the system's C compiler (`$CC`, else `cc` / `gcc`) and needs no build step at install,
+no ninja.
 
 The library is cached under `$MOERAY_KERNEL_CACHE` (default ~/.cache/moeray/kernels), keyed by the source, the
 compiler's version, the flags and this CPU's (-march=native), and written atomically: the processes of a node
