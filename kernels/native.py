@@ -362,6 +362,8 @@ def _call(fn, x: torch.Tensor, weight: torch.Tensor, *scale: torch.Tensor) -> to
     x, weight = x.contiguous(), weight.contiguous()
     (n, I), O = x.shape, weight.shape[0]
     y = torch.empty(n, O)
+    if n == 0:  # a prefill chunk that samples no sequence: the LM head's rows (the kernels take n >= 1)
+        return y
     if fn(x.data_ptr(), n, I, weight.data_ptr(), *(t.data_ptr() for t in scale), O, y.data_ptr(),
           torch.get_num_threads()):
         raise RuntimeError(f"{fn.__name__} failed on x {tuple(x.shape)}, weight {tuple(weight.shape)}")

@@ -379,3 +379,16 @@ def test_row_stats_equal_torchs_max_and_logsumexp(monkeypatch):
     assert [s.token for s in ours] == [s.token for s in ref]
     torch.testing.assert_close([s.logprob for s in ours], [s.logprob for s in ref], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours[0].top, ref[0].top, rtol=1e-5, atol=1e-5)
+
+
+def test_every_linear_takes_zero_rows():
+    """A prefill chunk in which no sequence finishes its prompt runs the LM head on 0 rows: each kernel's linear gives
+    [0, O] (it raised for int8, W8A8 and bf16 weights: a prompt longer than max_num_batched_tokens failed there)."""
+    from kernels.quant import BF16Linear, QuantLinear
+
+    lin = torch.nn.Linear(64, 48, bias=False)
+    x = torch.zeros(0, 64)
+    modules = [QuantLinear.from_linear(lin, 8), QuantLinear.from_linear(lin, 8, w8a8=True), BF16Linear.from_linear(lin)]
+    with torch.no_grad():
+        assert [tuple(m(x).shape) for m in modules] == [(0, 48)] * 3
+
