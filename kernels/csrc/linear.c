@@ -75,10 +75,6 @@ static inline v16f sub(v16f a, v16f b) {
     UNROLLED for (int h = 0; h < NH; h++) a.h[h] -= b.h[h];
     return a;
 }
-static inline v16f mul(v16f a, v16f b) {
-    UNROLLED for (int h = 0; h < NH; h++) a.h[h] *= b.h[h];
-    return a;
-}
 static inline v16f times(v16f a, float s) {
     UNROLLED for (int h = 0; h < NH; h++) a.h[h] *= s;
     return a;
