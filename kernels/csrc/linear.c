@@ -277,10 +277,10 @@ static inline float hsum(v16f a) { /* a fixed tree: lane i + (i + 8), then + 4, 
 
 /* A linear to run, y [n, O] = x [n, I] @ w^T, as output tiles: one output a tile at up to NARROW_ROWS rows when
  * they fit in NARROW_X_BYTES (they are read again for each output, from L1; the weight is read as one sequential
- * stream a thread: OUTS weight rows read side by side ran at half the GB/s at one row, AMD EPYC), else OUTS
- * outputs a tile in passes of up to WIDE_ROWS rows (each row vector loaded once for OUTS outputs; the first pass
- * prefetches the next tile's weights: then faster from 3 rows in int8, 5 in fp32). A: TILE's. Each output is
- * summed the same way in both. */
+ * stream a thread: 4 weight rows read side by side ran at half the GB/s at one row, AMD EPYC), else WIDE_OUTS
+ * outputs a tile in passes of up to WIDE_ROWS rows (each row vector loaded once for WIDE_OUTS outputs; with more
+ * than one, the first pass prefetches the next tile's weights: then faster from 3 rows in int8, 5 in fp32; see
+ * OUTS for each ISA's shapes). A: TILE's. Each output is summed the same way in both. */
 struct job;
 typedef void (*tile_fn)(const struct job *, int64_t);
 typedef struct job {
@@ -476,7 +476,7 @@ static inline void hsum4(const __m256i *a, int32_t *out) { /* out[i]: the sum of
         }
 #endif
 
-#define QNAME(R, C) QNAME_(R, C) /* C expanded first (OUTS) */
+#define QNAME(R, C) QNAME_(R, C) /* C expanded first (QOUTS, QNOUTS) */
 #define QNAME_(R, C) qtile_##R##_##C
 #define QTILES_OF(C) QTILE(1, C) QTILE(2, C) QTILE(3, C) QTILE(4, C) /* tiles of C outputs, 1 to 4 rows */
 QTILES_OF(QOUTS)
