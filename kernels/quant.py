@@ -42,9 +42,12 @@ Two paths (STYLE.md: the reference beside the fast op; the kernel chosen at load
                   the C kernel; GPU) runs forward_native.
                   Measured on 2 threads (bf16, a 1024 x 512 expert matrix): about 4x faster than
                   forward_native at 1 to 4 rows, even at 16, 2x slower from ~64 rows (prefill), where
-                  dequantize + one GEMM wins. It still runs there: each row's result is the same whatever
-                  the other rows are (checked), so a sequence's tokens do not depend on what it is
-                  batched with, here or in the pipeline's shards; switching paths by row count would.
+                  dequantize + one GEMM wins. torch's kernels still run there: each row's result is the
+                  same whatever the other rows are (checked), so a sequence's tokens do not depend on what
+                  it is batched with, here or in the pipeline's shards; switching paths by row count would.
+                  Our int8 kernel for fp32 rows does switch, as the fp32 model's linears do (kernels/native.py):
+                  1 to MAX_ROWS rows (a decode step) it, more (prefill) prefill_linear, one GEMM per block of
+                  the weight dequantized to fp32 (2x the kernel at 128 rows).
 
   How far the fast path is from the reference, per output (tests/test_quant.py checks these bounds):
   int8  W' is rounded to bf16 in the reference and not in the kernel: |y - y'| <= 2^-8 |x| @ |W'|^T
@@ -64,7 +67,7 @@ rounding error up to m / 254 (0.4 % of the row's largest), on top of the weights
 bf16 weights in an fp32 model (expert_quant / weight_quant "bf16", BF16Linear): the weight rounded to bf16 once (half
 of fp32's bytes, as a bf16 model's), the activations and every sum in fp32: x @ W'^T with W' the rounded weight,
 what transformers computes in fp32 on that weight. On CPU moeray's C kernel makes each weight fp32 (exactly)
-before its FMA; elsewhere F.linear on W' in x's dtype.
+before its FMA at 1 to MAX_ROWS rows, prefill_linear past that; elsewhere F.linear on W' in x's dtype.
 
 Shapes: O out features, I in features, G = I / g groups, n rows of x.
 """
@@ -72,16 +75,31 @@ Shapes: O out features, I in features, G = I / g groups, n rows of x.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kernels.model import Attention, FeedForward, Transformer
-from kernels.native import Weight, bf16_linear, int8_linear, w8a8_linear
+from kernels.native import MAX_ROWS, Weight, bf16_linear, int8_linear, w8a8_linear
 
 BITS = (8, 4)
+GEMM_BLOCK = 1 << 21  # prefill_linear: weights made fp32 this many at a time (8 MB)
+
+
+def prefill_linear(x: torch.Tensor, out_features: int, rows: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """x fp32 [n, I] @ W^T -> fp32 [n, O] for more rows than a decode step (n > MAX_ROWS: a prefill chunk), W given
+    a block of output rows at a time in fp32 (rows(slice) -> fp32 [block, I], ~GEMM_BLOCK weights: never the whole
+    weight), each block one GEMM (MKL's, as an fp32 model's prefill). moeray's C kernels take 1 to 4 rows a tile and
+    so read the weight once per tile: at 128 rows of a bench-model expert 2x slower than this, at 512 rows of its
+    attention 2.5-3x (2 threads, AVX2 EPYC). A row's result depends on n here, as with fp32 weights past MAX_ROWS."""
+    n, I = x.shape
+    step = max(16, GEMM_BLOCK // I // 16 * 16)
+    y = torch.empty(n, out_features)
+    for o in range(0, out_features, step):
+        torch.mm(x, rows(slice(o, o + step)).t(), out=y[:, o : o + step])
+    return y
 
 
 def round_toward(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
@@ -296,6 +314,9 @@ class QuantLinear(nn.Module):
         if self.w8a8:
             y = w8a8_linear(x2.float(), self.qweight, self.scale)
             return self.forward_native(x) if y is None else y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if self.bits == 8 and x.dtype == torch.float32 and x2.shape[0] > MAX_ROWS:
+            y = prefill_linear(x2, self.out_features, lambda s: self.qweight[s].float() * self.scale[s].float())
+            return y.view(*x.shape[:-1], self.out_features)
         if self.bits == 8 and (y := int8_linear(x2, self.qweight, self.scale)) is not None:  # fp32 x
             return y.view(*x.shape[:-1], self.out_features)
         if x.dtype != torch.bfloat16:
@@ -349,7 +370,11 @@ class BF16Linear(nn.Module):
         return cls(linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., I] -> [..., O]
-        if x.is_cpu and (y := bf16_linear(x.reshape(-1, self.in_features), self.weight)) is not None:
+        x2 = x.reshape(-1, self.in_features)
+        if x.is_cpu and x.dtype == torch.float32 and x2.shape[0] > MAX_ROWS:
+            y = prefill_linear(x2, self.out_features, lambda s: self.weight[s].float())
+            return y.view(*x.shape[:-1], self.out_features)
+        if x.is_cpu and (y := bf16_linear(x2, self.weight)) is not None:
             return y.view(*x.shape[:-1], self.out_features)
         return self.forward_native(x)
 

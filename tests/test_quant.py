@@ -10,6 +10,7 @@ from torch import nn
 from kernels.cache import KVCache, StepSeq, blocks_for
 from kernels.engine import Engine, EngineConfig, LocalExecutor
 from kernels.model import FeedForward, Step, Transformer
+from kernels.native import MAX_ROWS
 from kernels.quant import (
     QuantLinear,
     cpu_int4_block,
@@ -215,13 +216,16 @@ def test_cpu_kernel_matches_dequantized_reference(shape, bits, rows):
         # each row's result does not depend on the others (so tokens do not depend on the batch)
         assert torch.equal(torch.cat([q(x[i : i + 1]) for i in range(rows)]), y)
         assert torch.equal(q(x.view(1, rows, in_f)), y.view(1, rows, out_f))  # leading dimensions fold into rows
-        # fp32 activations: int8 on moeray's kernel, within fp32 summation error ((I + 2) 2^-24 |x| @ |W'|: the
-        # sums in another order, the scale applied after); int4: the reference itself
+        # fp32 activations: int8 on moeray's kernel up to MAX_ROWS rows (each row alone the same bits), past that
+        # prefill_linear's GEMMs, within fp32 summation error ((I + 2) 2^-24 |x| @ |W'|: the sums in another order,
+        # the scale applied after); int4: the reference itself
         y32, ref32 = q(x.float()), stored(x.float())
         if bits == 8:
-            assert y32.dtype == torch.float32 and not torch.equal(y32, ref32)
+            assert y32.dtype == torch.float32
             assert ((y32 - ref32).abs() <= (in_f + 2) * 2 ** -24 * (x.float().abs() @ w.T)).all()
-            assert torch.equal(torch.cat([q(x[i : i + 1].float()) for i in range(rows)]), y32)
+            if rows <= MAX_ROWS:
+                assert not torch.equal(y32, ref32)
+                assert torch.equal(torch.cat([q(x[i : i + 1].float()) for i in range(rows)]), y32)
         else:
             assert torch.equal(y32, ref32)
 
@@ -353,6 +357,32 @@ def test_bf16_weight_kernel_within_summation_error_of_float64(out_f, in_f):
         torch.testing.assert_close(lin.forward_native(xs), alone, atol=1e-5, rtol=1e-5)
         assert lin(xs.bfloat16()).dtype == torch.bfloat16  # not the kernel's: F.linear in bf16
     assert bf16_linear(xs[:, :8], lin.weight[:, :8]) is None  # not a multiple of 16
+
+
+@pytest.mark.parametrize("out_f,in_f", [(5, 24), (130, 208), (300, 512)])
+def test_prefill_rows_run_one_gemm_per_block_of_the_weight_made_fp32(out_f, in_f, monkeypatch):
+    """Past MAX_ROWS rows of fp32 (a prefill chunk) BF16Linear and int8 QuantLinear run prefill_linear: the weight
+    made fp32 a block of output rows at a time (here blocks of 16 to 48 rows, a part block last), one GEMM a block:
+    within fp32 summation error of float64 on the (rounded or dequantized) weight; up to MAX_ROWS the C kernels."""
+    import kernels.quant
+    from kernels.native import bf16_linear, int8_linear
+    from kernels.quant import BF16Linear
+
+    monkeypatch.setattr(kernels.quant, "GEMM_BLOCK", in_f * 48)
+    w = random_weight(out_f, in_f, torch.float32, seed=in_f)
+    xs = torch.randn(3 * MAX_ROWS, in_f, generator=torch.Generator().manual_seed(out_f))
+    q, b = QuantLinear.from_linear(linear_of(w.bfloat16()), 8), BF16Linear.from_linear(linear_of(w))
+    for lin, wd, kernel in ((q, q.dequantize(torch.float64), lambda x: int8_linear(x, q.qweight, q.scale)),
+                            (b, b.weight.double(), lambda x: bf16_linear(x, b.weight))):
+        with torch.no_grad():
+            for n in (MAX_ROWS + 1, 3 * MAX_ROWS):
+                y = lin(xs[:n])
+                err = (y.double() - xs[:n].double() @ wd.T).abs()
+                assert (err <= (in_f + 2) * 2**-24 * (xs[:n].double().abs() @ wd.abs().T)).all(), (lin, n)
+            if in_f % 16 == 0:  # the C kernels' shapes
+                assert torch.equal(lin(xs[:MAX_ROWS]), kernel(xs[:MAX_ROWS]))
+            y = lin(xs.view(3, MAX_ROWS, in_f))  # leading dims kept
+            assert y.shape == (3, MAX_ROWS, out_f) and torch.equal(y.view(-1, out_f), lin(xs))
 
 
 def test_bf16_weights_engine_is_transformers_on_the_rounded_weights(hf_tiny, monkeypatch):
@@ -608,4 +638,5 @@ def test_w8a8_logits_close_and_greedy_tokens_identical(mixtral, reference):
             assert greedy(model) == reference[0], name
     assert rel["int8"] < rel["w8a8"] < min(3 * rel["int8"], 0.02)
     assert rel["w8a8-all"] < 0.025
+
 
