@@ -143,8 +143,9 @@ def test_moeray_serve_secure_by_default_quiet_and_stops_on_ctrl_c(remote_address
             proc.kill()
     console = banner + proc.stdout.read() + err
     assert "shutting down" in err
-    # the demo is a bf16 checkpoint: engine.dtype auto runs it in bf16 where the CPU has native bf16
-    assert f"in {'bfloat16' if onednn_bf16() else 'float32'} (auto): starting a pool" in err
+    # the demo is a bf16 checkpoint: engine.dtype auto runs it in bf16 where the CPU has native bf16, else in fp32
+    # on its bf16 weights
+    assert f"in {'bfloat16 (auto)' if onednn_bf16() else 'float32 (auto; bf16 weights)'}: starting a pool" in err
     frames = [line for line in console.splitlines() if 'File "' in line]
 
     def rays(line: str) -> bool:  # a line Ray's proxy or one of our replicas' Ray workers printed

@@ -640,3 +640,51 @@ def test_w8a8_logits_close_and_greedy_tokens_identical(mixtral, reference):
     assert rel["w8a8-all"] < 0.025
 
 
+
+def test_dtype_auto_keeps_a_bf16_checkpoints_weights_in_bf16_where_it_computes_in_fp32(hf_tiny, tmp_path, monkeypatch):
+    """engine.dtype auto on a CPU without native bf16 runs a bf16 checkpoint in fp32 (model_dtype) and holds its
+    experts (a dense model's FFNs), attention projections and LM head in bf16 (build.weight_formats: BF16Linear),
+    read from the file as bf16 (no fp32 copy of them ever made): transformers' fp32 model of that checkpoint, token
+    for token, with a prompt past MAX_ROWS (prefill_linear) and decode (the C kernels). An explicit dtype, other
+    quantized formats, fp32 or fp16 checkpoints, GPUs, a CPU with native bf16 and the triton experts keep theirs."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from test_engine import hf_greedy, hf_model, prompts
+
+    import kernels.build
+    from kernels.build import weight_formats
+    from kernels.checkpoint import Checkpoint
+    from kernels.quant import BF16Linear
+
+    for dtype in (torch.bfloat16, torch.float16):
+        shutil.copytree(hf_tiny, tmp_path / str(dtype))
+        save_file({n: t.to(dtype) for n, t in load_file(hf_tiny / "model.safetensors").items()},
+                  tmp_path / str(dtype) / "model.safetensors")
+    bf16, fp16 = Checkpoint.open(tmp_path / str(torch.bfloat16)), Checkpoint.open(tmp_path / str(torch.float16))
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(kernels.build, "onednn_bf16", lambda: False)  # a CPU without native bf16
+    assert weight_formats(EngineConfig(), bf16, cpu) == ("bf16", "bf16")
+    assert weight_formats(EngineConfig(expert_quant="int8"), bf16, cpu) == ("int8", "bf16")
+    assert weight_formats(EngineConfig(weight_quant="w8a8"), bf16, cpu) == ("bf16", "w8a8")
+    assert weight_formats(EngineConfig(moe_kernel="triton"), bf16, cpu) == ("none", "bf16")
+    for config, ckpt, device in ((EngineConfig(dtype="float32"), bf16, cpu), (EngineConfig(), fp16, cpu),
+                                 (EngineConfig(), Checkpoint.open(hf_tiny), cpu),
+                                 (EngineConfig(), bf16, torch.device("cuda"))):
+        assert weight_formats(config, ckpt, device) == ("none", "none")
+    loads: list[tuple[torch.dtype, list[str]]] = []
+    load = Checkpoint.load
+    monkeypatch.setattr(Checkpoint, "load", lambda self, names, dtype=None, **kw:
+                        loads.append((dtype, names := list(names))) or load(self, names, dtype=dtype, **kw))
+    eng = Engine.from_dir(bf16.path)
+    model = eng.executor.model
+    held = {n + ".weight" for n, m in model.named_modules() if isinstance(m, BF16Linear)}
+    assert "output.weight" in held and model.tok_embeddings.weight.dtype == torch.float32
+    assert len(held) == 1 + bf16.args.n_layers * (4 + 3 * max(bf16.args.num_experts, 1))  # wq wk wv wo, w1 w2 w3
+    assert {n for dtype, names in loads for n in names if dtype == torch.bfloat16} == held
+    ref = hf_model(bf16.path)  # the bf16 file in fp32
+    ps = prompts((3, 45))
+    got = eng.generate(ps, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert [r.token_ids for r in got] == [hf_greedy(ref, p)[0][:8] for p in ps]
+    monkeypatch.setattr(kernels.build, "onednn_bf16", lambda: True)
+    assert weight_formats(EngineConfig(), bf16, cpu) == ("none", "none")

@@ -100,15 +100,17 @@ def _serving(url: str, timeout: float = 5.0) -> bool:
 
 
 def _dtype(cfg) -> str:
-    """engine.dtype as the model will run, e.g. "bfloat16 (auto)": what auto chooses on this machine's CPU."""
+    """engine.dtype as the model will run, e.g. "bfloat16 (auto)", "float32 (auto; bf16 weights)": what auto
+    chooses on this machine's CPU."""
     import torch
 
-    from kernels.build import model_dtype
+    from kernels.build import model_dtype, weight_formats
     from kernels.checkpoint import Checkpoint
 
-    e = cfg.engine
-    dtype = str(model_dtype(e.dtype, Checkpoint.open(cfg.model), torch.device(e.device))).removeprefix("torch.")
-    return dtype + (" (auto)" if e.dtype == "auto" else "")
+    e, ckpt, device = cfg.engine, Checkpoint.open(cfg.model), torch.device(cfg.engine.device)
+    dtype = str(model_dtype(e.dtype, ckpt, device)).removeprefix("torch.")
+    bf16 = e.dtype == "auto" and weight_formats(e, ckpt, device) != (e.expert_quant, e.weight_quant)
+    return dtype + (" (auto; bf16 weights)" if bf16 else " (auto)" if e.dtype == "auto" else "")
 
 
 def cmd_serve(a) -> int:
