@@ -372,11 +372,10 @@ class BF16Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., I] -> [..., O]
         x2 = x.reshape(-1, self.in_features)
         if x.is_cpu and x.dtype == torch.float32 and x2.shape[0] > MAX_ROWS:
-            y = prefill_linear(x2, self.out_features, lambda s: self.weight[s].float())
-            return y.view(*x.shape[:-1], self.out_features)
-        if x.is_cpu and (y := bf16_linear(x2, self.weight)) is not None:
-            return y.view(*x.shape[:-1], self.out_features)
-        return self.forward_native(x)
+            y: torch.Tensor | None = prefill_linear(x2, self.out_features, lambda s: self.weight[s].float())
+        else:
+            y = bf16_linear(x2, self.weight) if x.is_cpu else None
+        return self.forward_native(x) if y is None else y.view(*x.shape[:-1], self.out_features)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype))
