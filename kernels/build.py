@@ -52,9 +52,9 @@ def model_dtype(name: str, ckpt: Checkpoint, device: torch.device) -> torch.dtyp
     runs bf16 natively (AVX-512 BF16 or AMX: kernels.packing.onednn_bf16), else in fp32: there bf16 matmuls
     were 1.3x slower at batch 16 and no faster at 1 (small bench model, AVX2 emulated with
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2; on a real AVX2 EPYC 0.68x fp32 at
-    batch 1 and 0.32x at 16), at twice the weight memory:
-    a config sets bfloat16 (or int8 experts) where fp32 would not fit. What bf16 gives up against fp32: the
-    activations' 8-bit mantissa (greedy tokens can differ from an fp32 run's; README)."""
+    batch 1 and 0.32x at 16); there a bf16 checkpoint's weights stay bf16 (weight_formats), an fp16 one's are fp32.
+    What bf16 gives up against fp32: the activations' 8-bit mantissa (greedy tokens can differ from an fp32 run's;
+    README)."""
     if name != "auto":
         return DTYPES[name]
     stored = ckpt.stored_dtype

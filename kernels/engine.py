@@ -55,7 +55,8 @@ class EngineConfig:
     kv_cache_tokens: int = 65536  # KV-cache capacity, all sequences together, in tokens
     block_size: int = 16  # KV-cache block, in tokens
     # weights and activations: auto (the checkpoint's precision where this CPU computes it fast: bf16 for a bf16
-    # checkpoint with AVX-512 BF16 / AMX, else fp32; kernels.build.model_dtype) | float32 | bfloat16 | float16
+    # checkpoint with AVX-512 BF16 / AMX, else fp32 activations with its bf16 weights kept; kernels.build.model_dtype,
+    # weight_formats) | float32 | bfloat16 | float16
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"  # the KV cache: auto (= the weights') | float32 | bfloat16 | float16
     max_queued_requests: int = 256  # requests waiting for a batch slot at most; more -> QueueFull (HTTP 429)

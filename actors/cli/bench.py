@@ -53,7 +53,8 @@ PRECISIONS = {"fp32": ("float32", "none", "none"), "bf16": ("bfloat16", "none", 
               "fp32-int8": ("float32", "int8", "none"), "fp32-int8-all": ("float32", "int8", "int8"),
               # int8 weights and activations (W8A8, CPU; kernels/quant.py): an fp32 model, moeray's VNNI kernel
               "w8a8": ("float32", "w8a8", "none"), "w8a8-all": ("float32", "w8a8", "w8a8"),
-              # bf16 weights (a bf16 model's bytes) in an fp32 model: fp32 activations, moeray's C kernels
+              # bf16 weights (a bf16 model's bytes) in an fp32 model: fp32 activations, moeray's C kernels (what
+              # dtype auto runs a bf16 checkpoint as on a CPU without native bf16: kernels.build.weight_formats)
               "fp32-bf16-all": ("float32", "bf16", "bf16")}
 ROOFLINE_BYTES = 1 << 30  # a streaming read far beyond any cache: 1 GiB of fp32
 PEAK = "PEAK_RSS_KB"
