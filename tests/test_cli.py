@@ -207,8 +207,8 @@ def test_bench_engine_on_cuda(tmp_path):
 
 def test_bench_engine_reports_every_system_against_the_roofline(tmp_path):
     """`moeray bench engine` on the tiny preset: each system's tok/s, its fraction of the memory bandwidth
-    measured in the same run, its peak memory, and fp32 greedy tokens equal to transformers'; the weight
-    bytes per step are the model's own (fp32 4 bytes a parameter; bf16 + int8 experts: 2 a dense one, 1 an
+    measured in the same run, its prefill rate, its peak memory, and fp32 greedy tokens equal to transformers'; the
+    weight bytes per step are the model's own (fp32 4 bytes a parameter; bf16 + int8 experts: 2 a dense one, 1 an
     expert weight plus a bf16 scale a row; fp32 + int8 experts: 4 a dense one)."""
     from kernels.tiny import tiny_args
 
@@ -216,7 +216,7 @@ def test_bench_engine_reports_every_system_against_the_roofline(tmp_path):
     no_peer = tmp_path / "llama.cpp" / "build" / "bin" / "llama-batched-bench"  # a peer that cannot run: a row
     assert cli.main(["bench", "engine", "--preset", "tiny", "--batch", "1", "3", "--prompt-len", "4",
                      "--new-tokens", "4", "--precision", "fp32", "int8", "fp32-int8", "--out", str(out),
-                     "--llama-bench", str(no_peer)]) in (0, None)
+                     "--llama-bench", str(no_peer), "--prefill-len", "40"]) in (0, None)
     report = json.loads(out.read_text())
     roof = report["roofline"]
     assert 0.5 < roof["read_gb_s"] < 5000 and 0.5 < roof["gemv_gb_s"] < 5000
@@ -229,6 +229,7 @@ def test_bench_engine_reports_every_system_against_the_roofline(tmp_path):
         for b in ("1", "3"):
             assert r[b]["tokens_per_s"] > 0 and 0 < r[b]["roofline_fraction"] < 1.5, (name, b)
         assert r["3"]["weight_bytes_per_step"] > r["1"]["weight_bytes_per_step"]  # more experts picked
+        assert r["prefill"]["prompts"] * r["prefill"]["prompt_len"] == 160 and r["prefill"]["tokens_per_s"] > 0
     assert res["moeray:fp32"]["1"]["first_tokens"] == res["transformers"]["1"]["first_tokens"]
     assert res["moeray:fp32"]["3"]["first_tokens"] == res["transformers"]["3"]["first_tokens"]
     a = tiny_args("mixtral")

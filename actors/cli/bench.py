@@ -27,6 +27,7 @@ from functools import partial
 from pathlib import Path
 
 REPEATS = 3
+PREFILL_PROMPTS = 4  # bench engine's prefill: this many prompts of --prefill-len tokens
 
 
 def write_report(out: str | None, report) -> None:
@@ -97,8 +98,11 @@ def step_bytes(w: dict, batch: int) -> float:
     return w["dense"] + batch * w["embedding_row"] + w["experts"] * picked
 
 
-def _worker(system: str, model_dir: str, batches: list[int], prompt_len: int, new: int, device: str = "cpu") -> dict:
-    """One system's decode rates (moeray:PRECISION or transformers) on `device`, in its own process."""
+def _worker(system: str, model_dir: str, batches: list[int], prompt_len: int, new: int, device: str = "cpu",
+            prefill: int = 0) -> dict:
+    """One system's decode rates (moeray:PRECISION or transformers) on `device`, in its own process; given
+    `prefill`, its prefill rate too: PREFILL_PROMPTS prompts of that many tokens, one new token each (moeray in
+    chunks of engine.max_num_batched_tokens, its default), new prompts each time (no prefix-cache hits)."""
     import torch
 
     torch.manual_seed(0)
@@ -108,14 +112,15 @@ def _worker(system: str, model_dir: str, batches: list[int], prompt_len: int, ne
         from kernels.sampling import SamplingParams
 
         dtype, experts, dense = PRECISIONS[system.split(":")[1]]
-        kv = max(batches) * (prompt_len + new)
-        engine = Engine.from_dir(model_dir, EngineConfig(max_num_seqs=max(batches), kv_cache_tokens=-(-kv // 16) * 16,
+        kv = max(max(batches) * (prompt_len + new), PREFILL_PROMPTS * (prefill + 16))
+        engine = Engine.from_dir(model_dir, EngineConfig(max_num_seqs=max(*batches, PREFILL_PROMPTS),
+                                                         kv_cache_tokens=-(-kv // 16) * 16,
                                                          dtype=dtype, expert_quant=experts, weight_quant=dense,
                                                          device=device))
         vocab = engine.args.vocab_size
         results["weight_bytes"] = _weight_bytes(engine.executor.model)
 
-        def run(prompts):
+        def run(prompts, new=new):
             out = engine.generate(prompts, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
             return [c.token_ids for c in out]
     else:
@@ -125,10 +130,10 @@ def _worker(system: str, model_dir: str, batches: list[int], prompt_len: int, ne
         vocab = model.config.vocab_size
 
         @torch.inference_mode()
-        def run(prompts):
+        def run(prompts, new=new):
             out = model.generate(torch.tensor(prompts, device=device), max_new_tokens=new, do_sample=False,
                                  eos_token_id=None, pad_token_id=0)
-            return out[:, prompt_len:].tolist()
+            return out[:, len(prompts[0]):].tolist()
 
     g = torch.Generator().manual_seed(1)
     for b in batches:
@@ -140,6 +145,16 @@ def _worker(system: str, model_dir: str, batches: list[int], prompt_len: int, ne
             tokens = run(prompts)
             seconds = min(seconds, time.perf_counter() - t0)
         results[str(b)] = {"seconds": seconds, "tokens_per_s": b * new / seconds, "first_tokens": tokens[0][:16]}
+    if prefill:
+        run(torch.randint(3, vocab, (PREFILL_PROMPTS, prefill), generator=g).tolist(), 1)  # warm-up
+        seconds = float("inf")
+        for _ in range(REPEATS):
+            prompts = torch.randint(3, vocab, (PREFILL_PROMPTS, prefill), generator=g).tolist()
+            t0 = time.perf_counter()
+            run(prompts, 1)
+            seconds = min(seconds, time.perf_counter() - t0)
+        results["prefill"] = {"prompts": PREFILL_PROMPTS, "prompt_len": prefill, "seconds": seconds,
+                              "tokens_per_s": PREFILL_PROMPTS * prefill / seconds}
     if device != "cpu":  # tokens come back as lists: each run ended synchronized
         results["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     return results
@@ -269,11 +284,13 @@ def _llama(bench: str, convert: str, model_dir: str, outtype: str, batches: list
 
 def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out: str | None,
                  precisions: list[str] | None = None, vllm_python: str | None = None,
-                 llama_bench: str | None = None, llama_convert: str | None = None, device: str = "cpu") -> dict:
+                 llama_bench: str | None = None, llama_convert: str | None = None, device: str = "cpu",
+                 prefill: int = 0) -> dict:
     """moeray at each precision, transformers (fp32), and, given their paths, vLLM-CPU and llama.cpp, one
     after the other, each in its own process (so its peak memory is its own); and the machine's memory
     bandwidth measured in the same run: each system's decode as a fraction of that roofline. device "cuda":
-    moeray and transformers on the GPU, the GPU's bandwidth, peak GPU memory; the CPU peers cannot run."""
+    moeray and transformers on the GPU, the GPU's bandwidth, peak GPU memory; the CPU peers cannot run.
+    prefill > 0: moeray's and transformers' prefill of PREFILL_PROMPTS prompts of that many tokens too."""
     import torch
 
     from kernels.tiny import make_tiny
@@ -299,7 +316,7 @@ def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out
         roofline = {**_last_json(out_), "peak_rss_mb": peak}
         for system in ["transformers", *(f"moeray:{p}" for p in precisions)]:
             out_, peak = _measured([*worker, "_worker", system, model_dir, ",".join(map(str, batches)),
-                                    str(prompt_len), str(new), device])
+                                    str(prompt_len), str(new), device, str(prefill)])
             sys_results[system] = {**_last_json(out_), "peak_rss_mb": peak}
         peers: list[tuple[str, Callable[[], dict]]] = []
         if vllm_python:
@@ -336,8 +353,10 @@ def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out
     print(f"roofline, same run: streaming read {roofline['read_gb_s']:.1f} GB/s, fp32 GEMV "
           f"{roofline['gemv_gb_s']:.1f} GB/s; fraction = weight bytes per step x steps/s / {bw / 1e9:.1f} GB/s")
     head = " | ".join(f"batch {b} tok/s | x transformers | of roofline" for b in batches)
+    if prefill:
+        head += f" | prefill tok/s ({PREFILL_PROMPTS} x {prefill}) | x transformers"
     print(f"| system | {head} | peak {'GPU memory' if gpu else 'RSS'} (MB) | same tokens as transformers |")
-    print("| --- " * (3 * len(batches) + 3) + "|")
+    print("| --- " * (3 * len(batches) + 3 + 2 * bool(prefill)) + "|")
     for name, r in sys_results.items():
         if "error" in r:
             print(f"| {name} | {r['error']} |")
@@ -349,11 +368,15 @@ def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out
                 continue
             frac = f"{r[b]['roofline_fraction']:.0%}" if "roofline_fraction" in r[b] else "-"
             cells.append(f"{r[b]['tokens_per_s']:.1f} | {r[b]['tokens_per_s'] / ref[b]['tokens_per_s']:.2f}x | {frac}")
+        if prefill:
+            p = r.get("prefill", {}).get("tokens_per_s")
+            cells.append("- | -" if p is None else f"{p:.0f} | {p / ref['prefill']['tokens_per_s']:.2f}x")
         same_tokens = ("-" if not all("first_tokens" in r.get(b, {}) for b in map(str, batches)) else
                        "yes" if all(r[b]["first_tokens"] == ref[b]["first_tokens"] for b in map(str, batches))
                        else "no")
         print(f"| {name} | {' | '.join(cells)} | {r['peak_gpu_mb' if gpu else 'peak_rss_mb']:.0f} | {same_tokens} |")
-    report = {"preset": preset, "prompt_len": prompt_len, "new_tokens": new, "threads": threads, "device": where,
+    report = {"preset": preset, "prompt_len": prompt_len, "new_tokens": new, "prefill_len": prefill,
+              "threads": threads, "device": where,
               "roofline": roofline, "results": sys_results}
     write_report(out, report)
     return report
@@ -760,9 +783,9 @@ if __name__ == "__main__":
     if sys.argv[1] == "_roofline":
         print(json.dumps(_roofline(*sys.argv[2:3])))
     elif sys.argv[1] == "_worker":
-        system, model_dir, batches, prompt_len, new, device = sys.argv[2:8]
+        system, model_dir, batches, prompt_len, new, device, prefill = sys.argv[2:9]
         print(json.dumps(_worker(system, model_dir, [int(b) for b in batches.split(",")], int(prompt_len), int(new),
-                                 device)))
+                                 device, int(prefill))))
 
 
 # A schema with free text in it, so a random or small model keeps writing for the whole run, as it does unconstrained
