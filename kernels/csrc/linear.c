@@ -136,6 +136,11 @@ static inline v16f pick(v16i m, v16f a, v16f b) { /* a where m (all ones), else 
 #define ROWS2 3
 #endif
 #define GROUP 4 /* one-output tiles a call (a call's setup and return cost ~10% at 1-4 rows of 512) */
+/* int8 weights, one-output tiles (weight-only, 1-2 rows): the stream prefetched this many bytes ahead. Its FMAs take
+ * 4x fp32's time a cache line, so fewer lines are in flight: read out of cache at one row, 1.05-1.25x without (16-17
+ * -> 17-21 GB/s, 2 threads, AVX2 EPYC; the engine's fp32-int8-all at batch 1: 0.99-1.10x, within its noise); fp32 and
+ * bf16 streams were at the read rate already, W8A8 did not move */
+#define INT8_AHEAD 2048
 #define NARROW_X_BYTES 16384 /* bytes of rows at most for tiles of one output (LINEAR) */
 
 static inline v16f load_f32(const float *p) { /* 16 fp32 values */
@@ -203,7 +208,7 @@ static inline float hsum(v16f a) { /* a fixed tree: lane i + (i + 8), then + 4, 
  * sums over every A-th block of 16 inputs (sum a takes blocks a, a + A, ...; a block past the last whole A goes to
  * sum 0), added in a order: A independent chains of FMAs a row and output, for kernels whose single chain would
  * wait on the FMA's latency (int8: a block of 16 weights is 16 bytes). pf: where to prefetch the next tile's
- * weights from (elements past w[c]; 0: none). */
+ * weights from (elements past w[c]; 0: none); one-output int8 tiles prefetch their own stream (INT8_AHEAD). */
 #define TILE(NAME, WT, LOAD, R, C, A)                                                                        \
     static inline void NAME##R(const float *x, int64_t I, const WT *const *w, v16f acc[][C], int64_t pf) {   \
         v16f part[R][C][A];                                                                                  \
@@ -214,6 +219,8 @@ static inline float hsum(v16f a) { /* a fixed tree: lane i + (i + 8), then + 4, 
         for (; k + 16 * A <= I; k += 16 * A) {                                                               \
             if (pf && (k * (int64_t)sizeof(WT)) % 64 == 0)                                                   \
                 UNROLLED for (int c = 0; c < C; c++) __builtin_prefetch(w[c] + pf + k, 0, 3);                \
+            if (C == 1 && sizeof(WT) == 1 && k % 64 == 0) /* int8, one output a tile: see INT8_AHEAD */      \
+                __builtin_prefetch(w[0] + k + INT8_AHEAD, 0, 3);                                             \
             UNROLLED for (int a = 0; a < A; a++) {                                                           \
                 v16f wv[C];                                                                                  \
                 UNROLLED for (int c = 0; c < C; c++) wv[c] = LOAD(w[c] + k + 16 * a);                        \
