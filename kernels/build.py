@@ -67,8 +67,9 @@ def weight_formats(engine: Building, ckpt: Checkpoint, device: torch.device) -> 
     """(expert_quant, weight_quant) as build_role applies them: as `engine` says, but where engine.dtype auto runs a
     bf16 checkpoint in fp32 (model_dtype: a CPU without native bf16) the experts (on moe_kernel reference),
     attention projections and LM head it leaves at none keep the checkpoint's bf16 (bf16: BF16Linear, fp32
-    activations and sums on the same weights: the fp32 model's computation in half its weight memory; decode 1.3-1.6x
-    the fp32 model's, prefill 0.9x, bench model on an AVX2 EPYC; README). Embeddings, norms and router gates: fp32."""
+    activations and sums on the same weights: the fp32 model's computation in half its weight memory; bench model on
+    an AVX2 EPYC, runs P and Q of the README: decode 1.0-1.6x the fp32 model's and 2.1-4.1x the bf16 model's, prefill
+    0.8x fp32's and 4.8x the bf16 model's). Embeddings, norms and router gates: fp32."""
     experts, dense = engine.expert_quant, engine.weight_quant
     if engine.dtype != "auto" or device.type != "cpu" or ckpt.stored_dtype != torch.bfloat16 or onednn_bf16():
         return experts, dense
