@@ -163,7 +163,7 @@ def build_role(ckpt: Checkpoint, engine: Building, holds: Holds,
     quantized = {n: b for n, b in [*((n, bits) for n in expert_names),  # read on CPU, quantized there first
                                    *((n, dense_bits) for n in names if DENSE_QUANTIZED.fullmatch(n))] if b}
     parts = ((device, dtype, [n for n in names if n not in quantized]),  # bf16 ones read as bf16: never fp32 whole
-             ("cpu", dtype, [n for n in names if quantized.get(n, 16) != 16]),
+             ("cpu", dtype, [n for n in names if n in quantized and quantized[n] != 16]),
              ("cpu", torch.bfloat16, [n for n in names if quantized.get(n) == 16]))
     done = 0
     for where, as_dtype, part in parts:

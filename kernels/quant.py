@@ -88,12 +88,15 @@ BITS = (8, 4)
 GEMM_BLOCK = 1 << 21  # prefill_linear: weights made fp32 this many at a time (8 MB)
 
 
-def prefill_linear(x: torch.Tensor, out_features: int, rows: Callable[[slice], torch.Tensor]) -> torch.Tensor:
-    """x fp32 [n, I] @ W^T -> fp32 [n, O] for more rows than a decode step (n > MAX_ROWS: a prefill chunk), W given
-    a block of output rows at a time in fp32 (rows(slice) -> fp32 [block, I], ~GEMM_BLOCK weights: never the whole
-    weight), each block one GEMM (MKL's, as an fp32 model's prefill). moeray's C kernels take 1 to 4 rows a tile and
-    so read the weight once per tile: at 128 rows of a bench-model expert 2x slower than this, at 512 rows of its
-    attention 2.5-3x (2 threads, AVX2 EPYC). A row's result depends on n here, as with fp32 weights past MAX_ROWS."""
+def prefill_linear(x: torch.Tensor, out_features: int, rows: Callable[[slice], torch.Tensor]) -> torch.Tensor | None:
+    """x fp32 [n, I] on CPU @ W^T -> fp32 [n, O] for more rows than a decode step (n > MAX_ROWS: a prefill chunk), W
+    given a block of output rows at a time in fp32 (rows(slice) -> fp32 [block, I], ~GEMM_BLOCK weights: never the
+    whole weight), each block one GEMM (MKL's, as an fp32 model's prefill); None where it does not run (other
+    dtypes or devices, MAX_ROWS rows or fewer). moeray's C kernels take 1 to 4 rows a tile and so read the weight
+    once per tile: at 128 rows of a bench-model expert 2x slower than this, at 512 rows of its attention 2.5-3x
+    (2 threads, AVX2 EPYC). A row's result depends on n here, as with fp32 weights past MAX_ROWS."""
+    if not x.is_cpu or x.dtype != torch.float32 or x.shape[0] <= MAX_ROWS:
+        return None
     n, I = x.shape
     step = max(16, GEMM_BLOCK // I // 16 * 16)
     y = torch.empty(n, out_features)
@@ -288,19 +291,20 @@ class QuantLinear(nn.Module):
             return unpack_int4(self.qweight)
         return unpack_cpu_int4(self.qweight, self.int4_block)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight [O, I] in `dtype` (default: the original weight's), as if computed in fp32."""
+    def dequantize(self, dtype: torch.dtype | None = None, rows: slice = slice(None)) -> torch.Tensor:
+        """The weight's `rows` (default all: [O, I]) in `dtype` (default: the original weight's), as if computed in
+        fp32."""
         dtype = dtype or self.dtype
         if self.bits == 8 and self.scale.dtype == dtype:
             # q (8 bits) times s (dtype) is exact in fp32, so this rounds once, like the fp32 path below,
             # and is bit-identical to it; with bf16 it moves half the bytes (2x faster on CPU)
-            return self.qweight.to(dtype) * self.scale  # [O, I] * [O, 1]
+            return self.qweight[rows].to(dtype) * self.scale[rows]  # [O, I] * [O, 1]
         if self.bits == 8:
-            w = self.qweight.float() * self.scale.float()  # [O, I] * [O, 1]
+            w = self.qweight[rows].float() * self.scale[rows].float()  # [O, I] * [O, 1]
         else:
             assert self.offset is not None  # int4 has offsets
-            q = self.values().view(self.out_features, -1, self.group_size)  # [O, G, g]
-            w = (q.float() * self.scale.float()[..., None] + self.offset.float()[..., None]).flatten(1)  # [O, I]
+            q = self.values()[rows].view(-1, self.in_features // self.group_size, self.group_size)  # [O, G, g]
+            w = (q.float() * self.scale[rows].float()[..., None] + self.offset[rows].float()[..., None]).flatten(1)
         return w.to(dtype)
 
     @property
@@ -314,10 +318,9 @@ class QuantLinear(nn.Module):
         if self.w8a8:
             y = w8a8_linear(x2.float(), self.qweight, self.scale)
             return self.forward_native(x) if y is None else y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        if self.bits == 8 and x.dtype == torch.float32 and x2.shape[0] > MAX_ROWS:
-            y = prefill_linear(x2, self.out_features, lambda s: self.qweight[s].float() * self.scale[s].float())
-            return y.view(*x.shape[:-1], self.out_features)
-        if self.bits == 8 and (y := int8_linear(x2, self.qweight, self.scale)) is not None:  # fp32 x
+        if self.bits == 8 and (  # fp32 x: prefill's GEMMs past MAX_ROWS rows, else our kernel
+                (y := prefill_linear(x2, self.out_features, lambda s: self.dequantize(torch.float32, s))) is not None
+                or (y := int8_linear(x2, self.qweight, self.scale)) is not None):
             return y.view(*x.shape[:-1], self.out_features)
         if x.dtype != torch.bfloat16:
             return self.forward_native(x)
@@ -371,10 +374,8 @@ class BF16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., I] -> [..., O]
         x2 = x.reshape(-1, self.in_features)
-        if x.is_cpu and x.dtype == torch.float32 and x2.shape[0] > MAX_ROWS:
-            y: torch.Tensor | None = prefill_linear(x2, self.out_features, lambda s: self.weight[s].float())
-        else:
-            y = bf16_linear(x2, self.weight) if x.is_cpu else None
+        if (y := prefill_linear(x2, self.out_features, lambda s: self.weight[s].float())) is None and x.is_cpu:
+            y = bf16_linear(x2, self.weight)
         return self.forward_native(x) if y is None else y.view(*x.shape[:-1], self.out_features)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
