@@ -99,6 +99,18 @@ def _serving(url: str, timeout: float = 5.0) -> bool:
         return False
 
 
+def _reachable(address: str, timeout: float = 2.0) -> bool:
+    """Whether something takes TCP connections at `address` ("host:port")."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _dtype(cfg) -> str:
     """engine.dtype as the model will run, e.g. "bfloat16 (auto)", "float32 (auto; bf16 weights)": what auto
     chooses on this machine's CPU."""
@@ -177,12 +189,16 @@ def cmd_serve(a) -> int:
               f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
               "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is moeray?\"}]}'\n"
               "  Ctrl-C to stop.", flush=True)
-        failures = 0
+        failures, gcs = 0, ray.get_runtime_context().gcs_address
         while not stop:  # watch the proxy: if the cluster under us dies, say so and exit rather than sit on dead ports
             time.sleep(1.0)
             failures = 0 if _serving(base) else failures + 1
             if failures >= 5:
-                _say(f"Ray Serve stopped answering at {base} (the Ray cluster may be gone); exiting")
+                if not _reachable(gcs):  # Ray would spend a minute retrying it, printing errors, then abort
+                    _say(f"Ray Serve stopped answering at {base} and the Ray cluster's GCS at {gcs} is gone; exiting")
+                    sys.stdout.flush(), sys.stderr.flush()
+                    os._exit(1)
+                _say(f"Ray Serve stopped answering at {base}; exiting")
                 return 1
     except KeyboardInterrupt:
         pass
