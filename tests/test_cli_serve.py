@@ -166,7 +166,8 @@ def test_moeray_serve_secure_by_default_quiet_and_stops_on_ctrl_c(remote_address
     assert not answers(f"http://127.0.0.1:{http}")
 
 
-def test_ctrl_c_while_starting_leaves_nothing_running():
+def test_sigterm_while_starting_stops_it_as_ctrl_c_does_leaving_nothing_running():
+    """SIGTERM (`kill`, `docker stop`, systemd) is Ctrl-C: a clean stop, exit 0, no stack dump from Ray's handler."""
     http = free_port()
     proc = start("--http-port", str(http))
     try:
@@ -175,8 +176,10 @@ def test_ctrl_c_while_starting_leaves_nothing_running():
                 break
         time.sleep(3)  # Serve and the app are starting
         ray_processes = psutil.Process(proc.pid).children(recursive=True)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0
+        err = proc.stderr.read()
+        assert "shutting down" in err and "SIGTERM received" not in err, err
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -148,8 +148,7 @@ def cmd_serve(a) -> int:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     address = a.address or os.environ.get("RAY_ADDRESS")
     t0 = time.perf_counter()
-    stop: list[int] = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`, `docker stop`, systemd: as Ctrl-C
     ours = address in (None, "local")  # a private Ray instance: it goes when we go
     deployed = False
     try:
@@ -171,6 +170,8 @@ def cmd_serve(a) -> int:
                 raise ValueError(f"Ray Serve already runs on this cluster with {running}, and a running Serve "
                                  f"keeps its proxies' options: ask for the same ({wanted} here), or stop it first "
                                  "(`serve shutdown`)")
+        # ray.init installs Ray's C++ failure handler for SIGTERM (it prints stacks and aborts): as Ctrl-C again
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         for warning in exposure_warnings(cfg, s.host, s.grpc_port is not None):
             _say(f"WARNING: {warning}")
         r = s.routers
@@ -190,7 +191,7 @@ def cmd_serve(a) -> int:
               "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is moeray?\"}]}'\n"
               "  Ctrl-C to stop.", flush=True)
         failures, gcs = 0, ray.get_runtime_context().gcs_address
-        while not stop:  # watch the proxy: if the cluster under us dies, say so and exit rather than sit on dead ports
+        while True:  # watch the proxy: if the cluster under us dies, say so and exit rather than sit on dead ports
             time.sleep(1.0)
             failures = 0 if _serving(base) else failures + 1
             if failures >= 5:
