@@ -39,6 +39,20 @@ class BuildArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     config: str | None = None  # moeray YAML (engine, pipeline, serve sections)
     model: str | None = None  # checkpoint directory; overrides the YAML's; default: the built-in demo model
+    # set by `moeray deploy`: the sha256 of the `config` file as it read it. Serve redeploys an application only
+    # when its args change, so an edited moeray YAML under the same name would otherwise be ignored
+    config_sha256: str | None = None
+
+
+def config_digest(path: str) -> str | None:
+    """The sha256 (hex) of the moeray YAML a `config:` arg names, found as the builder finds it; None if there
+    is no such file here (a cluster elsewhere may have it)."""
+    import hashlib
+
+    try:
+        return hashlib.sha256(config_path(path).read_bytes()).hexdigest()
+    except ConfigError:
+        return None
 
 
 def with_defaults(config: MoerayConfig) -> MoerayConfig:
@@ -65,6 +79,19 @@ def config_path(path: str) -> Path:
     raise ConfigError(f"args.config: no file {path!r} (looked in {Path.cwd()} and {REPO})")
 
 
+def with_config_digests(config: dict) -> dict:
+    """A Serve config (a dict) with `config_sha256` in the args of each moeray application whose `config:` file
+    is found here (config_digest): Serve redeploys an application only when its config changes."""
+    apps = []
+    for app in config.get("applications", []):
+        args = app.get("args") or {}
+        if app.get("import_path") == "actors.app:build_app" and args.get("config"):
+            if digest := config_digest(args["config"]):
+                app = {**app, "args": {**args, "config_sha256": digest}}
+        apps.append(app)
+    return {**config, "applications": apps}
+
+
 def build_app(args: dict) -> Application:
     """Serve's application builder (one parameter: the Serve config's `args`, a dict)."""
     try:
@@ -72,6 +99,9 @@ def build_app(args: dict) -> Application:
     except ValidationError as e:
         raise ConfigError("; ".join(f"args.{'.'.join(map(str, err['loc']))}: {err['msg']}"
                                     for err in e.errors())) from None
+    if a.config and a.config_sha256 and config_digest(a.config) != a.config_sha256:
+        log.warning("args.config %s here differs from the file `moeray deploy` read (its sha256 in "
+                    "args.config_sha256): this cluster's copy is the one used", a.config)
     return moeray_app(load_config(config_path(a.config) if a.config else None, {"model": a.model}))
 
 

@@ -44,6 +44,29 @@ def test_serve_configs_validate(path, monkeypatch):
             load_config(args.config)
 
 
+def test_moeray_deploy_puts_the_moeray_yamls_digest_in_the_args(tmp_path, monkeypatch):
+    """Serve redeploys only on a changed app config: `moeray deploy` adds the sha256 of the YAML args.config names
+    (found as the builder finds it), so an edit to that file alone changes the args; a file not found here (a
+    cluster elsewhere) leaves them as they are."""
+    from actors.app import BuildArgs, with_config_digests
+
+    monkeypatch.chdir(tmp_path)
+    shipped = yaml.safe_load(SERVE[0].read_text())
+    (tmp_path / "moeray.yaml").write_text("engine:\n  max_num_seqs: 8\n")
+    shipped["applications"][0]["args"]["config"] = "moeray.yaml"
+    first = with_config_digests(shipped)
+    args = first["applications"][0]["args"]
+    assert len(args["config_sha256"]) == 64 and BuildArgs(**args).config == "moeray.yaml"
+    assert "config_sha256" not in shipped["applications"][0]["args"]  # the given dict is left alone
+    assert with_config_digests(shipped) == first
+    (tmp_path / "moeray.yaml").write_text("engine:\n  max_num_seqs: 16\n")
+    assert with_config_digests(shipped)["applications"][0]["args"]["config_sha256"] != args["config_sha256"]
+    shipped["applications"][0]["args"]["config"] = "elsewhere.yaml"
+    assert with_config_digests(shipped) == shipped
+    # the shipped config's own configs/pipeline-local.yaml is found in the moeray tree from anywhere
+    assert "config_sha256" in with_config_digests(yaml.safe_load(SERVE[0].read_text()))["applications"][0]["args"]
+
+
 @pytest.mark.parametrize("where, key", [
     (("applications", 0, "deployments", 0, "autoscaling_config"), "max_replica"),
     (("applications", 0, "deployments", 0), "max_ongoing_request"),

@@ -119,19 +119,22 @@ def app_status(url: str) -> dict:
 def test_serve_deploy_then_typos_are_refused_with_the_key_named(tmp_path, cluster_with_dashboard):
     c, url = cluster_with_dashboard
     http = free_port()
-    good = shipped_config(tmp_path, http)
+    moeray_yaml = tmp_path / "moeray.yaml"  # configs/pipeline-local.yaml, as a file this test may edit
+    moeray_yaml.write_text((ROOT / "configs" / "pipeline-local.yaml").read_text())
+    good = shipped_config(tmp_path, http, config=str(moeray_yaml))
     subprocess.run(["serve", "deploy", str(good), "--address", url], check=True, env=ENV, timeout=120)
     wait_until(lambda: app_status(url).get("status") == "RUNNING", 300, "serve deploy reaching RUNNING")
     assert chat(f"http://127.0.0.1:{http}").startswith(ANSWER)
     shards = live_shards()
     assert len(shards) == 2, shards
 
-    # changed args: Serve replaces every replica (a new code version), the new pool adopts the running shards
-    moeray_config = yaml.safe_load((ROOT / "configs" / "pipeline-local.yaml").read_text())
+    # the moeray YAML edited in place, the Serve config unchanged: Serve redeploys only on changed args, and
+    # `moeray deploy` adds the YAML's sha256 to them; Serve replaces every replica (a new code version), the new
+    # pool adopts the running shards
+    moeray_config = yaml.safe_load(moeray_yaml.read_text())
     moeray_config["serve"]["model_name"] = "renamed"
-    (tmp_path / "renamed.yaml").write_text(yaml.safe_dump(moeray_config))
-    subprocess.run(["serve", "deploy", str(shipped_config(tmp_path, http, config=str(tmp_path / "renamed.yaml"))),
-                    "--address", url], check=True, env=ENV, timeout=120)
+    moeray_yaml.write_text(yaml.safe_dump(moeray_config))
+    subprocess.run(["moeray", "deploy", str(good), "--address", url], check=True, env=ENV, timeout=120)
     wait_until(lambda: chat(f"http://127.0.0.1:{http}", model="renamed"), 300, "the updated app serving")
     wait_until(lambda: app_status(url).get("status") == "RUNNING", 300, "the update reaching RUNNING")
     assert live_shards() == shards

@@ -220,7 +220,7 @@ def cmd_deploy(a) -> int:
     import yaml
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    from actors.app import validate_serve_config
+    from actors.app import validate_serve_config, with_config_digests
 
     try:
         data = yaml.safe_load(open(a.file))
@@ -228,8 +228,8 @@ def cmd_deploy(a) -> int:
         raise ValueError(f"{a.file}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{a.file}: expected a Serve config (a mapping with `applications:`)")
-    config = validate_serve_config(data)
-    ServeSubmissionClient(a.address).deploy_applications(config.model_dump(exclude_unset=True))
+    config = with_config_digests(validate_serve_config(data).model_dump(exclude_unset=True))
+    ServeSubmissionClient(a.address).deploy_applications(config)
     _say(f"{a.file}: checked and sent to {a.address}; `serve status --address {a.address}` shows its progress")
     return 0
 
@@ -385,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     dp = sub.add_parser("deploy",
-                        help="check a Serve config strictly (unknown keys are errors), then `serve deploy` it")
+                        help="check a Serve config strictly (unknown keys are errors), then `serve deploy` it, with "
+                             "the sha256 of the moeray YAML its args name, so that an edited YAML is redeployed")
     dp.add_argument("file", help="a Serve config, e.g. configs/serve.yaml")
     dp.add_argument("--address", default=os.environ.get("RAY_DASHBOARD_ADDRESS", "http://localhost:8265"),
                     help="the cluster's dashboard address, as `serve deploy --address` (default: %(default)s)")
