@@ -44,7 +44,7 @@ def reference(hf_mixtral, hf_mistral):
             for arch, path in (("mixtral", hf_mixtral), ("mistral", hf_mistral))}
 
 
-@pytest.mark.parametrize("shards, micro_batches", [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (8, 2)])
+@pytest.mark.parametrize("shards, micro_batches", [(1, 1), (2, 1), (8, 1), (1, 2), (4, 2)])
 def test_mixtral_expert_layouts_match_single_process(cluster, hf_mixtral, reference, shards, micro_batches):
     pipe = Pipeline.start(config(hf_mixtral, shards=shards, micro_batches=micro_batches))
     try:
