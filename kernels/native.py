@@ -30,7 +30,6 @@ through ctypes: the fp32-activation parts of a decode step, and sampling's pass 
   where Python between the half-layers cost ~50 us a layer.
 - `decode_meta`: a decode step's attention metadata and RoPE (DecodeMetadata.build's and rope_freqs', the
   references) in one call where their dozen tensor ops took 140-280 us.
-- `read`: a plain read of a buffer, the fastest this CPU streams memory (bench engine's roofline).
 - `row_stats`: each logits row's max, where it first occurs and its logsumexp, in one pass (sampling's; torch's
   max over a row of 32000 took 52 us and its exp another 28).
 
@@ -136,7 +135,6 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moeray_layers.argtypes = [p, i64, i64, p, i64, p, p, i64, p, f32, i64, i64, i64, p, ctypes.c_int, p, p, p,
                                   i64, f32, ctypes.c_int]
     lib.moeray_decode_meta.argtypes = [i64, p, i64, p, p, i64, i64, i64, p, i64, p, p, p, p]
-    lib.moeray_read.argtypes, lib.moeray_read.restype = [p, i64, ctypes.c_int], ctypes.c_uint64
     for fn in (lib.moeray_linear_f32, lib.moeray_linear_i8, lib.moeray_linear_w8a8, lib.moeray_linear_bf16,
                lib.moeray_decode_attention,
                lib.moeray_ffn, lib.moeray_moe, lib.moeray_attention_block, lib.moeray_row_stats, lib.moeray_layers,
@@ -183,15 +181,6 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
             or (lib := library()) is None):
         return None
     return _call(lib.moeray_linear_w8a8, x, qweight, scale.contiguous())
-
-
-def read(x: torch.Tensor) -> int | None:
-    """Reads x (a contiguous CPU tensor, a multiple of 64 bytes) once with torch.get_num_threads() threads, as
-    fast as this CPU streams memory: the OR of its 8-byte words (the bandwidth roofline of `moeray bench engine`).
-    None where the library does not run."""
-    if x.device.type != "cpu" or not x.is_contiguous() or x.nbytes % 64 or (lib := library()) is None:
-        return None
-    return lib.moeray_read(x.data_ptr(), x.nbytes, torch.get_num_threads())
 
 
 def row_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

@@ -392,17 +392,3 @@ def test_every_linear_takes_zero_rows():
     with torch.no_grad():
         assert [tuple(m(x).shape) for m in modules] == [(0, 48)] * 3
 
-
-
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_read_reads_every_word_once_whatever_the_threads(threads, monkeypatch):
-    """native.read (bench engine's roofline) ORs every 8-byte word of the buffer: a single set bit anywhere, the
-    four-line loop's or the tail's, of any thread's range, shows in the result."""
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    words = torch.zeros(4 * 64 + 8 * 3, dtype=torch.int64)  # 35 lines: 8 of four lines, 3 left over
-    assert native.read(words) == 0
-    for at, bit in [(0, 0), (17, 5), (31, 62), (32 * 8 + 7, 33), (words.numel() - 1, 61)]:
-        words.zero_()
-        words[at] = 1 << bit
-        assert native.read(words) == 1 << bit
-    assert native.read(torch.zeros(3, dtype=torch.int64)) is None  # not a multiple of 64 bytes

@@ -17,7 +17,6 @@ on a GPU.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import subprocess
 import sys
@@ -163,8 +162,7 @@ def _worker(system: str, model_dir: str, batches: list[int], prompt_len: int, ne
 
 def _roofline(device: str = "cpu") -> dict:
     """The memory bandwidth this process reaches on `device`, GB/s: a sum over a 1 GiB fp32 tensor (a
-    streaming read; on CPU also moeray's plain C read of it, the faster of the two) and a 512 MiB fp32 matrix
-    times a vector (a GEMV, what batch-1 decode is: torch's, and on
+    streaming read) and a 512 MiB fp32 matrix times a vector (a GEMV, what batch-1 decode is: torch's, and on
     CPU moeray's C kernel where it builds, which streams faster than MKL on some CPUs), best of 5 each; on a
     GPU 4 GiB and 2 GiB (several times its cache)."""
     import torch
@@ -187,8 +185,6 @@ def _roofline(device: str = "cpu") -> dict:
 
     x = torch.ones(size // 4, device=device)
     read = size / best(x.sum) / 1e9
-    if device == "cpu" and native.read(x) is not None:  # a plain C read: torch's sum streams slower on some CPUs
-        read = max(read, size / best(functools.partial(native.read, x)) / 1e9)
     del x
     w, v = (torch.ones(8192, size // 2 // 4 // 8192, device=device),
             torch.ones(size // 2 // 4 // 8192, device=device))

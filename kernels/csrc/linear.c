@@ -1133,32 +1133,3 @@ int moeray_row_stats(const float *x, int64_t B, int64_t V, float *best, int64_t 
     }
     return 0;
 }
-
-/* Reads n bytes at p (n a multiple of 64) once, split among the threads in contiguous ranges, four cache lines
- * an iteration into independent accumulators: the rate at which a decode step could read its weights (moeray bench
- * engine's roofline; torch's sum over a tensor read 23 GB/s where this reads 29-34, 2-core AVX2 EPYC). Returns the
- * OR of every 8-byte word read, so that the reads are not optimized away. */
-uint64_t moeray_read(const void *p, int64_t n, int threads) {
-    typedef uint64_t v4u __attribute__((vector_size(32))); /* 32 bytes: GCC keeps 64-byte vectors in memory on AVX2 */
-    uint64_t out = 0;
-#pragma omp parallel num_threads(threads) reduction(| : out)
-    {
-        const int64_t lines = n / 64, me = omp_get_thread_num(), nt = omp_get_num_threads();
-        const char *lo = (const char *)p + lines * me / nt * 64, *hi = (const char *)p + lines * (me + 1) / nt * 64;
-        v4u a[8] = {{0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}};
-        for (; lo + 256 <= hi; lo += 256)
-            for (int i = 0; i < 8; i++) {
-                v4u v;
-                memcpy(&v, lo + 32 * i, 32);
-                a[i] |= v;
-            }
-        for (; lo < hi; lo += 32) {
-            v4u v;
-            memcpy(&v, lo, 32);
-            a[0] |= v;
-        }
-        for (int i = 1; i < 8; i++) a[0] |= a[i];
-        for (int i = 0; i < 4; i++) out |= a[0][i];
-    }
-    return out;
-}
