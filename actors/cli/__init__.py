@@ -430,7 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
     e = bsub.add_parser("engine", help="single-process engine at each precision vs transformers (and vLLM-CPU, "
                         "llama.cpp) and the measured memory roofline: tok/s, fraction of roofline, peak memory")
-    e.add_argument("--preset", choices=["small", "tiny"], default="small", help="model size (default: %(default)s)")
+    e.add_argument("--preset", choices=["small", "tiny", "wide"], default="small",
+                   help="model size: small (dim 512, 4 layers), tiny (smoke tests), wide (dim 2048, FFN 7168, "
+                        "2 layers: Mixtral's row lengths, 3.4 GB in fp32) (default: %(default)s)")
     e.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (default: 1 16)")
     e.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default: %(default)s)")
     e.add_argument("--new-tokens", type=int, default=64, help="generated tokens (default: %(default)s)")
