@@ -15,6 +15,9 @@ through ctypes: the fp32-activation parts of a decode step, and sampling's pass 
 - `w8a8_linear`: W8A8, the int8 weights with each row of x quantized to int8 too (kernels/quant.py): exact int32 sums,
   with AVX-512 VNNI 64 weights an instruction, where the weight-only kernel above converts each weight to fp32
   before its FMA and reads ~19 GB/s, compute-bound. One 14336 x 4096 linear at one row: 33-53 GB/s against 14-33.
+  Without VNNI (AVX2: 16 weights a step, 4 rows a tile) it reads the rows interleaved in groups of 4
+  (w8a8_block, kernels.quant.interleave_rows), one stream a tile where 4 rows side by side read at about half the
+  rate out of cache: the engine's all-W8A8 decode 1.14-1.28x at batch 1 (linear.c says where).
 - `bf16_linear`: bf16 weights, fp32 rows (kernels/quant.py's BF16Linear): each weight made fp32 before its FMA.
 - `decode_attention`: a decode step's attention read from the paged KV pools in place, fp32 or bf16 pools,
   computing in fp32 (as the torch path does on CPU: kernels/attention.py). torch's path gathers every sequence's
@@ -132,6 +135,7 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                                            i64, i64, p, p, p, ctypes.c_int, p, p, p, i64, ctypes.c_float, p,
                                            ctypes.c_int]
     lib.moeray_row_stats.argtypes = [p, i64, i64, p, p, p, ctypes.c_int]
+    lib.moeray_w8a8_block.argtypes = []
     lib.moeray_layers.argtypes = [p, i64, i64, p, i64, p, p, i64, p, f32, i64, i64, i64, p, ctypes.c_int, p, p, p,
                                   i64, f32, ctypes.c_int]
     lib.moeray_decode_meta.argtypes = [i64, p, i64, p, p, i64, i64, i64, p, i64, p, p, p, p]
@@ -172,11 +176,17 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
 QMAX_I = 65536  # W8A8: inputs at most (its int32 sums stay exact)
 
 
+def w8a8_block() -> int | None:
+    """The W8A8 kernel's weight layout in this process (linear.c's QBLK): 16, rows interleaved in blocks of 16
+    (kernels.quant.interleave_rows), or 0, rows as they are (AVX-512 VNNI); None where there is no kernel."""
+    return None if (lib := library()) is None else lib.moeray_w8a8_block()
+
+
 def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """W8A8: x fp32 [n, I], each row quantized to int8 (kernels.quant.quantize_rows), times qweight int8 [O, I] in
-    exact integer sums, times the row's scale and scale bf16 [O, 1] or [O] -> fp32 [n, O]: kernels.quant's
-    w8a8_reference bit for bit, by the C kernel (AVX-512 VNNI where there is one). None where it does not run: no
-    library, x not fp32, I not a multiple of 16 or over QMAX_I."""
+    """W8A8: x fp32 [n, I], each row quantized to int8 (kernels.quant.quantize_rows), times qweight int8 [O, I] (in
+    w8a8_block's layout) in exact integer sums, times the row's scale and scale bf16 [O, 1] or [O] -> fp32 [n, O]:
+    kernels.quant's w8a8_reference bit for bit, by the C kernel (AVX-512 VNNI where there is one). None where it
+    does not run: no library, x not fp32, I not a multiple of 16 or over QMAX_I."""
     if (x.dtype != torch.float32 or scale.dtype != torch.bfloat16 or x.shape[-1] % 16 or x.shape[-1] > QMAX_I
             or (lib := library()) is None):
         return None

@@ -61,7 +61,9 @@ quantized to int8 as well, symmetric, one scale a row (dynamic per-token activat
 xq = round(x * 127 / m), m = max |x| over the row, then y = (sum_k xq q) * (m / 127) * s with the sum exact in
 integers (quantize_rows, w8a8_reference: the reference, any device). On CPU moeray's C kernel computes that bit
 for bit (AVX-512 VNNI: 64 weights an instruction, where the weight-only kernel converts each weight to fp32 before
-its FMA and is compute-bound at ~19 GB/s; kernels/native.py). What it gives up: each activation carries a
+its FMA and is compute-bound at ~19 GB/s; kernels/native.py). Without VNNI (AVX2) it reads 4 rows at a time, so
+use_cpu_kernel_ holds the weight with its rows interleaved in groups of 4 (interleave_rows: one sequential stream a
+tile); values() gives the rows back. What it gives up: each activation carries a
 rounding error up to m / 254 (0.4 % of the row's largest), on top of the weights' (see tests/test_quant.py).
 
 bf16 weights in an fp32 model (expert_quant / weight_quant "bf16", BF16Linear): the weight rounded to bf16 once (half
@@ -82,9 +84,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.model import Attention, FeedForward, Transformer
-from kernels.native import MAX_ROWS, Weight, bf16_linear, int8_linear, w8a8_linear
+from kernels.native import MAX_ROWS, Weight, bf16_linear, int8_linear, w8a8_block, w8a8_linear
 
 BITS = (8, 4)
+QGROUP = 4  # W8A8's interleaved layout: rows held together (kernels/csrc/linear.c's QGROUP)
 GEMM_BLOCK = 1 << 21  # prefill_linear: weights made fp32 this many at a time (8 MB)
 
 
@@ -153,6 +156,21 @@ def cpu_int4_block() -> int | None:
     return next((b for b in (64, 32, 16) if torch.equal(unpack_cpu_int4(packed, b).int(), q)), None)
 
 
+def interleave_rows(q: torch.Tensor, block: int, inverse: bool = False) -> torch.Tensor:
+    """int8 [O, I] (I a multiple of block) -> the W8A8 C kernel's layout, [O, I] of the same bytes in another order
+    (kernels/csrc/linear.c's QBLK): rows in groups of QGROUP (the last of O % QGROUP rows), each group `block` weights
+    of its first row, `block` of its second, ..., then the next `block` of each, so that a tile reading a group's rows
+    side by side reads one sequential stream. inverse: back to [O, I] rows."""
+    O, I = q.shape
+    whole = O - O % QGROUP
+    parts = []
+    for rows, p in ((slice(0, whole), QGROUP), (slice(whole, O), O % QGROUP)):
+        if p and rows.start < rows.stop:
+            shape = (-1, I // block, p, block) if inverse else (-1, p, I // block, block)
+            parts.append(q[rows].reshape(shape).transpose(1, 2).reshape(-1, I))
+    return torch.cat(parts)
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """W8A8's activations: each row of x [..., I] -> (xq int8 [..., I] in [-127, 127], scale fp32 [..., 1]), symmetric:
     xq = round(x * (127 / m)) (ties to even), m = max |x| over the row, scale m / 127; a row of zeros (or with
@@ -181,7 +199,8 @@ class QuantLinear(nn.Module):
     `weight` is a property that dequantizes, for code that reads weights.
     """
 
-    qweight: torch.Tensor  # int8 [O, I], or uint8 [O, I/2] packed int4 (in the CPU kernel's layout once packed)
+    qweight: torch.Tensor  # int8 [O, I] (W8A8 on the CPU kernel: interleaved, see row_block), or uint8 [O, I/2] packed
+    # int4 (in the CPU kernel's layout once packed)
     scale: torch.Tensor  # [O, 1] (int8) or [O, G] (int4)
     offset: torch.Tensor | None  # [O, G], int4 only
     kernel_scale: torch.Tensor | None  # int4 on the CPU kernel: its scales and zeros, bf16 [G, O, 2]
@@ -212,6 +231,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("offset", torch.zeros(out_features, groups, dtype=scale_dtype, device=device))
         self.register_buffer("kernel_scale", None, persistent=False)
         self.int4_block: int | None = None  # set while qweight is in the CPU int4 kernel's layout
+        self.row_block: int | None = None  # set while qweight is interleaved for the W8A8 kernel (interleave_rows)
         self.cpu_kernel = False  # forward uses the CPU kernel where it can (use_cpu_kernel_)
 
     @classmethod
@@ -236,7 +256,7 @@ class QuantLinear(nn.Module):
         if weight.shape != (self.out_features, self.in_features):
             raise ValueError(f"weight is {tuple(weight.shape)}, expected {(self.out_features, self.in_features)}")
         w = weight.float()
-        self.int4_block = self.kernel_scale = None  # the stored format: use_cpu_kernel_ again to convert
+        self.int4_block = self.kernel_scale = self.row_block = None  # the stored format: use_cpu_kernel_ converts
         self.cpu_kernel = False
         if self.bits == 8:
             absmax = w.abs().amax(dim=1, keepdim=True)  # [O, 1]
@@ -262,7 +282,8 @@ class QuantLinear(nn.Module):
     def use_cpu_kernel_(self) -> bool:
         """Makes forward use torch's packed CPU kernel where it can (CPU, bf16 x); returns
         whether it will. Call once, on CPU, after quantize_. int4 is converted to that kernel's layout in
-        place, so it is held once (values() still reads it); a layout this process does not know, or
+        place, so it is held once (values() still reads it), and so is W8A8's int8 where moeray's kernel wants its rows
+        interleaved (native.w8a8_block); a layout this process does not know, or
         out_features not a multiple of its block, keeps int4 native. Scales must be stored in bf16 (the
         default), the kernels' dtype, so that the fast path stays within fp rounding of the reference."""
         if self.cpu_kernel:
@@ -272,6 +293,8 @@ class QuantLinear(nn.Module):
         if self.bits == 8:  # the stored format as it is
             # torch 2.13's AVX-512 int8 kernel reads rows in 32-byte loads: other widths crash it (SIGSEGV)
             self.cpu_kernel = self.in_features % 16 == 0
+            if self.cpu_kernel and self.w8a8 and (block := w8a8_block()):
+                self.qweight, self.row_block = interleave_rows(self.qweight, block), block
             return self.cpu_kernel
         block = cpu_int4_block()
         if block is None or self.out_features % block:
@@ -286,7 +309,7 @@ class QuantLinear(nn.Module):
     def values(self) -> torch.Tensor:
         """q [O, I]: int8 in [-127, 127], or uint8 in [0, 15] (int4, unpacked from whichever layout)."""
         if self.bits == 8:
-            return self.qweight
+            return self.qweight if self.row_block is None else interleave_rows(self.qweight, self.row_block, True)
         if self.int4_block is None:
             return unpack_int4(self.qweight)
         return unpack_cpu_int4(self.qweight, self.int4_block)
@@ -298,9 +321,9 @@ class QuantLinear(nn.Module):
         if self.bits == 8 and self.scale.dtype == dtype:
             # q (8 bits) times s (dtype) is exact in fp32, so this rounds once, like the fp32 path below,
             # and is bit-identical to it; with bf16 it moves half the bytes (2x faster on CPU)
-            return self.qweight[rows].to(dtype) * self.scale[rows]  # [O, I] * [O, 1]
+            return self.values()[rows].to(dtype) * self.scale[rows]  # [O, I] * [O, 1]
         if self.bits == 8:
-            w = self.qweight[rows].float() * self.scale[rows].float()  # [O, I] * [O, 1]
+            w = self.values()[rows].float() * self.scale[rows].float()  # [O, I] * [O, 1]
         else:
             assert self.offset is not None  # int4 has offsets
             q = self.values()[rows].view(-1, self.in_features // self.group_size, self.group_size)  # [O, G, g]
@@ -335,12 +358,13 @@ class QuantLinear(nn.Module):
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:  # x [..., I] -> [..., O]
         if self.w8a8:
-            return w8a8_reference(x, self.qweight, self.scale).to(x.dtype)
+            return w8a8_reference(x, self.values(), self.scale).to(x.dtype)
         return F.linear(x, self.dequantize(x.dtype))
 
     def native_weight(self) -> Weight | None:
-        """(qweight int8 [O, I], scale bf16 [O], w8a8) where moeray's C kernels can read this weight (int8 on the
-        CPU kernel, bf16 scales: kernels/native.py, kernels/packing.py's native_ffns), else None."""
+        """(qweight int8 [O, I] (W8A8: in its kernel's layout), scale bf16 [O], w8a8) where moeray's C kernels can read
+        this weight (int8 on the CPU kernel, bf16 scales: kernels/native.py, kernels/packing.py's native_ffns), else
+        None."""
         if self.bits == 8 and self.cpu_kernel and self.scale.dtype == torch.bfloat16 and not self.qweight.is_meta:
             return Weight(self.qweight, self.scale.view(-1), self.w8a8)
         return None

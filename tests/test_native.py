@@ -90,12 +90,13 @@ def test_kernels_build_and_agree_on_cpus_without_avx512(hf_mixtral, monkeypatch,
     lib = native.declare(ctypes.CDLL(str(so)))
     monkeypatch.setattr(kernels.native, "library", lambda: lib)
     g = torch.Generator().manual_seed(5)
-    w = torch.randn(37, 208, generator=g)  # 37 outputs: a last tile of 1 to 3 (AVX2 W8A8: 4 a tile at 1-2 rows)
+    w = torch.randn(37, 208, generator=g)  # 37 outputs: a last tile of 1 (W8A8 there: rows interleaved 4 a tile)
     q = QuantLinear.from_linear(torch.nn.Linear(208, 37, bias=False), 8, w8a8=True)
+    assert q.row_block == 16
     for n in (1, 2, 7):  # narrow and wide tiles
         xs = torch.randn(n, 208, generator=g)
         assert ((native.linear(xs, w).double() - xs.double() @ w.double().T).abs() <= bound(xs, w)).all()
-        assert torch.equal(native.w8a8_linear(xs, q.qweight, q.scale), w8a8_reference(xs, q.qweight, q.scale))
+        assert torch.equal(native.w8a8_linear(xs, q.qweight, q.scale), w8a8_reference(xs, q.values(), q.scale))
         # the same rows alone: each row's sums do not depend on the others (nor on the tile it fell in)
         assert torch.equal(native.linear(xs, w)[-1:], native.linear(xs[-1:], w))
     calls = []

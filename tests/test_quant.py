@@ -277,15 +277,18 @@ def test_native_int8_kernel_builds_here_is_thread_independent_and_optional(monke
 
 @pytest.mark.parametrize("out_f,in_f", [(5, 16), (33, 80), (130, 1040), (40, 4096)])
 def test_w8a8_kernel_equals_its_reference_bit_for_bit_and_is_within_the_bound_of_fp32(out_f, in_f):
-    """W8A8 (int8 weights and per-row int8 activations): moeray's C kernel (VNNI on this machine: 64 inputs a
-    step, a masked last step where in_f is not a multiple of 64) gives kernels.quant.w8a8_reference's bits at 1 to
-    6, 16 and 33 rows (one- and four-output tiles, passes of 4 rows, a part tile where O is not a multiple of 4);
+    """W8A8 (int8 weights and per-row int8 activations): moeray's C kernel (with VNNI 64 inputs a step, a masked last
+    step where in_f is not a multiple of 64, rows as they are; elsewhere, as on CI's AVX2 machines, 16 a step, rows
+    interleaved in groups of 4 with a last group of 1 to 3 where out_f is not a multiple of 4) gives
+    kernels.quant.w8a8_reference's bits, on the weight's rows as quantized (values()), at 1 to 6, 16 and 33 rows
+    (one- and four-output tiles, passes of 2 or 4 rows, a part tile where O is not a multiple of 4);
     each row the same bits alone as in any batch and at any thread count; a row of zeros gives zeros. The
     reference itself: each activation within half a step (m / 254, m = max |x| of its row) of x, the largest
     at +-127, so each output within (m / 254) sum_k |W'| (plus fp32 rounding) of x @ W'^T, W' the dequantized
     weight."""
+    from kernels import native
     from kernels.native import w8a8_linear
-    from kernels.quant import quantize_rows, w8a8_reference
+    from kernels.quant import interleave_rows, quantize_rows, w8a8_reference
 
     q = QuantLinear.from_linear(linear_of(random_weight(out_f, in_f, torch.float32, seed=in_f)), 8, w8a8=True)
     g = torch.Generator().manual_seed(out_f)
@@ -294,7 +297,9 @@ def test_w8a8_kernel_equals_its_reference_bit_for_bit_and_is_within_the_bound_of
     xq, sx = quantize_rows(xs)
     assert ((xq.float() * sx - xs).abs() <= sx / 2 * (1 + 1e-6)).all()
     assert torch.equal(xq.abs().amax(-1)[xs.abs().amax(-1) > 0], torch.full((32,), 127, dtype=torch.int8))
-    ref = w8a8_reference(xs, q.qweight, q.scale)
+    assert q.row_block == native.w8a8_block() and torch.equal(  # interleaved for the kernel, held once
+        q.values(), q.qweight if not q.row_block else interleave_rows(q.qweight, q.row_block, inverse=True))
+    ref = w8a8_reference(xs, q.values(), q.scale)
     w = q.dequantize(torch.float64)
     err = (ref.double() - xs.double() @ w.T).abs()
     assert (err <= sx.double() / 2 * w.abs().sum(1) * (1 + 1e-5) + 1e-6 * (xs.double().abs() @ w.abs().T)).all()
@@ -310,15 +315,31 @@ def test_w8a8_kernel_equals_its_reference_bit_for_bit_and_is_within_the_bound_of
         torch.set_num_threads(threads)
     with torch.no_grad():  # QuantLinear: the kernel on CPU, the reference as forward_native; bf16 rows as fp32
         assert torch.equal(q(xs[:3]), ref[:3]) and torch.equal(q.forward_native(xs[:3]), ref[:3])
-        assert torch.equal(q(xs[:3].bfloat16()), w8a8_reference(xs[:3].bfloat16(), q.qweight, q.scale).bfloat16())
+        assert torch.equal(q(xs[:3].bfloat16()), w8a8_reference(xs[:3].bfloat16(), q.values(), q.scale).bfloat16())
     bad = xs[:3].clone()
     bad[0, 1], bad[1, 2] = float("inf"), float("nan")  # no scale: NaN out, as x @ W^T would give; the rest unharmed
     got = w8a8_linear(bad, q.qweight, q.scale)
-    assert got[:2].isnan().all() and w8a8_reference(bad, q.qweight, q.scale)[:2].isnan().all()
+    assert got[:2].isnan().all() and w8a8_reference(bad, q.values(), q.scale)[:2].isnan().all()
     assert torch.equal(got[2], ref[2])
     assert w8a8_linear(xs[:, :8], q.qweight[:, :8], q.scale) is None  # not a multiple of 16
     with pytest.raises(ValueError, match="bits must be 8"):
         QuantLinear(16, 16, 4, w8a8=True)
+
+
+def test_interleave_rows_puts_each_weight_where_the_w8a8_kernel_reads_it():
+    """kernels/csrc/linear.c's interleaved layout, spelled out weight by weight: row 4 g + c's weights k .. k + 15 at
+    byte 4 g I + (k / 16) 16 p + 16 c + k % 16, p the group's rows (4, and 2 in the last group of 6 rows); inverse
+    gives the rows back."""
+    from kernels.quant import interleave_rows
+
+    O, I = 6, 48
+    q = (torch.arange(O * I) % 251 - 125).to(torch.int8).view(O, I)  # every weight of a group distinct
+    flat = interleave_rows(q, 16).flatten()
+    for o in range(O):
+        g, c, p = o // 4, o % 4, 4 if o < 4 else 2
+        for k in range(I):
+            assert flat[4 * g * I + k // 16 * 16 * p + 16 * c + k % 16] == q[o, k], (o, k)
+    assert torch.equal(interleave_rows(interleave_rows(q, 16), 16, inverse=True), q)
 
 
 def test_w8a8_kernel_refuses_rows_too_long_for_exact_int32_sums():

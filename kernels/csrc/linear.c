@@ -328,22 +328,41 @@ LINEAR(linear_bf16, uint16_t, load_bf16, NO_SCALE, 2, OUTS2, ROWS2, 2)
  * rows, the tiles or the thread count. With AVX-512 VNNI a vpdpbusd takes 64 weights: (q + 128) as unsigned bytes
  * times xq, the sum less 128 sum_k xq[r, k]; elsewhere int32 products, 16 at a time. */
 #define QMAX_I 65536 /* inputs at most: 255 * 127 * I stays below 2^31 */
-/* QOUTS outputs x QROWS rows a wide tile (n > 2); narrow (n <= 2), QNOUTS outputs a tile and QNG tiles a call.
- * AVX-512 VNNI: 4 x 4 accumulators and 4 weight vectors; narrow, one output a tile. AVX2 (16 registers, 8 int32
- * lanes): 2 x 4 (8 accumulators, 2 weight vectors, a row vector); narrow, 4 outputs a tile (8 accumulators at 2 rows),
- * each row vector widened once for 4 outputs and their sums reduced together: 1.15-1.4x one output a tile at one row
- * (the bench model's shapes; 4 x 2 wide tiles were 0.8-0.9x 2 x 4 at 4-16 rows) */
-#if NH == 1
+/* QOUTS outputs x QROWS rows a wide tile (n > 2); narrow (n <= 2), QNOUTS outputs a tile and QNG tiles a call; and
+ * the weight's layout, QBLK (made at load: kernels/quant.py's interleave_rows).
+ * AVX-512 VNNI: q [O, I] as it is; wide, 4 x 4 accumulators and 4 weight vectors; narrow, one output a tile (one row
+ * read as one stream, 64 bytes a step).
+ * Elsewhere a step takes 16 weights of each of a tile's 4 rows, and 4 rows read side by side are 4 streams of short
+ * runs, read out of cache at about half the rate of one stream (AVX2 EPYC). So there the rows are interleaved in
+ * groups of QGROUP: group g (rows QGROUP g .. + p - 1, p = QGROUP but for the last group of O % QGROUP rows) is p I
+ * bytes from byte QGROUP g I on, 16 weights of its first row, 16 of its second, ..., then the next 16 of each: row
+ * QGROUP g + c's weights k .. k + 15 at QGROUP g I + (k / 16) 16 p + 16 c. A tile is a group's 4 outputs, read as
+ * one sequential stream prefetched INT8_AHEAD bytes ahead, at up to 2 rows a pass with AVX2 (8 accumulators, 4
+ * weight vectors, a row vector of its 16 registers; 4 with AVX-512's 32): against the rows as they are (4 outputs x
+ * 2 rows narrow, 2 x 4 wide, the next tile's rows prefetched), the engine's w8a8-all 1.28x at batch 1 and 16 with
+ * the bench's small preset (rows of 512 B), 1.14x and 1.02x with its wide preset (2-7 KB); 2 x 4 tiles reading half a
+ * group each were 0.92x 4 x 2 at batch 16 (wide preset; 2 threads, AVX2 EPYC, one process, ABBA order). */
+#define QGROUP 4
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define QBLK 0 /* rows as they are */
 #define QROWS 4
 #define QOUTS 4
 #define QNOUTS 1
 #define QNG GROUP
 #else
+#define QBLK 16 /* interleaved in blocks of 16 */
+#if NH == 1
 #define QROWS 4
-#define QOUTS 2
+#else
+#define QROWS 2
+#endif
+#define QOUTS 4
 #define QNOUTS 4
 #define QNG 1
 #endif
+
+/* 16, the bytes of a row an interleaved W8A8 weight holds together, or 0: rows as they are (QBLK) */
+int moeray_w8a8_block(void) { return QBLK; }
 
 static inline int64_t qstride(int64_t I) { return (I + 63) / 64 * 64; } /* a quantized row, zero-padded */
 
@@ -389,10 +408,11 @@ static void quantize_row(const float *x, int64_t I, int8_t *q, float *scale, int
 }
 
 /* dot[r][c] = sum_k xq[r, k] w[c][k] (exact) for R rows of quantized x (rows Ip apart, xsum their sums) and C
- * weight rows; pf as TILE's */
+ * weight rows, weights k .. k + 15 of row c at w[c] + (k / 16) ws (QBLK 16; ws 16 p); pf: prefetch w[0] + pf + that
+ * (0: none; QBLK 0: the next tile's rows, w[c] + pf + k) */
 #define QTILE(R, C)                                                                                               \
     static inline void qtile_##R##_##C(const int8_t *xq, int64_t Ip, const int32_t *xsum, int64_t I,              \
-                                       const int8_t *const *w, int32_t dot[][C], int64_t pf) {                    \
+                                       const int8_t *const *w, int64_t ws, int32_t dot[][C], int64_t pf) {        \
         QTILE_BODY(R, C)                                                                                          \
     }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -408,6 +428,7 @@ static void quantize_row(const float *x, int64_t I, int8_t *q, float *scale, int
     }
 #define QTILE_BODY(R, C)                                                                                          \
     const __m512i flip = _mm512_set1_epi8((char)0x80); /* q + 128 as unsigned bytes */                            \
+    (void)ws;                                                                                                     \
     __m512i acc[R][C];                                                                                            \
     for (int r = 0; r < R; r++)                                                                                   \
         for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_si512();                                           \
@@ -434,11 +455,10 @@ static inline void hsum4(const __m256i *a, int32_t *out) { /* out[i]: the sum of
     (void)xsum;                                                                                                   \
     for (int r = 0; r < R; r++)                                                                                   \
         for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_si256();                                           \
-    for (int64_t k = 0; k < I; k += 16) {                                                                         \
-        if (pf && k % 64 == 0)                                                                                    \
-            for (int c = 0; c < C; c++) __builtin_prefetch(w[c] + pf + k, 0, 3);                                  \
+    for (int64_t k = 0, at = 0; k < I; k += 16, at += ws) {                                                       \
+        if (pf) __builtin_prefetch(w[0] + pf + at, 0, 3);                                                         \
         __m256i wv[C];                                                                                            \
-        for (int c = 0; c < C; c++) wv[c] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w[c] + k)));   \
+        for (int c = 0; c < C; c++) wv[c] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w[c] + at)));  \
         for (int r = 0; r < R; r++) {                                                                             \
             const __m256i xv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xq + r * Ip + k)));         \
             for (int c = 0; c < C; c++) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(xv, wv[c]));    \
@@ -456,15 +476,16 @@ static inline void hsum4(const __m256i *a, int32_t *out) { /* out[i]: the sum of
 #define QTILE_BODY(R, C)                                                                                          \
     hvi acc[R][C][NH];                                                                                            \
     (void)xsum, (void)pf;                                                                                         \
+    int64_t at = 0;                                                                                               \
     for (int r = 0; r < R; r++)                                                                                   \
         for (int c = 0; c < C; c++)                                                                               \
             UNROLLED for (int h = 0; h < NH; h++) acc[r][c][h] = (hvi){0};                                        \
-    for (int64_t k = 0; k < I; k += 16)                                                                           \
+    for (int64_t k = 0; k < I; k += 16, at += ws)                                                                 \
         UNROLLED for (int h = 0; h < NH; h++) {                                                                   \
             hvi wv[C];                                                                                            \
             for (int c = 0; c < C; c++) {                                                                         \
                 hvb b;                                                                                            \
-                memcpy(&b, w[c] + k + h * HW, HW);                                                                \
+                memcpy(&b, w[c] + at + h * HW, HW);                                                               \
                 wv[c] = __builtin_convertvector(b, hvi);                                                          \
             }                                                                                                     \
             for (int r = 0; r < R; r++) {                                                                         \
@@ -490,24 +511,30 @@ QTILES_OF(QOUTS)
 #if QNOUTS != QOUTS
 QTILES_OF(QNOUTS)
 #endif
-/* a W8A8 linear's output tiles, as TILES' (C outputs a tile, G tiles a call, rows in passes of up to QROWS) */
+/* a W8A8 linear's output tiles, as TILES' (C outputs a tile, G tiles a call, rows in passes of up to QROWS), the
+ * weight in QBLK's layout */
 #define QTILES(NAME, C, G)                                                                                        \
     static void NAME(const job *j, int64_t group) {                                                               \
         const int8_t *w = j->w, *wr[C];                                                                           \
         const int64_t I = j->I, O = j->O, n = j->n, Ip = qstride(I);                                              \
         for (int64_t t = group * G; t < group * G + G && t * C < O; t++) {                                        \
-            for (int c = 0; c < C; c++) wr[c] = w + (t * C + c < O ? t * C + c : O - 1) * I;                      \
+            const int64_t g = t * C / QGROUP * QGROUP, p = O - g < QGROUP ? O - g : QGROUP; /* its rows' group */ \
+            const int64_t ws = QBLK ? QBLK * p : 16;                                                              \
+            for (int c = 0; c < C; c++) {                                                                         \
+                const int64_t o = t * C + c < O ? t * C + c : O - 1;                                              \
+                wr[c] = QBLK ? w + g * I + (o - g) * QBLK : w + o * I;                                            \
+            }                                                                                                     \
             for (int64_t r0 = 0; r0 < n; r0 += QROWS) {                                                           \
                 int32_t dot[4][C]; /* 4: the switch's cases, whatever QROWS */                                    \
                 const int R = n - r0 < QROWS ? (int)(n - r0) : QROWS;                                             \
                 const int8_t *xr = j->xq + r0 * Ip;                                                               \
                 const int32_t *sr = j->xsum + r0;                                                                 \
-                const int64_t pf = C > 1 && r0 == 0 && (t + 1) * C < O ? C * I : 0;                               \
+                const int64_t pf = r0 ? 0 : QBLK ? INT8_AHEAD : C > 1 && (t + 1) * C < O ? C * I : 0;             \
                 switch (R) {                                                                                      \
-                    case 1: QNAME(1, C)(xr, Ip, sr, I, wr, dot, pf); break;                                       \
-                    case 2: QNAME(2, C)(xr, Ip, sr, I, wr, dot, pf); break;                                       \
-                    case 3: QNAME(3, C)(xr, Ip, sr, I, wr, dot, pf); break;                                       \
-                    default: QNAME(4, C)(xr, Ip, sr, I, wr, dot, pf);                                             \
+                    case 1: QNAME(1, C)(xr, Ip, sr, I, wr, ws, dot, pf); break;                                   \
+                    case 2: QNAME(2, C)(xr, Ip, sr, I, wr, ws, dot, pf); break;                                   \
+                    case 3: QNAME(3, C)(xr, Ip, sr, I, wr, ws, dot, pf); break;                                   \
+                    default: QNAME(4, C)(xr, Ip, sr, I, wr, ws, dot, pf);                                         \
                 }                                                                                                 \
                 for (int r = 0; r < R; r++)                                                                       \
                     for (int c = 0; c < C && t * C + c < O; c++)                                                  \
