@@ -165,7 +165,7 @@ def interleave_rows(q: torch.Tensor, block: int, inverse: bool = False) -> torch
     whole = O - O % QGROUP
     parts = []
     for rows, p in ((slice(0, whole), QGROUP), (slice(whole, O), O % QGROUP)):
-        if p and rows.start < rows.stop:
+        if rows.start < rows.stop:  # (O % QGROUP == 0 leaves the second empty)
             shape = (-1, I // block, p, block) if inverse else (-1, p, I // block, block)
             parts.append(q[rows].reshape(shape).transpose(1, 2).reshape(-1, I))
     return torch.cat(parts)
