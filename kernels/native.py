@@ -196,9 +196,10 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
 def row_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Of each row of x fp32 [B, V] on CPU (a step's logits): its max [B], the index where that first occurs [B]
     (torch.max(x, -1)'s, NaN counting as the max) and its logsumexp [B] (within a few fp32 ulp of
-    torch.logsumexp), in one pass a row where torch takes three (sample(): 108 -> 34 us at one row of 32000,
-    552 -> 262 at 16, 2 threads); None where it does not run."""
-    if x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu" or 0 in x.shape or (lib := library()) is None:
+    torch.logsumexp), the same bits at any thread count, in one pass a row where torch takes three (sample(): 108 ->
+    34 us at one row of 32000, 552 -> 262 at 16, 2 threads); None where it does not run (V over 2^24 among others)."""
+    if (x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu" or 0 in x.shape or x.shape[1] > 1 << 24
+            or (lib := library()) is None):
         return None
     x = x.contiguous()
     B, V = x.shape

@@ -349,8 +349,9 @@ def test_decode_metadata_in_c_equals_the_reference(window, batch):
 
 def test_row_stats_equal_torchs_max_and_logsumexp(monkeypatch):
     """native.row_stats (sampling's pass over the logits): torch.max's values and indices exactly (ties: the first;
-    NaN: the first NaN), torch.logsumexp's within a few ulp, on rows of -inf, a V not a multiple of 16; sample()
-    gives the same tokens and logprobs (within fp32 rounding) with it as with torch's ops."""
+    NaN: the first NaN), torch.logsumexp's within a few ulp, on rows of -inf, a V not a multiple of 16 or of the
+    chunks a row is split in (4096); the same bits for a row alone, in a batch, at 1, 2 or 3 threads; sample() gives
+    the same tokens and logprobs (within fp32 rounding) with it as with torch's ops."""
     from kernels.sampling import SamplingParams, sample
 
     g = torch.Generator().manual_seed(0)
@@ -366,6 +367,15 @@ def test_row_stats_equal_torchs_max_and_logsumexp(monkeypatch):
         torch.testing.assert_close(best, want.values, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(index, want.indices), V
         torch.testing.assert_close(lse, torch.logsumexp(x, -1), rtol=4e-7, atol=1e-6, equal_nan=True)
+        threads = torch.get_num_threads()
+        try:
+            for n in (1, 3):
+                torch.set_num_threads(n)
+                for at in (slice(None), slice(3, 4), slice(7, 8)):  # all rows; a row of NaN, of randn alone
+                    for a, b in zip(native.row_stats(x[at]), (best, index, lse), strict=True):
+                        assert torch.equal(a.nan_to_num(), b[at].nan_to_num()), (V, n, at)
+        finally:
+            torch.set_num_threads(threads)
     logits = torch.randn(5, 512, generator=g) * 4
     params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0.8, seed=1),
               SamplingParams(temperature=0, repetition_penalty=1.3), SamplingParams(temperature=0),
