@@ -51,6 +51,7 @@ from kernels.packing import (
     into_huge_pages_,
     native_attention,
     native_ffns,
+    native_weight,
     prepack,
     relayout,
 )
@@ -347,8 +348,8 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, step: Any, logits_index: torch.Tensor) -> torch.Tensor:
         """tokens [T] new tokens of the step -> fp32 logits [S, V] of the rows in logits_index [S]. `step` goes
         to the layers: a Step (Step.begin) for layers here, what the stand-in takes otherwise."""
-        if self.layers_stand_in is None and (h := self.native_layers(tokens, step)) is not None:
-            return call(self.output, h[logits_index]).float()  # embedding, layers and final norm in one C call
+        if self.layers_stand_in is None and (logits := self.native_layers(tokens, step, logits_index)) is not None:
+            return logits
         h = self.tok_embeddings(tokens)  # [T, D]
         if self.layers_stand_in is not None:
             h = self.layers_stand_in(h, step)
@@ -356,12 +357,13 @@ class Transformer(nn.Module):
             [h] = self.run_layers([h], [step], range(len(self.layers)))
         return call(self.output, self.norm(h[logits_index])).float()  # [S, V]: the LM head only where we sample
 
-    def native_layers(self, tokens: torch.Tensor, step: Step) -> torch.Tensor | None:
-        """A decode step on CPU from its tokens to the final norm in one call of moeray's C kernels (native.Layers)
-        where every layer runs them (TransformerBlock.native_parts): its layers the same bits as run_layers, which
-        calls them a half-layer at a time, without Python between them; the embedding and the final norm (C's
-        RMSNorm: within an ulp of torch's) without their torch ops, each slowed by the weights just streamed.
-        tokens [B] -> final-normed hidden states [B, D]; else None."""
+    def native_layers(self, tokens: torch.Tensor, step: Step, logits_index: torch.Tensor) -> torch.Tensor | None:
+        """A decode step on CPU from its tokens to its logits in one call of moeray's C kernels (native.Layers) where
+        every layer runs them (TransformerBlock.native_parts): its layers the same bits as run_layers, which calls
+        them a half-layer at a time, without Python between them; the embedding and the final norm (C's RMSNorm:
+        within an ulp of torch's) without their torch ops, each slowed by the weights just streamed; the LM head
+        (where the kernels read it) the same bits as its own call on those rows. tokens [B] -> fp32 logits [S, V] of
+        the rows logits_index [S] (as forward); else None."""
         if not isinstance(step.meta, DecodeMetadata) or tokens.device.type != "cpu" or not self.layers:
             return None
         cache = step.cache
@@ -371,12 +373,12 @@ class Transformer(nn.Module):
             parts = [p for block in blocks if (p := block.native_parts()) is not None]
             pools = [cache.layer(b.layer_id) for b in blocks]
             self._native_layers = key, Layers.of(parts, [k for k, _ in pools], [v for _, v in pools],
-                                                 self.tok_embeddings.weight, (self.norm.weight, self.norm.eps)) if len(
-                parts) == len(blocks) else None
+                                                 self.tok_embeddings.weight, (self.norm.weight, self.norm.eps),
+                                                 native_weight(self.output)) if len(parts) == len(blocks) else None
         stack = self._native_layers[1]
-        if stack is None:
+        if stack is None or (out := stack.run(tokens, *step.decode_args, self.args.n_heads, logits_index)) is None:
             return None
-        return stack.run(tokens, *step.decode_args, self.args.n_heads)
+        return out if stack.head is not None else call(self.output, out[logits_index]).float()
 
     def run_layers(self, hs: list[torch.Tensor], steps: list[Step], layers: Iterable[int]) -> list[torch.Tensor]:
         """Runs `layers` (consecutive) on micro-batches: hs[i] [T_i, D] the hidden states of the tokens in

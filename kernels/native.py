@@ -137,7 +137,7 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moeray_row_stats.argtypes = [p, i64, i64, p, p, p, ctypes.c_int]
     lib.moeray_w8a8_block.argtypes = []
     lib.moeray_layers.argtypes = [p, i64, i64, p, i64, p, p, i64, p, f32, i64, i64, i64, p, ctypes.c_int, p, p, p,
-                                  i64, f32, ctypes.c_int]
+                                  i64, f32, p, p, ctypes.c_int, i64, p, i64, p, ctypes.c_int]
     lib.moeray_decode_meta.argtypes = [i64, p, i64, p, p, i64, i64, i64, p, i64, p, p, p, p]
     for fn in (lib.moeray_linear_f32, lib.moeray_linear_i8, lib.moeray_linear_w8a8, lib.moeray_linear_bf16,
                lib.moeray_decode_attention,
@@ -410,13 +410,17 @@ class _Layer(ctypes.Structure):
 class Layers:
     """A model as `run` takes a decode step from its tokens to its final norm in one call (moeray_layers: the tokens'
     embedding rows, then each layer's attention block and its MoE or FFN kernel with ffn_norm and the residual, the
-    same bits as a call a half-layer, then the final RMSNorm), with its KV pools; holds what the pointers given to C
-    point to. `of` is None where a part does not fit (norms, gate, shapes, embedding or pools the kernels do not
-    read), or where there is no library."""
+    same bits as a call a half-layer, then the final RMSNorm), and on to its logits where it has an LM head the
+    kernels read (`head`: its pointers, wtype and outputs; the same bits as the head's own call on those rows); with
+    its KV pools; holds what the pointers given to C point to. `of` is None where a part does not fit (norms, gate,
+    shapes, embedding or pools the kernels do not read), or where there is no library."""
 
     def __init__(self, parts: list[LayerParts], k_pools: list[torch.Tensor], v_pools: list[torch.Tensor],
-                 embedding: torch.Tensor, norm: Norm, lib: ctypes.CDLL):
+                 embedding: torch.Tensor, norm: Norm, head: Weight | None, lib: ctypes.CDLL):
         self.parts, self.pools, self.embedding, self.norm, self.lib = parts, (k_pools, v_pools), embedding, norm, lib
+        self.head_weight = head
+        self.head = None if head is None else (
+            head.w.data_ptr(), None if head.scale is None else head.scale.data_ptr(), _wtype([head]), head.w.shape[0])
         self.D = parts[0].ffn.D
         self.KV, self.hd = k_pools[0].shape[1:]
         self.pool_dtype = k_pools[0].dtype
@@ -434,8 +438,10 @@ class Layers:
 
     @classmethod
     def of(cls, parts: list[LayerParts], k_pools: list[torch.Tensor], v_pools: list[torch.Tensor],
-           embedding: torch.Tensor, norm: Norm) -> Layers | None:
-        """parts: every layer's, in order; embedding: the token embedding table fp32 [V, D]; norm: the final norm."""
+           embedding: torch.Tensor, norm: Norm, head: Weight | None = None) -> Layers | None:
+        """parts: every layer's, in order; embedding: the token embedding table fp32 [V, D]; norm: the final norm;
+        head: the LM head's weight [O, D], left out (None: `run` gives the final norm's output) where the kernels do
+        not read it."""
         if not parts or (lib := library()) is None:
             return None
         D = parts[0].ffn.D
@@ -455,30 +461,37 @@ class Layers:
             if p.gate is not None and (p.gate.dtype != torch.float32 or p.gate.shape != (p.ffn.count, D)
                                        or not p.gate.is_contiguous() or not 1 <= p.k <= p.ffn.count):
                 return None
-        return cls(parts, k_pools, v_pools, embedding, norm, lib)
+        if head is not None and (_wtype([head]) is None or head.w.dim() != 2 or head.w.shape[1] != D):
+            head = None
+        return cls(parts, k_pools, v_pools, embedding, norm, head, lib)
 
     def run(self, tokens: torch.Tensor, rope: torch.Tensor, write_slots: torch.Tensor, slots: torch.Tensor,
-            mask: torch.Tensor, n_heads: int) -> torch.Tensor | None:
-        """A decode step's tokens int64 [B] (1 to MAX_ROWS; the other arguments as AttentionWeights.block's) -> the
-        final norm of the last layer's output fp32 [B, D]; the pools written in place. None where it does not run
-        (another dtype, more rows); IndexError for a token outside the embedding table."""
+            mask: torch.Tensor, n_heads: int, rows: torch.Tensor) -> torch.Tensor | None:
+        """A decode step's tokens int64 [B] (1 to MAX_ROWS; the other arguments as AttentionWeights.block's) -> with
+        a head, the logits fp32 [S, O] of the rows `rows` int64 [S] of the output; without, the final norm of the
+        last layer's output fp32 [B, D]. The pools written in place. None where it does not run (another dtype, more
+        rows); IndexError for a token outside the embedding table."""
         (B,) = tokens.shape
-        if tokens.dtype != torch.int64 or not 1 <= B <= MAX_ROWS:
+        if tokens.dtype != torch.int64 or rows.dtype != torch.int64 or not 1 <= B <= MAX_ROWS:
             return None
         tokens, rope, slots, mask = tokens.contiguous(), rope.contiguous(), slots.contiguous(), mask.contiguous()
-        write_slots = write_slots.contiguous()
+        write_slots, rows = write_slots.contiguous(), rows.contiguous()
         out = torch.empty(B, self.D)
+        head = self.head
+        logits = None if head is None else torch.empty(len(rows), head[3])
         V = self.embedding.shape[0]
         rc = self.lib.moeray_layers(out.data_ptr(), B, self.D, self.embedding.data_ptr(), V, tokens.data_ptr(),
                                     ctypes.addressof(self.array), len(self.parts), self.norm[0].data_ptr(),
                                     self.norm[1], n_heads, self.KV, self.hd, rope.data_ptr(),
                                     POOL_DTYPES[self.pool_dtype], write_slots.data_ptr(), slots.data_ptr(),
-                                    mask.data_ptr(), slots.shape[1], self.hd**-0.5, torch.get_num_threads())
+                                    mask.data_ptr(), slots.shape[1], self.hd**-0.5, *(head or (None, None, 0, 0)),
+                                    rows.data_ptr(), len(rows), None if logits is None else logits.data_ptr(),
+                                    torch.get_num_threads())
         if rc == 3:
             raise IndexError(f"a token id is outside the embedding table [0, {V}): {tokens.tolist()}")
         if rc:
             raise RuntimeError(f"moeray_layers failed ({rc}) on tokens {tuple(tokens.shape)}")
-        return out
+        return out if logits is None else logits
 
 
 def decode_meta(seqs: list[StepSeq], block_size: int, window: int | None,

@@ -320,7 +320,7 @@ def attention_linears(attn: nn.Module) -> tuple[nn.Module, ...]:
     return tuple(cast(nn.Module, attn._modules[n]) for n in ("wq", "wk", "wv", "wo"))
 
 
-def _native_weight(m: nn.Module) -> native.Weight | None:
+def native_weight(m: nn.Module) -> native.Weight | None:
     """A linear's weight as the C kernels read it: a plain fp32 nn.Linear's, or what the module offers
     (QuantLinear.native_weight: int8 on the CPU kernel, weight-only or W8A8; BF16Linear's)."""
     if type(m) is nn.Linear and m.bias is None and m.weight.dtype == torch.float32 and not m.weight.is_meta:
@@ -332,7 +332,7 @@ def _native_weight(m: nn.Module) -> native.Weight | None:
 def _native_weights(linears: tuple[nn.Module, ...]) -> list[native.Weight] | None:
     weights = []
     for m in linears:
-        if (w := _native_weight(m)) is None:
+        if (w := native_weight(m)) is None:
             return None
         weights.append(w)
     return weights

@@ -150,10 +150,28 @@ def test_decode_layers_in_one_call_equal_a_call_a_half_layer(hf_tiny, monkeypatc
     rounding of each other (C's final RMSNorm against torch's) with the same greedy tokens, at every step,
     sequences joining and leaving mid-run (4 prompts of 3 to 14 tokens, 3 at a time, 5 to 12 new tokens; Mistral's
     window of 8 wraps its ring), fp32, int8 (weight-only or W8A8) or bf16 weights (experts, attention and LM
-    head), fp32 or bf16 KV cache."""
+    head), fp32 or bf16 KV cache. The LM head in that call gives the same bits as its own call on the final norm's
+    rows, for the step's rows, some of them out of order, and none."""
+    from kernels.packing import call
+
     calls = []
     run = native.Layers.run
-    monkeypatch.setattr(native.Layers, "run", lambda self, *a: calls.append(len(self.parts)) or run(self, *a))
+
+    def checked(self, *a):
+        calls.append(len(self.parts))
+        assert self.head is not None  # every weight kind here has its head in the call
+        *step, rows = a
+        head, self.head = self.head, None  # the final norm's output (the KV rows written again, the same values)
+        try:
+            h = run(self, *step, rows)
+        finally:
+            self.head = head
+        for some in (rows.flip(0)[: max(1, len(rows) - 1)], rows[:0]):
+            assert torch.equal(run(self, *step, some), call(head_of[0], h[some]))
+        return run(self, *a)
+
+    head_of = []  # the one-call engine's LM head
+    monkeypatch.setattr(native.Layers, "run", checked)
     config = EngineConfig(dtype="float32", expert_quant=quant, weight_quant=quant, kv_cache_dtype=kv, max_num_seqs=3)
     logits: dict[str, list[torch.Tensor]] = {}
     engines = {}
@@ -161,7 +179,9 @@ def test_decode_layers_in_one_call_equal_a_call_a_half_layer(hf_tiny, monkeypatc
         eng = engines[way] = Engine.from_dir(hf_tiny, config)
         model = eng.executor.model
         if way == "half-layers":
-            model.native_layers = lambda h, step: None
+            model.native_layers = lambda *a: None
+        else:
+            head_of.append(model.output)
         forward = eng.executor.forward
         eng.executor.forward = lambda *a, way=way, forward=forward: logits.setdefault(way, []).append(
             forward(*a)) or logits[way][-1]

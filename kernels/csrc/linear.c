@@ -1053,12 +1053,16 @@ typedef struct {
  * tokens [B], rows tokens[b] of the embedding table embed [V, D] fp32; out: the last layer's output, or given
  * final_norm [D], its RMSNorm with final_eps); each layer h = moeray_attention_block(x), then x = h + f(ffn_norm(h))
  * (moeray_moe or moeray_ffn): the same calls, so the same bits, as one call a half-layer. The step's shapes (H, KV,
- * hd), RoPE, pool dtype, write and read slots, mask and scale are every layer's. 0 on success, 3 a token out of
- * range, else a half-layer's code. */
+ * hd), RoPE, pool dtype, write and read slots, mask and scale are every layer's. Given head (an LM head [O, D] of
+ * linear_of's head_wtype, scales head_s), also logits [n, O] of rows head_rows [n] of the output, as moeray_linear_*
+ * computes them on those rows (n may be 0). 0 on success, 3 a token out of range, else a half-layer's code (or the
+ * head's: 1 bad arguments, 2 out of memory). */
 int moeray_layers(float *x, int64_t B, int64_t D, const float *embed, int64_t V, const int64_t *tokens,
                   const moeray_layer *layers, int64_t count, const float *final_norm, float final_eps, int64_t H,
                   int64_t KV, int64_t hd, const float *rope, int pool_bf16, const int64_t *write_slots,
-                  const int64_t *slots, const uint8_t *mask, int64_t C, float scale, int threads) {
+                  const int64_t *slots, const uint8_t *mask, int64_t C, float scale, const void *head,
+                  const uint16_t *head_s, int head_wtype, int64_t O, const int64_t *head_rows, int64_t n, float *logits,
+                  int threads) {
     if (tokens)
         for (int64_t b = 0; b < B; b++) {
             if (tokens[b] < 0 || tokens[b] >= V) return 3;
@@ -1079,6 +1083,18 @@ int moeray_layers(float *x, int64_t B, int64_t D, const float *embed, int64_t V,
                                   l->s3[0], l->s2[0], l->ffn_wtype, x, threads);
     }
     if (!rc && final_norm) rms_norm(x, B, D, final_norm, final_eps, x); /* in place: a row's reads before its writes */
+    if (!rc && head && n) {
+        job_fn lin = linear_of(head_wtype);
+        int all = n == B; /* rows 0 .. B - 1 in order: x as it is, else the rows gathered into h */
+        if (n > B) rc = 1;
+        for (int64_t r = 0; r < n && !rc; r++) {
+            if (head_rows[r] < 0 || head_rows[r] >= B) rc = 1;
+            all &= head_rows[r] == r;
+        }
+        if (!rc && !all)
+            for (int64_t r = 0; r < n; r++) memcpy(h + r * D, x + head_rows[r] * D, sizeof(float) * D);
+        if (!rc) rc = lin && !too_wide(head_wtype, D, O) ? linear(lin(all ? x : h, n, D, head, head_s, O, logits), threads) : 1;
+    }
     free(h);
     return rc;
 }
