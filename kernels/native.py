@@ -29,12 +29,12 @@ through ctypes: the fp32-activation parts of a decode step, and sampling's pass 
   combine) and the attention half of a decode layer (norm, QKV, RoPE, KV write, attention, wo, residual) in one
   call each, fp32, int8, W8A8 or bf16 weights: around the linears, a MoE layer took ~36 small torch ops and an attention
   ~25, more time at batch 1 than reading int8 weights. `Layers.run`: a decode step from its tokens' embedding rows
-  through every layer (those same calls one after another, so the same bits) to the final RMSNorm in one call,
-  where Python between the half-layers cost ~50 us a layer.
+  through every layer (those same calls one after another, so the same bits) to the final RMSNorm and the LM head
+  in one call, where Python between the half-layers cost ~50 us a layer and the LM head's own call ~40 us a step.
 - `decode_meta`: a decode step's attention metadata and RoPE (DecodeMetadata.build's and rope_freqs', the
   references) in one call where their dozen tensor ops took 140-280 us.
 - `row_stats`: each logits row's max, where it first occurs and its logsumexp, in one pass (sampling's; torch's
-  max over a row of 32000 took 52 us and its exp another 28).
+  max over a row of 32000 took 52 us and its exp another 28), a row split among the threads in fixed chunks.
 
 All sum each output the same way at any row count (kernels/csrc/linear.c): a row's result never depends on the
 other rows nor on the thread count (16 lanes: one AVX-512 vector, two AVX2 ones). The figures above are an AVX-512
