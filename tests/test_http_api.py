@@ -548,3 +548,43 @@ def test_a_stream_whose_client_left_before_its_first_event_is_aborted(tiny_model
     finally:
         server.stop()
         loop.stop()
+
+
+def test_a_stream_whose_client_left_under_ray_serve_ends_quietly(tiny_model):
+    """Under Ray Serve a client that leaves mid-stream can make the ASGI receive() raise TaskCancelledError (Ray's
+    race, ray-project/ray#52477): the response ends without raising it (Serve printed it as a traceback on the
+    console) and its generation is aborted."""
+    from ray.exceptions import TaskCancelledError
+
+    from cluster.api.http_common import EventStream
+
+    service, loop, server = serve_http(tiny_model)
+
+    async def run():
+        stream = await service.open_stream(service.tokenizer.encode("Hello", bos=True),
+                                           SamplingParams(max_tokens=300, ignore_eos=True))
+
+        async def events():
+            async for ev in stream:
+                yield ev.text
+
+        sent = asyncio.Event()
+
+        async def send(message):
+            sent.set()
+
+        async def cancelled():  # Serve's receive() once the request's task is cancelled
+            await sent.wait()
+            raise TaskCancelledError()
+
+        aborted = service.metrics.requests.labels("abort")
+        before = aborted._value.get()
+        await EventStream(events(), [stream])({"type": "http"}, cancelled, send)  # no exception
+        assert sent.is_set() and aborted._value.get() == before + 1
+        return await wait_idle(service)
+
+    try:
+        assert load(asyncio.run(run())) == IDLE
+    finally:
+        server.stop()
+        loop.stop()

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
+from ray.exceptions import TaskCancelledError
 
 from cluster.api.service import (
     MAX_REQUEST_BYTES,
@@ -126,11 +127,22 @@ def sse(data: Any, prefix: str = "data: ") -> str:
     return f"{prefix}{json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def client_left(e: BaseException) -> bool:
+    """Whether `e` is Ray Serve's TaskCancelledError from receive() after the client left, alone or all of an
+    exception group's (anyio's task group)."""
+    if isinstance(e, TaskCancelledError):
+        return True
+    inner: Sequence[BaseException] = getattr(e, "exceptions", ())
+    return bool(inner) and all(client_left(x) for x in inner)
+
+
 class EventStream(StreamingResponse):
     """An SSE response over the generations in `streams` that closes them however it ends: they abort and
     free their KV cache. On a client disconnect Starlette cancels the sending task, which can leave the
     generator suspended at a `yield` (closing it runs its `finally`) or not started at all (then closing
-    it runs nothing, so the streams are closed here too; closing twice is a no-op)."""
+    it runs nothing, so the streams are closed here too; closing twice is a no-op). Under Ray Serve the client
+    leaving can also come as `receive()` raising TaskCancelledError (ray-project/ray#52477): that ends the response
+    the same way, without a traceback on the console (Serve printed it as an exception never retrieved)."""
 
     body_iterator: AsyncGenerator[str, None]  # `events`, as given: closable
 
@@ -141,6 +153,9 @@ class EventStream(StreamingResponse):
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except Exception as e:
+            if not client_left(e):
+                raise
         finally:
             await self.body_iterator.aclose()
             await close_all(self.streams)
