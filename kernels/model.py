@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -60,33 +59,51 @@ from kernels.rope import apply_rope, inv_freq, rope_freqs
 LayersStage = Callable[[torch.Tensor, Any], torch.Tensor]  # (h [T, D] embedded, step) -> h after every layer
 
 
-@dataclass
 class Step:
     """What every layer's attention reads in one step: where the step's tokens are (meta), their RoPE
-    rotations (freqs) and the KV pools (cache). Built once per step, by `begin`."""
+    rotations (freqs) and the KV pools (cache). Built once per step, by `begin`. A decode step on CPU where the
+    kernels run holds `decode` (native.DecodeInputs), from which moeray_layers makes its metadata and RoPE in its
+    own call; meta, freqs and decode_args are made from it (one C call, native.decode_meta_of) only where something
+    else reads them (a call a half-layer, the torch path)."""
 
-    meta: AttentionMetadata | DecodeMetadata
-    freqs: torch.Tensor  # [T, hd/2]
-    cache: KVCache
+    def __init__(self, cache: KVCache, decode: native.DecodeInputs | None = None,
+                 meta: AttentionMetadata | DecodeMetadata | None = None, freqs: torch.Tensor | None = None):
+        self.cache, self.decode = cache, decode
+        if decode is None:
+            self.__dict__.update(meta=meta, freqs=freqs)  # meta's and freqs', made
 
     @classmethod
     def begin(cls, seqs: list[StepSeq], args: ModelArgs, cache: KVCache) -> Step:
         """The per-step prologue, in the single-process engine and in an attention actor alike. The
         metadata is built on CPU (many tiny ops) and copied to the cache's device once, not per layer; a decode
-        step on CPU has it and its RoPE made by one C call where the kernels run (native.decode_meta)."""
-        if cache.device.type == "cpu" and all(s.n == 1 for s in seqs) and (made := native.decode_meta(
+        step on CPU where the kernels run holds what its metadata is made of (native.decode_inputs)."""
+        if cache.device.type == "cpu" and all(s.n == 1 for s in seqs) and (decode := native.decode_inputs(
                 seqs, cache.block_size, args.sliding_window, inv_freq(args.head_dim, args.rope_theta, cache.device))):
-            decode, rope, mask = made
-            step = cls(decode, torch.view_as_complex(rope), cache)
-            step.__dict__["decode_args"] = rope, decode.write_slots, decode.ctx_slots, mask  # decode_args', made
-            return step
+            return cls(cache, decode)
         meta = step_metadata(seqs, cache.block_size, args.sliding_window).to(cache.device)
-        return cls(meta, rope_freqs(meta.positions, args.head_dim, args.rope_theta), cache)  # [T, hd/2]
+        return cls(cache, meta=meta, freqs=rope_freqs(meta.positions, args.head_dim, args.rope_theta))  # [T, hd/2]
+
+    @functools.cached_property
+    def made(self) -> tuple[DecodeMetadata, torch.Tensor, torch.Tensor]:
+        """`decode`'s metadata, RoPE [B, hd/2, 2] and mask [B, C] (native.decode_meta_of)."""
+        assert self.decode is not None
+        return native.decode_meta_of(self.decode)
+
+    @functools.cached_property
+    def meta(self) -> AttentionMetadata | DecodeMetadata:
+        return self.made[0]
+
+    @functools.cached_property
+    def freqs(self) -> torch.Tensor:  # [T, hd/2]
+        return torch.view_as_complex(self.made[1])
 
     @functools.cached_property
     def decode_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """A decode step (DecodeMetadata) as moeray's C kernels read it, made once for all its layers: RoPE
         [B, hd/2, 2] (cos, sin), write slots [B], read slots [B, C] and mask [B, C]."""
+        if self.decode is not None:
+            made, rope, mask = self.made
+            return rope, made.write_slots, made.ctx_slots, mask
         meta = self.meta
         assert isinstance(meta, DecodeMetadata)
         return torch.view_as_real(self.freqs), meta.write_slots, meta.ctx_slots, meta.mask[:, 0, 0]
@@ -364,7 +381,7 @@ class Transformer(nn.Module):
         within an ulp of torch's) without their torch ops, each slowed by the weights just streamed; the LM head
         (where the kernels read it) the same bits as its own call on those rows. tokens [B] -> fp32 logits [S, V] of
         the rows logits_index [S] (as forward); else None."""
-        if not isinstance(step.meta, DecodeMetadata) or tokens.device.type != "cpu" or not self.layers:
+        if step.decode is None or tokens.device.type != "cpu" or not self.layers:
             return None
         cache = step.cache
         key = changes(), cache.k.data_ptr(), cache.v.data_ptr()
@@ -376,7 +393,7 @@ class Transformer(nn.Module):
                                                  self.tok_embeddings.weight, (self.norm.weight, self.norm.eps),
                                                  native_weight(self.output)) if len(parts) == len(blocks) else None
         stack = self._native_layers[1]
-        if stack is None or (out := stack.run(tokens, *step.decode_args, self.args.n_heads, logits_index)) is None:
+        if stack is None or (out := stack.run(tokens, step.decode, self.args.n_heads, logits_index)) is None:
             return None
         return out if stack.head is not None else call(self.output, out[logits_index]).float()
 

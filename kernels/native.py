@@ -31,8 +31,8 @@ through ctypes: the fp32-activation parts of a decode step, and sampling's pass 
   ~25, more time at batch 1 than reading int8 weights. `Layers.run`: a decode step from its tokens' embedding rows
   through every layer (those same calls one after another, so the same bits) to the final RMSNorm and the LM head
   in one call, where Python between the half-layers cost ~50 us a layer and the LM head's own call ~40 us a step.
-- `decode_meta`: a decode step's attention metadata and RoPE (DecodeMetadata.build's and rope_freqs', the
-  references) in one call where their dozen tensor ops took 140-280 us.
+- `decode_meta_of`: a decode step's attention metadata and RoPE (DecodeMetadata.build's and rope_freqs', the
+  references) in one call where their dozen tensor ops took 140-280 us; `Layers.run` makes them in its own call.
 - `row_stats`: each logits row's max, where it first occurs and its logsumexp, in one pass (sampling's; torch's
   max over a row of 32000 took 52 us and its exp another 28), a row split among the threads in fixed chunks.
 
@@ -136,8 +136,8 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                                            ctypes.c_int]
     lib.moeray_row_stats.argtypes = [p, i64, i64, p, p, p, ctypes.c_int]
     lib.moeray_w8a8_block.argtypes = []
-    lib.moeray_layers.argtypes = [p, i64, i64, p, i64, p, p, i64, p, f32, i64, i64, i64, p, ctypes.c_int, p, p, p,
-                                  i64, f32, p, p, ctypes.c_int, i64, p, i64, p, ctypes.c_int]
+    lib.moeray_layers.argtypes = [p, i64, i64, p, i64, p, p, i64, p, f32, i64, i64, i64, ctypes.c_int, p, i64, p, p,
+                                  i64, i64, i64, p, i64, f32, p, p, ctypes.c_int, i64, p, i64, p, ctypes.c_int]
     lib.moeray_decode_meta.argtypes = [i64, p, i64, p, p, i64, i64, i64, p, i64, p, p, p, p]
     for fn in (lib.moeray_linear_f32, lib.moeray_linear_i8, lib.moeray_linear_w8a8, lib.moeray_linear_bf16,
                lib.moeray_decode_attention,
@@ -465,55 +465,81 @@ class Layers:
             head = None
         return cls(parts, k_pools, v_pools, embedding, norm, head, lib)
 
-    def run(self, tokens: torch.Tensor, rope: torch.Tensor, write_slots: torch.Tensor, slots: torch.Tensor,
-            mask: torch.Tensor, n_heads: int, rows: torch.Tensor) -> torch.Tensor | None:
-        """A decode step's tokens int64 [B] (1 to MAX_ROWS; the other arguments as AttentionWeights.block's) -> with
-        a head, the logits fp32 [S, O] of the rows `rows` int64 [S] of the output; without, the final norm of the
-        last layer's output fp32 [B, D]. The pools written in place. None where it does not run (another dtype, more
-        rows); IndexError for a token outside the embedding table."""
+    def run(self, tokens: torch.Tensor, decode: DecodeInputs, n_heads: int, rows: torch.Tensor) -> torch.Tensor | None:
+        """A decode step's tokens int64 [B] (1 to MAX_ROWS), what its metadata and RoPE are made of (decode: made in
+        the same call, as decode_meta_of makes them) -> with a head, the logits fp32 [S, O] of the rows `rows` int64
+        [S] of the output; without, the final norm of the last layer's output fp32 [B, D]. The pools written in
+        place. None where it does not run (another dtype, more rows); IndexError for a token outside the embedding
+        table, ValueError for metadata that cannot be made (decode_meta_of's)."""
         (B,) = tokens.shape
-        if tokens.dtype != torch.int64 or rows.dtype != torch.int64 or not 1 <= B <= MAX_ROWS:
+        if (tokens.dtype != torch.int64 or rows.dtype != torch.int64 or not 1 <= B <= MAX_ROWS or decode.B != B
+                or not tokens.is_contiguous() or not rows.is_contiguous()):
             return None
-        tokens, rope, slots, mask = tokens.contiguous(), rope.contiguous(), slots.contiguous(), mask.contiguous()
-        write_slots, rows = write_slots.contiguous(), rows.contiguous()
         out = torch.empty(B, self.D)
         head = self.head
         logits = None if head is None else torch.empty(len(rows), head[3])
         V = self.embedding.shape[0]
         rc = self.lib.moeray_layers(out.data_ptr(), B, self.D, self.embedding.data_ptr(), V, tokens.data_ptr(),
                                     ctypes.addressof(self.array), len(self.parts), self.norm[0].data_ptr(),
-                                    self.norm[1], n_heads, self.KV, self.hd, rope.data_ptr(),
-                                    POOL_DTYPES[self.pool_dtype], write_slots.data_ptr(), slots.data_ptr(),
-                                    mask.data_ptr(), slots.shape[1], self.hd**-0.5, *(head or (None, None, 0, 0)),
-                                    rows.data_ptr(), len(rows), None if logits is None else logits.data_ptr(),
-                                    torch.get_num_threads())
+                                    self.norm[1], n_heads, self.KV, self.hd, POOL_DTYPES[self.pool_dtype],
+                                    *decode.args(), self.hd**-0.5, *(head or (None, None, 0, 0)), rows.data_ptr(),
+                                    len(rows), None if logits is None else logits.data_ptr(), torch.get_num_threads())
         if rc == 3:
             raise IndexError(f"a token id is outside the embedding table [0, {V}): {tokens.tolist()}")
+        if rc == 4:
+            decode_meta_of(decode)  # raises its ValueError
         if rc:
             raise RuntimeError(f"moeray_layers failed ({rc}) on tokens {tuple(tokens.shape)}")
         return out if logits is None else logits
 
 
-def decode_meta(seqs: list[StepSeq], block_size: int, window: int | None,
-                inv_freq: torch.Tensor) -> tuple[DecodeMetadata, torch.Tensor, torch.Tensor] | None:
-    """A decode step's DecodeMetadata (as DecodeMetadata.build's, the reference), its RoPE [B, hd/2, 2] (cos, sin:
-    rope_freqs' within an ulp, C's cosf and sinf against torch's) and its mask [B, C], by one C call (in a step's
-    prologue the dozen tensor ops of build and rope_freqs cost 140-280 us, each slowed by the weights just streamed).
-    inv_freq: rope's [hd/2] fp32. None where it does not run (no library); ValueError for a block table too short
-    (AssertionError in build)."""
-    if (lib := library()) is None or inv_freq.dtype != torch.float32 or inv_freq.device.type != "cpu":
+class DecodeInputs(NamedTuple):
+    """What a decode step's metadata and RoPE are made of, as moeray_decode_meta reads them (decode_inputs): B
+    sequences; ints: their positions [B], ring sizes [B], then each block table's first `width` blocks [B, width]
+    (0 past its end); C, the most keys a sequence reads; block_size; window (0: none); inv_freq: rope's [hd/2] fp32."""
+
+    B: int
+    width: int
+    C: int
+    block_size: int
+    window: int
+    ints: torch.Tensor
+    inv_freq: torch.Tensor
+
+    def args(self) -> tuple[int, ...]:
+        """moeray_decode_meta's arguments after B: tables, width, starts, rings, block_size, window, C, inv_freq,
+        half."""
+        at, B = self.ints.data_ptr(), self.B
+        return (at + 16 * B, self.width, at, at + 8 * B, self.block_size, self.window, self.C, self.inv_freq.data_ptr(),
+                self.inv_freq.shape[0])
+
+
+def decode_inputs(seqs: list[StepSeq], block_size: int, window: int | None,
+                  inv_freq: torch.Tensor) -> DecodeInputs | None:
+    """A decode step's DecodeInputs (one tensor op: what Step.begin does on CPU where the kernels run); None where
+    they do not run (no library)."""
+    if library() is None or inv_freq.dtype != torch.float32 or inv_freq.device.type != "cpu":
         return None
     assert all(s.n == 1 for s in seqs), "a decode step has one new token per sequence"
-    B, half = len(seqs), inv_freq.shape[0]
     starts, rings, C, tables = decode_extent(seqs, block_size)
-    width = len(tables[0])
     ints = torch.tensor([*starts, *rings, *(b for table in tables for b in table)])
+    return DecodeInputs(len(seqs), len(tables[0]), C, block_size, window or 0, ints, inv_freq)
+
+
+def decode_meta_of(d: DecodeInputs) -> tuple[DecodeMetadata, torch.Tensor, torch.Tensor]:
+    """The DecodeMetadata (as DecodeMetadata.build's, the reference), RoPE [B, hd/2, 2] (cos, sin: rope_freqs' within
+    an ulp, C's cosf and sinf against torch's) and mask [B, C] of a decode step, by one C call (in a step's prologue
+    the dozen tensor ops of build and rope_freqs cost 140-280 us, each slowed by the weights just streamed).
+    ValueError for a block table too short (AssertionError in build)."""
+    lib = library()
+    assert lib is not None, "DecodeInputs are made where the library is"
+    B, C, half = d.B, d.C, d.inv_freq.shape[0]
     slots = torch.empty(B * (C + 1), dtype=torch.int64)  # write slots [B], then the read slots [B, C]
     mask, rope = torch.empty(B, C, dtype=torch.bool), torch.empty(B, half, 2)
-    at = ints.data_ptr()
-    if lib.moeray_decode_meta(B, at + 16 * B, width, at, at + 8 * B, block_size, window or 0, C, inv_freq.data_ptr(),
-                              half, slots.data_ptr(), slots.data_ptr() + 8 * B, mask.data_ptr(), rope.data_ptr()):
-        raise ValueError(f"decode metadata: a block table too short, or bad arguments: {seqs}")
-    meta = DecodeMetadata(positions=ints[:B], ctx_slots=slots[B:].view(B, C), mask=mask[:, None, None],
+    if lib.moeray_decode_meta(B, *d.args(), slots.data_ptr(), slots.data_ptr() + 8 * B, mask.data_ptr(),
+                              rope.data_ptr()):
+        raise ValueError(f"decode metadata: a block table too short, or bad arguments: positions {d.ints[:B].tolist()},"
+                         f" rings {d.ints[B : 2 * B].tolist()}, tables {d.ints[2 * B :].view(B, -1).tolist()}")
+    meta = DecodeMetadata(positions=d.ints[:B], ctx_slots=slots[B:].view(B, C), mask=mask[:, None, None],
                           write_slots=slots[:B])
     return meta, rope, mask

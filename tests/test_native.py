@@ -152,7 +152,9 @@ def test_decode_layers_in_one_call_equal_a_call_a_half_layer(hf_tiny, monkeypatc
     window of 8 wraps its ring), fp32, int8 (weight-only or W8A8) or bf16 weights (experts, attention and LM
     head), fp32 or bf16 KV cache. The LM head in that call gives the same bits as its own call on the final norm's
     rows, for the step's rows, some of them out of order, and none."""
+    from kernels.cache import StepSeq
     from kernels.packing import call
+    from kernels.rope import inv_freq
 
     calls = []
     run = native.Layers.run
@@ -194,6 +196,14 @@ def test_decode_layers_in_one_call_equal_a_call_a_half_layer(hf_tiny, monkeypatc
         assert torch.equal(a.argmax(-1), b.argmax(-1))
     caches = [e.executor.cache for e in engines.values()]
     assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    # the metadata is made in the call: a block table too short for its position is refused there, nothing run
+    model = engines["one call"].executor.model
+    stack, args = model._native_layers[1], model.args
+    short = native.decode_inputs([StepSeq([1], 40, 1)], caches[0].block_size, None,
+                                 inv_freq(args.head_dim, args.rope_theta, torch.device("cpu")))
+    with pytest.raises(ValueError, match="too short"):
+        stack.run(torch.tensor([5]), short, args.n_heads, torch.tensor([0]))
+    assert torch.equal(caches[0].k, caches[1].k)
     # a linear replaced after packing: its layer no longer holds what the kernels read, so no call takes it
     ff = engines["one call"].executor.model.layers[0].feed_forward
     ffn = ff.experts[0] if hasattr(ff, "experts") else ff
@@ -331,10 +341,11 @@ def test_attention_block_equals_the_torch_path_and_is_per_sequence(hf_tiny, weig
 @pytest.mark.parametrize("window", [None, 5, 12])
 @pytest.mark.parametrize("batch", [1, 3, 16])
 def test_decode_metadata_in_c_equals_the_reference(window, batch):
-    """native.decode_meta (a decode step's prologue in one C call) against DecodeMetadata.build and rope_freqs, the
+    """native.decode_meta_of (a decode step's prologue in one C call) against DecodeMetadata.build and rope_freqs, the
     references: positions, write and read slots and mask equal, RoPE within an ulp; cached lengths 0..40 (windows
-    wrap), scattered block tables longer than their context, unequal contexts side by side. Step.begin takes it at
-    decode on CPU (its decode_args are the C call's). A table too short for its position is refused."""
+    wrap), scattered block tables longer than their context, unequal contexts side by side. Step.begin at decode on
+    CPU holds what it is made of (decode_inputs), and its meta, freqs and decode_args are the C call's when read. A
+    table too short for its position is refused."""
     import random
 
     from kernels.args import ModelArgs
@@ -349,9 +360,9 @@ def test_decode_metadata_in_c_equals_the_reference(window, batch):
     cached = [rnd.randint(0, 40) for _ in range(batch)]
     tables = [[free.pop() for _ in range(blocks_for(c + rnd.randint(1, 9), bs, window))] for c in cached]
     seqs = [StepSeq(t, c, 1) for t, c in zip(tables, cached, strict=True)]
-    made = native.decode_meta(seqs, bs, window, inv_freq(hd, theta, torch.device("cpu")))
-    assert made is not None
-    meta, rope, mask = made
+    inputs = native.decode_inputs(seqs, bs, window, inv_freq(hd, theta, torch.device("cpu")))
+    assert inputs is not None
+    meta, rope, mask = native.decode_meta_of(inputs)
     ref = DecodeMetadata.build(seqs, bs, window)
     for name in ("positions", "ctx_slots", "mask", "write_slots"):
         assert torch.equal(getattr(meta, name), getattr(ref, name)), name
@@ -361,10 +372,15 @@ def test_decode_metadata_in_c_equals_the_reference(window, batch):
     args = ModelArgs(dim=64, n_layers=1, head_dim=hd, hidden_dim=64, n_heads=2, n_kv_heads=1, vocab_size=32,
                      rope_theta=theta, sliding_window=window)
     step = Step.begin(seqs, args, KVCache(1, 400, bs, 1, hd))
+    assert step.decode is not None and "meta" not in step.__dict__  # made only when read
     assert torch.equal(step.decode_args[0], rope) and torch.equal(torch.view_as_real(step.freqs), rope)
+    assert torch.equal(step.decode_args[3], mask) and isinstance(step.meta, DecodeMetadata)
+    for name in ("positions", "ctx_slots", "mask", "write_slots"):
+        assert torch.equal(getattr(step.meta, name), getattr(ref, name)), name
     if window is None:
         with pytest.raises(ValueError, match="too short"):
-            native.decode_meta([StepSeq(tables[0][:1], 4, 1)], bs, window, inv_freq(hd, theta, torch.device("cpu")))
+            native.decode_meta_of(native.decode_inputs([StepSeq(tables[0][:1], 4, 1)], bs, window,
+                                                       inv_freq(hd, theta, torch.device("cpu"))))
 
 
 def test_row_stats_equal_torchs_max_and_logsumexp(monkeypatch):

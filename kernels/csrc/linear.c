@@ -1053,24 +1053,36 @@ typedef struct {
  * tokens [B], rows tokens[b] of the embedding table embed [V, D] fp32; out: the last layer's output, or given
  * final_norm [D], its RMSNorm with final_eps); each layer h = moeray_attention_block(x), then x = h + f(ffn_norm(h))
  * (moeray_moe or moeray_ffn): the same calls, so the same bits, as one call a half-layer. The step's shapes (H, KV,
- * hd), RoPE, pool dtype, write and read slots, mask and scale are every layer's. Given head (an LM head [O, D] of
+ * hd), pool dtype and scale are every layer's, and so are its write and read slots, mask and RoPE, made here first
+ * from tables, width, starts, rings, block_size, window, C, inv_freq and half as moeray_decode_meta makes them (one
+ * call: 4 where it fails, hd not 2 half among others). Given head (an LM head [O, D] of
  * linear_of's head_wtype, scales head_s), also logits [n, O] of rows head_rows [n] of the output, as moeray_linear_*
- * computes them on those rows (n may be 0). 0 on success, 3 a token out of range, else a half-layer's code (or the
- * head's: 1 bad arguments, 2 out of memory). */
+ * computes them on those rows (n may be 0). 0 on success, 3 a token out of range, 4 the metadata, else a half-layer's
+ * code (or the head's: 1 bad arguments, 2 out of memory). */
+int moeray_decode_meta(int64_t B, const int64_t *tables, int64_t width, const int64_t *starts, const int64_t *rings,
+                       int64_t block_size, int64_t window, int64_t C, const float *inv_freq, int64_t half,
+                       int64_t *write_slots, int64_t *ctx_slots, uint8_t *mask, float *rope);
+
 int moeray_layers(float *x, int64_t B, int64_t D, const float *embed, int64_t V, const int64_t *tokens,
                   const moeray_layer *layers, int64_t count, const float *final_norm, float final_eps, int64_t H,
-                  int64_t KV, int64_t hd, const float *rope, int pool_bf16, const int64_t *write_slots,
-                  const int64_t *slots, const uint8_t *mask, int64_t C, float scale, const void *head,
-                  const uint16_t *head_s, int head_wtype, int64_t O, const int64_t *head_rows, int64_t n, float *logits,
-                  int threads) {
+                  int64_t KV, int64_t hd, int pool_bf16, const int64_t *tables, int64_t width, const int64_t *starts,
+                  const int64_t *rings, int64_t block_size, int64_t window, int64_t C, const float *inv_freq,
+                  int64_t half, float scale, const void *head, const uint16_t *head_s, int head_wtype, int64_t O,
+                  const int64_t *head_rows, int64_t n, float *logits, int threads) {
     if (tokens)
         for (int64_t b = 0; b < B; b++) {
             if (tokens[b] < 0 || tokens[b] >= V) return 3;
             memcpy(x + b * D, embed + tokens[b] * D, sizeof(float) * D);
         }
-    float *h = malloc(sizeof(float) * B * D);
+    if (C < 1 || 2 * half != hd) return 4;
+    /* h [B, D], then write_slots [B] and slots [B, C] (int64), rope [B, half, 2] and mask [B, C] (bytes) */
+    float *h = malloc(sizeof(float) * B * D + sizeof(int64_t) * B * (C + 1) + sizeof(float) * B * hd + B * C);
     if (!h) return 2;
-    int rc = 0;
+    int64_t *write_slots = (int64_t *)(h + B * D), *slots = write_slots + B;
+    float *rope = (float *)(slots + B * C);
+    uint8_t *mask = (uint8_t *)(rope + B * hd);
+    int rc = moeray_decode_meta(B, tables, width, starts, rings, block_size, window, C, inv_freq, half, write_slots,
+                                slots, mask, rope) ? 4 : 0;
     for (int64_t i = 0; i < count && !rc; i++) {
         const moeray_layer *l = layers + i;
         rc = moeray_attention_block(x, B, D, l->attn_norm, l->eps, l->wq, l->wk, l->wv, l->wo, l->sq, l->sk, l->sv,
