@@ -515,45 +515,13 @@ def test_oversized_body_is_413_unread(api):
     assert (r.status_code, r.json()["error_type"]) == (413, "validation")
 
 
-def test_a_stream_whose_client_left_before_its_first_event_is_aborted(tiny_model):
+@pytest.mark.parametrize("how", ["before its first event", "under Ray Serve"])
+def test_a_stream_whose_client_left_is_aborted(tiny_model, how):
     """A client that goes away between the SSE headers and the first event: the response's generator never
-    started, so its `finally` cannot close the generation; the response closes it (KV freed, nothing running)."""
-    from cluster.api.http_common import EventStream
-
-    service, loop, server = serve_http(tiny_model)
-
-    async def run():
-        stream = await service.open_stream(service.tokenizer.encode("Hello", bos=True),
-                                           SamplingParams(max_tokens=300, ignore_eos=True))
-
-        async def events():
-            async for ev in stream:
-                yield ev.text
-
-        async def gone(message):
-            raise OSError("the client went away")
-
-        async def no_message():
-            await asyncio.Event().wait()
-
-        aborted = service.metrics.requests.labels("abort")
-        before = aborted._value.get()
-        with contextlib.suppress(Exception):  # the OSError, or an ExceptionGroup holding it (anyio's task group)
-            await EventStream(events(), [stream])({"type": "http"}, no_message, gone)
-        assert aborted._value.get() == before + 1  # closed by the time the response returned, not left to run
-        return await wait_idle(service)
-
-    try:
-        assert load(asyncio.run(run())) == IDLE
-    finally:
-        server.stop()
-        loop.stop()
-
-
-def test_a_stream_whose_client_left_under_ray_serve_ends_quietly(tiny_model):
-    """Under Ray Serve a client that leaves mid-stream can make the ASGI receive() raise TaskCancelledError (Ray's
-    race, ray-project/ray#52477): the response ends without raising it (Serve printed it as a traceback on the
-    console) and its generation is aborted."""
+    started, so its `finally` cannot close the generation; the response closes it (KV freed, nothing running).
+    Under Ray Serve a client that leaves mid-stream can instead make the ASGI receive() raise TaskCancelledError
+    (Ray's race, ray-project/ray#52477): the response ends without raising it (Serve printed it as a traceback on
+    the console), its generation closed the same way."""
     from ray.exceptions import TaskCancelledError
 
     from cluster.api.http_common import EventStream
@@ -571,16 +539,26 @@ def test_a_stream_whose_client_left_under_ray_serve_ends_quietly(tiny_model):
         sent = asyncio.Event()
 
         async def send(message):
+            if how == "before its first event":
+                raise OSError("the client went away")
             sent.set()
 
-        async def cancelled():  # Serve's receive() once the request's task is cancelled
-            await sent.wait()
+        async def receive():
+            if how == "before its first event":
+                await asyncio.Event().wait()
+            await sent.wait()  # Serve's receive() once the request's task is cancelled
             raise TaskCancelledError()
 
         aborted = service.metrics.requests.labels("abort")
         before = aborted._value.get()
-        await EventStream(events(), [stream])({"type": "http"}, cancelled, send)  # no exception
-        assert sent.is_set() and aborted._value.get() == before + 1
+        response = EventStream(events(), [stream])({"type": "http"}, receive, send)
+        if how == "before its first event":
+            with contextlib.suppress(Exception):  # the OSError, or an ExceptionGroup holding it (anyio's task group)
+                await response
+        else:
+            await response  # no exception
+            assert sent.is_set()
+        assert aborted._value.get() == before + 1  # closed by the time the response returned, not left to run
         return await wait_idle(service)
 
     try:
