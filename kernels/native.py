@@ -418,7 +418,7 @@ class Layers:
     def __init__(self, parts: list[LayerParts], k_pools: list[torch.Tensor], v_pools: list[torch.Tensor],
                  embedding: torch.Tensor, norm: Norm, head: Weight | None, lib: ctypes.CDLL):
         self.parts, self.pools, self.embedding, self.norm, self.lib = parts, (k_pools, v_pools), embedding, norm, lib
-        self.head_weight = head
+        self.head_weight = head  # what `head` points to, held
         self.head = None if head is None else (
             head.w.data_ptr(), None if head.scale is None else head.scale.data_ptr(), _wtype([head]), head.w.shape[0])
         self.D = parts[0].ffn.D

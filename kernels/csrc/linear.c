@@ -1049,20 +1049,20 @@ typedef struct {
     const uint16_t *const *s1, *const *s3, *const *s2;
 } moeray_layer;
 
+/* defined below: moeray_layers makes a decode step's metadata with it */
+int moeray_decode_meta(int64_t B, const int64_t *tables, int64_t width, const int64_t *starts, const int64_t *rings,
+                       int64_t block_size, int64_t window, int64_t C, const float *inv_freq, int64_t half,
+                       int64_t *write_slots, int64_t *ctx_slots, uint8_t *mask, float *rope);
+
 /* The layers of a decode step, one after another, in one call: x [B, D] fp32 in place (in: their input, or, given
  * tokens [B], rows tokens[b] of the embedding table embed [V, D] fp32; out: the last layer's output, or given
  * final_norm [D], its RMSNorm with final_eps); each layer h = moeray_attention_block(x), then x = h + f(ffn_norm(h))
  * (moeray_moe or moeray_ffn): the same calls, so the same bits, as one call a half-layer. The step's shapes (H, KV,
  * hd), pool dtype and scale are every layer's, and so are its write and read slots, mask and RoPE, made here first
- * from tables, width, starts, rings, block_size, window, C, inv_freq and half as moeray_decode_meta makes them (one
- * call: 4 where it fails, hd not 2 half among others). Given head (an LM head [O, D] of
- * linear_of's head_wtype, scales head_s), also logits [n, O] of rows head_rows [n] of the output, as moeray_linear_*
- * computes them on those rows (n may be 0). 0 on success, 3 a token out of range, 4 the metadata, else a half-layer's
- * code (or the head's: 1 bad arguments, 2 out of memory). */
-int moeray_decode_meta(int64_t B, const int64_t *tables, int64_t width, const int64_t *starts, const int64_t *rings,
-                       int64_t block_size, int64_t window, int64_t C, const float *inv_freq, int64_t half,
-                       int64_t *write_slots, int64_t *ctx_slots, uint8_t *mask, float *rope);
-
+ * by moeray_decode_meta from tables, width, starts, rings, block_size, window, C, inv_freq and half (2 half = hd).
+ * Given head (an LM head [O, D] of linear_of's head_wtype, scales head_s), also logits [n, O] of rows head_rows [n]
+ * of the output, as moeray_linear_* computes them on those rows (n may be 0). 0 on success, 3 a token out of range,
+ * 4 metadata that cannot be made, else a half-layer's code (or the head's: 1 bad arguments, 2 out of memory). */
 int moeray_layers(float *x, int64_t B, int64_t D, const float *embed, int64_t V, const int64_t *tokens,
                   const moeray_layer *layers, int64_t count, const float *final_norm, float final_eps, int64_t H,
                   int64_t KV, int64_t hd, int pool_bf16, const int64_t *tables, int64_t width, const int64_t *starts,
@@ -1105,7 +1105,8 @@ int moeray_layers(float *x, int64_t B, int64_t D, const float *embed, int64_t V,
         }
         if (!rc && !all)
             for (int64_t r = 0; r < n; r++) memcpy(h + r * D, x + head_rows[r] * D, sizeof(float) * D);
-        if (!rc) rc = lin && !too_wide(head_wtype, D, O) ? linear(lin(all ? x : h, n, D, head, head_s, O, logits), threads) : 1;
+        if (!rc && (!lin || too_wide(head_wtype, D, O))) rc = 1;
+        if (!rc) rc = linear(lin(all ? x : h, n, D, head, head_s, O, logits), threads);
     }
     free(h);
     return rc;
