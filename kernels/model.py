@@ -317,7 +317,7 @@ class TransformerBlock(nn.Module):
         """x + attention(attention_norm(x)) of a decode step on CPU by moeray's C attention block (one call:
         norm, QKV, RoPE, KV write, attention over the pools in place, wo, residual; kernels/native.py) where it
         runs: fp32, weights fp32 or int8, up to native.MAX_ROWS sequences; else None (the torch path runs)."""
-        if not isinstance(step.meta, DecodeMetadata) or x.device.type != "cpu":
+        if step.decode is None or x.device.type != "cpu":
             return None
         if (w := self.attention.native_weights()) is None:
             return None
