@@ -99,14 +99,10 @@ class Step:
 
     @functools.cached_property
     def decode_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A decode step (DecodeMetadata) as moeray's C kernels read it, made once for all its layers: RoPE
+        """A decode step (`decode`) as moeray's C attention block reads it, made once for all its layers: RoPE
         [B, hd/2, 2] (cos, sin), write slots [B], read slots [B, C] and mask [B, C]."""
-        if self.decode is not None:
-            made, rope, mask = self.made
-            return rope, made.write_slots, made.ctx_slots, mask
-        meta = self.meta
-        assert isinstance(meta, DecodeMetadata)
-        return torch.view_as_real(self.freqs), meta.write_slots, meta.ctx_slots, meta.mask[:, 0, 0]
+        made, rope, mask = self.made
+        return rope, made.write_slots, made.ctx_slots, mask
 
 
 class RMSNorm(nn.Module):
