@@ -30,7 +30,8 @@ through ctypes: the fp32-activation parts of a decode step, and sampling's pass 
   call each, fp32, int8, W8A8 or bf16 weights: around the linears, a MoE layer took ~36 small torch ops and an attention
   ~25, more time at batch 1 than reading int8 weights. `Layers.run`: a decode step from its tokens' embedding rows
   through every layer (those same calls one after another, so the same bits) to the final RMSNorm and the LM head
-  in one call, where Python between the half-layers cost ~50 us a layer and the LM head's own call ~40 us a step.
+  in one call, where Python between the half-layers cost ~50 us a layer and the LM head's own call ~40 us a step;
+  a step of up to MAX_ROWS tokens with prompt chunks too, each token a decode row (kernels.model.token_rows).
 - `decode_meta_of`: a decode step's attention metadata and RoPE (DecodeMetadata.build's and rope_freqs', the
   references) in one call where their dozen tensor ops took 140-280 us; `Layers.run` makes them in its own call.
 - `row_stats`: each logits row's max, where it first occurs and its logsumexp, in one pass (sampling's; torch's

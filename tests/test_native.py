@@ -109,12 +109,16 @@ def test_kernels_build_and_agree_on_cpus_without_avx512(hf_mixtral, monkeypatch,
 
 @pytest.mark.parametrize("kernel", ["ours", "none"])
 def test_fp32_engine_with_and_without_the_kernels(hf_tiny, monkeypatch, kernel):
-    """The fp32 engine runs the C kernels: the linear for fused wq|wk|wv, wo (prefill chunks of up to 32 rows) and
-    the LM head, the MoE kernel for a Mixtral layer's experts (the FFN kernel for Mistral's dense FFN), and at
-    decode every layer in one call (Layers.run: the attention block and those); where they cannot build (no
-    compiler: library() None) torch's path runs, MKL on the transposed fast layout. Greedy tokens equal
-    transformers' either way."""
-    calls = []
+    """The fp32 engine runs the C kernels: every step of up to MAX_ROWS tokens, decodes and prompt chunks alike,
+    from its tokens to its logits in one call (Layers.run: every layer's attention block and MoE or FFN kernel, the
+    LM head); a prompt chunk that cannot run as decode rows (model.token_rows: here made so) a half-layer at a time,
+    the linear kernel for fused wq|wk|wv, wo and the LM head, the MoE kernel for a Mixtral layer's experts (the FFN
+    kernel for Mistral's dense FFN); a step of more tokens a half-layer at a time too, its linears MKL on the
+    transposed fast layout. Where they cannot build (no compiler: library() None) torch's path runs. Greedy tokens
+    equal transformers' either way."""
+    import kernels.model
+
+    calls: list = []
     if kernel == "none":
         monkeypatch.setattr(kernels.native, "library", lambda: None)
     else:
@@ -125,20 +129,32 @@ def test_fp32_engine_with_and_without_the_kernels(hf_tiny, monkeypatch, kernel):
         linear = kernels.native.linear
         monkeypatch.setattr(kernels.native, "linear", lambda x, w: calls.append(tuple(w.shape)) or linear(x, w))
         layers = native.Layers.run
-        monkeypatch.setattr(native.Layers, "run", lambda self, *a: calls.append("layers") or layers(self, *a))
+        monkeypatch.setattr(native.Layers, "run", lambda self, t, *a: calls.append(("layers", len(t))) or layers(
+            self, t, *a))
     model = build_role(Checkpoint.open(hf_tiny), EngineConfig(), Holds(whole=True)).model
     assert model.output.weight.is_contiguous() == (kernel == "ours")  # [V, D], V > D: stored transposed for MKL
-    ps = prompts((3, 9))
-    got = Engine.from_dir(hf_tiny).generate(ps, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     ref = hf_model(hf_tiny)
+    engine = Engine.from_dir(hf_tiny)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    for lengths in ((3, 9), (40,)):  # a first step of 12 tokens, then one of 40
+        ps = prompts(lengths)
+        got = engine.generate(ps, params)
+        assert [r.token_ids for r in got] == [hf_greedy(ref, p)[0][:6] for p in ps]
+    if kernel == "none":
+        assert calls == []
+        return
+    assert ("layers", 12) in calls and ("layers", 40) not in calls and calls.count(("layers", 1)) == 5
+    calls.clear()
+    token_rows = kernels.model.token_rows
+    monkeypatch.setattr(kernels.model, "token_rows", lambda seqs, cache: token_rows(seqs, cache) if all(
+        s.n == 1 for s in seqs) else None)
+    ps = prompts((3, 9))
+    got = engine.generate(ps, params)
     assert [r.token_ids for r in got] == [hf_greedy(ref, p)[0][:6] for p in ps]
     a = model.args
-    if kernel == "ours":
-        qkv = ((a.n_heads + 2 * a.n_kv_heads) * a.head_dim, a.dim)
-        assert {(a.vocab_size, a.dim), qkv, (a.dim, a.n_heads * a.head_dim), "moe" if a.moe else "ffn",
-                "layers"} <= set(calls)
-    else:
-        assert calls == []
+    qkv = ((a.n_heads + 2 * a.n_kv_heads) * a.head_dim, a.dim)
+    assert {(a.vocab_size, a.dim), qkv, (a.dim, a.n_heads * a.head_dim), "moe" if a.moe else "ffn",
+            ("layers", 2)} <= set(calls)
 
 
 @pytest.mark.parametrize("quant,kv", [("none", "float32"), ("int8", "bfloat16"), ("w8a8", "float32"),
@@ -211,6 +227,75 @@ def test_decode_layers_in_one_call_equal_a_call_a_half_layer(hf_tiny, monkeypatc
     before = len(calls)
     engines["one call"].generate(prompts((4,)), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     assert len(calls) == before
+
+
+@pytest.mark.parametrize("quant,kv", [("none", "float32"), ("w8a8", "float32"), ("none", "bfloat16")])
+def test_prompt_chunks_as_decode_rows_equal_the_chunks_attention(hf_tiny, monkeypatch, quant, kv):
+    """A step of at most MAX_ROWS tokens runs its prompt chunks as decode rows (model.token_rows: each token its
+    own row, its keys written to the pools first and read from there, in the one call of every layer), where a
+    chunk's writes do not wrap its ring and the pool stores keys as computed (fp32). Against the same engine with
+    chunks attending as chunks (step_metadata, torch's paged attention): at every step the logits within fp32
+    rounding (W8A8: within its rounding of the activations) and the same greedy tokens, the KV caches close;
+    chunks of up to 12 tokens mixed with decodes, across blocks of 16, sequences joining and leaving, prefix-cache
+    hits (the prompts run twice: Mixtral), Mistral's window of 8 (its ring of 16: a chunk that would wrap it runs as
+    a chunk). A bf16 pool keeps every chunk a chunk: the same bits as that engine."""
+    import kernels.model
+
+    token_rows = kernels.model.token_rows
+    used = {"rows": 0, "chunks": 0}
+
+    def counted(seqs, cache):
+        rows = token_rows(seqs, cache)
+        if any(s.n > 1 for s in seqs):
+            used["rows" if rows is not None else "chunks"] += 1
+        return rows
+
+    config = EngineConfig(dtype="float32", expert_quant=quant, weight_quant=quant, kv_cache_dtype=kv,
+                          max_num_batched_tokens=12, max_num_seqs=3)
+    logits: dict[str, list[torch.Tensor]] = {}
+    engines = {}
+    for way in ("rows", "chunks"):
+        monkeypatch.setattr(kernels.model, "token_rows", counted if way == "rows" else (
+            lambda seqs, cache: token_rows(seqs, cache) if all(s.n == 1 for s in seqs) else None))
+        eng = engines[way] = Engine.from_dir(hf_tiny, config)
+        forward = eng.executor.forward
+        eng.executor.forward = lambda *a, way=way, forward=forward: logits.setdefault(way, []).append(
+            forward(*a)) or logits[way][-1]
+        params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (12, 5, 8, 7, 4)]
+        for _ in range(2):
+            eng.generate(prompts((3, 9, 14, 6, 20)), params)
+    if kv == "float32":
+        assert used["rows"] > 3
+        if engines["rows"].executor.model.args.sliding_window:
+            assert used["chunks"] > 0
+    else:
+        assert used["rows"] == 0
+    assert len(logits["rows"]) == len(logits["chunks"]) > 20
+    atol = 1e-4 if quant == "none" else 5e-2
+    for a, b in zip(logits["rows"], logits["chunks"], strict=True):
+        if kv != "float32":
+            assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+    caches = [e.executor.cache for e in engines.values()]
+    torch.testing.assert_close(caches[0].k, caches[1].k, atol=atol, rtol=0)
+    torch.testing.assert_close(caches[0].v, caches[1].v, atol=atol, rtol=0)
+
+
+def test_token_rows_are_the_steps_tokens_where_that_is_the_same_attention():
+    from kernels.cache import KVCache, StepSeq
+    from kernels.model import token_rows
+
+    cache = KVCache(1, 16, 4, 1, 16)
+    decode = [StepSeq([1, 2], 5, 1), StepSeq([3], 0, 1)]
+    assert token_rows(decode, cache) == decode
+    mixed = [StepSeq([1, 2], 5, 1), StepSeq([3, 4], 2, 3)]  # a chunk: positions 2, 3, 4 of a ring of 8
+    assert token_rows(mixed, cache) == [StepSeq([1, 2], 5, 1), *(StepSeq([3, 4], p, 1) for p in (2, 3, 4))]
+    assert token_rows([StepSeq([3, 4], 6, 3)], cache) is None  # its writes wrap the ring (a window's)
+    assert token_rows([StepSeq(list(range(9)), 0, native.MAX_ROWS + 1)], cache) is None  # a chunk past MAX_ROWS
+    assert token_rows([StepSeq([1] * 9, 0, 1)] * (native.MAX_ROWS + 1), cache) is not None  # decode: any batch
+    bf16 = KVCache(1, 16, 4, 1, 16, dtype=torch.bfloat16)
+    assert token_rows(mixed, bf16) is None and token_rows(decode, bf16) == decode
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
