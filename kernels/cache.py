@@ -17,10 +17,19 @@ sequence, T new tokens in all, S = num_blocks * block_size pool slots, KV kv-hea
 
 from __future__ import annotations
 
+import array
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
+
+def longs(values: Iterable[int]) -> torch.Tensor:
+    """int64 [n] of `values`, made on CPU from a buffer: 1.3 us where torch.tensor(list) takes 4.6 (9.7 at 40 values),
+    and a decode step makes a few (its tokens, the rows it samples, what its metadata is made of)."""
+    buf = array.array("q", values)
+    return torch.frombuffer(buf, dtype=torch.int64) if buf else torch.empty(0, dtype=torch.int64)
 
 
 def blocks_for(num_tokens: int, block_size: int, window: int | None) -> int:

@@ -37,7 +37,7 @@ import torch
 from kernels.args import ModelArgs
 from kernels.blocks import BlockPool, block_names
 from kernels.build import DTYPE_CHOICES, DTYPES, QUANT_BITS, Holds, build_role
-from kernels.cache import KVCache, StepSeq, blocks_for
+from kernels.cache import KVCache, StepSeq, blocks_for, longs
 from kernels.checkpoint import Checkpoint
 from kernels.fused_moe import KERNELS
 from kernels.model import Step, Transformer
@@ -462,7 +462,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        tokens = torch.tensor([t for seq, n in batch for t in seq.tokens[seq.num_cached : seq.num_cached + n]])  # [T]
+        tokens = longs(t for seq, n in batch for t in seq.tokens[seq.num_cached : seq.num_cached + n])  # [T]
         seqs = [StepSeq(s.block_table, s.num_cached, n) for s, n in batch]
         # the flat index of the last token of each sequence whose prompt is now fully cached: those sample (lists,
         # not tensor ops: each of those took ~10 us in a decode step, slowed by the weights just streamed)
@@ -470,7 +470,7 @@ class Engine:
         ends = [end - 1 for end, d in zip(itertools.accumulate(n for _, n in batch), done, strict=True) if d]
         sampling = [seq for (seq, _), d in zip(batch, done, strict=True) if d]
         try:
-            logits = self.executor.forward(tokens, seqs, torch.tensor(ends, dtype=torch.long))  # [S, V]
+            logits = self.executor.forward(tokens, seqs, longs(ends))  # [S, V]
         except CacheLost:
             self.recomputes += 1
             self.scheduler.recompute()

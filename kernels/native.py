@@ -69,7 +69,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.cache import DecodeMetadata, StepSeq, decode_extent
+from kernels.cache import DecodeMetadata, StepSeq, decode_extent, longs
 
 log = logging.getLogger(__name__)
 
@@ -523,7 +523,7 @@ def decode_inputs(seqs: list[StepSeq], block_size: int, window: int | None,
         return None
     assert all(s.n == 1 for s in seqs), "a decode step has one new token per sequence"
     starts, rings, C, tables = decode_extent(seqs, block_size)
-    ints = torch.tensor([*starts, *rings, *(b for table in tables for b in table)])
+    ints = longs([*starts, *rings, *(b for table in tables for b in table)])
     return DecodeInputs(len(seqs), len(tables[0]), C, block_size, window or 0, ints, inv_freq)
 
 
