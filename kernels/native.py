@@ -4,8 +4,8 @@ through ctypes: the fp32-activation parts of a decode step, and sampling's pass 
 - `linear`: fp32 weights. torch's fp32 CPU linear is MKL's, which reads a weight at 10 GB/s at one row on an
   AMD EPYC (AVX-512) and is slower still at 4-16 rows (6 and 5 GB/s on the LM head); this kernel streams it at
   30-40 GB/s there at 1-4 rows, 2-4x MKL from 1 to 16 rows and ~1.3x at 32 (measured, 2 threads). It runs
-  for 1 to MAX_ROWS rows (a decode step); prefill chunks keep MKL's blocked GEMM, which reads the rows once per
-  block where this kernel reads them once per 4 outputs (or per output).
+  for 1 to MAX_ROWS rows (a decode step, a small prompt); longer prefill keeps MKL's blocked GEMM, which reads the
+  rows once per block where this kernel reads them once per 4 outputs (or per output).
 - `int8_linear`: int8 weights with a bf16 scale per output. torch's weight-only int8 CPU matmul
   (aten._weight_int8pack_mm) takes bf16 activations only: int8 weights in an fp32 model (engine.dtype float32,
   or auto on a CPU without native bf16) took the dequantizing reference, a pass writing the whole weight in fp32
