@@ -17,6 +17,11 @@ are named by their tokens and everything before them, and a sequence whose promp
 takes them instead of computing them (at least its last prompt token is computed, for its logits). Not
 for sliding-window models, whose rolling buffer overwrites its blocks.
 
+Several decode steps a call (`decode_steps` > 1, CPU, where a step runs in one C call): while every running
+sequence decodes greedily and no request waits, up to that many steps run in one executor call, each token
+chosen in C as sampling's greedy path chooses it (the same tokens and logprobs), and the step's Python (~0.15 ms:
+scheduling, inputs, sampling, events) is paid once for them; a sequence that finishes mid-burst drops the rest.
+
 An executor that loses KV state (a restarted attention actor) raises CacheLost: every running
 sequence then recomputes its cache from its tokens (prompt + generated so far) in the next steps, in
 its own blocks, and generation goes on where it was; nothing already streamed is sent again.
@@ -34,6 +39,7 @@ from typing import Protocol
 
 import torch
 
+from kernels import native
 from kernels.args import ModelArgs
 from kernels.blocks import BlockPool, block_names
 from kernels.build import DTYPE_CHOICES, DTYPES, QUANT_BITS, Holds, build_role
@@ -41,6 +47,7 @@ from kernels.cache import KVCache, StepSeq, blocks_for, longs
 from kernels.checkpoint import Checkpoint
 from kernels.fused_moe import KERNELS
 from kernels.model import Step, Transformer
+from kernels.rope import inv_freq
 from kernels.sampling import SamplingParams, make_generator, sample
 from kernels.structured import Grammar, Grammars, GrammarState, constrain
 from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -70,6 +77,9 @@ class EngineConfig:
     # this process has that GPU is checked where tensors are made (kernels.build): a config loads anywhere
     device: str = "cpu"
     moe_kernel: str = "reference"  # the MoE experts stage: reference (kernels/moe.py) | triton (kernels/fused_moe.py)
+    # greedy decode steps one call may take (CPU, where a step runs in one C call): > 1 amortizes the engine's Python
+    # a step over that many tokens while every running sequence decodes greedily and none waits (Engine.step)
+    decode_steps: int = 1
 
     def __post_init__(self):
         if self.dtype not in DTYPE_CHOICES:
@@ -92,7 +102,8 @@ class EngineConfig:
         if self.moe_kernel != "reference" and self.expert_quant != "none":
             raise ValueError(f"moe_kernel {self.moe_kernel!r} runs unquantized experts only (there is no fused "
                              f"dequantizing kernel yet): use expert_quant 'none' or moe_kernel 'reference'")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_tokens", "block_size", "max_queued_requests"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_tokens", "block_size", "max_queued_requests",
+                     "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -306,6 +317,16 @@ class Scheduler:
         seq.block_table += self.pool.allocate(max(need, 0))
         return True
 
+    def extend(self, batch: list[tuple[Sequence, int]], steps: int) -> bool:
+        """Blocks for `steps` new tokens of each sequence of a decode batch, where the pool has them all without
+        preempting; False, nothing taken, otherwise."""
+        needs = [max(self._blocks_for(seq, seq.num_cached + steps), 0) for seq, _ in batch]
+        if sum(needs) > self.pool.num_free:
+            return False
+        for (seq, _), need in zip(batch, needs, strict=True):
+            seq.block_table += self.pool.allocate(need)
+        return True
+
     def preempt(self, seq: Sequence) -> None:
         """Back to the head of the queue with no blocks: it recomputes its cache when it runs again."""
         self.preemptions += 1
@@ -363,6 +384,18 @@ class LocalExecutor:
     def forward(self, tokens, seqs, logits_index):
         step = Step.begin(seqs, self.model.args, self.cache)
         return self.model(tokens.to(self.device), step, logits_index.to(self.device))
+
+    def decode_steps(self, tokens: torch.Tensor, seqs: list[StepSeq],
+                     steps: int) -> tuple[list[list[int]], list[list[float]]] | None:
+        """`steps` greedy decode steps of `seqs` (each with one new token, tokens [B]) in one call where the model
+        runs a step in one (Transformer.decode_steps): each step's chosen tokens and their logprobs [steps][B];
+        None where it does not (nothing computed)."""
+        a = self.model.args
+        if self.device.type != "cpu" or (decode := native.decode_inputs(
+                seqs, self.cache.block_size, a.sliding_window, inv_freq(a.head_dim, a.rope_theta, self.device),
+                steps)) is None:
+            return None
+        return self.model.decode_steps(tokens, Step(self.cache, decode), steps)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | None:
@@ -462,6 +495,8 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        if (steps := self._decode_steps(batch)) > 1 and (events := self._step_many(batch, steps)) is not None:
+            return events
         tokens = longs(t for seq, n in batch for t in seq.tokens[seq.num_cached : seq.num_cached + n])  # [T]
         seqs = [StepSeq(s.block_table, s.num_cached, n) for s, n in batch]
         # the flat index of the last token of each sequence whose prompt is now fully cached: those sample (lists,
@@ -488,6 +523,44 @@ class Engine:
                 seq.grammar.accept(smp.token)
             ev = seq.append(smp.token, smp.logprob, smp.top)
             events.append(ev)
+            if ev.finish_reason:
+                self.seqs.pop(seq.req.request_id)
+                self.scheduler.finish(seq)
+        return events
+
+    def _decode_steps(self, batch: list[tuple[Sequence, int]]) -> int:
+        """How many decode steps `batch` may take in one call: engine.decode_steps where every sequence decodes
+        (one new token) greedily, unconstrained, unpenalized, with no top logprobs asked for, and no request waits;
+        at most the tokens any of them has left. Else 1."""
+        steps = self.config.decode_steps
+        if steps == 1 or self.scheduler.waiting:
+            return 1
+        for seq, n in batch:
+            p = seq.params
+            if n != 1 or seq.pending != 1 or seq.grammar or not p.greedy or p.repetition_penalty != 1 or p.logprobs:
+                return 1
+            steps = min(steps, seq.max_len - len(seq.tokens))
+        return steps
+
+    def _step_many(self, batch: list[tuple[Sequence, int]], steps: int) -> list[TokenEvent] | None:
+        """`steps` greedy decode steps of `batch` in one executor call (LocalExecutor.decode_steps): the tokens, the
+        logprobs and the events of as many single steps, a sequence's tokens after its finish dropped (their keys
+        sit past its end); None, nothing run, where the executor does not take them or the pool lacks the blocks."""
+        run = getattr(self.executor, "decode_steps", None)
+        if run is None or not self.scheduler.extend(batch, steps):
+            return None
+        seqs = [StepSeq(s.block_table, s.num_cached, 1) for s, _ in batch]
+        out = run(longs(s.tokens[-1] for s, _ in batch), seqs, steps)
+        if out is None:
+            return None
+        chosen, logprobs = out
+        events = []
+        for b, (seq, _) in enumerate(batch):
+            for s in range(steps):
+                events.append(ev := seq.append(chosen[s][b], logprobs[s][b], None))
+                if ev.finish_reason:
+                    break
+            self.scheduler.computed([(seq, s + 1)])
             if ev.finish_reason:
                 self.seqs.pop(seq.req.request_id)
                 self.scheduler.finish(seq)

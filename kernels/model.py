@@ -396,9 +396,26 @@ class Transformer(nn.Module):
         within an ulp of torch's) without their torch ops, each slowed by the weights just streamed; the LM head
         (where the kernels read it) the same bits as its own call on those rows. tokens [B] -> fp32 logits [S, V] of
         the rows logits_index [S] (as forward); else None."""
-        if step.decode is None or tokens.device.type != "cpu" or not self.layers:
+        if (step.decode is None or (stack := self._stack(tokens, step.cache)) is None
+                or (out := stack.run(tokens, step.decode, self.args.n_heads, logits_index)) is None):
             return None
-        cache = step.cache
+        return out if stack.head is not None else call(self.output, out[logits_index]).float()
+
+    def decode_steps(self, tokens: torch.Tensor, step: Step,
+                     steps: int) -> tuple[list[list[int]], list[list[float]]] | None:
+        """`steps` greedy decode steps in one call of moeray's C kernels (native.Layers.run_steps), where a step runs in
+        one (native_layers, with the LM head in it): `step` holds decode_inputs(..., steps) of the sequences, tokens
+        [B] the first step's -> each step's chosen tokens and their logprobs [steps][B], the same as `steps` calls of
+        forward each followed by sampling's greedy path; else None."""
+        if step.decode is None or (stack := self._stack(tokens, step.cache)) is None:
+            return None
+        return stack.run_steps(tokens, step.decode, self.args.n_heads, steps)
+
+    def _stack(self, tokens: torch.Tensor, cache: KVCache) -> Layers | None:
+        """The model's layers as one C call takes them with these KV pools (native.Layers), checked again only when
+        a module of the process changed or the pools did; None where they do not run there."""
+        if tokens.device.type != "cpu" or not self.layers:
+            return None
         key = changes(), cache.k.data_ptr(), cache.v.data_ptr()
         if self._native_layers is None or self._native_layers[0] != key:  # a module or the cache changed: check all
             blocks: list[TransformerBlock] = list(self.layers)  # type: ignore[arg-type]  # ModuleList erases it
@@ -407,10 +424,7 @@ class Transformer(nn.Module):
             self._native_layers = key, Layers.of(parts, [k for k, _ in pools], [v for _, v in pools],
                                                  self.tok_embeddings.weight, (self.norm.weight, self.norm.eps),
                                                  native_weight(self.output)) if len(parts) == len(blocks) else None
-        stack = self._native_layers[1]
-        if stack is None or (out := stack.run(tokens, step.decode, self.args.n_heads, logits_index)) is None:
-            return None
-        return out if stack.head is not None else call(self.output, out[logits_index]).float()
+        return self._native_layers[1]
 
     def run_layers(self, hs: list[torch.Tensor], steps: list[Step], layers: Iterable[int]) -> list[torch.Tensor]:
         """Runs `layers` (consecutive) on micro-batches: hs[i] [T_i, D] the hidden states of the tokens in

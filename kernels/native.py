@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "linear.c"
 MAX_ROWS = 32  # `linear` runs for 1 to MAX_ROWS rows (see the module docstring)
+STAT_MAX_V = 1 << 24  # row_stats' widest row (linear.c's: places held as fp32)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -139,11 +140,12 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moeray_w8a8_block.argtypes = []
     lib.moeray_layers.argtypes = [p, i64, i64, p, i64, p, p, i64, p, f32, i64, i64, i64, ctypes.c_int, p, i64, p, p,
                                   i64, i64, i64, p, i64, f32, p, p, ctypes.c_int, i64, p, i64, p, ctypes.c_int]
+    lib.moeray_decode_steps.argtypes = [*lib.moeray_layers.argtypes[:26], ctypes.c_int, i64, i64, p, p, ctypes.c_int]
     lib.moeray_decode_meta.argtypes = [i64, p, i64, p, p, i64, i64, i64, p, i64, p, p, p, p]
     for fn in (lib.moeray_linear_f32, lib.moeray_linear_i8, lib.moeray_linear_w8a8, lib.moeray_linear_bf16,
                lib.moeray_decode_attention,
                lib.moeray_ffn, lib.moeray_moe, lib.moeray_attention_block, lib.moeray_row_stats, lib.moeray_layers,
-               lib.moeray_decode_meta):
+               lib.moeray_decode_steps, lib.moeray_decode_meta):
         fn.restype = ctypes.c_int
     return lib
 
@@ -199,7 +201,7 @@ def row_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     (torch.max(x, -1)'s, NaN counting as the max) and its logsumexp [B] (within a few fp32 ulp of
     torch.logsumexp), the same bits at any thread count, in one pass a row where torch takes three (sample(): 108 ->
     34 us at one row of 32000, 552 -> 262 at 16, 2 threads); None where it does not run (V over 2^24 among others)."""
-    if (x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu" or 0 in x.shape or x.shape[1] > 1 << 24
+    if (x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu" or 0 in x.shape or x.shape[1] > STAT_MAX_V
             or (lib := library()) is None):
         return None
     x = x.contiguous()
@@ -493,6 +495,32 @@ class Layers:
             raise RuntimeError(f"moeray_layers failed ({rc}) on tokens {tuple(tokens.shape)}")
         return out if logits is None else logits
 
+    def run_steps(self, tokens: torch.Tensor, decode: DecodeInputs, n_heads: int,
+                  steps: int) -> tuple[list[list[int]], list[list[float]]] | None:
+        """`steps` greedy decode steps of B sequences in one call (moeray_decode_steps): tokens int64 [B], the first
+        step's inputs; decode: decode_inputs(..., steps) -> each step's chosen tokens and their logprobs, [steps][B]
+        lists: each step the same bits as `run` on that step's inputs and sampling's greedy path on its logits. The
+        pools written in place. None where it does not run (no head in the call, a vocabulary row_stats does not
+        take, more rows); run's errors."""
+        (B,) = tokens.shape
+        if (self.head is None or self.head[3] > STAT_MAX_V or tokens.dtype != torch.int64 or not 1 <= B <= MAX_ROWS
+                or decode.B != B or not tokens.is_contiguous() or steps < 1):
+            return None
+        x, chosen, logprobs = torch.empty(B, self.D), torch.empty(steps, B, dtype=torch.int64), torch.empty(steps, B)
+        V = self.embedding.shape[0]
+        rc = self.lib.moeray_decode_steps(
+            x.data_ptr(), B, self.D, self.embedding.data_ptr(), V, tokens.data_ptr(),
+            ctypes.addressof(self.array), len(self.parts), self.norm[0].data_ptr(), self.norm[1], n_heads, self.KV,
+            self.hd, POOL_DTYPES[self.pool_dtype], *decode.args(), self.hd**-0.5, *self.head, steps,
+            chosen.data_ptr(), logprobs.data_ptr(), torch.get_num_threads())
+        if rc == 3:
+            raise IndexError(f"a token id is outside the embedding table [0, {V}): {tokens.tolist()}")
+        if rc == 4:
+            decode_meta_of(decode)  # raises its ValueError
+        if rc:
+            raise RuntimeError(f"moeray_decode_steps failed ({rc}) on tokens {tuple(tokens.shape)}")
+        return chosen.tolist(), logprobs.tolist()
+
 
 class DecodeInputs(NamedTuple):
     """What a decode step's metadata and RoPE are made of, as moeray_decode_meta reads them (decode_inputs): B
@@ -515,14 +543,17 @@ class DecodeInputs(NamedTuple):
                 self.inv_freq.shape[0])
 
 
-def decode_inputs(seqs: list[StepSeq], block_size: int, window: int | None,
-                  inv_freq: torch.Tensor) -> DecodeInputs | None:
-    """A decode step's DecodeInputs (one tensor op: what Step.begin does on CPU where the kernels run); None where
-    they do not run (no library)."""
+def decode_inputs(seqs: list[StepSeq], block_size: int, window: int | None, inv_freq: torch.Tensor,
+                  steps: int = 1) -> DecodeInputs | None:
+    """A decode step's DecodeInputs (one tensor op: what Step.begin does on CPU where the kernels run); given
+    `steps`, those of that many steps in one call (Layers.run_steps): the first step's positions, C and the block
+    tables the last step's (decode_extent's); None where they do not run (no library)."""
     if library() is None or inv_freq.dtype != torch.float32 or inv_freq.device.type != "cpu":
         return None
     assert all(s.n == 1 for s in seqs), "a decode step has one new token per sequence"
-    starts, rings, C, tables = decode_extent(seqs, block_size)
+    last = seqs if steps == 1 else [StepSeq(s.block_table, s.start + steps - 1, 1) for s in seqs]
+    starts, rings, C, tables = decode_extent(last, block_size)
+    starts = [s.start for s in seqs]
     ints = longs([*starts, *rings, *(b for table in tables for b in table)])
     return DecodeInputs(len(seqs), len(tables[0]), C, block_size, window or 0, ints, inv_freq)
 

@@ -216,8 +216,9 @@ def test_bench_engine_reports_every_system_against_the_roofline(tmp_path):
     no_peer = tmp_path / "llama.cpp" / "build" / "bin" / "llama-batched-bench"  # a peer that cannot run: a row
     assert cli.main(["bench", "engine", "--preset", "tiny", "--batch", "1", "3", "--prompt-len", "4",
                      "--new-tokens", "4", "--precision", "fp32", "int8", "fp32-int8", "--out", str(out),
-                     "--llama-bench", str(no_peer), "--prefill-len", "40"]) in (0, None)
+                     "--llama-bench", str(no_peer), "--prefill-len", "40", "--decode-steps", "4"]) in (0, None)
     report = json.loads(out.read_text())
+    assert report["decode_steps"] == 4  # moeray's greedy steps up to 4 a call: the same tokens (below)
     roof = report["roofline"]
     assert 0.5 < roof["read_gb_s"] < 5000 and 0.5 < roof["gemv_gb_s"] < 5000
     res = report["results"]

@@ -282,6 +282,59 @@ def test_prompt_chunks_as_decode_rows_equal_the_chunks_attention(hf_tiny, monkey
     torch.testing.assert_close(caches[0].v, caches[1].v, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("quant,kv", [("none", "float32"), ("w8a8", "float32"), ("none", "bfloat16")])
+def test_decode_steps_in_one_call_equal_single_steps(hf_tiny, monkeypatch, quant, kv):
+    """engine.decode_steps 4: while every running sequence decodes greedily and none waits, up to 4 steps run in
+    one C call (LocalExecutor.decode_steps: each step the single step's call, its token chosen in C as sampling's
+    greedy path chooses it). The same tokens, logprobs and finish reasons as one step a call, bit for bit: sequences
+    joining (none burst while one waits) and leaving mid-run, a burst cut short by max_tokens and by a stop token
+    (the tokens after it dropped), blocks of 4 crossed within a burst, Mistral's window of 8 wrapping its ring,
+    prefix-cache hits on blocks named after a burst (the prompts run twice: Mixtral); every block back in the pool
+    after. A request sampled, penalized or asking for top logprobs keeps the batch a step a call."""
+    from kernels.engine import LocalExecutor
+
+    bursts = []
+    decode_steps = LocalExecutor.decode_steps
+    monkeypatch.setattr(LocalExecutor, "decode_steps",
+                        lambda self, t, seqs, steps: bursts.append(steps) or decode_steps(self, t, seqs, steps))
+    ps = prompts((3, 9, 14, 6, 20))
+    config = dict(dtype="float32", expert_quant=quant, weight_quant=quant, kv_cache_dtype=kv, block_size=4,
+                  max_num_seqs=3)
+    one, four = (Engine.from_dir(hf_tiny, EngineConfig(**config, decode_steps=n)) for n in (1, 4))
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (13, 5, 8, 7, 15)]
+    runs: dict[str, list] = {"one": [], "four": []}
+    for i in range(3):  # the same history each (a prefix-cache hit changes which steps compute a prompt's keys)
+        if i == 1:  # the first prompt stops at its 7th token, mid-burst
+            params[0] = SamplingParams(max_tokens=13, temperature=0, stop_token_ids=[runs["one"][0][0][0][6]])
+        for name, engine in (("one", one), ("four", four)):
+            runs[name].append([(c.token_ids, c.logprobs, c.finish_reason) for c in engine.generate(ps, params)])
+    assert runs["one"] == runs["four"]
+    assert runs["one"][1][0][2] == "stop" and len(runs["one"][1][0][0]) == 7
+    assert bursts and max(bursts) == 4 and min(bursts) < 4  # a burst cut to the tokens left
+    # alone: its first token from the prompt's step, then bursts of 4 (tokens 2-5, 6-9, ...): a stop token at the
+    # 7th (the first place its id occurs) ends it in the middle of a burst
+    alone = one.generate(ps[2:3], SamplingParams(max_tokens=13, temperature=0, ignore_eos=True))[0].token_ids
+    at = next(i for i in range(6, 9) if alone[i] not in alone[:i])
+    stop = SamplingParams(max_tokens=13, temperature=0, stop_token_ids=[alone[at]])
+    bursts.clear()
+    got = [[(c.token_ids, c.logprobs, c.finish_reason) for c in e.generate(ps[2:3], stop)] for e in (one, four)]
+    assert got[0] == got[1] and got[0][0][2] == "stop" and len(got[0][0][0]) == at + 1 and bursts[:2] == [4, 4]
+    for engine in (one, four):
+        assert engine.scheduler.pool.num_free == engine.config.num_blocks and not engine.has_unfinished()
+    bursts.clear()
+    for other in (dict(temperature=0.8, seed=3), dict(repetition_penalty=1.3), dict(logprobs=2)):
+        mixed = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                 SamplingParams(**{"max_tokens": 6, "temperature": 0, "ignore_eos": True, **other})]
+        got = [(c.token_ids, c.logprobs, c.top_logprobs) for c in four.generate(ps[:2], mixed)]
+        assert got == [(c.token_ids, c.logprobs, c.top_logprobs) for c in one.generate(ps[:2], mixed)]
+    assert bursts == []
+
+
+def test_decode_steps_must_be_at_least_one():
+    with pytest.raises(ValueError, match="decode_steps must be >= 1, got 0"):
+        EngineConfig(decode_steps=0)
+
+
 def test_token_rows_are_the_steps_tokens_where_that_is_the_same_attention():
     from kernels.cache import KVCache, StepSeq
     from kernels.model import token_rows

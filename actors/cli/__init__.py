@@ -310,7 +310,7 @@ def cmd_bench(a) -> int:
 
     if a.bench == "engine":
         bench.bench_engine(a.preset, a.batch, a.prompt_len, a.new_tokens, a.out, a.precision, a.vllm_python,
-                           a.llama_bench, a.llama_convert, a.device, a.prefill_len)
+                           a.llama_bench, a.llama_convert, a.device, a.prefill_len, a.decode_steps)
     elif a.bench == "structured":
         bench.bench_structured(a.model, a.batch, a.prompt_len, a.new_tokens, a.out)
     elif a.bench == "moe":
@@ -438,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--new-tokens", type=int, default=64, help="generated tokens (default: %(default)s)")
     e.add_argument("--prefill-len", type=int, default=1024, help="moeray's and transformers' prefill too: 4 new "
                    "prompts of this many tokens, one new token each (0: decode only) (default: %(default)s)")
+    e.add_argument("--decode-steps", type=int, default=1, help="moeray's engine.decode_steps: greedy decode steps "
+                   "one call may take (default: %(default)s)")
     e.add_argument("--out", default="bench-results/engine.json", help="JSON results (default: %(default)s)")
     precisions = ["fp32", "bf16", "int8", "int4", "int8-all", "int4-all", "fp32-int8", "fp32-int8-all", "w8a8",
                   "w8a8-all", "fp32-bf16-all"]

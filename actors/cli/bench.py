@@ -102,10 +102,11 @@ def step_bytes(w: dict, batch: int) -> float:
 
 
 def _worker(system: str, model_dir: str, batches: list[int], prompt_len: int, new: int, device: str = "cpu",
-            prefill: int = 0) -> dict:
+            prefill: int = 0, decode_steps: int = 1) -> dict:
     """One system's decode rates (moeray:PRECISION or transformers) on `device`, in its own process; given
     `prefill`, its prefill rate too: PREFILL_PROMPTS prompts of that many tokens, one new token each (moeray in
-    chunks of engine.max_num_batched_tokens, its default), new prompts each time (no prefix-cache hits)."""
+    chunks of engine.max_num_batched_tokens, its default), new prompts each time (no prefix-cache hits). moeray
+    with engine.decode_steps `decode_steps`."""
     import torch
 
     torch.manual_seed(0)
@@ -119,7 +120,7 @@ def _worker(system: str, model_dir: str, batches: list[int], prompt_len: int, ne
         engine = Engine.from_dir(model_dir, EngineConfig(max_num_seqs=max(*batches, PREFILL_PROMPTS),
                                                          kv_cache_tokens=-(-kv // 16) * 16,
                                                          dtype=dtype, expert_quant=experts, weight_quant=dense,
-                                                         device=device))
+                                                         device=device, decode_steps=decode_steps))
         vocab = engine.args.vocab_size
         results["weight_bytes"] = _weight_bytes(engine.executor.model)
 
@@ -288,12 +289,13 @@ def _llama(bench: str, convert: str, model_dir: str, outtype: str, batches: list
 def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out: str | None,
                  precisions: list[str] | None = None, vllm_python: str | None = None,
                  llama_bench: str | None = None, llama_convert: str | None = None, device: str = "cpu",
-                 prefill: int = 0) -> dict:
+                 prefill: int = 0, decode_steps: int = 1) -> dict:
     """moeray at each precision, transformers (fp32), and, given their paths, vLLM-CPU and llama.cpp, one
     after the other, each in its own process (so its peak memory is its own); and the machine's memory
     bandwidth measured in the same run: each system's decode as a fraction of that roofline. device "cuda":
     moeray and transformers on the GPU, the GPU's bandwidth, peak GPU memory; the CPU peers cannot run.
-    prefill > 0: moeray's and transformers' prefill of PREFILL_PROMPTS prompts of that many tokens too."""
+    prefill > 0: moeray's and transformers' prefill of PREFILL_PROMPTS prompts of that many tokens too. moeray with
+    engine.decode_steps `decode_steps` (said in the header where not 1)."""
     import torch
 
     from kernels.tiny import make_tiny
@@ -319,7 +321,7 @@ def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out
         roofline = {**_last_json(out_), "peak_rss_mb": peak}
         for system in ["transformers", *(f"moeray:{p}" for p in precisions)]:
             out_, peak = _measured([*worker, "_worker", system, model_dir, ",".join(map(str, batches)),
-                                    str(prompt_len), str(new), device, str(prefill)])
+                                    str(prompt_len), str(new), device, str(prefill), str(decode_steps)])
             sys_results[system] = {**_last_json(out_), "peak_rss_mb": peak}
         peers: list[tuple[str, Callable[[], dict]]] = []
         if vllm_python:
@@ -356,7 +358,8 @@ def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out
     ref = sys_results["transformers"]
     where = torch.cuda.get_device_name(device) if gpu else f"CPU, {threads} threads"
     print(f"preset {preset}: Mixtral-shaped, {PRESETS[preset] or 'kernels.tiny defaults'}; {where}; "
-          f"prompt {prompt_len} tokens, {new} new tokens greedy (time includes the prompt), best of {REPEATS}")
+          f"prompt {prompt_len} tokens, {new} new tokens greedy (time includes the prompt), best of {REPEATS}"
+          + (f"; moeray with engine.decode_steps {decode_steps}" if decode_steps != 1 else ""))
     print(f"roofline, same run (best of its start and end): streaming read {roofline['read_gb_s']:.1f} GB/s, fp32 GEMV "
           f"{roofline['gemv_gb_s']:.1f} GB/s; fraction = weight bytes per step x steps/s / {bw / 1e9:.1f} GB/s")
     head = " | ".join(f"batch {b} tok/s | x transformers | of roofline" for b in batches)
@@ -383,6 +386,7 @@ def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out
                        else "no")
         print(f"| {name} | {' | '.join(cells)} | {r['peak_gpu_mb' if gpu else 'peak_rss_mb']:.0f} | {same_tokens} |")
     report = {"preset": preset, "prompt_len": prompt_len, "new_tokens": new, "prefill_len": prefill,
+              "decode_steps": decode_steps,
               "threads": threads, "device": where,
               "roofline": roofline, "results": sys_results}
     write_report(out, report)
@@ -790,9 +794,9 @@ if __name__ == "__main__":
     if sys.argv[1] == "_roofline":
         print(json.dumps(_roofline(*sys.argv[2:3])))
     elif sys.argv[1] == "_worker":
-        system, model_dir, batches, prompt_len, new, device, prefill = sys.argv[2:9]
+        system, model_dir, batches, prompt_len, new, device, prefill, steps = sys.argv[2:10]
         print(json.dumps(_worker(system, model_dir, [int(b) for b in batches.split(",")], int(prompt_len), int(new),
-                                 device, int(prefill))))
+                                 device, int(prefill), int(steps))))
 
 
 # A schema with free text in it, so a random or small model keeps writing for the whole run, as it does unconstrained

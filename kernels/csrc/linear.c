@@ -1232,3 +1232,48 @@ int moeray_row_stats(const float *x, int64_t B, int64_t V, float *best, int64_t 
     free(stats);
     return 0;
 }
+
+/* steps greedy decode steps of B sequences in one call (the engine's decode_steps): at step s each sequence's
+ * input is tokens[b] (s = 0) or the token step s - 1 chose for it, at position starts[b] + s; the step is
+ * moeray_layers' with C = max_b min(rings[b], starts[b] + s + 1) keys (as decode_extent makes it for a single step;
+ * the caller's C, width and tables cover the last step's), its head on every row; then moeray_row_stats of those
+ * logits: out_tokens[s, b] = where the row's max first occurs, out_logprobs[s, b] = max - logsumexp. So each step
+ * is a single step's call with the same arguments, and chooses as sampling's greedy path does, the same bits. 0 on
+ * success, else moeray_layers' or moeray_row_stats' code; the pools hold every step's keys up to a failed one. */
+int moeray_decode_steps(float *x, int64_t B, int64_t D, const float *embed, int64_t V, const int64_t *tokens,
+                        const moeray_layer *layers, int64_t count, const float *final_norm, float final_eps, int64_t H,
+                        int64_t KV, int64_t hd, int pool_bf16, const int64_t *tables, int64_t width,
+                        const int64_t *starts, const int64_t *rings, int64_t block_size, int64_t window, int64_t C,
+                        const float *inv_freq, int64_t half, float scale, const void *head, const uint16_t *head_s,
+                        int head_wtype, int64_t O, int64_t steps, int64_t *out_tokens, float *out_logprobs,
+                        int threads) {
+    if (B < 1 || steps < 1 || !head || O < 1) return 1;
+    int64_t *ints = malloc(sizeof(int64_t) * 3 * B);
+    float *buf = malloc(sizeof(float) * (B * O + 2 * B));
+    int rc = !ints || !buf ? 2 : 0;
+    int64_t *pos = ints, *rows = ints + B, *index = ints + 2 * B;
+    float *logits = buf, *best = buf + B * O, *lse = best + B;
+    for (int64_t b = 0; b < B && !rc; b++) pos[b] = starts[b], rows[b] = b;
+    for (int64_t s = 0; s < steps && !rc; s++) {
+        int64_t c = 1;
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t keys = rings[b] < pos[b] + 1 ? rings[b] : pos[b] + 1;
+            c = keys > c ? keys : c;
+        }
+        if (c > C) {
+            rc = 4;
+            break;
+        }
+        rc = moeray_layers(x, B, D, embed, V, s ? out_tokens + (s - 1) * B : tokens, layers, count, final_norm,
+                           final_eps, H, KV, hd, pool_bf16, tables, width, pos, rings, block_size, window, c, inv_freq,
+                           half, scale, head, head_s, head_wtype, O, rows, B, logits, threads);
+        if (!rc) rc = moeray_row_stats(logits, B, O, best, index, lse, threads);
+        for (int64_t b = 0; b < B && !rc; b++) {
+            out_tokens[s * B + b] = index[b];
+            out_logprobs[s * B + b] = best[b] - lse[b];
+            pos[b]++;
+        }
+    }
+    free(ints), free(buf);
+    return rc;
+}
