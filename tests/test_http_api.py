@@ -566,3 +566,36 @@ def test_a_stream_whose_client_left_is_aborted(tiny_model, how):
     finally:
         server.stop()
         loop.stop()
+
+
+def test_decode_steps_stream_what_single_steps_do(tiny_model, oracle, monkeypatch):
+    """A server with engine.decode_steps 8 (greedy steps up to 8 a C call): over the OpenAI API, streamed and not,
+    one prompt or several at once, the text and finish reasons Engine.generate gives one step a call; a stop string
+    that ends a burst midway cuts the text where a single step would; the bursts ran."""
+    from kernels.engine import LocalExecutor
+
+    bursts = []
+    decode_steps = LocalExecutor.decode_steps
+    monkeypatch.setattr(LocalExecutor, "decode_steps",
+                        lambda self, t, seqs, steps: bursts.append(steps) or decode_steps(self, t, seqs, steps))
+    service, loop, server = serve_http(tiny_model, decode_steps=8)
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
+        texts = ["The router", "Experts are"]
+        want = [oracle(service.tokenizer.encode(t), 20) for t in texts]
+        chunks = list(client.completions.create(model="tiny", prompt=texts[0], max_tokens=20, temperature=0,
+                                                stream=True))
+        assert "".join(ch.choices[0].text for ch in chunks) == want[0].text and len(chunks) > 2
+        assert chunks[-1].choices[0].finish_reason == "length"
+        r = client.completions.create(model="tiny", prompt=texts, max_tokens=20, temperature=0)
+        assert [c.text for c in r.choices] == [w.text for w in want]
+        stop = want[1].text[len(want[1].text) // 2:][:3]  # somewhere past the first burst
+        cut = oracle(service.tokenizer.encode(texts[1]), 20, stop=[stop])
+        assert cut.finish_reason == "stop"
+        r = client.completions.create(model="tiny", prompt=texts[1], max_tokens=20, temperature=0, stop=[stop])
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (cut.text, "stop")
+        assert bursts and max(bursts) == 8
+        assert load(asyncio.run(wait_idle(service))) == IDLE
+    finally:
+        server.stop()
+        loop.stop()
