@@ -481,18 +481,10 @@ class Layers:
         out = torch.empty(B, self.D)
         head = self.head
         logits = None if head is None else torch.empty(len(rows), head[3])
-        V = self.embedding.shape[0]
-        rc = self.lib.moeray_layers(out.data_ptr(), B, self.D, self.embedding.data_ptr(), V, tokens.data_ptr(),
-                                    ctypes.addressof(self.array), len(self.parts), self.norm[0].data_ptr(),
-                                    self.norm[1], n_heads, self.KV, self.hd, POOL_DTYPES[self.pool_dtype],
-                                    *decode.args(), self.hd**-0.5, *(head or (None, None, 0, 0)), rows.data_ptr(),
-                                    len(rows), None if logits is None else logits.data_ptr(), torch.get_num_threads())
-        if rc == 3:
-            raise IndexError(f"a token id is outside the embedding table [0, {V}): {tokens.tolist()}")
-        if rc == 4:
-            decode_meta_of(decode)  # raises its ValueError
-        if rc:
-            raise RuntimeError(f"moeray_layers failed ({rc}) on tokens {tuple(tokens.shape)}")
+        self._check(self.lib.moeray_layers(*self._step_args(out, tokens, decode, n_heads),
+                                           *(head or (None, None, 0, 0)), rows.data_ptr(), len(rows),
+                                           None if logits is None else logits.data_ptr(), torch.get_num_threads()),
+                    "moeray_layers", tokens, decode)
         return out if logits is None else logits
 
     def run_steps(self, tokens: torch.Tensor, decode: DecodeInputs, n_heads: int,
@@ -507,19 +499,28 @@ class Layers:
                 or decode.B != B or not tokens.is_contiguous() or steps < 1):
             return None
         x, chosen, logprobs = torch.empty(B, self.D), torch.empty(steps, B, dtype=torch.int64), torch.empty(steps, B)
-        V = self.embedding.shape[0]
-        rc = self.lib.moeray_decode_steps(
-            x.data_ptr(), B, self.D, self.embedding.data_ptr(), V, tokens.data_ptr(),
-            ctypes.addressof(self.array), len(self.parts), self.norm[0].data_ptr(), self.norm[1], n_heads, self.KV,
-            self.hd, POOL_DTYPES[self.pool_dtype], *decode.args(), self.hd**-0.5, *self.head, steps,
-            chosen.data_ptr(), logprobs.data_ptr(), torch.get_num_threads())
+        self._check(self.lib.moeray_decode_steps(*self._step_args(x, tokens, decode, n_heads), *self.head, steps,
+                                                 chosen.data_ptr(), logprobs.data_ptr(), torch.get_num_threads()),
+                    "moeray_decode_steps", tokens, decode)
+        return chosen.tolist(), logprobs.tolist()
+
+    def _step_args(self, x: torch.Tensor, tokens: torch.Tensor, decode: DecodeInputs, n_heads: int) -> tuple:
+        """moeray_layers' and moeray_decode_steps' arguments up to the LM head's: x [B, D] written, the tokens, the
+        layers, the final norm, the shapes, the pools' dtype, what the metadata is made of, the attention's scale."""
+        return (x.data_ptr(), x.shape[0], self.D, self.embedding.data_ptr(), self.embedding.shape[0],
+                tokens.data_ptr(), ctypes.addressof(self.array), len(self.parts), self.norm[0].data_ptr(),
+                self.norm[1], n_heads, self.KV, self.hd, POOL_DTYPES[self.pool_dtype], *decode.args(), self.hd**-0.5)
+
+    def _check(self, rc: int, fn: str, tokens: torch.Tensor, decode: DecodeInputs) -> None:
+        """Raises for `fn`'s nonzero `rc`: IndexError for a token outside the embedding table (3), decode_meta_of's
+        ValueError for metadata that cannot be made (4), else RuntimeError."""
         if rc == 3:
-            raise IndexError(f"a token id is outside the embedding table [0, {V}): {tokens.tolist()}")
+            raise IndexError(f"a token id is outside the embedding table [0, {self.embedding.shape[0]}): "
+                             f"{tokens.tolist()}")
         if rc == 4:
             decode_meta_of(decode)  # raises its ValueError
         if rc:
-            raise RuntimeError(f"moeray_decode_steps failed ({rc}) on tokens {tuple(tokens.shape)}")
-        return chosen.tolist(), logprobs.tolist()
+            raise RuntimeError(f"{fn} failed ({rc}) on tokens {tuple(tokens.shape)}")
 
 
 class DecodeInputs(NamedTuple):
