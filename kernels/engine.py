@@ -39,7 +39,6 @@ from typing import Protocol
 
 import torch
 
-from kernels import native
 from kernels.args import ModelArgs
 from kernels.blocks import BlockPool, block_names
 from kernels.build import DTYPE_CHOICES, DTYPES, QUANT_BITS, Holds, build_role
@@ -47,7 +46,6 @@ from kernels.cache import KVCache, StepSeq, blocks_for, longs
 from kernels.checkpoint import Checkpoint
 from kernels.fused_moe import KERNELS
 from kernels.model import Step, Transformer
-from kernels.rope import inv_freq
 from kernels.sampling import SamplingParams, make_generator, sample
 from kernels.structured import Grammar, Grammars, GrammarState, constrain
 from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -390,12 +388,8 @@ class LocalExecutor:
         """`steps` greedy decode steps of `seqs` (each with one new token, tokens [B]) in one call where the model
         runs a step in one (Transformer.decode_steps): each step's chosen tokens and their logprobs [steps][B];
         None where it does not (nothing computed)."""
-        a = self.model.args
-        if self.device.type != "cpu" or (decode := native.decode_inputs(
-                seqs, self.cache.block_size, a.sliding_window, inv_freq(a.head_dim, a.rope_theta, self.device),
-                steps)) is None:
-            return None
-        return self.model.decode_steps(tokens, Step(self.cache, decode), steps)
+        step = Step.of_rows(seqs, self.model.args, self.cache, steps)
+        return None if step is None else self.model.decode_steps(tokens, step, steps)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | None:

@@ -95,12 +95,20 @@ class Step:
         CPU whose tokens are decode rows (token_rows), where the kernels run, holds what its rows' metadata is made
         of (native.decode_inputs): a prompt of up to MAX_ROWS tokens then runs as a decode step does, every layer in
         one call (a 16-token prompt with all weights W8A8: 7.8 -> 4.3 ms)."""
-        if cache.device.type == "cpu" and (rows := token_rows(seqs, cache)) and (
-                decode := native.decode_inputs(rows, cache.block_size, args.sliding_window,
-                                               inv_freq(args.head_dim, args.rope_theta, cache.device))):
-            return cls(cache, decode)
+        if (rows := token_rows(seqs, cache)) and (step := cls.of_rows(rows, args, cache)):
+            return step
         meta = step_metadata(seqs, cache.block_size, args.sliding_window).to(cache.device)
         return cls(cache, meta=meta, freqs=rope_freqs(meta.positions, args.head_dim, args.rope_theta))  # [T, hd/2]
+
+    @classmethod
+    def of_rows(cls, rows: list[StepSeq], args: ModelArgs, cache: KVCache, steps: int = 1) -> Step | None:
+        """A Step holding `decode` (native.decode_inputs) for decode rows, or for `steps` decode steps of them in
+        one call; None where the kernels do not run (not on CPU, no library)."""
+        if cache.device.type != "cpu" or (decode := native.decode_inputs(
+                rows, cache.block_size, args.sliding_window, inv_freq(args.head_dim, args.rope_theta, cache.device),
+                steps)) is None:
+            return None
+        return cls(cache, decode)
 
     @functools.cached_property
     def made(self) -> tuple[DecodeMetadata, torch.Tensor, torch.Tensor]:

@@ -553,9 +553,8 @@ def decode_inputs(seqs: list[StepSeq], block_size: int, window: int | None, inv_
         return None
     assert all(s.n == 1 for s in seqs), "a decode step has one new token per sequence"
     last = seqs if steps == 1 else [StepSeq(s.block_table, s.start + steps - 1, 1) for s in seqs]
-    starts, rings, C, tables = decode_extent(last, block_size)
-    starts = [s.start for s in seqs]
-    ints = longs([*starts, *rings, *(b for table in tables for b in table)])
+    _, rings, C, tables = decode_extent(last, block_size)
+    ints = longs([*(s.start for s in seqs), *rings, *(b for table in tables for b in table)])
     return DecodeInputs(len(seqs), len(tables[0]), C, block_size, window or 0, ints, inv_freq)
 
 
