@@ -17,10 +17,13 @@ are named by their tokens and everything before them, and a sequence whose promp
 takes them instead of computing them (at least its last prompt token is computed, for its logits). Not
 for sliding-window models, whose rolling buffer overwrites its blocks.
 
-Several decode steps a call (`decode_steps` > 1, CPU, where a step runs in one C call): while every running
-sequence decodes greedily and no request waits, up to that many steps run in one executor call, each token
+Several decode steps a call (`decode_steps`, 8 by default; CPU, where a step runs in one C call): while every
+running sequence decodes greedily and no request waits, up to that many steps run in one executor call, each token
 chosen in C as sampling's greedy path chooses it (the same tokens and logprobs), and the step's Python (~0.15 ms:
-scheduling, inputs, sampling, events) is paid once for them; a sequence that finishes mid-burst drops the rest.
+scheduling, inputs, sampling, events) is paid once for them; a sequence that finishes mid-burst drops the rest. A
+burst takes only as many steps as fit in `decode_burst_ms` (20) at the last step's pace, so a request arriving
+mid-burst waits about that long at most, and a model whose steps are slower than that runs a step a call. Which
+steps burst depends on timing; the tokens do not.
 
 An executor that loses KV state (a restarted attention actor) raises CacheLost: every running
 sequence then recomputes its cache from its tokens (prompt + generated so far) in the next steps, in
@@ -35,6 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from time import perf_counter
 from typing import Protocol
 
 import torch
@@ -76,8 +80,11 @@ class EngineConfig:
     device: str = "cpu"
     moe_kernel: str = "reference"  # the MoE experts stage: reference (kernels/moe.py) | triton (kernels/fused_moe.py)
     # greedy decode steps one call may take (CPU, where a step runs in one C call): > 1 amortizes the engine's Python
-    # a step over that many tokens while every running sequence decodes greedily and none waits (Engine.step)
-    decode_steps: int = 1
+    # a step over that many tokens while every running sequence decodes greedily and none waits (Engine.step)...
+    decode_steps: int = 8
+    # ...and only as many as take this long at the last step's pace: a request arriving mid-burst waits at most
+    # about this long, and tokens stream at least this often (a model whose step takes longer runs a step a call)
+    decode_burst_ms: float = 20.0
 
     def __post_init__(self):
         if self.dtype not in DTYPE_CHOICES:
@@ -104,6 +111,8 @@ class EngineConfig:
                      "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.decode_burst_ms >= 0:
+            raise ValueError(f"decode_burst_ms must be >= 0, got {self.decode_burst_ms}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs "
                              "(every running sequence decodes each step)")
@@ -409,6 +418,11 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.recomputes = 0  # times the executor lost KV state and running sequences recomputed theirs
+        self._step_s = 0.0  # the last step's seconds per token a sequence got in it: how many steps a burst takes
+        # the executor's decode_steps (LocalExecutor's): None where it has none, or once it ran no burst (its model
+        # does not run a step in one call)
+        self._bursts: Callable[..., tuple[list[list[int]], list[list[float]]] | None] | None = getattr(
+            executor, "decode_steps", None)
         self.grammars = Grammars(tokenizer, args.vocab_size) if tokenizer else None
 
     @classmethod
@@ -489,8 +503,14 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        if (steps := self._decode_steps(batch)) > 1 and (events := self._step_many(batch, steps)) is not None:
-            return events
+        start = perf_counter()
+        if (steps := self._decode_steps(batch)) == 1 or (events := self._step_many(batch, steps)) is None:
+            events, steps = self._step_one(batch), 1
+        self._step_s = (perf_counter() - start) / steps
+        return events
+
+    def _step_one(self, batch: list[tuple[Sequence, int]]) -> list[TokenEvent]:
+        """One step of `batch` (its decodes and prompt chunks): the executor's forward pass, then sampling."""
         tokens = longs(t for seq, n in batch for t in seq.tokens[seq.num_cached : seq.num_cached + n])  # [T]
         seqs = [StepSeq(s.block_table, s.num_cached, n) for s, n in batch]
         # the flat index of the last token of each sequence whose prompt is now fully cached: those sample (lists,
@@ -525,9 +545,11 @@ class Engine:
     def _decode_steps(self, batch: list[tuple[Sequence, int]]) -> int:
         """How many decode steps `batch` may take in one call: engine.decode_steps where every sequence decodes
         (one new token) greedily, unconstrained, unpenalized, with no top logprobs asked for, and no request waits;
-        at most the tokens any of them has left. Else 1."""
-        steps = self.config.decode_steps
-        if steps == 1 or self.scheduler.waiting:
+        at most as many as the last step's pace fits in decode_burst_ms, and the tokens any of them has left. Else 1."""
+        steps, pace = self.config.decode_steps, self._step_s * 1e3
+        if pace:
+            steps = min(steps, int(self.config.decode_burst_ms / pace))
+        if steps <= 1 or self._bursts is None or self.scheduler.waiting:
             return 1
         for seq, n in batch:
             p = seq.params
@@ -540,12 +562,12 @@ class Engine:
         """`steps` greedy decode steps of `batch` in one executor call (LocalExecutor.decode_steps): the tokens, the
         logprobs and the events of as many single steps, a sequence's tokens after its finish dropped (their keys
         sit past its end); None, nothing run, where the executor does not take them or the pool lacks the blocks."""
-        run = getattr(self.executor, "decode_steps", None)
-        if run is None or not self.scheduler.extend(batch, steps):
+        if self._bursts is None or not self.scheduler.extend(batch, steps):
             return None
         seqs = [StepSeq(s.block_table, s.num_cached, 1) for s, _ in batch]
-        out = run(longs(s.tokens[-1] for s, _ in batch), seqs, steps)
-        if out is None:
+        out = self._bursts(longs(s.tokens[-1] for s, _ in batch), seqs, steps)
+        if out is None:  # not this model (its blocks taken stay its sequences', for the tokens to come)
+            self._bursts = None
             return None
         chosen, logprobs = out
         events = []

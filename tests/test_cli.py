@@ -247,6 +247,21 @@ def test_bench_engine_reports_every_system_against_the_roofline(tmp_path):
     assert res["moeray:fp32"]["1"]["weight_bytes_per_step"] == 4 * (dense + D + L * k * 3 * D * F)
 
 
+def test_bench_bursts_reports_decode_steps_against_a_step_a_call(tmp_path):
+    """`moeray bench bursts` on the tiny preset: open-loop arrivals through the engine's server loop with
+    decode_steps 1 and 8; each way's time to first token, token gaps, tok/s and busy share; the same tokens."""
+    out = tmp_path / "bursts.json"
+    assert cli.main(["bench", "bursts", "--preset", "tiny", "--precision", "fp32", "--requests", "10", "--rate", "50",
+                     "--max-tokens", "8", "--rounds", "1", "--out", str(out)]) in (0, None)
+    report = json.loads(out.read_text())
+    assert report["same_tokens"] and report["decode_burst_ms"] == 20
+    res = report["results"]
+    assert [r["decode_steps"] for r in res.values()] == [1, 8]
+    for r in res.values():
+        assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] and 0 <= r["gap_p50_ms"] <= r["gap_max_ms"]
+        assert r["tokens_per_s"] > 0 and 0 < r["busy"] <= 1
+
+
 def test_bench_kv_reports_both_policies_against_their_baselines(tmp_path):
     """`moeray bench kv` on the tiny preset: prefix caching computes fewer prompt tokens than no caching, KV on
     demand runs more sequences at once than reserving the worst case, and neither changes a token."""

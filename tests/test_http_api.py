@@ -578,7 +578,7 @@ def test_decode_steps_stream_what_single_steps_do(tiny_model, oracle, monkeypatc
     decode_steps = LocalExecutor.decode_steps
     monkeypatch.setattr(LocalExecutor, "decode_steps",
                         lambda self, t, seqs, steps: bursts.append(steps) or decode_steps(self, t, seqs, steps))
-    service, loop, server = serve_http(tiny_model, decode_steps=8)
+    service, loop, server = serve_http(tiny_model, decode_steps=8, decode_burst_ms=1e9)
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
         texts = ["The router", "Experts are"]

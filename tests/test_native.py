@@ -134,7 +134,7 @@ def test_fp32_engine_with_and_without_the_kernels(hf_tiny, monkeypatch, kernel):
     model = build_role(Checkpoint.open(hf_tiny), EngineConfig(), Holds(whole=True)).model
     assert model.output.weight.is_contiguous() == (kernel == "ours")  # [V, D], V > D: stored transposed for MKL
     ref = hf_model(hf_tiny)
-    engine = Engine.from_dir(hf_tiny)
+    engine = Engine.from_dir(hf_tiny, EngineConfig(decode_steps=1))  # a step a call (decode_steps: below)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     for lengths in ((3, 9), (40,)):  # a first step of 12 tokens, then one of 40
         ps = prompts(lengths)
@@ -190,7 +190,8 @@ def test_decode_layers_in_one_call_equal_a_call_a_half_layer(hf_tiny, monkeypatc
 
     head_of = []  # the one-call engine's LM head
     monkeypatch.setattr(native.Layers, "run", checked)
-    config = EngineConfig(dtype="float32", expert_quant=quant, weight_quant=quant, kv_cache_dtype=kv, max_num_seqs=3)
+    config = EngineConfig(dtype="float32", expert_quant=quant, weight_quant=quant, kv_cache_dtype=kv, max_num_seqs=3,
+                          decode_steps=1)  # a step a call: every step's logits compared
     logits: dict[str, list[torch.Tensor]] = {}
     engines = {}
     for way in ("one call", "half-layers"):
@@ -251,7 +252,7 @@ def test_prompt_chunks_as_decode_rows_equal_the_chunks_attention(hf_tiny, monkey
         return rows
 
     config = EngineConfig(dtype="float32", expert_quant=quant, weight_quant=quant, kv_cache_dtype=kv,
-                          max_num_batched_tokens=12, max_num_seqs=3)
+                          max_num_batched_tokens=12, max_num_seqs=3, decode_steps=1)  # every step's logits compared
     logits: dict[str, list[torch.Tensor]] = {}
     engines = {}
     for way in ("rows", "chunks"):
@@ -299,7 +300,7 @@ def test_decode_steps_in_one_call_equal_single_steps(hf_tiny, monkeypatch, quant
                         lambda self, t, seqs, steps: bursts.append(steps) or decode_steps(self, t, seqs, steps))
     ps = prompts((3, 9, 14, 6, 20))
     config = dict(dtype="float32", expert_quant=quant, weight_quant=quant, kv_cache_dtype=kv, block_size=4,
-                  max_num_seqs=3)
+                  max_num_seqs=3, decode_burst_ms=1e9)  # bursts as long as decode_steps (their pace: below)
     one, four = (Engine.from_dir(hf_tiny, EngineConfig(**config, decode_steps=n)) for n in (1, 4))
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (13, 5, 8, 7, 15)]
     runs: dict[str, list] = {"one": [], "four": []}
@@ -330,9 +331,52 @@ def test_decode_steps_in_one_call_equal_single_steps(hf_tiny, monkeypatch, quant
     assert bursts == []
 
 
+def test_decode_bursts_take_as_many_steps_as_decode_burst_ms_holds(hf_mixtral, monkeypatch):
+    """A burst takes as many steps as fit in engine.decode_burst_ms at the last step's pace (seconds per token a
+    sequence got), decode_steps at most: on a clock where every step takes 6 ms, bursts of 3 in 20 ms (then 2 when a
+    sequence has 2 tokens left), none in 5 ms; the same tokens either way. A model that runs no burst is asked once."""
+    import kernels.engine
+    from kernels.engine import LocalExecutor
+
+    clock, bursts = [0.0], []
+    forward, decode_steps = LocalExecutor.forward, LocalExecutor.decode_steps
+
+    def timed_forward(self, *a):
+        clock[0] += 0.006
+        return forward(self, *a)
+
+    def timed_steps(self, t, seqs, steps):
+        clock[0] += 0.006 * steps
+        bursts.append(steps)
+        return decode_steps(self, t, seqs, steps)
+
+    monkeypatch.setattr(kernels.engine, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(LocalExecutor, "forward", timed_forward)
+    monkeypatch.setattr(LocalExecutor, "decode_steps", timed_steps)
+    ps, params = prompts((5, 7)), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    runs = {}
+    for ms in (20, 5):
+        bursts.clear()
+        engine = Engine.from_dir(hf_mixtral, EngineConfig(dtype="float32", decode_steps=8, decode_burst_ms=ms))
+        runs[ms] = [c.token_ids for c in engine.generate(ps, params)]
+        # the prompts' step (6 ms for a token each: the pace), then bursts of 3 + 3 + 3 tokens and the last 2
+        assert bursts == ([3, 3, 3, 2] if ms == 20 else [])
+    assert runs[20] == runs[5]
+
+    def declined(self, t, seqs, steps):
+        bursts.append(steps)
+
+    monkeypatch.setattr(LocalExecutor, "decode_steps", declined)
+    bursts.clear()
+    engine = Engine.from_dir(hf_mixtral, EngineConfig(dtype="float32", decode_steps=8, decode_burst_ms=20))
+    assert [c.token_ids for c in engine.generate(ps, params)] == runs[20] and bursts == [3]
+
+
 def test_decode_steps_must_be_at_least_one():
     with pytest.raises(ValueError, match="decode_steps must be >= 1, got 0"):
         EngineConfig(decode_steps=0)
+    with pytest.raises(ValueError, match="decode_burst_ms must be >= 0, got -1"):
+        EngineConfig(decode_burst_ms=-1)
 
 
 def test_token_rows_are_the_steps_tokens_where_that_is_the_same_attention():

@@ -311,6 +311,10 @@ def cmd_bench(a) -> int:
     if a.bench == "engine":
         bench.bench_engine(a.preset, a.batch, a.prompt_len, a.new_tokens, a.out, a.precision, a.vllm_python,
                            a.llama_bench, a.llama_convert, a.device, a.prefill_len, a.decode_steps)
+    elif a.bench == "bursts":
+        from actors.cli.burstbench import bench_bursts
+
+        bench_bursts(a.preset, a.precision, a.rate, a.requests, a.max_tokens, a.rounds, a.decode_steps, a.out)
     elif a.bench == "structured":
         bench.bench_structured(a.model, a.batch, a.prompt_len, a.new_tokens, a.out)
     elif a.bench == "moe":
@@ -438,8 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--new-tokens", type=int, default=64, help="generated tokens (default: %(default)s)")
     e.add_argument("--prefill-len", type=int, default=1024, help="moeray's and transformers' prefill too: 4 new "
                    "prompts of this many tokens, one new token each (0: decode only) (default: %(default)s)")
-    e.add_argument("--decode-steps", type=int, default=1, help="moeray's engine.decode_steps: greedy decode steps "
-                   "one call may take (default: %(default)s)")
+    e.add_argument("--decode-steps", type=int, help="moeray's engine.decode_steps: greedy decode steps one call may "
+                   "take, within engine.decode_burst_ms (default: the engine's, 8; 1: a step a call)")
     e.add_argument("--out", default="bench-results/engine.json", help="JSON results (default: %(default)s)")
     precisions = ["fp32", "bf16", "int8", "int4", "int8-all", "int4-all", "fp32-int8", "fp32-int8-all", "w8a8",
                   "w8a8-all", "fp32-bf16-all"]
@@ -458,6 +462,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "llama.cpp tree that --llama-bench is in, build/bin/..; run by the Python of the llama-venv beside "
                    "that tree if there is one, as ../shared/peers/setup.sh installs it)")
     e.set_defaults(func=cmd_bench)
+    bu = bsub.add_parser("bursts", help="engine.decode_steps under open-loop load on the single-process engine's "
+                                        "server loop: time to first token, token gaps, tok/s, against a step a call")
+    bu.add_argument("--preset", choices=["small", "tiny", "wide"], default="small",
+                    help="generated Mixtral-shaped model (default: %(default)s)")
+    bu.add_argument("--precision", choices=precisions, default="w8a8-all",
+                    help="as bench engine's (default: %(default)s)")
+    bu.add_argument("--rate", type=float, default=8.0, help="requests arriving a second (default: %(default)s)")
+    bu.add_argument("--requests", type=int, default=100, help="requests a run (default: %(default)s)")
+    bu.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default: %(default)s)")
+    bu.add_argument("--rounds", type=int, default=2, help="ABBA rounds (default: %(default)s)")
+    bu.add_argument("--decode-steps", type=int, help="engine.decode_steps against 1 (default: the engine's, 8)")
+    bu.add_argument("--out", default="bench-results/bursts.json", help="JSON results (default: %(default)s)")
+    bu.set_defaults(func=cmd_bench)
     so = bsub.add_parser("structured", help="decode tok/s with a JSON schema vs unconstrained, same prompts, "
                                             "single-process engine")
     so.add_argument("--model", choices=["demo", "small"], default="demo",

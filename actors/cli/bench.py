@@ -289,17 +289,19 @@ def _llama(bench: str, convert: str, model_dir: str, outtype: str, batches: list
 def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out: str | None,
                  precisions: list[str] | None = None, vllm_python: str | None = None,
                  llama_bench: str | None = None, llama_convert: str | None = None, device: str = "cpu",
-                 prefill: int = 0, decode_steps: int = 1) -> dict:
+                 prefill: int = 0, decode_steps: int | None = None) -> dict:
     """moeray at each precision, transformers (fp32), and, given their paths, vLLM-CPU and llama.cpp, one
     after the other, each in its own process (so its peak memory is its own); and the machine's memory
     bandwidth measured in the same run: each system's decode as a fraction of that roofline. device "cuda":
     moeray and transformers on the GPU, the GPU's bandwidth, peak GPU memory; the CPU peers cannot run.
     prefill > 0: moeray's and transformers' prefill of PREFILL_PROMPTS prompts of that many tokens too. moeray with
-    engine.decode_steps `decode_steps` (said in the header where not 1)."""
+    engine.decode_steps `decode_steps` (None: the engine's default; said in the header)."""
     import torch
 
+    from kernels.engine import EngineConfig
     from kernels.tiny import make_tiny
 
+    decode_steps = decode_steps or EngineConfig.decode_steps
     gpu = device != "cpu"
     if gpu and (vllm_python or llama_bench):
         raise SystemExit("moeray bench engine: --vllm-python and --llama-bench are CPU peers; leave them out with "
@@ -359,7 +361,7 @@ def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out
     where = torch.cuda.get_device_name(device) if gpu else f"CPU, {threads} threads"
     print(f"preset {preset}: Mixtral-shaped, {PRESETS[preset] or 'kernels.tiny defaults'}; {where}; "
           f"prompt {prompt_len} tokens, {new} new tokens greedy (time includes the prompt), best of {REPEATS}"
-          + (f"; moeray with engine.decode_steps {decode_steps}" if decode_steps != 1 else ""))
+          + f"; moeray with engine.decode_steps {decode_steps} (in decode_burst_ms {EngineConfig.decode_burst_ms:g})")
     print(f"roofline, same run (best of its start and end): streaming read {roofline['read_gb_s']:.1f} GB/s, fp32 GEMV "
           f"{roofline['gemv_gb_s']:.1f} GB/s; fraction = weight bytes per step x steps/s / {bw / 1e9:.1f} GB/s")
     head = " | ".join(f"batch {b} tok/s | x transformers | of roofline" for b in batches)

@@ -85,8 +85,10 @@ def _early_stop(model: str, policy: str, requests: int, prompt_len: int, max_tok
         events = engine.step()
         peak = max(peak, engine.num_running)
         for ev in events:
-            got[ev.request_id].append(ev.token)
-            if len(got[ev.request_id]) == stop_after and not ev.finish_reason:
+            if len(tokens := got[ev.request_id]) == stop_after:
+                continue  # a burst's tokens past the client's abort (engine.decode_steps)
+            tokens.append(ev.token)
+            if len(tokens) == stop_after and not ev.finish_reason:
                 engine.abort(ev.request_id)  # the client has what it wanted
     seconds = time.perf_counter() - t0
     return {"peak_running": peak, "seconds": seconds, "tok_s": requests * stop_after / seconds,
