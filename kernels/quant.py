@@ -37,9 +37,12 @@ Two paths (STYLE.md: the reference beside the fast op; the kernel chosen at load
                   int4, bf16 activations:
                   aten._weight_int4pack_mm_for_cpu (the weight in its packed layout, which depends on the
                   CPU: converted from ours at load time, see use_cpu_kernel_; scales and zeros [G, O, 2] in
-                  bf16 with W' = (q - 8) * s + z, so z = m + 8 s). Everything else (int4 with fp32 or
-                  fp16 activations, where torch's kernels are scalar loops; int8 with fp16, or fp32 without
-                  the C kernel; GPU) runs forward_native.
+                  bf16 with W' = (q - 8) * s + z, so z = m + 8 s); int4, fp32 (or fp16) activations: the
+                  same kernel on x rounded to bf16, its output back in x's dtype (what a bf16 model's int4
+                  experts compute; an fp32 model is what engine.dtype auto runs a bf16 checkpoint as on a
+                  CPU without native bf16, and forward_native there, a dequantized weight a call, was 37x
+                  slower at batch 1 with Mixtral's row lengths, 2.3x with the bench's small rows). Everything
+                  else (int8 with fp16, or fp32 without the C kernel; GPU) runs forward_native.
                   Measured on 2 threads (bf16, a 1024 x 512 expert matrix): about 4x faster than
                   forward_native at 1 to 4 rows, even at 16, 2x slower from ~64 rows (prefill), where
                   dequantize + one GEMM wins. torch's kernels still run there: each row's result is the
@@ -54,7 +57,7 @@ Two paths (STYLE.md: the reference beside the fast op; the kernel chosen at load
         plus the rounding of y to bf16 (2^-8 |y|): fp rounding, nothing else. fp32 activations (C kernel):
         the sums in another order and s applied after them, |y - y'| <= (I + 2) 2^-24 |x| @ |W'|^T.
   int4  the same, plus z = m + 8 s rounded to bf16 (2^-9 |z| per weight): |y - y'| <= 2^-8 |x| @ (|W'| +
-        |z|)^T + 2^-8 |y|.
+        |z|)^T + 2^-8 |y|; fp32 activations, x rounded to bf16 first, 2^-9 |x| @ |W'|^T more.
 
 W8A8 (expert_quant / weight_quant "w8a8"; CPU only): the int8 format above, and at each call every row of x is
 quantized to int8 as well, symmetric, one scale a row (dynamic per-token activations, vLLM's W8A8 scheme):
@@ -345,16 +348,16 @@ class QuantLinear(nn.Module):
                 (y := prefill_linear(x2, self.out_features, lambda s: self.dequantize(torch.float32, s))) is not None
                 or (y := int8_linear(x2, self.qweight, self.scale)) is not None):
             return y.view(*x.shape[:-1], self.out_features)
-        if x.dtype != torch.bfloat16:
+        if x.dtype != torch.bfloat16 and self.bits == 8:
             return self.forward_native(x)
-        x2 = x2.contiguous()
+        x2 = x2.to(torch.bfloat16).contiguous()  # int4 with fp32 (or fp16) x: the bf16 kernel on x rounded
         if x2.data_ptr() % 64:  # e.g. rows read from a network buffer: the int8 kernel needs aligned rows
             x2 = x2.clone()
         if self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale.view(-1))  # [n, O]
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.kernel_scale)
-        return y.view(*x.shape[:-1], self.out_features)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:  # x [..., I] -> [..., O]
         if self.w8a8:

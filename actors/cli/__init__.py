@@ -445,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--decode-steps", type=int, help="moeray's engine.decode_steps: greedy decode steps one call may "
                    "take, within engine.decode_burst_ms (default: the engine's, 8; 1: a step a call)")
     e.add_argument("--out", default="bench-results/engine.json", help="JSON results (default: %(default)s)")
-    precisions = ["fp32", "bf16", "int8", "int4", "int8-all", "int4-all", "fp32-int8", "fp32-int8-all", "w8a8",
-                  "w8a8-all", "fp32-bf16-all"]
+    precisions = ["fp32", "bf16", "int8", "int4", "int8-all", "int4-all", "fp32-int8", "fp32-int8-all", "fp32-int4",
+                  "w8a8", "w8a8-all", "fp32-bf16-all"]
     e.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where moeray and transformers run "
                    "(cuda: the GPU's bandwidth as the roofline, peak GPU memory; w8a8 and the CPU peers left out) "
                    "(default: %(default)s)")

@@ -55,6 +55,8 @@ PRECISIONS = {"fp32": ("float32", "none", "none"), "bf16": ("bfloat16", "none", 
               "int8-all": ("bfloat16", "int8", "int8"), "int4-all": ("bfloat16", "int4", "int4"),
               # int8 in an fp32 model (auto on a CPU without native bf16): moeray's C kernel (kernels/native.py)
               "fp32-int8": ("float32", "int8", "none"), "fp32-int8-all": ("float32", "int8", "int8"),
+              # int4 experts in an fp32 model (expert_quant int4 under auto there): torch's int4 kernel, x in bf16
+              "fp32-int4": ("float32", "int4", "none"),
               # int8 weights and activations (W8A8, CPU; kernels/quant.py): an fp32 model, moeray's VNNI kernel
               "w8a8": ("float32", "w8a8", "none"), "w8a8-all": ("float32", "w8a8", "w8a8"),
               # bf16 weights (a bf16 model's bytes) in an fp32 model: fp32 activations, moeray's C kernels (what
