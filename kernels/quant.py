@@ -40,8 +40,8 @@ Two paths (STYLE.md: the reference beside the fast op; the kernel chosen at load
                   bf16 with W' = (q - 8) * s + z, so z = m + 8 s); int4, fp32 (or fp16) activations: the
                   same kernel on x rounded to bf16, its output back in x's dtype (what a bf16 model's int4
                   experts compute; an fp32 model is what engine.dtype auto runs a bf16 checkpoint as on a
-                  CPU without native bf16, and forward_native there, a dequantized weight a call, was 37x
-                  slower at batch 1 with Mixtral's row lengths, 2.3x with the bench's small rows). Everything
+                  CPU without native bf16, and forward_native there, a dequantized weight a call, was 10x
+                  slower at batch 1 with Mixtral's row lengths, 2.6x with the bench's small rows). Everything
                   else (int8 with fp16, or fp32 without the C kernel; GPU) runs forward_native.
                   Measured on 2 threads (bf16, a 1024 x 512 expert matrix): about 4x faster than
                   forward_native at 1 to 4 rows, even at 16, 2x slower from ~64 rows (prefill), where
