@@ -546,10 +546,12 @@ class Engine:
         """How many decode steps `batch` may take in one call: engine.decode_steps where every sequence decodes
         (one new token) greedily, unconstrained, unpenalized, with no top logprobs asked for, and no request waits;
         at most as many as the last step's pace fits in decode_burst_ms, and the tokens any of them has left. Else 1."""
+        if self._bursts is None or self.scheduler.waiting:
+            return 1
         steps, pace = self.config.decode_steps, self._step_s * 1e3
         if pace:
             steps = min(steps, int(self.config.decode_burst_ms / pace))
-        if steps <= 1 or self._bursts is None or self.scheduler.waiting:
+        if steps <= 1:
             return 1
         for seq, n in batch:
             p = seq.params

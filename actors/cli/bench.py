@@ -362,8 +362,8 @@ def bench_engine(preset: str, batches: list[int], prompt_len: int, new: int, out
     ref = sys_results["transformers"]
     where = torch.cuda.get_device_name(device) if gpu else f"CPU, {threads} threads"
     print(f"preset {preset}: Mixtral-shaped, {PRESETS[preset] or 'kernels.tiny defaults'}; {where}; "
-          f"prompt {prompt_len} tokens, {new} new tokens greedy (time includes the prompt), best of {REPEATS}"
-          + f"; moeray with engine.decode_steps {decode_steps} (in decode_burst_ms {EngineConfig.decode_burst_ms:g})")
+          f"prompt {prompt_len} tokens, {new} new tokens greedy (time includes the prompt), best of {REPEATS}; "
+          f"moeray with engine.decode_steps {decode_steps} (in decode_burst_ms {EngineConfig.decode_burst_ms:g})")
     print(f"roofline, same run (best of its start and end): streaming read {roofline['read_gb_s']:.1f} GB/s, fp32 GEMV "
           f"{roofline['gemv_gb_s']:.1f} GB/s; fraction = weight bytes per step x steps/s / {bw / 1e9:.1f} GB/s")
     head = " | ".join(f"batch {b} tok/s | x transformers | of roofline" for b in batches)
